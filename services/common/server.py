@@ -1,0 +1,121 @@
+"""Server bootstrap shared by every service: health, reflection, error mapping and a SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ServerConfig
+from services.common.errors import ErrorMappingInterceptor
+
+log = logging.getLogger(__name__)
+
+# 64 MiB: tool results and knowledge-graph answers can exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One gRPC service to host: its full name (from the descriptor), servicer and generated add_*_to_server."""
+
+    full_name: str
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+class MeshServer:
+    """A grpc.aio server with the standard health and reflection services and the error-mapping interceptor.
+
+    Health starts NOT_SERVING and turns SERVING only when ``set_serving()`` is called (after the model or store has
+    loaded); ``stop()`` turns it NOT_SERVING before draining.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        bindings: Sequence[ServiceBinding],
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.config = config
+        self.bindings = list(bindings)
+        self.server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor(), *interceptors],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for binding in self.bindings:
+            binding.add_to_server(binding.servicer, self.server)
+        reflection.enable_server_reflection(
+            [*(b.full_name for b in self.bindings), health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}; is another process using the port?")
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "[::]", "::") else self.config.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._set_all(status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (so balancers stop sending), then let in-flight calls finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+
+    async def _set_all(self, status: int) -> None:
+        await self.health.set("", status)
+        for binding in self.bindings:
+            await self.health.set(binding.full_name, status)
+
+
+async def serve(
+    server: MeshServer,
+    *,
+    startup: Callable[[], Awaitable[None]] | None = None,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Runs ``server`` until SIGTERM/SIGINT (or ``stop_event``): start, ``startup()``, SERVING, wait, drain, ``shutdown()``."""
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        log.info("listening on %s (NOT_SERVING until ready)", server.address)
+        if startup is not None:
+            await startup()
+        await server.set_serving()
+        log.info("SERVING on %s", server.address)
+        await stop.wait()
+        log.info("draining (grace %.1fs)", server.config.grace_seconds)
+        await server.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if shutdown is not None:
+            await shutdown()
+        log.info("stopped")
