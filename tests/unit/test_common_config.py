@@ -1,0 +1,71 @@
+"""The typed config: defaults, YAML, environment overrides and errors that name the field."""
+
+from pathlib import Path
+
+import pytest
+
+from services.common import ConfigError, load_config
+
+
+def test_defaults_give_the_documented_ports_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHPILOT_CONFIG", raising=False)
+    config = load_config()
+    assert [config.planner.server.port, config.tools.server.port, config.knowledge.server.port] == [50051, 50052, 50053]
+    assert config.inference.server.target() == "127.0.0.1:50054"
+    assert config.knowledge.store_path == config.data_dir / "knowledge"
+    assert config.planner.db_path == config.data_dir / "planner.db"
+
+
+def test_yaml_then_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(
+        "data_dir: /srv/mesh\ninference:\n  server: {port: 6000}\n  dtype: bfloat16\nplanner:\n  max_steps: 3\n"
+    )
+    monkeypatch.setenv("MESHPILOT_PLANNER__MAX_STEPS", "9")
+    config = load_config(path)
+    assert config.inference.server.port == 6000
+    assert config.inference.dtype == "bfloat16"
+    assert config.planner.max_steps == 9
+    assert config.planner.db_path == Path("/srv/mesh/planner.db")
+
+
+def test_config_file_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mesh.yaml"
+    path.write_text("tools:\n  default_timeout_seconds: 2.5\n")
+    monkeypatch.setenv("MESHPILOT_CONFIG", str(path))
+    assert load_config().tools.default_timeout_seconds == 2.5
+
+
+def test_advertised_address_wins_and_wildcard_binds_dial_loopback() -> None:
+    config = load_config(None, inference={"server": {"host": "0.0.0.0", "port": 7000}})
+    assert config.inference.server.target() == "127.0.0.1:7000"
+    config = load_config(None, inference={"server": {"port": 7000, "address": "dns:///inference:7000"}})
+    assert config.inference.server.target() == "dns:///inference:7000"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("inference:\n  dtype: int3\n", "inference.dtype"),
+        ("planner:\n  max_steps: 0\n", "planner.max_steps"),
+        ("knowledge:\n  servr: {}\n", "knowledge.servr"),
+        ("- a list\n", "must hold a mapping"),
+        ("inference: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_files_name_what_to_change(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(path)
+
+
+def test_invalid_environment_value_names_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHPILOT_TOOLS__SERVER__PORT", "seventy")
+    with pytest.raises(ConfigError, match=r"tools\.server\.port"):
+        load_config()
+
+
+def test_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
