@@ -27,7 +27,7 @@ class ScriptedTools(tools_pb2_grpc.ToolsServiceServicer):
     def __init__(self) -> None:
         self.error: Exception | None = None
 
-    async def ListTools(self, request, context):  # noqa: N802 (generated name)
+    async def ListTools(self, request, context):
         if self.error is not None:
             raise self.error
         return tools_pb2.ListToolsResponse(tools=[tools_pb2.Tool(name="calculator")])
@@ -38,7 +38,7 @@ class SlowInference(inference_pb2_grpc.InferenceServiceServicer):
         self.fail_after = fail_after
         self.started = asyncio.Event()
 
-    async def Generate(self, request, context):  # noqa: N802
+    async def Generate(self, request, context):
         for i in range(5):
             if self.fail_after is not None and i == self.fail_after:
                 raise ResourceExhaustedError("queue is full; retry later")
