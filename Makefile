@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 run: install ## start the four services (Ctrl-C stops them)
 	$(VENV)/bin/meshpilot up
 
-test: install ## all three tiers: unit, integration (real processes), end-to-end
+test: install $(BUF) ## all three tiers: unit, integration (real processes), end-to-end
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install ## unit tests only
