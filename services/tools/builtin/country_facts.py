@@ -1,0 +1,106 @@
+"""The country_facts tool: a country's capital, currency, region and other facts as one small JSON object."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from meshpilot.knowledge.v1 import knowledge_pb2
+from services.tools.builtin.knowledge import KnowledgeClient, capped, resolve_entity, term_value
+from services.tools.registry import Tool
+
+NAMESPACE = "https://meshpilot.dev/kg/"
+_ISO_CODE = re.compile(r"[A-Za-z]{2,3}")
+# Output keys in the order a reader expects them, from the predicates' local names in services/knowledge/dataset.py.
+_SINGLE = {
+    "capital": "capital",
+    "region": "region",
+    "subregion": "subregion",
+    "nativeName": "native_name",
+    "iso2": "iso_code",
+    "tld": "internet_domain",
+    "population": "population",
+}
+
+
+async def _find_by_iso_code(client: KnowledgeClient, code: str) -> str | None:
+    """The IRI of the country whose ISO 3166 alpha-2 or alpha-3 code is ``code`` ("FR", "USA"), if any."""
+    sparql = (
+        f"SELECT ?c WHERE {{ ?c <{NAMESPACE}iso2>|<{NAMESPACE}iso3> ?code . "
+        f'FILTER(UCASE(STR(?code)) = "{code.upper()}") }} LIMIT 1'
+    )
+    response = await client.query(sparql, limit=1)
+    return response.rows[0].bindings["c"].value if response.rows and "c" in response.rows[0].bindings else None
+
+
+async def _currency_text(client: KnowledgeClient, fact: knowledge_pb2.Fact) -> str:
+    """ "Euro (EUR, €)": the currency's name with its code and symbol, from the Currency entity's own facts."""
+    name = fact.object_label or fact.object.value.rsplit("/", 1)[-1]
+    currency = await client.get_entity(fact.object.value)
+    details = {f.predicate_name: f.object.value for f in currency.facts if not f.incoming}
+    extras = [details[key] for key in ("code", "symbol") if details.get(key) and details[key] != name]
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def _phone_code(value: str) -> str:
+    return value if value.startswith("+") else f"+{value}"
+
+
+async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
+    """The facts of the country ``name`` (any language, or an ISO code), compactly; ToolFailure if there is none."""
+    iri = await _find_by_iso_code(client, name.strip()) if _ISO_CODE.fullmatch(name.strip()) else None
+    if iri is None:
+        match, _ = await resolve_entity(client, name, "Country")
+        iri = match.iri
+    entity = await client.get_entity(iri)
+    facts: dict[str, Any] = {"country": entity.label}
+    timezones: list[str] = []
+    currencies: list[str] = []
+    for fact in entity.facts:
+        if fact.incoming:
+            continue
+        key = fact.predicate_name
+        if key == "currency":
+            currencies.append(await _currency_text(client, fact))
+        elif key == "timezone":
+            timezones.append(fact.object.value)
+        elif key == "phoneCode":
+            facts["phone_code"] = _phone_code(fact.object.value)
+        elif key in _SINGLE:
+            facts[_SINGLE[key]] = term_value(fact.object, fact.object_label)
+    if currencies:
+        facts["currency"] = currencies[0] if len(currencies) == 1 else currencies
+    if timezones:
+        facts["timezones"] = capped(timezones)
+    order = ["country", "capital", "currency", "region", "subregion", "phone_code", "timezones", *_SINGLE.values()]
+    return {key: facts[key] for key in dict.fromkeys(order) if key in facts}
+
+
+def country_facts_tool(client: KnowledgeClient) -> Tool:
+    """The ``country_facts`` tool over ``client``: {"name": "France"} -> {"country": "France", "capital": "Paris", ...}."""
+
+    async def handler(arguments: dict[str, Any]) -> dict[str, Any]:
+        return await country_facts(client, arguments["name"])
+
+    return Tool(
+        name="country_facts",
+        description=(
+            "Look up facts about a country: capital, currency, region, subregion, phone code, time zones, "
+            'native name. Example: {"name": "France"}'
+        ),
+        input_schema={
+            "type": "object",
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 100,
+                    "description": "The country's name, e.g. 'Japan' (other languages and ISO codes work too).",
+                }
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+        handler=handler,
+        timeout_seconds=10.0,
+    )

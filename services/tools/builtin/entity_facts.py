@@ -1,0 +1,75 @@
+"""The entity_facts tool: the facts of any knowledge-graph entity (state, currency, region, country) compactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.tools.builtin.knowledge import KnowledgeClient, capped, resolve_entity, snake_case, term_value
+from services.tools.registry import Tool
+
+# rdf:type and rdfs:label are shown once as "type" and "entity"; the labels in twenty languages would drown the rest.
+_SKIPPED_PREDICATES = {"type", "label"}
+# Enough for a region's countries; a country's hundred states are cut in the result anyway.
+_FACT_LIMIT = 400
+
+
+def _add(facts: dict[str, list[Any]], key: str, value: Any) -> None:
+    values = facts.setdefault(key, [])
+    if value not in values:
+        values.append(value)
+
+
+async def entity_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
+    """The facts of the entity ``name``: its own facts, then "<predicate>_of" lists of the entities pointing at it."""
+    match, others = await resolve_entity(client, name)
+    entity = await client.get_entity(match.iri, limit=_FACT_LIMIT, include_incoming=True)
+    outgoing: dict[str, list[Any]] = {}
+    incoming: dict[str, list[Any]] = {}
+    for fact in entity.facts:
+        if fact.predicate_name in _SKIPPED_PREDICATES:
+            continue
+        if fact.incoming:
+            _add(incoming, f"{snake_case(fact.predicate_name)}_of", fact.object_label or fact.object.value)
+        else:
+            _add(outgoing, snake_case(fact.predicate_name), term_value(fact.object, fact.object_label))
+    result: dict[str, Any] = {"entity": entity.label or match.label}
+    types = list(entity.types) or list(match.types)
+    if types:
+        result["type"] = types[0] if len(types) == 1 else types
+    for key, values in [*outgoing.items(), *incoming.items()]:
+        result[key] = values[0] if len(values) == 1 and not key.endswith("_of") else capped(values)
+    if entity.truncated:
+        result["truncated"] = True
+    if others:
+        result["other_matches"] = [f"{m.label} ({', '.join(m.types)})" for m in others[:5]]
+    return result
+
+
+def entity_facts_tool(client: KnowledgeClient) -> Tool:
+    """The ``entity_facts`` tool over ``client``: {"name": "Euro"} -> {"entity": "Euro", "type": "Currency", ...}."""
+
+    async def handler(arguments: dict[str, Any]) -> dict[str, Any]:
+        return await entity_facts(client, arguments["name"])
+
+    return Tool(
+        name="entity_facts",
+        description=(
+            "Look up facts about any place or thing in the knowledge graph: a state or province, a currency, "
+            'a region such as Europe, or a country. Example: {"name": "California"}'
+        ),
+        input_schema={
+            "type": "object",
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": 100,
+                    "description": "The entity's name, e.g. 'Bavaria', 'Euro' or 'Western Europe'.",
+                }
+            },
+            "required": ["name"],
+            "additionalProperties": False,
+        },
+        handler=handler,
+        timeout_seconds=10.0,
+    )
