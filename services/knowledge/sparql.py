@@ -68,8 +68,10 @@ def syntax_error_message(sparql: str, parser_message: str) -> str:
     text = f"invalid SPARQL: {message}"
     position = _POSITION.search(parser_message)
     if position:
-        line_no = int(position.group(1))
-        lines = sparql.splitlines()
-        if 1 <= line_no <= len(lines):
+        line_no, column = int(position.group(1)), int(position.group(2))
+        lines = sparql.rstrip().splitlines()
+        if line_no > len(lines) or (line_no == len(lines) and column > len(lines[-1])):
+            text += " (at the end of the query)"
+        elif line_no >= 1:
             text += f" (line {line_no}: {lines[line_no - 1].strip()!r})"
     return text + "; fix the query and send it again"
