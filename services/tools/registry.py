@@ -29,6 +29,7 @@ MAX_RESULT_BYTES = 1024 * 1024
 # Struct carries every number as a double; beyond 2**53 an integral double no longer stands for one integer.
 _EXACT_INT_LIMIT = 2**53
 _MAX_MESSAGE_CHARS = 300
+_MAX_VALUE_CHARS = 60
 # How long a timed-out handler gets to unwind after cancellation before the call returns regardless.
 _CANCEL_GRACE_SECONDS = 1.0
 
@@ -96,6 +97,15 @@ def _json_path(path: Iterable[Any]) -> str:
 
 def _shorten(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE_CHARS else text[: _MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def _describe(error: ValidationError) -> str:
+    """jsonschema's message with a long offending value cut short, so what is wrong with it stays readable."""
+    shown = repr(error.instance)
+    message = error.message
+    if len(shown) > _MAX_VALUE_CHARS:
+        message = message.replace(shown, shown[: _MAX_VALUE_CHARS - 3] + "...")
+    return _shorten(message)
 
 
 def _is_async_callable(handler: object) -> bool:
@@ -199,7 +209,7 @@ class ToolRegistry:
         error: ValidationError | None = best_match(self._validators[name].iter_errors(arguments))
         if error is not None:
             raise InvalidArgumentError(
-                f"invalid arguments for tool {name!r}: {_json_path(error.absolute_path)}: {_shorten(error.message)}"
+                f"invalid arguments for tool {name!r}: {_json_path(error.absolute_path)}: {_describe(error)}"
             )
         return tool, arguments
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from meshpilot.knowledge.v1 import knowledge_pb2
 from services.tools.builtin.knowledge import KnowledgeClient, capped, resolve_entity, term_value
 from services.tools.registry import Tool
 
-NAMESPACE = "https://meshpilot.dev/kg/"
-_ISO_CODE = re.compile(r"[A-Za-z]{2,3}")
 # Output keys in the order a reader expects them, from the predicates' local names in services/knowledge/dataset.py.
 _SINGLE = {
     "capital": "capital",
@@ -23,18 +20,8 @@ _SINGLE = {
 }
 
 
-async def _find_by_iso_code(client: KnowledgeClient, code: str) -> str | None:
-    """The IRI of the country whose ISO 3166 alpha-2 or alpha-3 code is ``code`` ("FR", "USA"), if any."""
-    sparql = (
-        f"SELECT ?c WHERE {{ ?c <{NAMESPACE}iso2>|<{NAMESPACE}iso3> ?code . "
-        f'FILTER(UCASE(STR(?code)) = "{code.upper()}") }} LIMIT 1'
-    )
-    response = await client.query(sparql, limit=1)
-    return response.rows[0].bindings["c"].value if response.rows and "c" in response.rows[0].bindings else None
-
-
 async def _currency_text(client: KnowledgeClient, fact: knowledge_pb2.Fact) -> str:
-    """ "Euro (EUR, €)": the currency's name with its code and symbol, from the Currency entity's own facts."""
+    """The currency as "Euro (EUR, €)": its name, code and symbol, from the Currency entity's own facts."""
     name = fact.object_label or fact.object.value.rsplit("/", 1)[-1]
     currency = await client.get_entity(fact.object.value)
     details = {f.predicate_name: f.object.value for f in currency.facts if not f.incoming}
@@ -47,12 +34,9 @@ def _phone_code(value: str) -> str:
 
 
 async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
-    """The facts of the country ``name`` (any language, or an ISO code), compactly; ToolFailure if there is none."""
-    iri = await _find_by_iso_code(client, name.strip()) if _ISO_CODE.fullmatch(name.strip()) else None
-    if iri is None:
-        match, _ = await resolve_entity(client, name, "Country")
-        iri = match.iri
-    entity = await client.get_entity(iri)
+    """The facts of the country ``name`` (in any language the graph labels it), compactly; ToolFailure if none."""
+    match, _ = await resolve_entity(client, name, "Country")
+    entity = await client.get_entity(match.iri)
     facts: dict[str, Any] = {"country": entity.label}
     timezones: list[str] = []
     currencies: list[str] = []
