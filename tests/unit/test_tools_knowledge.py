@@ -255,8 +255,13 @@ async def test_country_facts_matches_other_languages_and_case(registry: ToolRegi
 async def test_country_facts_caps_long_lists(registry: ToolRegistry) -> None:
     result = await result_of(registry, "country_facts", {"name": "United States"})
     assert result["currency"] == "United States dollar (USD, $)"
-    assert len(result["timezones"]) == 26
-    assert result["timezones"][-1] == "... 5 more"
+    assert result["timezones"] == [f"America/Zone{i:02d}" for i in range(5)] + ["... 25 more"]
+
+
+@pytest.mark.parametrize("name", ["America", " united  states of AMERICA "])
+async def test_country_facts_everyday_names(registry: ToolRegistry, knowledge: FakeKnowledge, name: str) -> None:
+    assert (await result_of(registry, "country_facts", {"name": name}))["country"] == "United States"
+    assert knowledge.asked("LookupEntities")[0].label == "United States"
 
 
 async def test_country_facts_prefers_the_country_of_a_shared_name(registry: ToolRegistry) -> None:

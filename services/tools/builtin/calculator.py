@@ -108,7 +108,8 @@ _UNARY: dict[type[ast.AST], Callable[[Number], Number]] = {ast.UAdd: operator.po
 
 def _evaluate(node: ast.AST) -> Number:
     if isinstance(node, ast.Constant):
-        if type(node.value) in (int, float):
+        # type() rather than isinstance: True and False are ints to isinstance.
+        if type(node.value) is int or type(node.value) is float:
             return _check(node.value)
         raise ToolFailure(f"{node.value!r} is not a number; the calculator works on numbers only")
     if isinstance(node, ast.BinOp):

@@ -8,6 +8,22 @@ from meshpilot.knowledge.v1 import knowledge_pb2
 from services.tools.builtin.knowledge import KnowledgeClient, capped, resolve_entity, term_value
 from services.tools.registry import Tool
 
+# A country answer stays a few lines long: the United States alone has 29 zones.
+_MAX_TIMEZONES = 5
+# Everyday names the graph's labels (English, translations, ISO codes) do not cover.
+ALIASES = {
+    "uk": "United Kingdom",
+    "britain": "United Kingdom",
+    "great britain": "United Kingdom",
+    "england": "United Kingdom",
+    "america": "United States",
+    "united states of america": "United States",
+    "holland": "Netherlands",
+    "czechia": "Czech Republic",
+    "türkiye": "Turkey",
+    "turkiye": "Turkey",
+    "palestine": "Palestinian Territory Occupied",
+}
 # Output keys in the order a reader expects them, from the predicates' local names in services/knowledge/dataset.py.
 _SINGLE = {
     "capital": "capital",
@@ -35,6 +51,7 @@ def _phone_code(value: str) -> str:
 
 async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
     """The facts of the country ``name`` (in any language the graph labels it), compactly; ToolFailure if none."""
+    name = ALIASES.get(" ".join(name.split()).casefold(), name)
     match, _ = await resolve_entity(client, name, "Country")
     entity = await client.get_entity(match.iri)
     facts: dict[str, Any] = {"country": entity.label}
@@ -55,7 +72,7 @@ async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
     if currencies:
         facts["currency"] = currencies[0] if len(currencies) == 1 else currencies
     if timezones:
-        facts["timezones"] = capped(timezones)
+        facts["timezones"] = capped(timezones, _MAX_TIMEZONES)
     order = ["country", "capital", "currency", "region", "subregion", "phone_code", "timezones", *_SINGLE.values()]
     return {key: facts[key] for key in dict.fromkeys(order) if key in facts}
 
