@@ -181,6 +181,11 @@ class OxigraphStore(GraphStore):
         self._pool.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def workers(self) -> QueryWorkerPool:
+        """The query worker processes."""
+        return self._pool
+
     def _ensure_loaded(self) -> LoadReport:
         marker = self.path / MARKER_FILE
         database = self.path / DATABASE_DIR
@@ -237,7 +242,7 @@ class OxigraphStore(GraphStore):
 
     def _budget(self, timeout: float | None) -> float:
         if timeout is None:
-            return self.default_timeout
+            return min(self.default_timeout, self.max_timeout)
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be positive, got {timeout:g}s; leave it unset for the default")
         return min(timeout, self.max_timeout)
@@ -280,7 +285,7 @@ class OxigraphStore(GraphStore):
 
     async def get_entity(self, iri: str, *, limit: int | None = None, include_incoming: bool = False) -> EntityFacts:
         iri = expand_iri(iri)
-        entity = await self._run(EntityRequest(iri, self._row_limit(limit), include_incoming), self.default_timeout)
+        entity = await self._run(EntityRequest(iri, self._row_limit(limit), include_incoming), self._budget(None))
         if entity is None:
             raise NotFoundError(
                 f'no entity <{iri}> in the knowledge graph; find IRIs with LookupEntities (e.g. label "France")'
@@ -300,7 +305,8 @@ def expand_iri(iri: str) -> str:
     try:
         NamedNode(text)
     except ValueError as e:
-        raise InvalidArgumentError(f"iri {iri!r} is not a valid IRI ({e}); send an absolute IRI") from None
-    if ":" not in text:
-        raise InvalidArgumentError(f'iri {iri!r} is not an absolute IRI; send one such as "{NAMESPACE}country/FR"')
+        raise InvalidArgumentError(
+            f'iri {iri!r} is not a valid IRI ({e}); send an absolute IRI such as "{NAMESPACE}country/FR" '
+            "(LookupEntities finds the IRI of a name)"
+        ) from None
     return text

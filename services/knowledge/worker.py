@@ -278,6 +278,16 @@ class QueryWorkerPool:
         with self._lock:
             return len(self._all)
 
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a request."""
+        return self._idle.qsize()
+
+    def pids(self) -> list[int]:
+        """Process ids of the running workers (for operators and tests)."""
+        with self._lock:
+            return sorted(w.process.pid for w in self._all)
+
     def run(self, request: QueryRequest | EntityRequest, deadline: float, budget: float) -> Any:
         """Runs ``request`` on an idle worker before ``deadline`` (a time.monotonic() value); ``budget`` is the
         caller's total time budget in seconds, quoted in errors."""
