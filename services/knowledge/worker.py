@@ -214,7 +214,7 @@ def child_command(*args: str) -> tuple[list[str], dict[str, str]]:
 class _Worker:
     def __init__(self, store_path: Path) -> None:
         parent_socket, child_socket = socket.socketpair()
-        command, env = child_command("serve", str(store_path), str(child_socket.fileno()))
+        command, env = child_command("serve", str(store_path), str(child_socket.fileno()), str(os.getpid()))
         try:
             self.process = subprocess.Popen(
                 command, env=env, pass_fds=(child_socket.fileno(),), stdin=subprocess.DEVNULL
