@@ -49,8 +49,12 @@ class GraphStore(abc.ABC):
     call; ``close()`` releases it. Errors are domain errors from services.common.errors: InvalidArgumentError for bad
     input (malformed or updating SPARQL, empty label or IRI, unknown type), NotFoundError for an unknown entity,
     DeadlineExceededError when a query overruns its time budget (the work is stopped, not abandoned),
-    ResourceExhaustedError when the store is too busy. ``limit``/``timeout`` of None select the store's defaults;
-    values above its maxima are capped.
+    ResourceExhaustedError when the store is too busy, UnavailableError before ``start()`` has finished.
+    ``limit``/``timeout`` of None select the store's defaults; values above its maxima are capped.
+
+    A query over its budget is DEADLINE_EXCEEDED rather than RESOURCE_EXHAUSTED: the fault is this query's cost, the
+    same query will fail again on an idle service, and the fix is the caller's (a more selective query or a longer
+    timeout). RESOURCE_EXHAUSTED is kept for the service being busy, where the same query can succeed later.
     """
 
     async def start(self) -> None:  # noqa: B027 - stores with nothing to prepare need not override it
@@ -169,13 +173,15 @@ class OxigraphStore(GraphStore):
 
     def start_sync(self) -> None:
         """``start()`` for callers without an event loop: load or reuse the store, start the workers, build the index."""
+        if self._index is not None:
+            return
         self.load_report = self._ensure_loaded()
         self._pool.start()
         self._index = self._build_index()
         log.info("knowledge lookup index: %d names", len(self._index))
 
     async def close(self) -> None:
-        self.close_sync()
+        await asyncio.to_thread(self.close_sync)
 
     def close_sync(self) -> None:
         self._pool.close()

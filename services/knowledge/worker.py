@@ -106,8 +106,10 @@ def _run_query(store: Store, request: QueryRequest) -> QueryResult:
 def _label(store: Store, node: NamedNode, cache: dict[str, str]) -> str:
     """The English label of ``node``, else any label, else ""."""
     if node.value not in cache:
-        labels = [q.object for q in store.quads_for_pattern(node, RDFS_LABEL, None, None)]
-        english = [lit.value for lit in labels if isinstance(lit, Literal) and lit.language == "en"]
+        labels = [
+            q.object for q in store.quads_for_pattern(node, RDFS_LABEL, None, None) if isinstance(q.object, Literal)
+        ]
+        english = [label.value for label in labels if label.language == "en"]
         cache[node.value] = english[0] if english else (labels[0].value if labels else "")
     return cache[node.value]
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from services.common.errors import (
 from services.knowledge.dataset import NAMESPACE, DatasetSpec
 from services.knowledge.model import TermKind
 from services.knowledge.store import MARKER_FILE, OxigraphStore
+from services.knowledge.worker import WorkerFailure
 
 MP = NAMESPACE
 SUBSET = DatasetSpec(countries=frozenset({"FR", "DE", "JP", "CI", "AD"}))
@@ -254,6 +256,20 @@ async def test_entity_fact_limit(store: OxigraphStore) -> None:
 async def test_bad_entity_iris(store: OxigraphStore, iri: str, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         await store.get_entity(iri)
+
+
+async def test_a_failure_inside_the_worker_is_raised_and_the_worker_kept(single_worker: OxigraphStore) -> None:
+    [pid] = single_worker.workers.pids()
+    with pytest.raises(WorkerFailure, match="unknown request str"):
+        single_worker.workers.run("not a request", time.monotonic() + 5, 5)  # type: ignore[arg-type]
+    assert single_worker.workers.pids() == [pid]
+    assert (await single_worker.query("ASK { country:FR ?p ?o }")).boolean is True
+
+
+async def test_no_running_worker_is_unavailable(single_worker: OxigraphStore) -> None:
+    single_worker.workers.close()
+    with pytest.raises(UnavailableError, match="no knowledge query worker is running; see the knowledge service log"):
+        await single_worker.query("ASK { ?s ?p ?o }")
 
 
 async def test_calls_before_start_are_unavailable(tmp_path: Path) -> None:
