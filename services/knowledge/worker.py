@@ -214,7 +214,10 @@ def child_command(*args: str) -> tuple[list[str], dict[str, str]]:
 
 
 class _Worker:
+    """One worker process; construction starts it, ``wait_ready`` waits until it has opened the store."""
+
     def __init__(self, store_path: Path) -> None:
+        self.store_path = store_path
         parent_socket, child_socket = socket.socketpair()
         command, env = child_command("serve", str(store_path), str(child_socket.fileno()), str(os.getpid()))
         try:
@@ -224,16 +227,19 @@ class _Worker:
         finally:
             child_socket.close()
         self.conn = Connection(parent_socket.detach())
+
+    def wait_ready(self) -> None:
+        """Raises RuntimeError (and kills the process) if the worker could not open the store."""
         if not self.conn.poll(READY_TIMEOUT_SECONDS):
             self.kill()
-            raise RuntimeError(f"query worker did not open the store {store_path} within {READY_TIMEOUT_SECONDS}s")
+            raise RuntimeError(f"query worker did not open the store {self.store_path} within {READY_TIMEOUT_SECONDS}s")
         try:
             status, message = self.conn.recv()
         except (EOFError, OSError):
             status, message = "error", f"exited with code {self.process.poll()}"
         if status != "ready":
             self.kill()
-            raise RuntimeError(f"query worker could not open the store {store_path}: {message}")
+            raise RuntimeError(f"query worker could not open the store {self.store_path}: {message}")
 
     def kill(self) -> None:
         self.process.kill()
@@ -263,9 +269,16 @@ class QueryWorkerPool:
         self._closed = False
 
     def start(self) -> None:
-        """Starts every worker; raises RuntimeError if the store cannot be opened."""
-        for _ in range(self.size):
-            self._add(_Worker(self._store_path))
+        """Starts every worker (in parallel); raises RuntimeError if the store cannot be opened."""
+        starting = [_Worker(self._store_path) for _ in range(self.size)]
+        try:
+            for worker in starting:
+                worker.wait_ready()
+                self._add(worker)
+        except Exception:
+            for worker in starting:
+                worker.kill()
+            raise
 
     def _add(self, worker: _Worker) -> None:
         with self._lock:
@@ -336,7 +349,9 @@ class QueryWorkerPool:
             if self._closed:
                 return
             try:
-                self._add(_Worker(self._store_path))
+                worker = _Worker(self._store_path)
+                worker.wait_ready()
+                self._add(worker)
                 return
             except Exception:
                 log.exception("could not start a replacement knowledge query worker (attempt %d)", attempt + 1)
