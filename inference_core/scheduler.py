@@ -1,0 +1,119 @@
+"""The engine loop: a bounded admission queue and a dedicated thread that steps admitted sequences."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+import torch
+
+from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError, QueueFullError
+from inference_core.model_runner import TorchModelRunner
+from inference_core.sequence import Sequence
+from inference_core.types import FinishReason
+
+log = logging.getLogger(__name__)
+
+
+class SerialScheduler:
+    """Admits sequences into a queue of at most ``max_queue`` waiting entries and runs them one at a time, to
+    completion, on its own thread (so the asyncio loop never waits on torch).
+
+    ``submit`` raises QueueFullError at once when the queue is full and EngineClosedError after ``close``.
+    ``abort`` removes a waiting sequence or stops a running one before its next step; either way the sequence ends
+    with finish_reason CANCELLED.
+    """
+
+    def __init__(self, runner: TorchModelRunner, max_queue: int) -> None:
+        self._runner = runner
+        self._max_queue = max_queue
+        self._waiting: deque[Sequence] = deque()
+        self._active: dict[str, Sequence] = {}
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="inference-engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            if self._closed:
+                raise EngineClosedError("the engine is shutting down; retry on another replica")
+            existing = self._active.get(seq.request_id)
+            # A finished sequence may still be listed for a moment after its last chunk went out.
+            if existing is not None and not existing.finished:
+                raise InvalidRequestError(f"request id {seq.request_id!r} is already in flight; use a unique id")
+            if len(self._waiting) >= self._max_queue:
+                raise QueueFullError(
+                    f"the engine queue is full ({len(self._waiting)} requests waiting); retry later or add replicas"
+                )
+            self._waiting.append(seq)
+            self._active[seq.request_id] = seq
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            seq = self._active.get(request_id)
+            if seq is None:
+                return
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                del self._active[request_id]
+                seq.finish(FinishReason.CANCELLED)
+            else:
+                seq.abort_requested = True
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancels every waiting and running sequence and joins the loop thread."""
+        with self._cv:
+            self._closed = True
+            while self._waiting:
+                seq = self._waiting.popleft()
+                del self._active[seq.request_id]
+                seq.finish(FinishReason.CANCELLED)
+            for seq in self._active.values():
+                seq.abort_requested = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._closed:
+                    self._cv.wait()
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            try:
+                self._run(seq)
+            except Exception as e:
+                log.exception("generation %s failed", seq.request_id)
+                seq.fail(EngineError(f"generation failed inside the engine: {type(e).__name__}: {e}"))
+            finally:
+                with self._cv:
+                    if self._active.get(seq.request_id) is seq:
+                        del self._active[seq.request_id]
+
+    @torch.inference_mode()
+    def _run(self, seq: Sequence) -> None:
+        seq.mark_started()
+        if seq.abort_requested:
+            seq.finish(FinishReason.CANCELLED)
+            return
+        logits, cache = self._runner.prefill(seq.prompt_ids)
+        while True:
+            if seq.abort_requested:
+                seq.finish(FinishReason.CANCELLED)
+                return
+            token_id = seq.select_token(logits)
+            seq.append_token(token_id)
+            if seq.finished:
+                return
+            logits = self._runner.decode(token_id, cache)

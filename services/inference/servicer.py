@@ -1,0 +1,97 @@
+"""The InferenceService servicer: a thin adapter from gRPC to one or more injected engines."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from inference_core import Engine, EngineClosedError, InvalidRequestError, QueueFullError
+from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.common import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
+
+
+@contextlib.contextmanager
+def engine_errors() -> Iterator[None]:
+    """Re-raises engine errors as the mesh errors the interceptor maps to status codes."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        raise InvalidArgumentError(str(e)) from e
+    except QueueFullError as e:
+        raise ResourceExhaustedError(str(e)) from e
+    except EngineClosedError as e:
+        raise UnavailableError(str(e)) from e
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Serves ``engines`` (the first is the default model), keyed by their ``info.id``.
+
+    Engines are started by ``start_engines()`` (the server's startup hook) and shut down by ``shutdown_engines()``.
+    A Generate whose client cancels or disconnects aborts its engine request.
+    """
+
+    def __init__(self, engines: Sequence[Engine], *, default_max_tokens: int, model_ids: Sequence[str]) -> None:
+        if len(engines) != len(model_ids) or not engines:
+            raise ValueError("give one model id per engine, and at least one engine")
+        self._engines = dict(zip(model_ids, engines, strict=True))
+        self._default_id = model_ids[0]
+        self._default_max_tokens = default_max_tokens
+
+    async def start_engines(self) -> None:
+        for engine in self._engines.values():
+            await engine.start()
+
+    async def shutdown_engines(self) -> None:
+        for engine in self._engines.values():
+            await engine.shutdown()
+
+    def _engine_for(self, model: str) -> tuple[str, Engine]:
+        model_id = model or self._default_id
+        engine = self._engines.get(model_id)
+        if engine is None:
+            raise NotFoundError(f"model '{model}' is not served; ListModels shows: {', '.join(self._engines)}")
+        if not engine.is_ready:
+            raise UnavailableError(
+                f"model '{model_id}' is not ready (loading or shutting down); retry when health reports SERVING"
+            )
+        return model_id, engine
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        model_id, engine = self._engine_for(request.model)
+        generation = to_generation_request(
+            request, default_max_tokens=self._default_max_tokens, request_id=uuid.uuid4().hex
+        )
+        stream = engine.generate(generation)
+        try:
+            with engine_errors():
+                async for chunk in stream:
+                    yield to_generate_response(chunk, model_id)
+        finally:
+            # Reached on client cancel too (the handler task is cancelled): closing the stream aborts the request.
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        models = []
+        for model_id in self._engines:
+            _, engine = self._engine_for(model_id)
+            with engine_errors():
+                models.append(to_model(engine.info, is_default=model_id == self._default_id))
+        return inference_pb2.ListModelsResponse(models=models)
+
+    async def CountTokens(
+        self, request: inference_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.CountTokensResponse:
+        model_id, engine = self._engine_for(request.model)
+        prompt, messages = input_of(request)
+        with engine_errors():
+            count = engine.count_tokens(prompt=prompt, messages=messages)
+            context_length = engine.info.context_length
+        return inference_pb2.CountTokensResponse(token_count=count, context_length=context_length, model=model_id)
