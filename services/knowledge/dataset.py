@@ -34,9 +34,10 @@ The graph::
         rdfs:label @en; mp:state -> the state; mp:country -> the country; mp:latitude, mp:longitude; mp:wikidataId
 
 Plain values (codes, capitals, native names, zones) are xsd:string literals without a language tag, so
-``?c mp:capital "Paris"`` matches. Cities are off by default: the data has 152k of them, which would make the first
-start several times slower and the lookup index much larger, while the agents' questions are about countries;
-``include_cities=True`` adds them.
+``?c mp:capital "Paris"`` matches. Cities are off by default: the data has 152k of them, and measured on a 2-core
+machine they take the store from 63k triples / 5 MB / ~3 s to the first SERVING to 976k triples / 75 MB / ~26 s
+(~15 s on every later start, building the 169k-name lookup index), while the agents' questions are about countries;
+``DatasetSpec(include_cities=True)`` adds them.
 """
 
 from __future__ import annotations
