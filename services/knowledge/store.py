@@ -165,7 +165,9 @@ class OxigraphStore(GraphStore):
             max_timeout=config.max_query_timeout_seconds,
             default_limit=config.default_row_limit,
             max_limit=config.max_row_limit,
-            **kwargs,
+            workers=config.query_workers,
+            max_in_flight=config.max_in_flight_queries,
+            **{"dataset": DatasetSpec(include_cities=config.include_cities), **kwargs},
         )
 
     async def start(self) -> None:
