@@ -1,0 +1,93 @@
+"""The planner's clients of the inference and tools services, over their generated gRPC stubs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
+from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
+from services.common import rpc_error_to_mesh_error
+from services.planner.convert import duration, json_to_struct, timings_from_proto, usage_from_proto
+from services.planner.types import Generation, ToolOutcome, ToolSpec
+
+
+def plain_json(value: Any) -> Any:
+    """A protobuf-decoded JSON value with whole floats turned back into ints (Struct stores every number as a double)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: plain_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_json(item) for item in value]
+    return value
+
+
+class InferenceLLMClient:
+    """Greedy, schema-constrained chat completions from the inference service (the planner's LLMClient)."""
+
+    def __init__(self, channel: grpc.aio.Channel, model: str = "") -> None:
+        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self.model = model
+
+    async def generate(
+        self,
+        messages: list[dict[str, str]],
+        json_schema: dict[str, Any],
+        max_tokens: int,
+        *,
+        timeout: float | None = None,
+    ) -> Generation:
+        request = inference_pb2.GenerateRequest(
+            model=self.model,
+            chat=inference_pb2.ChatInput(
+                messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+            ),
+            max_tokens=max_tokens,
+            sampling=inference_pb2.SamplingParams(temperature=0.0),
+            constraint=inference_pb2.OutputConstraint(json_schema=json.dumps(json_schema, ensure_ascii=False)),
+        )
+        parts: list[str] = []
+        last = inference_pb2.GenerateResponse()
+        try:
+            async for response in self._stub.Generate(request, timeout=timeout):
+                parts.append(response.text)
+                last = response
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error_to_mesh_error(e, "inference") from e
+        return Generation("".join(parts), usage_from_proto(last.usage), timings_from_proto(last.timings))
+
+
+class ToolsServiceClient:
+    """The tools service as the planner's ToolClient: NOT_FOUND and INVALID_ARGUMENT surface as those MeshErrors."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = tools_pb2_grpc.ToolsServiceStub(channel)
+
+    async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
+        try:
+            response = await self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error_to_mesh_error(e, "tools") from e
+        return [
+            ToolSpec(tool.name, tool.description, plain_json(json_format.MessageToDict(tool.input_schema)))
+            for tool in response.tools
+        ]
+
+    async def execute(
+        self, call_id: str, name: str, arguments: dict[str, Any], *, timeout: float | None = None
+    ) -> ToolOutcome:
+        request = tools_pb2.ExecuteToolRequest(call_id=call_id, name=name, arguments=json_to_struct(arguments))
+        if timeout is not None:
+            request.timeout.CopyFrom(duration(timeout))
+        try:
+            response = await self._stub.ExecuteTool(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error_to_mesh_error(e, "tools") from e
+        seconds = response.duration.ToNanoseconds() / 1e9
+        if response.WhichOneof("outcome") == "error":
+            return ToolOutcome(error=response.error.message or "the tool failed", duration_s=seconds)
+        return ToolOutcome(result=plain_json(json_format.MessageToDict(response.result)), duration_s=seconds)

@@ -1,0 +1,169 @@
+"""Proto <-> domain conversion for the planner: run events, runs, sessions and budgets."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from meshpilot.common.v1 import common_pb2
+from meshpilot.planner.v1 import planner_pb2
+from services.common import InvalidArgumentError, PlannerConfig
+from services.planner.store import RunRecord, RunState, SessionRecord
+from services.planner.types import (
+    AgentEvent,
+    Budget,
+    Failed,
+    Finished,
+    ModelOutput,
+    StepStarted,
+    Timings,
+    ToolCalled,
+    ToolReturned,
+    Usage,
+)
+
+MAX_TASK_CHARS = 4000
+
+_STATES = {
+    RunState.RUNNING: planner_pb2.RUN_STATE_RUNNING,
+    RunState.SUCCEEDED: planner_pb2.RUN_STATE_SUCCEEDED,
+    RunState.FAILED: planner_pb2.RUN_STATE_FAILED,
+    RunState.CANCELLED: planner_pb2.RUN_STATE_CANCELLED,
+}
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+    )
+
+
+def usage_from_proto(usage: common_pb2.Usage) -> Usage:
+    return Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_prompt_tokens)
+
+
+def timings_to_proto(timings: Timings) -> common_pb2.Timings:
+    return common_pb2.Timings(
+        queue_ms=timings.queue_ms,
+        time_to_first_token_ms=timings.time_to_first_token_ms,
+        total_ms=timings.total_ms,
+        decode_tokens_per_second=timings.decode_tokens_per_second,
+    )
+
+
+def timings_from_proto(timings: common_pb2.Timings) -> Timings:
+    return Timings(timings.queue_ms, timings.time_to_first_token_ms, timings.total_ms, timings.decode_tokens_per_second)
+
+
+def json_to_value(value: Any) -> struct_pb2.Value:
+    return json_format.ParseDict(value, struct_pb2.Value())
+
+
+def json_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    return json_format.ParseDict(value, struct_pb2.Struct())
+
+
+def run_event(event: AgentEvent, run_id: str, session_id: str, sequence: int) -> planner_pb2.RunEvent:
+    """The RunEvent for one agent event, stamped now."""
+    proto = planner_pb2.RunEvent(run_id=run_id, session_id=session_id, sequence=sequence, time=timestamp(time.time()))
+    match event:
+        case StepStarted(step):
+            proto.step_started.step = step
+        case ModelOutput(step, text, usage, timings):
+            proto.model_output.CopyFrom(
+                planner_pb2.ModelOutput(
+                    step=step, text=text, usage=usage_to_proto(usage), timings=timings_to_proto(timings)
+                )
+            )
+        case ToolCalled(step, call_id, tool, arguments):
+            proto.tool_call.CopyFrom(
+                planner_pb2.ToolCall(step=step, call_id=call_id, tool=tool, arguments=json_to_struct(arguments))
+            )
+        case ToolReturned(step, call_id, tool, outcome):
+            result = planner_pb2.ToolResult(
+                step=step, call_id=call_id, tool=tool, duration=duration(outcome.duration_s)
+            )
+            if outcome.error is not None:
+                result.error = outcome.error
+            else:
+                result.result.CopyFrom(json_to_value(outcome.result))
+            proto.tool_result.CopyFrom(result)
+        case Finished(answer, usage, seconds):
+            proto.final_answer.CopyFrom(
+                planner_pb2.FinalAnswer(answer=answer, usage=usage_to_proto(usage), duration=duration(seconds))
+            )
+        case Failed(code, message):
+            proto.error.CopyFrom(planner_pb2.RunError(code=code, message=message))
+    return proto
+
+
+def run_to_proto(run: RunRecord) -> planner_pb2.Run:
+    proto = planner_pb2.Run(
+        run_id=run.run_id,
+        session_id=run.session_id,
+        task=run.task,
+        state=_STATES[run.state],
+        answer=run.answer,
+        usage=usage_to_proto(run.usage),
+        create_time=timestamp(run.create_time),
+        events=[planner_pb2.RunEvent.FromString(data) for data in run.events],
+    )
+    if run.end_time is not None:
+        proto.end_time.CopyFrom(timestamp(run.end_time))
+    return proto
+
+
+def session_to_proto(session: SessionRecord) -> planner_pb2.Session:
+    return planner_pb2.Session(
+        session_id=session.session_id,
+        create_time=timestamp(session.create_time),
+        turns=[planner_pb2.Turn(run_id=t.run_id, task=t.task, answer=t.answer) for t in session.turns],
+    )
+
+
+def validate_task(task: str) -> str:
+    """The task, stripped; raises InvalidArgumentError if it is empty or too long."""
+    task = task.strip()
+    if not task:
+        raise InvalidArgumentError("task is empty; put the question or instruction in RunRequest.task")
+    if len(task) > MAX_TASK_CHARS:
+        raise InvalidArgumentError(f"task has {len(task)} characters; shorten it to at most {MAX_TASK_CHARS}")
+    return task
+
+
+def budget_from_proto(budget: planner_pb2.RunBudget, defaults: PlannerConfig) -> Budget:
+    """The run's budget: unset (zero) fields take the config defaults; negative fields raise InvalidArgumentError."""
+    for name in ("max_steps", "max_tokens"):
+        if getattr(budget, name) < 0:
+            raise InvalidArgumentError(
+                f"budget.{name} is {getattr(budget, name)}; use a positive number, or 0 for the default "
+                f"({getattr(defaults, name)})"
+            )
+    timeout_s = budget.timeout.ToNanoseconds() / 1e9
+    if timeout_s < 0:
+        raise InvalidArgumentError(
+            f"budget.timeout is {timeout_s:g}s; use a positive duration, or leave it unset for the default "
+            f"({defaults.run_timeout_seconds:g}s)"
+        )
+    return Budget(
+        max_steps=budget.max_steps or defaults.max_steps,
+        max_tokens=budget.max_tokens or defaults.max_tokens,
+        timeout_s=timeout_s or defaults.run_timeout_seconds,
+    )

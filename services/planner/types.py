@@ -1,0 +1,127 @@
+"""The planner's domain objects: usage, tools, budgets, turns and the events of a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting of one model call or, summed, of a whole run."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            self.total_tokens + other.total_tokens,
+            self.cached_prompt_tokens + other.cached_prompt_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock timings of one model call in milliseconds, as the inference service reports them."""
+
+    queue_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+    decode_tokens_per_second: float = 0.0
+
+
+class Generation(NamedTuple):
+    """What one model call returned."""
+
+    text: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool the agent may call: its name, a one-line description and the JSON Schema of its arguments."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    """The result of one tool call: exactly one of ``result`` (any JSON value) or ``error`` (the observation)."""
+
+    result: Any = None
+    error: str | None = None
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits of one run: model calls, tokens over all calls (prompt + completion) and wall-clock seconds."""
+
+    max_steps: int
+    max_tokens: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One finished question and answer of a session."""
+
+    task: str
+    answer: str
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    step: int
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    step: int
+    text: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class ToolCalled:
+    step: int
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolReturned:
+    step: int
+    call_id: str
+    tool: str
+    outcome: ToolOutcome
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The run's last event on success."""
+
+    answer: str
+    usage: Usage
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The run's last event on failure; ``code`` is a google.rpc code name such as RESOURCE_EXHAUSTED."""
+
+    code: str
+    message: str
+
+
+AgentEvent = StepStarted | ModelOutput | ToolCalled | ToolReturned | Finished | Failed

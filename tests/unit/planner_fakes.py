@@ -1,0 +1,97 @@
+"""Recording fakes of the planner's LLM and tool clients, shared by the planner's unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from services.common import InvalidArgumentError, MeshError, NotFoundError
+from services.planner import Generation, Timings, ToolOutcome, ToolSpec, Usage
+
+COUNTRY_FACTS = ToolSpec(
+    "country_facts",
+    "Facts about a country.",
+    {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]},
+)
+CALCULATOR = ToolSpec(
+    "calculator",
+    "Evaluates arithmetic.",
+    {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+)
+STEP_USAGE = Usage(100, 10, 110)
+FACTS = {
+    "France": {"country": "France", "capital": "Paris", "currency": "Euro (EUR, €)", "region": "Europe"},
+    "Japan": {"country": "Japan", "capital": "Tokyo", "currency": "Japanese yen (JPY, ¥)", "region": "Asia"},
+}
+
+
+def call(tool: str, **arguments: Any) -> str:
+    return json.dumps({"tool": tool, "arguments": arguments})
+
+
+def answer(text: str) -> str:
+    return json.dumps({"final_answer": text})
+
+
+class ScriptedLLM:
+    """Returns the scripted outputs in order (an exception in the script is raised instead); records every request."""
+
+    def __init__(self, outputs: list[str | MeshError], usage: Usage = STEP_USAGE) -> None:
+        self.outputs = list(outputs)
+        self.usage = usage
+        self.requests: list[dict[str, Any]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def generate(
+        self,
+        messages: list[dict[str, str]],
+        json_schema: dict[str, Any],
+        max_tokens: int,
+        *,
+        timeout: float | None = None,
+    ) -> Generation:
+        self.requests.append(
+            {"messages": messages, "schema": json_schema, "max_tokens": max_tokens, "timeout": timeout}
+        )
+        if self.gate is not None:
+            await self.gate.wait()
+        if not self.outputs:
+            raise AssertionError("the agent asked the model more often than the test scripted")
+        output = self.outputs.pop(0)
+        if isinstance(output, MeshError):
+            raise output
+        return Generation(output, self.usage, Timings(total_ms=5.0))
+
+
+class FakeTools:
+    """country_facts and calculator over fixed data; NOT_FOUND for other tools, INVALID_ARGUMENT for missing args."""
+
+    def __init__(self, tools: list[ToolSpec] | None = None) -> None:
+        self.tools = tools if tools is not None else [COUNTRY_FACTS, CALCULATOR]
+        self.calls: list[tuple[str, str, dict[str, Any], float | None]] = []
+        self.list_error: MeshError | None = None
+        self.execute_hook: Callable[[str, dict[str, Any]], Any] | None = None
+
+    async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
+        if self.list_error is not None:
+            raise self.list_error
+        return list(self.tools)
+
+    async def execute(
+        self, call_id: str, name: str, arguments: dict[str, Any], *, timeout: float | None = None
+    ) -> ToolOutcome:
+        self.calls.append((call_id, name, arguments, timeout))
+        if self.execute_hook is not None:
+            return await self.execute_hook(name, arguments)
+        if name == "country_facts":
+            if "country" not in arguments:
+                raise InvalidArgumentError("arguments.country is required")
+            facts = FACTS.get(arguments["country"])
+            if facts is None:
+                return ToolOutcome(error=f"no country named {arguments['country']!r}", duration_s=0.01)
+            return ToolOutcome(result=facts, duration_s=0.01)
+        if name == "calculator":
+            return ToolOutcome(result={"result": 391}, duration_s=0.01)
+        raise NotFoundError(f"no tool named {name!r}; call ListTools for the registered names")

@@ -1,0 +1,273 @@
+"""The planner over gRPC (in-process, port 0) with fake model and tools: streams, journal, cancel and errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
+from services.common import UnavailableError, load_config
+from services.planner import RunStore, create_server
+from services.planner.runs import RunManager
+from tests.unit.planner_fakes import FakeTools, ScriptedLLM, answer, call
+
+FRANCE = [call("country_facts", country="France"), answer("Paris")]
+
+
+class Planner:
+    """A running in-process planner and a stub on it."""
+
+    def __init__(self, config, llm, tools):
+        self.config, self.llm, self.tools = config, llm, tools
+        self.server = create_server(config, llm=llm, tools=tools)
+        self.servicer = self.server.bindings[0].servicer
+
+    async def __aenter__(self):
+        await self.server.start()
+        await self.server.set_serving()
+        self.channel = grpc.aio.insecure_channel(self.server.address)
+        self.stub = planner_pb2_grpc.PlannerServiceStub(self.channel)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.channel.close()
+        await self.servicer.close()
+        await self.server.stop(0)
+
+    async def run(self, task="What is the capital of France?", session_id="", **budget):
+        request = planner_pb2.RunRequest(task=task, session_id=session_id, budget=planner_pb2.RunBudget(**budget))
+        return [event async for event in self.stub.Run(request)]
+
+
+@pytest.fixture
+def config(tmp_path):
+    return load_config(data_dir=str(tmp_path), planner={"server": {"port": 0}})
+
+
+def kinds(events):
+    return [event.WhichOneof("event") for event in events]
+
+
+async def test_run_streams_numbered_events_ending_in_the_answer(config) -> None:
+    async with Planner(config, ScriptedLLM(list(FRANCE)), FakeTools()) as planner:
+        events = await planner.run()
+
+    assert kinds(events) == [
+        "step_started",
+        "model_output",
+        "tool_call",
+        "tool_result",
+        "step_started",
+        "model_output",
+        "final_answer",
+    ]
+    assert [e.sequence for e in events] == list(range(1, 8))
+    assert len({(e.run_id, e.session_id) for e in events}) == 1
+    assert events[2].tool_call.tool == "country_facts"
+    assert dict(events[2].tool_call.arguments) == {"country": "France"}
+    assert events[3].tool_result.result.struct_value["capital"] == "Paris"
+    assert events[-1].final_answer.answer == "Paris"
+    assert events[-1].final_answer.usage.total_tokens == 220
+    assert events[1].model_output.usage.prompt_tokens == 100
+
+
+async def test_get_run_returns_the_journaled_run(config) -> None:
+    async with Planner(config, ScriptedLLM(list(FRANCE)), FakeTools()) as planner:
+        events = await planner.run()
+        run = await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id=events[0].run_id))
+
+    assert run.state == planner_pb2.RUN_STATE_SUCCEEDED
+    assert run.task == "What is the capital of France?"
+    assert run.answer == "Paris"
+    assert run.usage.total_tokens == 220
+    assert list(run.events) == events
+    assert run.end_time.ToNanoseconds() >= run.create_time.ToNanoseconds() > 0
+
+
+async def test_tool_error_is_streamed_as_an_observation(config) -> None:
+    llm = ScriptedLLM([call("country_facts", country="Atlantis"), *FRANCE])
+    async with Planner(config, llm, FakeTools()) as planner:
+        events = await planner.run()
+
+    results = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert results[0].error == "no country named 'Atlantis'"
+    assert results[1].result.struct_value["capital"] == "Paris"
+    assert events[-1].final_answer.answer == "Paris"
+
+
+async def test_a_follow_up_sees_the_earlier_turn_and_get_session_lists_it(config) -> None:
+    llm = ScriptedLLM([*FRANCE, call("country_facts", country="France"), answer("Euro (EUR, €)")])
+    async with Planner(config, llm, FakeTools()) as planner:
+        first = await planner.run()
+        session_id = first[0].session_id
+        second = await planner.run("Which currency does that country use?", session_id=session_id)
+        session = await planner.stub.GetSession(planner_pb2.GetSessionRequest(session_id=session_id))
+
+    assert second[0].session_id == session_id
+    follow_up_prompt = [m["content"] for m in llm.requests[2]["messages"]]
+    assert follow_up_prompt[1:] == [
+        "What is the capital of France?",
+        '{"final_answer": "Paris"}',
+        "Which currency does that country use?",
+    ]
+    assert [(t.task, t.answer, t.run_id) for t in session.turns] == [
+        ("What is the capital of France?", "Paris", first[0].run_id),
+        ("Which currency does that country use?", "Euro (EUR, €)", second[0].run_id),
+    ]
+
+
+async def test_a_new_planner_on_the_same_database_sees_sessions_and_runs(config) -> None:
+    async with Planner(config, ScriptedLLM(list(FRANCE)), FakeTools()) as planner:
+        session = await planner.stub.CreateSession(planner_pb2.CreateSessionRequest())
+        events = await planner.run(session_id=session.session_id)
+
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        again = await planner.stub.GetSession(planner_pb2.GetSessionRequest(session_id=session.session_id))
+        run = await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id=events[0].run_id))
+
+    assert again.create_time == session.create_time
+    assert [t.answer for t in again.turns] == ["Paris"]
+    assert list(run.events) == events
+
+
+async def test_cancel_run_stops_it_with_a_cancelled_event(config) -> None:
+    llm = ScriptedLLM(list(FRANCE))
+    llm.gate = asyncio.Event()  # the model never answers until the test lets it
+    async with Planner(config, llm, FakeTools()) as planner:
+        call_ = planner.stub.Run(planner_pb2.RunRequest(task="What is the capital of France?"))
+        first = await call_.read()
+        cancelled = await planner.stub.CancelRun(planner_pb2.CancelRunRequest(run_id=first.run_id))
+        rest = []
+        while (event := await call_.read()) is not grpc.aio.EOF:
+            rest.append(event)
+
+    assert first.HasField("step_started")
+    assert cancelled.state == planner_pb2.RUN_STATE_CANCELLED
+    assert rest[-1].error.code == "CANCELLED"
+    assert "CancelRun" in rest[-1].error.message
+    assert [e.sequence for e in cancelled.events] == [1, 2]
+    assert cancelled.events[-1] == rest[-1]
+
+
+async def test_cancel_of_a_finished_run_returns_it_unchanged(config) -> None:
+    async with Planner(config, ScriptedLLM(list(FRANCE)), FakeTools()) as planner:
+        events = await planner.run()
+        run = await planner.stub.CancelRun(planner_pb2.CancelRunRequest(run_id=events[0].run_id))
+
+    assert run.state == planner_pb2.RUN_STATE_SUCCEEDED
+    assert len(run.events) == len(events)
+
+
+async def test_client_disconnect_cancels_the_run(config) -> None:
+    llm = ScriptedLLM(list(FRANCE))
+    llm.gate = asyncio.Event()
+    async with Planner(config, llm, FakeTools()) as planner:
+        call_ = planner.stub.Run(planner_pb2.RunRequest(task="What is the capital of France?"))
+        first = await call_.read()
+        call_.cancel()
+        for _ in range(200):
+            run = await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id=first.run_id))
+            if run.state != planner_pb2.RUN_STATE_RUNNING:
+                break
+            await asyncio.sleep(0.02)
+
+    assert run.state == planner_pb2.RUN_STATE_CANCELLED
+    assert run.events[-1].error.code == "CANCELLED"
+    assert "client disconnected" in run.events[-1].error.message
+
+
+async def test_budget_error_is_the_last_event_and_the_run_failed(config) -> None:
+    llm = ScriptedLLM([call("country_facts", country="France")])
+    async with Planner(config, llm, FakeTools()) as planner:
+        events = await planner.run(max_steps=1)
+        run = await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id=events[0].run_id))
+
+    assert events[-1].error.code == "RESOURCE_EXHAUSTED"
+    assert "max_steps" in events[-1].error.message
+    assert run.state == planner_pb2.RUN_STATE_FAILED
+
+
+async def test_unavailable_model_is_an_error_event(config) -> None:
+    llm = ScriptedLLM([UnavailableError("inference: connection refused")])
+    async with Planner(config, llm, FakeTools()) as planner:
+        events = await planner.run()
+
+    assert kinds(events) == ["step_started", "error"]
+    assert events[-1].error.code == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize("task", ["", "   \n\t"])
+async def test_empty_task_is_invalid_before_anything_runs(config, task) -> None:
+    llm = ScriptedLLM([])
+    async with Planner(config, llm, FakeTools()) as planner:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await planner.run(task)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "task is empty; put the question or instruction in RunRequest.task" in info.value.details()
+    assert llm.requests == []
+
+
+async def test_too_long_task_is_invalid(config) -> None:
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await planner.run("x" * 5000)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shorten it to at most 4000" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        ({"max_steps": -1}, "budget.max_steps is -1; use a positive number, or 0 for the default (6)"),
+        ({"max_tokens": -5}, "budget.max_tokens is -5; use a positive number, or 0 for the default (16384)"),
+        ({"timeout": duration_pb2.Duration(seconds=-2)}, "budget.timeout is -2s; use a positive duration"),
+    ],
+)
+async def test_negative_budget_is_invalid(config, budget, message) -> None:
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await planner.run(**budget)
+
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+async def test_unknown_session_and_run_are_not_found(config) -> None:
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        with pytest.raises(grpc.aio.AioRpcError) as run_in_unknown:
+            await planner.run(session_id="missing")
+        with pytest.raises(grpc.aio.AioRpcError) as get_session:
+            await planner.stub.GetSession(planner_pb2.GetSessionRequest(session_id="missing"))
+        with pytest.raises(grpc.aio.AioRpcError) as get_run:
+            await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id="missing"))
+        with pytest.raises(grpc.aio.AioRpcError) as cancel_run:
+            await planner.stub.CancelRun(planner_pb2.CancelRunRequest(run_id="missing"))
+
+    for info in (run_in_unknown, get_session):
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "session 'missing' does not exist; create one or leave session_id empty" in info.value.details()
+    for info in (get_run, cancel_run):
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "run 'missing' does not exist" in info.value.details()
+
+
+async def test_runs_left_running_by_a_stopped_planner_are_failed_at_startup(tmp_path) -> None:
+    store = RunStore(tmp_path / "planner.db")
+    session = await store.create_session()
+    run = await store.create_run(session.session_id, "What is the capital of France?")
+    await store.append_event(run.run_id, 1, b"")
+
+    manager = RunManager(store, agent=None, history_turns=4)  # type: ignore[arg-type]
+    assert await manager.fail_interrupted() == 1
+    stored = await store.get_run(run.run_id)
+    await store.close()
+
+    last = planner_pb2.RunEvent.FromString(stored.events[-1])
+    assert stored.state.value == "FAILED"
+    assert (last.sequence, last.error.code) == (2, "ABORTED")
+    assert "run the task again" in last.error.message
