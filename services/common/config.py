@@ -41,6 +41,15 @@ class ServerConfig(_Section):
     max_concurrent_rpcs: int | None = Field(
         None, ge=1, description="Calls beyond this are refused with RESOURCE_EXHAUSTED; None means unlimited."
     )
+    metrics: bool = Field(True, description="Serve Prometheus metrics over HTTP at /metrics.")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of /metrics; None means port + 1000 (a free port when port is 0)."
+    )
+
+    def resolved_metrics_port(self) -> int:
+        if self.metrics_port is not None:
+            return self.metrics_port
+        return self.port + 1000 if self.port else 0
 
     def target(self) -> str:
         """The gRPC target other services dial."""

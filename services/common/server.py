@@ -12,9 +12,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
 from services.common.config import ServerConfig
 from services.common.errors import ErrorMappingInterceptor
+from services.common.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,11 @@ class ServiceBinding:
 
 
 class MeshServer:
-    """A grpc.aio server with the standard health and reflection services and the error-mapping interceptor.
+    """A grpc.aio server with the standard health and reflection services, error mapping and Prometheus metrics.
 
     Health starts NOT_SERVING and turns SERVING only when ``set_serving()`` is called (after the model or store has
-    loaded); ``stop()`` turns it NOT_SERVING before draining.
+    loaded); ``stop()`` turns it NOT_SERVING before draining. Services add their own collectors to ``registry``; it is
+    served at /metrics from ``start()`` on (``metrics_port`` tells where).
     """
 
     def __init__(
@@ -47,8 +50,13 @@ class MeshServer:
     ) -> None:
         self.config = config
         self.bindings = list(bindings)
+        self.registry = CollectorRegistry()
+        self.rpc_metrics = RpcMetrics(self.registry)
+        self.metrics_port: int | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(), *interceptors],
+            # Metrics outermost, so they count the status codes the error mapping chose.
+            interceptors=[MetricsInterceptor(self.rpc_metrics), ErrorMappingInterceptor(), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -75,6 +83,11 @@ class MeshServer:
     async def start(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.config.metrics:
+            self._metrics_endpoint = MetricsEndpoint(
+                self.config.host, self.config.resolved_metrics_port(), self.registry
+            )
+            self.metrics_port = self._metrics_endpoint.port
 
     async def set_serving(self, serving: bool = True) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,6 +97,9 @@ class MeshServer:
         """NOT_SERVING first (so balancers stop sending), then let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.close()
+            self._metrics_endpoint = None
 
     async def _set_all(self, status: int) -> None:
         await self.health.set("", status)

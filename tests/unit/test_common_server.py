@@ -166,3 +166,25 @@ async def test_stop_lets_in_flight_streams_finish() -> None:
         assert texts == ["0", "1", "2", "3", "4"]
         assert await stream.code() == grpc.StatusCode.OK
     await asyncio.wait_for(serving, 10)
+
+
+async def test_metrics_endpoint_counts_calls_by_method_and_code(running) -> None:
+    import urllib.request
+
+    server, tools, _, channel = running
+    stub = tools_pb2_grpc.ToolsServiceStub(channel)
+    await stub.ListTools(tools_pb2.ListToolsRequest())
+    tools.error = NotFoundError("gone")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.ListTools(tools_pb2.ListToolsRequest())
+    stream = inference_pb2_grpc.InferenceServiceStub(channel).Generate(inference_pb2.GenerateRequest(prompt="x"))
+    assert len([r async for r in stream]) == 5
+    assert server.metrics_port
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    method = "/meshpilot.tools.v1.ToolsService/ListTools"
+    assert f'meshpilot_rpc_requests_total{{code="OK",method="{method}"}} 1.0' in body
+    assert f'meshpilot_rpc_requests_total{{code="NOT_FOUND",method="{method}"}} 1.0' in body
+    generate = "/meshpilot.inference.v1.InferenceService/Generate"
+    assert f'meshpilot_rpc_stream_messages_total{{method="{generate}"}} 5.0' in body
+    assert f'meshpilot_rpc_duration_seconds_count{{method="{generate}"}} 1.0' in body
