@@ -121,7 +121,7 @@ class FakeEngine(Engine):
             reason = FinishReason.STOP
             text = ""
             ids: list[int] = []
-            for piece in pieces:
+            for index, piece in enumerate(pieces):
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 if request.request_id in self._abort_requested:
@@ -137,7 +137,7 @@ class FakeEngine(Engine):
                 if completion >= limit:
                     reason = FinishReason.LENGTH
                     break
-                if text:
+                if text and index < len(pieces) - 1:
                     yield GenerationChunk(text=text, token_ids=ids)
                     text, ids = "", []
             text += stop.flush()
