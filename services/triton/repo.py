@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_encoding, text_format
@@ -16,8 +17,9 @@ from services.triton.options import TritonRepoOptions
 DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy" / "triton"
 MODEL_NAMES = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble", "tensorrt_llm_bls")
 FRONTS = ("ensemble", "tensorrt_llm_bls")
-# Modules next to every python model's model.py: the python backend puts that directory on sys.path.
+# Modules copied next to every python model's model.py: the python backend puts that directory on sys.path.
 SHARED_MODULES = ("text_codec.py",)
+TOKENIZER_EXPORT = "preprocessing/1/tokenizer"
 
 
 class TemplateError(RuntimeError):
@@ -99,19 +101,28 @@ def check_repository(configs: Mapping[str, model_config_pb2.ModelConfig]) -> Non
 
 
 def write_model_repository(
-    out_dir: str | Path, options: TritonRepoOptions | None = None, *, deploy_dir: Path = DEPLOY_DIR
+    out_dir: str | Path,
+    options: TritonRepoOptions | None = None,
+    *,
+    deploy_dir: Path = DEPLOY_DIR,
+    export_tokenizer: bool = True,
 ) -> ModelRepository:
     """Writes the five models of ``inflight_batcher_llm`` under ``out_dir`` and returns their parsed configs.
 
     Each model directory is replaced whole; anything else in ``out_dir`` is left alone. Options are validated first
     (InvalidArgumentError naming the option and what to use instead); every rendered config is parsed into
-    ``ModelConfig`` and cross-checked before anything is written.
+    ``ModelConfig`` and cross-checked before anything is written. A .gguf tokenizer is exported once into
+    ``preprocessing/1/tokenizer`` (``export_tokenizer``) and every python model loads that instead.
     """
     options = (options or TritonRepoOptions()).validated()
+    source_tokenizer = options.tokenizer_dir
+    root = Path(out_dir).resolve()
+    exported = export_tokenizer and options.tokenizer_dir.endswith(".gguf")
+    if exported:
+        options = replace(options, tokenizer_dir=str(root / TOKENIZER_EXPORT))
     texts = render_configs(options, deploy_dir)
     configs = {name: parse_model_config(text, name) for name, text in texts.items()}
     check_repository(configs)
-    root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         model_dir = root / name
@@ -120,21 +131,37 @@ def write_model_repository(
         version_dir = model_dir / "1"
         version_dir.mkdir(parents=True)
         (model_dir / "config.pbtxt").write_text(text)
-        source = _python_model_source(name, options, deploy_dir)
+        source = _python_model_dir(name, options, deploy_dir)
         if source is not None:
-            shutil.copyfile(source, version_dir / "model.py")
-            for module in SHARED_MODULES:
-                shutil.copyfile(deploy_dir / "models" / "common" / module, version_dir / module)
+            for module in [
+                *sorted(source.glob("*.py")),
+                *(deploy_dir / "models" / "common" / m for m in SHARED_MODULES),
+            ]:
+                shutil.copyfile(module, version_dir / module.name)
+    if exported:
+        export_gguf_tokenizer(source_tokenizer, root / TOKENIZER_EXPORT)
     return ModelRepository(path=root, options=options, configs=configs)
 
 
-def _python_model_source(name: str, options: TritonRepoOptions, deploy_dir: Path) -> Path | None:
+def export_gguf_tokenizer(gguf_file: str | Path, dest: Path) -> Path:
+    """Saves the tokenizer inside a .gguf file as a HF tokenizer directory: loading it takes a fraction of a second
+    where rebuilding it from the GGUF takes seconds in every python model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    source = Path(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _python_model_dir(name: str, options: TritonRepoOptions, deploy_dir: Path) -> Path | None:
     if name == "ensemble" or (name == "tensorrt_llm" and not options.cpu_twin):
         return None
-    folder = "tensorrt_llm_twin" if name == "tensorrt_llm" else name
-    source = deploy_dir / "models" / folder / "model.py"
-    if not source.is_file():
-        raise TemplateError(f"python model {source} is missing; is deploy/triton complete?")
+    source = deploy_dir / "models" / ("tensorrt_llm_twin" if name == "tensorrt_llm" else name)
+    if not (source / "model.py").is_file():
+        raise TemplateError(f"python model {source / 'model.py'} is missing; is deploy/triton complete?")
     return source
 
 
