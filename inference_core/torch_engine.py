@@ -114,7 +114,8 @@ class TorchEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self._require_ready()
-        assert self._scheduler is not None
+        scheduler = self._scheduler
+        assert scheduler is not None
         arrival = time.perf_counter()
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[GenerationChunk | EngineError] = asyncio.Queue()
@@ -125,7 +126,7 @@ class TorchEngine(Engine):
                 loop.call_soon_threadsafe(out.put_nowait, item)
 
         seq = await asyncio.to_thread(self._prepare, request, sink, arrival)
-        self._scheduler.submit(seq)
+        scheduler.submit(seq)
         done = False
         try:
             while True:
@@ -140,7 +141,7 @@ class TorchEngine(Engine):
                     return
         finally:
             if not done:
-                self._scheduler.abort(seq.request_id)
+                scheduler.abort(seq.request_id)
 
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -92,6 +93,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         model_id, engine = self._engine_for(request.model)
         prompt, messages = input_of(request)
         with engine_errors():
-            count = engine.count_tokens(prompt=prompt, messages=messages)
+            # Tokenizing a long prompt takes milliseconds: keep it off the event loop.
+            count = await asyncio.to_thread(engine.count_tokens, prompt=prompt, messages=messages)
             context_length = engine.info.context_length
         return inference_pb2.CountTokensResponse(token_count=count, context_length=context_length, model=model_id)
