@@ -1,4 +1,7 @@
-"""Triton Inference Server tooling: TensorRT-LLM model repositories (GPU and CPU twin) and a local tritonserver."""
+"""Triton Inference Server tooling: TensorRT-LLM model repositories (GPU and CPU twin) and a local CPU tritonserver.
+
+Not a gRPC service of the mesh: the CLI and tests use it to generate repositories and run tritonserver.
+"""
 
 from services.triton.options import TritonRepoOptions, default_model_path
 from services.triton.repo import (
@@ -6,19 +9,27 @@ from services.triton.repo import (
     ModelRepository,
     TemplateError,
     check_repository,
+    export_gguf_tokenizer,
     parse_model_config,
     render_configs,
     write_model_repository,
 )
+from services.triton.server import LocalTritonServer, TritonInstall, TritonPorts, TritonServerError, prepare_backends
 
 __all__ = [
     "MODEL_NAMES",
+    "LocalTritonServer",
     "ModelRepository",
     "TemplateError",
+    "TritonInstall",
+    "TritonPorts",
     "TritonRepoOptions",
+    "TritonServerError",
     "check_repository",
     "default_model_path",
+    "export_gguf_tokenizer",
     "parse_model_config",
+    "prepare_backends",
     "render_configs",
     "write_model_repository",
 ]

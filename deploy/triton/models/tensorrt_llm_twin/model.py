@@ -50,6 +50,21 @@ class TritonPythonModel:
             threads=threads or None,
             max_queue=max(int(params.get("max_batch_size") or 64), 1),
         )
+        self.requests_metric = pb_utils.MetricFamily(
+            name="meshpilot_twin_requests_total",
+            description="Requests the CPU twin ended, by outcome (finished, cancelled, error)",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.outcomes = {
+            outcome: self.requests_metric.Metric(labels={"outcome": outcome})
+            for outcome in ("finished", "cancelled", "error")
+        }
+        self.tokens_metric = pb_utils.MetricFamily(
+            name="meshpilot_twin_generated_tokens_total",
+            description="Tokens the CPU twin's engine generated",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.generated_tokens = self.tokens_metric.Metric(labels={})
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="twin-engine", daemon=True)
         self.thread.start()
@@ -109,7 +124,9 @@ class TritonPythonModel:
                 metrics.tokens(len(chunk.token_ids))
                 generated.extend(chunk.token_ids)
         except EngineError as e:
+            self._count("error", generated)
             return _error(str(e))
+        self._count("finished", generated)
         return self._response(job, generated, generated, metrics)
 
     async def _stream(self, job: TwinRequest, triton_id: str, sender: Any) -> None:
@@ -134,18 +151,26 @@ class TritonPythonModel:
                         sender.send(self._response(job, pending, generated, metrics))
                         pending = []
         except EngineError as e:
+            self._count("error", generated)
             sender.send(_error(str(e)), flags=FINAL)
             return
         except Exception as e:  # the stream must end with FINAL whatever broke, or the client waits forever
+            self._count("error", generated)
             sender.send(_error(f"internal error in the CPU twin: {type(e).__name__}: {e}"), flags=FINAL)
             raise
         finally:
             watcher.cancel()
             self.inflight.pop(triton_id, None)
         if not finished or sender.is_cancelled():
+            self._count("cancelled", generated)
             sender.send(flags=FINAL)
             return
+        self._count("finished", generated)
         sender.send(self._response(job, pending if job.streaming else generated, generated, metrics), flags=FINAL)
+
+    def _count(self, outcome: str, generated: list[int]) -> None:
+        self.outcomes[outcome].increment(1)
+        self.generated_tokens.increment(len(generated))
 
     async def _watch_cancellation(self, engine_id: str, sender: Any) -> None:
         while not sender.is_cancelled():
