@@ -240,3 +240,48 @@ async def test_engine_not_ready_is_unavailable_and_health_not_serving(config) ->
             await expect_error(stub.ListModels(pb.ListModelsRequest()), grpc.StatusCode.UNAVAILABLE, "retry when")
     finally:
         await server.stop(0)
+
+
+class SlowStartEngine(FakeEngine):
+    def __init__(self) -> None:
+        super().__init__(["loaded"])
+        self.release = asyncio.Event()
+        self.loaded = False
+
+    async def start(self) -> None:
+        await self.release.wait()
+        self.loaded = True
+
+    @property
+    def is_ready(self) -> bool:
+        return self.loaded and super().is_ready
+
+
+async def test_health_is_not_serving_until_the_engine_has_loaded_and_shutdown_closes_it(config) -> None:
+    from services.common import serve
+
+    config.inference.server.grace_seconds = 0.5
+    engine = SlowStartEngine()
+    server = create_server(config, engine=engine)
+    servicer = servicer_of(server)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(
+        serve(server, startup=servicer.start_engines, shutdown=servicer.shutdown_engines, stop_event=stop)
+    )
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            status = await health.Check(check, wait_for_ready=True)
+            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            await expect_error(stub.CountTokens(pb.CountTokensRequest(prompt="x")), grpc.StatusCode.UNAVAILABLE)
+            engine.release.set()
+            while (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING:
+                await asyncio.sleep(0.01)
+            responses = [r async for r in stub.Generate(pb.GenerateRequest(prompt="x"))]
+            assert responses[-1].text == "loaded"
+    finally:
+        stop.set()
+        await serving
+    assert not engine.is_ready, "shutdown closed the engine"
