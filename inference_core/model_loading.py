@@ -106,7 +106,7 @@ def load_model(
     log.info("loading %s (%s on %s)", source, dtype, torch_device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as e:
         raise EngineError(f"could not load the model from {source}: {e}") from e
     model.to(torch_device)

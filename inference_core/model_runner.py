@@ -29,3 +29,8 @@ class TorchModelRunner:
         input_ids = torch.tensor([[token_id]], dtype=torch.long, device=self.device)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         return out.logits[0, -1]
+
+    def warm_up(self) -> None:
+        """One tiny prefill and decode, so one-time costs (thread pools, kernel selection) are paid before serving."""
+        logits, cache = self.prefill([0, 1, 2, 3])
+        self.decode(int(torch.argmax(logits)), cache)

@@ -33,9 +33,15 @@ class SerialScheduler:
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="inference-engine-loop", daemon=True)
+        self._warmed = threading.Event()
+        self._warm_up_error: Exception | None = None
 
     def start(self) -> None:
+        """Starts the loop thread and blocks until it has warmed the model up; raises EngineError if that fails."""
         self._thread.start()
+        self._warmed.wait()
+        if self._warm_up_error is not None:
+            raise EngineError(f"the model failed its warm-up step: {self._warm_up_error}") from self._warm_up_error
 
     @property
     def queue_depth(self) -> int:
@@ -84,6 +90,16 @@ class SerialScheduler:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        # Warm up on this thread: torch's intra-op thread pool belongs to the thread that runs the model.
+        try:
+            with torch.inference_mode():
+                self._runner.warm_up()
+        except Exception as e:
+            log.exception("warm-up failed")
+            self._warm_up_error = e
+            return
+        finally:
+            self._warmed.set()
         while True:
             with self._cv:
                 while not self._waiting and not self._closed:

@@ -83,8 +83,9 @@ class TorchEngine(Engine):
             device=str(loaded.device),
             dtype=self._dtype,
         )
-        self._scheduler = SerialScheduler(TorchModelRunner(loaded), self._max_queue)
-        self._scheduler.start()
+        scheduler = SerialScheduler(TorchModelRunner(loaded), self._max_queue)
+        await asyncio.to_thread(scheduler.start)
+        self._scheduler = scheduler
         log.info("model %s ready (%s, context %d)", self._model_id, loaded.source, loaded.context_length)
 
     @property

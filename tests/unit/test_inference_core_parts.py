@@ -262,3 +262,15 @@ def test_sequence_with_grammar_finishes_when_the_grammar_terminates(tokenizer, g
     run_tokens(seq, [*tokenizer("true", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id])
     assert chunks[-1].finish_reason is FinishReason.STOP
     assert json.loads("".join(c.text for c in chunks)) is True
+
+
+def test_scheduler_start_reports_a_model_that_fails_its_warm_up() -> None:
+    from inference_core import EngineError
+    from inference_core.scheduler import SerialScheduler
+
+    class BrokenRunner:
+        def warm_up(self) -> None:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(EngineError, match="the model failed its warm-up step: mat1 and mat2 shapes"):
+        SerialScheduler(BrokenRunner(), max_queue=1).start()
