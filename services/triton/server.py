@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 STUB_PYTHON = "3.11"
 # The only package of this repository the python models may import (they run inside Triton's stub process).
 STUB_IMPORTABLE = ("inference_core",)
+PR_SET_PDEATHSIG = 1
 
 
 class TritonServerError(RuntimeError):
@@ -167,7 +169,12 @@ class LocalTritonServer:
         self._started_at = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                self.command(),
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
 
     def wait_ready(self, timeout: float = 180.0) -> float:
@@ -222,3 +229,8 @@ class LocalTritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    # A test runner or CLI killed outright must not leave tritonserver (and its model stubs) running.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
