@@ -14,8 +14,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc._utils import _get_inference_request
+from tritonclient.utils import InferenceServerException
 
 from inference_core import GenerationRequest, SamplingParams, TorchEngine
 from services.triton import LocalTritonServer, TritonInstall, TritonPorts, TritonRepoOptions, TritonServerError
@@ -36,14 +38,13 @@ def chat(question: str) -> str:
 PROMPTS = [chat("What is the capital of France?"), chat("Write the French words for coffee and Christmas tree.")]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
+def _serve(workdir: Path, decoupled: bool) -> Iterator[LocalTritonServer]:
     try:
         TritonInstall.find(VENV)
     except TritonServerError:
         subprocess.run(["bash", str(REPO_ROOT / "scripts" / "triton_cpu.sh"), "--install-only"], check=True)
-    workdir = tmp_path_factory.mktemp("triton")
-    repo = write_repo(workdir / "repository", TritonRepoOptions(cpu_twin=True, twin_threads=2, max_batch_size=8))
+    options = TritonRepoOptions(cpu_twin=True, twin_threads=2, max_batch_size=8, decoupled=decoupled)
+    repo = write_repo(workdir / "repository", options)
     instance = LocalTritonServer(repo.path, VENV, workdir, ports=TritonPorts.free())
     instance.start()
     try:
@@ -51,6 +52,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServ
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
+    yield from _serve(tmp_path_factory.mktemp("triton"), decoupled=True)
+
+
+@pytest.fixture(scope="module")
+def unary_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
+    """The same repository with decoupled=False: ModelInfer, one response per request."""
+    yield from _serve(tmp_path_factory.mktemp("triton-unary"), decoupled=False)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +228,21 @@ async def test_unsupported_input_arrives_as_a_stream_error(server: LocalTritonSe
     assert len(result.errors) == 1
     assert "beam_width > 1 is not supported by the CPU twin" in result.errors[0]
     assert server.is_ready()
+
+
+@pytest.mark.parametrize("front", FRONTS)
+async def test_non_decoupled_repository_answers_unary_calls(
+    unary_server: LocalTritonServer, reference: dict[tuple[str, int], str], front: str
+) -> None:
+    prompt = PROMPTS[1]
+    async with grpcclient.InferenceServerClient(unary_server.grpc_url) as client:
+        result = await client.infer(front, front_inputs(prompt, 24, False, exclude_input_in_output=True))
+        assert result.as_numpy("text_output").reshape(-1)[0].decode("utf-8") == reference[(prompt, 24)]
+        with pytest.raises(InferenceServerException) as refused:
+            await client.infer(front, front_inputs(prompt, 24, False, min_tokens=5))
+    assert "min_tokens above 1 is not supported" in refused.value.message()
+    # Triton 2.51 keeps a step's error code through the ensemble; an error a BLS call returns arrives as INTERNAL.
+    assert refused.value.status() == ("StatusCode.INVALID_ARGUMENT" if front == "ensemble" else "StatusCode.INTERNAL")
 
 
 def _ids_tensor(name: str, values: list[int]) -> InferInput:

@@ -72,6 +72,14 @@ class _Cancelled(Exception):
     pass
 
 
+class _Refused(Exception):
+    """A step answered with an error; it goes back to the client with the step's message and code."""
+
+    def __init__(self, error: Any) -> None:
+        super().__init__(error.message())
+        self.code = error.code() if hasattr(error, "code") else pb_utils.TritonError.INTERNAL
+
+
 class TritonPythonModel:
     """Each request runs on a worker thread (decoupled) so one instance serves many streams at once."""
 
@@ -101,8 +109,8 @@ class TritonPythonModel:
         try:
             engine_inputs = self._preprocess(inputs)
             responses = list(self._engine_responses(engine_inputs, None))
-        except ValueError as e:
-            return _error(str(e))
+        except _Refused as e:
+            return _error(str(e), e.code)
         ids, extras = _collect(responses)
         return self._text_response(self._full_text(ids), extras)
 
@@ -132,10 +140,11 @@ class TritonPythonModel:
                 sender.send(flags=FINAL)
         except _Cancelled:
             sender.send(flags=FINAL)
-        except ValueError as e:
-            sender.send(_error(str(e)), flags=FINAL)
+        except _Refused as e:
+            sender.send(_error(str(e), e.code), flags=FINAL)
         except Exception as e:  # the stream must end with FINAL whatever broke, or the client waits forever
-            sender.send(_error(f"internal error in tensorrt_llm_bls: {type(e).__name__}: {e}"), flags=FINAL)
+            message = f"internal error in tensorrt_llm_bls: {type(e).__name__}: {e}"
+            sender.send(_error(message, pb_utils.TritonError.INTERNAL), flags=FINAL)
             raise
 
     def _preprocess(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -144,7 +153,7 @@ class TritonPythonModel:
             model_name="preprocessing", inputs=tensors, requested_output_names=list(PREPROCESSING_OUTPUTS)
         ).exec()
         if response.has_error():
-            raise ValueError(response.error().message())
+            raise _Refused(response.error())
         engine_inputs = {
             PREPROCESSING_OUTPUTS[t.name()]: t.as_numpy()
             for t in response.output_tensors()
@@ -169,13 +178,13 @@ class TritonPythonModel:
         if not self.decoupled:
             response = request.exec()
             if response.has_error():
-                raise ValueError(response.error().message())
+                raise _Refused(response.error())
             yield response
             return
         cancelled = False
         for response in request.exec(decoupled=True):
             if response.has_error():
-                raise ValueError(response.error().message())
+                raise _Refused(response.error())
             if not cancelled and sender is not None and sender.is_cancelled():
                 cancelled = True
                 self._stop(request_id)
@@ -231,5 +240,5 @@ def _flag(inputs: dict[str, np.ndarray], name: str, default: bool = False) -> bo
     return default if value is None else bool(np.asarray(value).reshape(-1)[0])
 
 
-def _error(message: str) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def _error(message: str, code: int) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))

@@ -14,7 +14,7 @@ import text_codec
 import triton_python_backend_utils as pb_utils
 from twin_request import TwinRequest, parse_request
 
-from inference_core import EngineError, FinishReason
+from inference_core import EngineClosedError, EngineError, FinishReason, InvalidRequestError, QueueFullError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -73,7 +73,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list | None:
         if not self.decoupled:
-            return self._call(asyncio.gather(*(self._complete(r) for r in requests)))
+            return self._call(self._complete_all(requests))
         for request in requests:
             sender = request.get_response_sender()
             if _stop_requested(request):
@@ -83,7 +83,7 @@ class TritonPythonModel:
             try:
                 job = self._parse(request)
             except ValueError as e:
-                sender.send(_error(str(e)), flags=FINAL)
+                sender.send(_error(str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
                 continue
             asyncio.run_coroutine_threadsafe(self._stream(job, request.request_id(), sender), self.loop)
         return None
@@ -111,12 +111,15 @@ class TritonPythonModel:
         if engine_id is not None:
             asyncio.run_coroutine_threadsafe(self.engine.abort(engine_id), self.loop)
 
+    async def _complete_all(self, requests: list) -> list:
+        return list(await asyncio.gather(*(self._complete(r) for r in requests)))
+
     async def _complete(self, request: Any) -> Any:
         """Non-decoupled: one response with the whole output."""
         try:
             job = self._parse(request)
         except ValueError as e:
-            return _error(str(e))
+            return _error(str(e), pb_utils.TritonError.INVALID_ARG)
         generated: list[int] = []
         metrics = _Metrics()
         try:
@@ -125,7 +128,7 @@ class TritonPythonModel:
                 generated.extend(chunk.token_ids)
         except EngineError as e:
             self._count("error", generated)
-            return _error(str(e))
+            return _error(str(e), _engine_error_code(e))
         self._count("finished", generated)
         return self._response(job, generated, generated, metrics)
 
@@ -152,11 +155,14 @@ class TritonPythonModel:
                         pending = []
         except EngineError as e:
             self._count("error", generated)
-            sender.send(_error(str(e)), flags=FINAL)
+            sender.send(_error(str(e), _engine_error_code(e)), flags=FINAL)
             return
         except Exception as e:  # the stream must end with FINAL whatever broke, or the client waits forever
             self._count("error", generated)
-            sender.send(_error(f"internal error in the CPU twin: {type(e).__name__}: {e}"), flags=FINAL)
+            sender.send(
+                _error(f"internal error in the CPU twin: {type(e).__name__}: {e}", pb_utils.TritonError.INTERNAL),
+                flags=FINAL,
+            )
             raise
         finally:
             watcher.cancel()
@@ -224,5 +230,13 @@ def _stop_requested(request: Any) -> bool:
     return tensor is not None and bool(np.asarray(tensor.as_numpy()).reshape(-1)[0])
 
 
-def _error(message: str) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def _error(message: str, code: int) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
+def _engine_error_code(error: EngineError) -> int:
+    if isinstance(error, InvalidRequestError):
+        return pb_utils.TritonError.INVALID_ARG
+    if isinstance(error, (QueueFullError, EngineClosedError)):
+        return pb_utils.TritonError.UNAVAILABLE
+    return pb_utils.TritonError.INTERNAL
