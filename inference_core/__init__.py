@@ -26,6 +26,7 @@ from inference_core.types import (
 )
 
 __all__ = [
+    "BatchingConfig",
     "Constraint",
     "Engine",
     "EngineClosedError",
@@ -45,6 +46,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "BatchingConfig":
+        from inference_core.continuous import BatchingConfig
+
+        return BatchingConfig
     if name == "TorchEngine":
         from inference_core.torch_engine import TorchEngine
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -30,9 +29,9 @@ log = logging.getLogger(__name__)
 class BatchingConfig:
     """Sizes of the continuous batcher; together they fix its KV memory (see inference_core.kv_cache)."""
 
-    max_batch_size: int = 16
+    max_batch_size: int = 8
     """Sequences decoded together (KV slots)."""
-    max_seq_len: int = 2048
+    max_seq_len: int = 4096
     """Prompt plus output tokens of one sequence (positions per slot)."""
     prefix_cache_tokens: int = 16384
     """Prompt-prefix tokens kept for reuse (0 disables prefix caching)."""
@@ -88,17 +87,33 @@ class ContinuousBatchScheduler:
         self._generated = 0
         self._steps = 0
         self._thread = threading.Thread(target=self._loop, name="inference-batch-loop", daemon=True)
+        self._warmed = threading.Event()
+        self._warm_up_error: Exception | None = None
 
     @property
     def kv_bytes(self) -> int:
         return self.slots.nbytes + (self.prefix.nbytes if self.prefix else 0)
 
     def start(self) -> None:
+        """Starts the loop thread and blocks until it has warmed the model up; raises EngineError if that fails."""
         self._thread.start()
+        self._warmed.wait()
+        if self._warm_up_error is not None:
+            raise EngineError(f"the model failed its warm-up step: {self._warm_up_error}") from self._warm_up_error
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        logits = self._runner.prefill([0, 1, 2, 3], 0, self.slots, 0)
+        self._runner.decode([int(logits.argmax())], [4], self.slots)
 
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        """Sequences submitted and not yet finished (waiting or running)."""
+        return len(self._known)
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -162,6 +177,14 @@ class ContinuousBatchScheduler:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        try:
+            self._warm_up()
+        except Exception as e:
+            log.exception("warm-up failed")
+            self._warm_up_error = e
+            return
+        finally:
+            self._warmed.set()
         while True:
             with self._cv:
                 while not (self._waiting or self._running or self._admitting or self._closed):

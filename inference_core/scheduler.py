@@ -47,6 +47,11 @@ class SerialScheduler:
     def queue_depth(self) -> int:
         return len(self._waiting)
 
+    @property
+    def in_flight(self) -> int:
+        """Sequences submitted and not yet finished (waiting or running)."""
+        return len(self._active)
+
     def submit(self, seq: Sequence) -> None:
         with self._cv:
             if self._closed:

@@ -50,6 +50,8 @@ class Sequence:
         self.output_ids: list[int] = []
         self.finished = False
         self.abort_requested = False
+        self.cached_prompt_tokens = 0
+        """Prompt tokens whose KV came from the prefix cache (set by the scheduler on admission)."""
         self._unreported_ids: list[int] = []
         self._arrival = arrival
         self._started: float | None = None
@@ -93,7 +95,11 @@ class Sequence:
         if reason is not FinishReason.STOP_STRING:
             emitted, _ = self.stop.feed(self.detokenizer.flush())
             text += emitted + self.stop.flush()
-        usage = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+        usage = Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+            cached_prompt_tokens=self.cached_prompt_tokens,
+        )
         self._emit(
             GenerationChunk(
                 text=text, token_ids=self._take_ids(), finish_reason=reason, usage=usage, timings=self._timings()

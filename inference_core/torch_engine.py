@@ -10,9 +10,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from inference_core.continuous import BatchingConfig, ContinuousBatchScheduler, EngineStats
 from inference_core.detokenizer import IncrementalDetokenizer
 from inference_core.engine import Engine
 from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError
+from inference_core.llama import LlamaRunner, supports
 from inference_core.model_loading import LoadedModel, load_model
 from inference_core.model_runner import TorchModelRunner
 from inference_core.sampling import RowSampler
@@ -36,6 +38,9 @@ class TorchEngine(Engine):
     threads: torch intra-op threads (process-wide), None keeps torch's default.
     max_queue: requests waiting beyond this are refused with QueueFullError.
     grammar_cache_size: compiled constraints kept (LRU by kind and text).
+    batching: sizes of continuous batching (batch, sequence length, prefix cache); Llama-family models use it, other
+    architectures fall back to running one sequence at a time through HF's forward. None takes BatchingConfig's defaults;
+    ``continuous=False`` forces the one-at-a-time path.
     """
 
     def __init__(
@@ -48,6 +53,8 @@ class TorchEngine(Engine):
         threads: int | None = None,
         max_queue: int = 64,
         grammar_cache_size: int = 64,
+        batching: BatchingConfig | None = None,
+        continuous: bool = True,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
@@ -58,8 +65,11 @@ class TorchEngine(Engine):
         self._threads = threads
         self._max_queue = max_queue
         self._grammar_cache_size = grammar_cache_size
+        self._batching = batching or BatchingConfig(max_queue=max_queue)
+        self._continuous = continuous
         self._loaded: LoadedModel | None = None
-        self._scheduler: SerialScheduler | None = None
+        self._scheduler: SerialScheduler | ContinuousBatchScheduler | None = None
+        self._context = 0
         self._grammars: GrammarCache | None = None
         self._info: ModelInfo | None = None
         self._closed = False
@@ -76,17 +86,43 @@ class TorchEngine(Engine):
             GrammarCache, loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, self._grammar_cache_size
         )
         self._loaded = loaded
+        scheduler = self._make_scheduler(loaded)
         self._info = ModelInfo(
             id=self._model_id,
             backend="torch",
-            context_length=loaded.context_length,
+            context_length=self._context,
             device=str(loaded.device),
             dtype=self._dtype,
         )
-        scheduler = SerialScheduler(TorchModelRunner(loaded), self._max_queue)
         await asyncio.to_thread(scheduler.start)
         self._scheduler = scheduler
-        log.info("model %s ready (%s, context %d)", self._model_id, loaded.source, loaded.context_length)
+        log.info("model %s ready (%s, context %d)", self._model_id, loaded.source, self._context)
+
+    def _make_scheduler(self, loaded: LoadedModel) -> SerialScheduler | ContinuousBatchScheduler:
+        reason = supports(loaded.model) if self._continuous else "continuous batching is switched off"
+        if reason is None:
+            batching = self._batching
+            self._context = min(loaded.context_length, batching.max_seq_len)
+            runner = LlamaRunner(loaded.model, max_len=self._context)
+            scheduler = ContinuousBatchScheduler(runner, batching)
+            log.info(
+                "continuous batching: %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",
+                batching.max_batch_size,
+                self._context,
+                batching.prefix_cache_tokens,
+                scheduler.kv_bytes / 2**20,
+            )
+            return scheduler
+        log.warning("serving one sequence at a time: %s", reason)
+        self._context = loaded.context_length
+        return SerialScheduler(TorchModelRunner(loaded), self._max_queue)
+
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics (queue, batch, KV and prefix-cache use); zeros before start."""
+        scheduler = self._scheduler
+        if isinstance(scheduler, ContinuousBatchScheduler):
+            return scheduler.stats()
+        return EngineStats(waiting=scheduler.queue_depth if scheduler else 0)
 
     @property
     def is_ready(self) -> bool:
@@ -197,7 +233,7 @@ class TorchEngine(Engine):
             raise InvalidRequestError(f"max_tokens must be >= 1, got {request.max_tokens}")
         validate_sampling(request.sampling)
         prompt_ids = self._encode(request.prompt, request.messages)
-        context = loaded.context_length
+        context = self._context
         if len(prompt_ids) >= context:
             raise InvalidRequestError(
                 f"prompt has {len(prompt_ids)} tokens but the model's context is {context}; "

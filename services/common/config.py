@@ -76,6 +76,16 @@ class InferenceConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0.")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.")
+    continuous_batching: bool = Field(
+        True, description="Batch every running request in each step (Llama-family models); false runs one at a time."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Requests decoded together (KV cache slots).")
+    max_seq_len: int = Field(4096, ge=16, description="Prompt + output tokens of one request (positions per slot).")
+    prefix_cache_tokens: int = Field(
+        16_384, ge=0, description="Prompt-prefix KV kept for reuse, in tokens; 0 disables."
+    )
+    prefix_block_size: int = Field(16, ge=1, description="Granularity of prefix reuse, in tokens.")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="Prompt tokens computed per step while others decode.")
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (backend: triton).")
     triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from inference_core import Engine, TorchEngine
+from inference_core import BatchingConfig, Engine, TorchEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import ConfigError, MeshConfig, MeshServer, serve
 from services.common.server import ServiceBinding
@@ -23,6 +23,15 @@ def create_engine(config: MeshConfig) -> Engine:
         dtype=section.dtype,
         threads=section.threads,
         max_queue=section.max_queue,
+        continuous=section.continuous_batching,
+        batching=BatchingConfig(
+            max_batch_size=section.max_batch_size,
+            max_seq_len=section.max_seq_len,
+            prefix_cache_tokens=section.prefix_cache_tokens,
+            prefix_block_size=section.prefix_block_size,
+            prefill_chunk_tokens=section.prefill_chunk_tokens,
+            max_queue=section.max_queue,
+        ),
     )
 
 

@@ -22,6 +22,7 @@ from inference_core.testing import FakeEngine
 
 def test_exported_members() -> None:
     assert sorted(inference_core.__all__) == [
+        "BatchingConfig",
         "Constraint",
         "Engine",
         "EngineClosedError",

@@ -186,9 +186,9 @@ async def test_service_rejects_a_prompt_over_the_context_with_the_numbers(engine
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await server.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=5)).read()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"prompt has {n} tokens but the model's context is 8192" in info.value.details()
+    assert f"prompt has {n} tokens but the model's context is {engine.info.context_length}" in info.value.details()
     count = await server.CountTokens(pb.CountTokensRequest(prompt=prompt))
-    assert (count.token_count, count.context_length) == (n, 8192)
+    assert (count.token_count, count.context_length) == (n, engine.info.context_length)
 
 
 async def test_service_queue_overflow_then_cancel_frees_the_engine(engine: TorchEngine, server) -> None:
@@ -217,7 +217,7 @@ async def test_service_queue_overflow_then_cancel_frees_the_engine(engine: Torch
 async def test_service_models_and_invalid_schema(server) -> None:
     models = await server.ListModels(pb.ListModelsRequest())
     assert [(m.id, m.backend, m.context_length, m.is_default) for m in models.models] == [
-        ("smollm2-135m-instruct", "torch", 8192, True)
+        ("smollm2-135m-instruct", "torch", 4096, True)
     ]
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await server.Generate(

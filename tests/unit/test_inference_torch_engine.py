@@ -69,14 +69,14 @@ class StepGate:
         self.prefill_started = threading.Event()
         original_prefill, original_decode = runner.prefill, runner.decode
 
-        def prefill(ids):
+        def prefill(*args):
             self.prefill_started.set()
             self.steps.acquire()
-            return original_prefill(ids)
+            return original_prefill(*args)
 
-        def decode(token, cache):
+        def decode(*args):
             self.steps.acquire()
-            return original_decode(token, cache)
+            return original_decode(*args)
 
         runner.prefill, runner.decode = prefill, decode
 
@@ -228,7 +228,7 @@ async def test_closing_the_stream_aborts_and_frees_the_engine(engine: TorchEngin
     await first
     await stream.aclose()
     gate.release()
-    while engine._scheduler._active:
+    while engine._scheduler.in_flight:
         await asyncio.sleep(0.01)
     chunks = await collect(engine, GenerationRequest(prompt="next", max_tokens=3, sampling=GREEDY))
     assert chunks[-1].finish_reason is not None
