@@ -47,10 +47,11 @@ class MeshServer:
         bindings: Sequence[ServiceBinding],
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
         self.bindings = list(bindings)
-        self.registry = CollectorRegistry()
+        self.registry = registry or CollectorRegistry()
         self.rpc_metrics = RpcMetrics(self.registry)
         self.metrics_port: int | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+
 from inference_core import BatchingConfig, Engine, TorchEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import ConfigError, MeshConfig, MeshServer, serve
 from services.common.server import ServiceBinding
+from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import InferenceServicer
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
@@ -38,13 +41,17 @@ def create_engine(config: MeshConfig) -> Engine:
 def create_server(config: MeshConfig, engine: Engine | None = None) -> MeshServer:
     """The inference MeshServer over ``engine`` (built from config.inference when None) served as
     ``config.inference.model_id``. Health stays NOT_SERVING until ``servicer.start_engines()`` has loaded it."""
+    engine = engine or create_engine(config)
+    registry = CollectorRegistry()
+    model_id = config.inference.model_id
     servicer = InferenceServicer(
-        [engine or create_engine(config)],
+        [engine],
         default_max_tokens=config.inference.default_max_tokens,
-        model_ids=[config.inference.model_id],
+        model_ids=[model_id],
+        metrics=InferenceMetrics(registry, {model_id: engine}),
     )
     binding = ServiceBinding(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)
-    return MeshServer(config.inference.server, [binding])
+    return MeshServer(config.inference.server, [binding], registry=registry)
 
 
 def servicer_of(server: MeshServer) -> InferenceServicer:

@@ -13,6 +13,7 @@ from inference_core import Engine, EngineClosedError, InvalidRequestError, Queue
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
 from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
+from services.inference.metrics import InferenceMetrics
 
 
 @contextlib.contextmanager
@@ -35,12 +36,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     A Generate whose client cancels or disconnects aborts its engine request.
     """
 
-    def __init__(self, engines: Sequence[Engine], *, default_max_tokens: int, model_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        *,
+        default_max_tokens: int,
+        model_ids: Sequence[str],
+        metrics: InferenceMetrics | None = None,
+    ) -> None:
         if len(engines) != len(model_ids) or not engines:
             raise ValueError("give one model id per engine, and at least one engine")
         self._engines = dict(zip(model_ids, engines, strict=True))
+        self._metrics = metrics
         self._default_id = model_ids[0]
         self._default_max_tokens = default_max_tokens
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        """Served engines by model id."""
+        return self._engines
 
     async def start_engines(self) -> None:
         for engine in self._engines.values():
@@ -69,9 +83,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             request, default_max_tokens=self._default_max_tokens, request_id=uuid.uuid4().hex
         )
         stream = engine.generate(generation)
+        tracker = self._metrics.track(model_id) if self._metrics else None
         try:
             with engine_errors():
                 async for chunk in stream:
+                    if tracker is not None:
+                        tracker.observe(chunk)
                     yield to_generate_response(chunk, model_id)
         finally:
             # Reached on client cancel too (the handler task is cancelled): closing the stream aborts the request.
