@@ -26,6 +26,9 @@ from pathlib import Path
 
 import grpc
 
+# inference_core first: it sets OMP_WAIT_POLICY before torch loads, so the peers in this process and the service run
+# under the same OpenMP policy.
+import inference_core
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +77,7 @@ COUNTRIES = [
     "Nepal",
 ]
 ASPECTS = ["capital", "currency", "region", "phone code", "time zones", "official name"]
+EXAMPLES = 8  # worked examples in the system prompt: with them the shared prefix is ~600 tokens
 
 
 def system_prompt() -> str:
@@ -91,7 +95,7 @@ def system_prompt() -> str:
         "Keep thoughts short. Prefer country_facts for questions about one country.",
     ]
     examples = []
-    for i, country in enumerate(COUNTRIES):
+    for i, country in enumerate(COUNTRIES[:EXAMPLES]):
         aspect = ASPECTS[i % len(ASPECTS)]
         examples.append(
             f"Example {i + 1}. Question: What is the {aspect} of {country}? "
@@ -256,9 +260,7 @@ def hf_sequential(calls: list[Call], system: str, max_tokens: int) -> tuple[dict
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inference_core import default_model_path
-
-    path = default_model_path()
+    path = inference_core.default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     results = []
@@ -337,6 +339,8 @@ async def measure_service(args: argparse.Namespace, system: str) -> dict:
     target = f"127.0.0.1:{port}"
     env = {
         "MESHPILOT_INFERENCE__MAX_BATCH_SIZE": str(args.max_batch),
+        "MESHPILOT_INFERENCE__MAX_SEQ_LEN": "1024",
+        "MESHPILOT_INFERENCE__PREFIX_CACHE_TOKENS": "8192",
         "MESHPILOT_INFERENCE__DTYPE": args.dtype,
         "MESHPILOT_INFERENCE__DEVICE": args.device,
         "MESHPILOT_INFERENCE__SERVER__METRICS_PORT": str(port + 1000),
@@ -464,7 +468,8 @@ def main() -> None:
     system = system_prompt()
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    prefix_tokens = len(tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=True))
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+    prefix_tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
     service = asyncio.run(measure_service(args, system))
     calls = make_calls(args.clients, args.calls_per_client)
