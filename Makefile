@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint format protos check-protos buf clean
+.PHONY: install run test test-fast lint format protos check-protos buf clean bench-inference bench-triton triton-cpu
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -47,6 +47,13 @@ lint: install $(BUF) ## ruff, mypy, buf lint
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services inference_core meshpilot/cli
 	cd protos && ../$(BUF) lint
+
+bench-inference: install ## agent-shaped load on the inference service vs HF generate and llama-cpp-python (docs/bench/)
+	$(PIP) install -q llama-cpp-python==0.3.36  # the peer; compiles from source on first use (minutes)
+	$(PY) benchmarks/inference_bench.py $(BENCH_ARGS)
+
+triton-cpu: install ## a real tritonserver serving the CPU twin of the TensorRT-LLM repository (Ctrl-C stops it)
+	bash scripts/triton_cpu.sh $(TRITON_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format .
