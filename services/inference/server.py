@@ -17,6 +17,8 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 def create_engine(config: MeshConfig) -> Engine:
     """The engine ``config.inference`` describes (not started: ``start()`` loads the model)."""
     section = config.inference
+    if section.backend == "triton":
+        return _triton_engine(config)
     if section.backend != "torch":
         raise ConfigError(f"inference.backend {section.backend!r} is not available in this build; set it to 'torch'")
     return TorchEngine(
@@ -35,6 +37,23 @@ def create_engine(config: MeshConfig) -> Engine:
             prefill_chunk_tokens=section.prefill_chunk_tokens,
             max_queue=section.max_queue,
         ),
+    )
+
+
+def _triton_engine(config: MeshConfig) -> Engine:
+    section = config.inference
+    try:
+        from inference_core.triton_engine import TritonEngine
+    except ImportError as e:
+        raise ConfigError(
+            f"inference.backend 'triton' needs tritonclient ({e}); run `pip install 'meshpilot[triton]'`"
+        ) from e
+    return TritonEngine(
+        section.triton_url,
+        section.triton_model,
+        model_id=section.model_id,
+        tokenizer_path=section.model_path or None,
+        context_length=section.max_seq_len,
     )
 
 
