@@ -14,7 +14,14 @@ from services.triton.repo import (
     render_configs,
     write_model_repository,
 )
-from services.triton.server import LocalTritonServer, TritonInstall, TritonPorts, TritonServerError, prepare_backends
+from services.triton.server import (
+    LocalTritonServer,
+    TritonInstall,
+    TritonPorts,
+    TritonServerError,
+    cpu_twin_server,
+    prepare_backends,
+)
 
 __all__ = [
     "MODEL_NAMES",
@@ -26,6 +33,7 @@ __all__ = [
     "TritonRepoOptions",
     "TritonServerError",
     "check_repository",
+    "cpu_twin_server",
     "default_model_path",
     "export_gguf_tokenizer",
     "parse_model_config",

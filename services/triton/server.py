@@ -11,10 +11,15 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.triton.options import TritonRepoOptions
+from services.triton.repo import write_model_repository
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_VENV = REPO_ROOT / ".venv-triton"
+INSTALL_SCRIPT = REPO_ROOT / "scripts" / "triton_cpu.sh"
 STUB_PYTHON = "3.11"
 # The only package of this repository the python models may import (they run inside Triton's stub process).
 STUB_IMPORTABLE = ("inference_core",)
@@ -212,6 +217,13 @@ class LocalTritonServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait(timeout=10)
 
+    def metrics(self, prefix: str = "meshpilot_twin") -> dict[str, float]:
+        """The samples of /metrics whose name starts with ``prefix``, keyed by name with labels."""
+        url = f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            lines = response.read().decode().splitlines()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix)}
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -229,6 +241,32 @@ class LocalTritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def cpu_twin_server(
+    workdir: str | Path,
+    options: TritonRepoOptions | None = None,
+    *,
+    venv: str | Path = DEFAULT_VENV,
+    ports: TritonPorts | None = None,
+    install: bool = True,
+) -> LocalTritonServer:
+    """A LocalTritonServer (not started) on the CPU-twin repository written to ``workdir/repository`` from
+    ``options`` (cpu_twin forced on), on free ports unless given. With ``install``, a missing ``venv`` is created by
+    scripts/triton_cpu.sh first (minutes, once); without, TritonServerError says how to create it."""
+    try:
+        TritonInstall.find(venv)
+    except TritonServerError:
+        if not install:
+            raise
+        env = {**os.environ, "TRITON_VENV": str(venv)}
+        done = subprocess.run(["bash", str(INSTALL_SCRIPT), "--install-only"], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise TritonServerError(f"{INSTALL_SCRIPT} --install-only failed:\n{done.stderr[-2000:]}") from None
+    workdir = Path(workdir)
+    options = replace(options or TritonRepoOptions(), cpu_twin=True)
+    repo = write_model_repository(workdir / "repository", options)
+    return LocalTritonServer(repo.path, venv, workdir, ports=ports or TritonPorts.free())
 
 
 def _die_with_parent() -> None:

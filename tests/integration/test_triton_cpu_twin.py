@@ -4,8 +4,6 @@ generation, refusals arrive as stream errors and the server stays ready."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +18,9 @@ from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
 from inference_core import GenerationRequest, SamplingParams, TorchEngine
-from services.triton import LocalTritonServer, TritonInstall, TritonPorts, TritonRepoOptions, TritonServerError
-from services.triton import write_model_repository as write_repo
-from services.triton.server import REPO_ROOT
+from services.triton import LocalTritonServer, TritonRepoOptions, cpu_twin_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-VENV = REPO_ROOT / ".venv-triton"
 FRONTS = ["ensemble", "tensorrt_llm_bls"]
 CANCELLED = 'meshpilot_twin_requests_total{outcome="cancelled"}'
 TOKENS = "meshpilot_twin_generated_tokens_total"
@@ -39,13 +34,8 @@ PROMPTS = [chat("What is the capital of France?"), chat("Write the French words 
 
 
 def _serve(workdir: Path, decoupled: bool) -> Iterator[LocalTritonServer]:
-    try:
-        TritonInstall.find(VENV)
-    except TritonServerError:
-        subprocess.run(["bash", str(REPO_ROOT / "scripts" / "triton_cpu.sh"), "--install-only"], check=True)
-    options = TritonRepoOptions(cpu_twin=True, twin_threads=2, max_batch_size=8, decoupled=decoupled)
-    repo = write_repo(workdir / "repository", options)
-    instance = LocalTritonServer(repo.path, VENV, workdir, ports=TritonPorts.free())
+    options = TritonRepoOptions(twin_threads=2, max_batch_size=8, decoupled=decoupled)
+    instance = cpu_twin_server(workdir, options)
     instance.start()
     try:
         instance.wait_ready(timeout=600)
@@ -161,12 +151,6 @@ async def stream(url: str, model: str, inputs: list[InferInput], stop_after: int
     return out
 
 
-def metrics(server: LocalTritonServer) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("meshpilot_twin")}
-
-
 @pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("prompt", PROMPTS)
 async def test_streamed_deltas_equal_the_engine_text(
@@ -196,7 +180,7 @@ async def test_whole_text_includes_the_prompt_unless_excluded(
 
 @pytest.mark.parametrize("model", ["tensorrt_llm_bls", "tensorrt_llm"])
 async def test_cancelling_a_stream_stops_generation(server: LocalTritonServer, model: str) -> None:
-    before = metrics(server)
+    before = server.metrics()
     prompt = chat("Tell me a very long story about a dragon who learns to cook.")
     if model == "tensorrt_llm":
         ids = [int(i) for i in _tokenizer_ids(server, prompt)]
@@ -211,7 +195,7 @@ async def test_cancelling_a_stream_stops_generation(server: LocalTritonServer, m
     result = await stream(server.grpc_url, model, inputs, stop_after=2)
     assert not result.errors and len(result.finals) == 2 and not any(result.finals)
     for _ in range(240):
-        after = metrics(server)
+        after = server.metrics()
         if after[CANCELLED] > before[CANCELLED]:
             break
         await asyncio.sleep(0.25)

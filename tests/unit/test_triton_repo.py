@@ -72,6 +72,7 @@ def test_exports_are_pinned() -> None:
         "TritonRepoOptions",
         "TritonServerError",
         "check_repository",
+        "cpu_twin_server",
         "default_model_path",
         "export_gguf_tokenizer",
         "parse_model_config",
