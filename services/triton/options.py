@@ -30,7 +30,8 @@ class TritonRepoOptions:
     tokenizer_dir: str = ""
     """A HF tokenizer directory or a .gguf file. Required for GPU; the twin defaults it to its model."""
     max_batch_size: int = 64
-    """Triton's max_batch_size of every model (and the engine's running batch on the twin)."""
+    """Triton's max_batch_size of every model (on the twin also its engine's admission queue; the running batch is
+    inference_core's BatchingConfig default)."""
     decoupled: bool = True
     """Decoupled transaction policy of tensorrt_llm and the BLS; streaming needs it."""
     max_queue_delay_microseconds: int = 0

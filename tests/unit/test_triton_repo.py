@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+from typer.testing import CliRunner
 
 import services.triton
 from services.common.errors import InvalidArgumentError
@@ -21,7 +22,7 @@ from services.triton import (
     render_configs,
     write_model_repository,
 )
-from services.triton.__main__ import main as cli_main
+from services.triton.cli import triton_app
 from services.triton.repo import DEPLOY_DIR
 
 GPU = TritonRepoOptions(engine_dir="/engines/smollm2", tokenizer_dir="/models/smollm2")
@@ -281,11 +282,17 @@ def test_config_named_after_another_model_is_refused() -> None:
         parse_model_config('name: "ensemble"', "preprocessing")
 
 
-def test_cli_writes_a_repository_and_reports_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_a_repository_and_reports_bad_options(tmp_path: Path) -> None:
     out = tmp_path / "repo"
-    assert (
-        cli_main(["write-repo", str(out), "--engine-dir", "/e", "--tokenizer-dir", "/t", "--max-batch-size", "4"]) == 0
-    )
-    assert _read(out)["ensemble"].max_batch_size == 4
-    assert cli_main(["write-repo", str(tmp_path / "bad"), "--engine-dir", "/e"]) == 2
-    assert "tokenizer_dir is required for the GPU repository" in capsys.readouterr().err
+    runner = CliRunner()
+    args = ["repo", "--out", str(out), "--engine-dir", "/e", "--tokenizer-dir", "/t", "--max-batch-size", "4"]
+    done = runner.invoke(triton_app, [*args, "--no-enable-kv-cache-reuse"])
+    assert done.exit_code == 0, done.output
+    assert f"to {out}" in done.output
+    configs = _read(out)
+    assert configs["ensemble"].max_batch_size == 4
+    assert configs["tensorrt_llm"].parameters["enable_kv_cache_reuse"].string_value == "false"
+    bad = runner.invoke(triton_app, ["repo", "--out", str(tmp_path / "bad"), "--engine-dir", "/e"])
+    assert bad.exit_code == 2
+    assert "tokenizer_dir is required for the GPU repository" in bad.stderr
+    assert not (tmp_path / "bad").exists()
