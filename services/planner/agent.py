@@ -14,7 +14,17 @@ from services.common import (
     MeshError,
     NotFoundError,
 )
-from services.planner.prompt import Step, action_schema, answer_candidates, build_messages, dumps
+from services.planner.grounding import Fact, collect_facts
+from services.planner.prompt import (
+    Step,
+    action_schema,
+    build_messages,
+    dumps,
+    free_answer_option,
+    grounded_answer_options,
+    observation_text,
+    tool_call_options,
+)
 from services.planner.types import (
     AgentEvent,
     Budget,
@@ -32,9 +42,6 @@ from services.planner.types import (
 )
 
 T = TypeVar("T")
-
-# Observations beyond this many characters are cut: a small model's context is short and the answer is usually early.
-MAX_OBSERVATION_CHARS = 800
 
 
 class LLMClient(Protocol):
@@ -75,12 +82,6 @@ class _BudgetExceeded(Exception):
         self.failure = failure
 
 
-def observation_text(outcome: ToolOutcome) -> str:
-    """The observation the model sees for a tool outcome: compact JSON, cut to MAX_OBSERVATION_CHARS."""
-    text = dumps({"error": outcome.error}) if outcome.error is not None else dumps(outcome.result)
-    return text if len(text) <= MAX_OBSERVATION_CHARS else text[:MAX_OBSERVATION_CHARS] + " ...(cut)"
-
-
 def parse_action(text: str) -> dict[str, Any]:
     """The action object in the model's output; raises ValueError saying what was wrong with it."""
     try:
@@ -112,15 +113,27 @@ class AgentLoop:
         *,
         step_max_tokens: int,
         history_turns: int,
-        grounded_answers: bool = True,
+        guided: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.llm = llm
         self.tools = tools
         self.step_max_tokens = step_max_tokens
         self.history_turns = history_turns
-        self.grounded_answers = grounded_answers
+        self.guided = guided
         self.clock = clock
+
+    def _options(self, tools: list[ToolSpec], facts: list[Fact], failed_tools: set[str]) -> list[dict[str, Any]]:
+        if not self.guided:
+            return [*tool_call_options(tools), free_answer_option()]
+        # A model this small answers from memory when it may, and its memory is poor: it must look first. Once a
+        # tool returned something, it must answer from it, or it wanders off into more calls. A tool that failed is
+        # not offered again: under greedy decoding the model would repeat the same call.
+        if facts:
+            return grounded_answer_options(facts)
+        if not tools:
+            return [free_answer_option()]
+        return tool_call_options([t for t in tools if t.name not in failed_tools]) or grounded_answer_options([])
 
     async def run(self, task: str, history: Sequence[Turn], budget: Budget) -> AsyncIterator[AgentEvent]:
         started = self.clock()
@@ -141,15 +154,12 @@ class AgentLoop:
         try:
             tools = await bounded(self.tools.list_tools)
             steps: list[Step] = []
-            results: list[Any] = []
-            asked: list[Any] = []
-            called_tool = False
+            facts: list[Fact] = []
+            failed_tools: set[str] = set()
             for step in range(1, budget.max_steps + 1):
                 yield StepStarted(step)
                 messages = build_messages(tools, history, task, steps)
-                # A model this small answers from memory when it may, and its memory is poor: it must look first.
-                answers = answer_candidates(results, exclude=asked) if self.grounded_answers else None
-                schema = action_schema(tools, allow_final=called_tool, answers=answers)
+                schema = action_schema(self._options(tools, facts, failed_tools))
                 generation = await bounded(self.llm.generate, messages, schema, self.step_max_tokens)
                 usage += generation.usage
                 yield ModelOutput(step, generation.text, generation.usage, generation.timings)
@@ -178,11 +188,14 @@ class AgentLoop:
                 except (NotFoundError, InvalidArgumentError) as e:
                     outcome = ToolOutcome(error=str(e), duration_s=self.clock() - began)
                 yield ToolReturned(step, call_id, name, outcome)
-                called_tool = True
-                if outcome.error is None:
-                    results.append(outcome.result)
-                    asked.extend(v for v in arguments.values() if isinstance(v, str | int | float))
-                steps.append(Step(generation.text, observation_text(outcome)))
+                if outcome.error is not None:
+                    failed_tools.add(name)
+                else:
+                    asked = [v for v in arguments.values() if isinstance(v, str | int | float)]
+                    subject = str(asked[0]) if asked else ""
+                    facts += collect_facts(outcome.result, subject, exclude=asked)
+                observed = {"error": outcome.error} if outcome.error is not None else outcome.result
+                steps.append(Step(generation.text, observation_text(observed)))
             yield Failed(
                 "RESOURCE_EXHAUSTED",
                 f"step budget ran out: {budget.max_steps} steps without a final answer; raise budget.max_steps",

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from services.planner.grounding import Fact
 from services.planner.types import ToolSpec, Turn
 
 MAX_ANSWER_CHARS = 160
 NO_ANSWER = "I could not find the answer."
-MAX_ANSWERS = 64
+MAX_DESCRIPTION_CHARS = 120
+# The question again after each observation: a 135M model otherwise forgets what was asked and states the facts it
+# likes best (the capital, the currency); with it, it picks the fact the question names (measured: 12 -> 22 of 23).
+OBSERVATION = "Observation: {observation}\nThe question was: {task}"
+# Observations beyond this many characters are cut: a small model's context is short and the answer is usually early.
+MAX_OBSERVATION_CHARS = 800
 
 SYSTEM_PROMPT = """You are MeshPilot, an assistant that answers questions with tools.
 Reply with one JSON object and nothing else:
@@ -35,76 +42,67 @@ class Step:
 
 @dataclass(frozen=True)
 class Example:
-    """A worked example shown in the system prompt; ``history`` holds earlier turns of the same conversation."""
+    """A worked example for the system prompt: one tool call, its observation and the answer taken from it.
+
+    ``argument`` is the value of the tool's first argument (its name comes from the tool's schema, so the example
+    matches the tools actually registered); ``history`` holds earlier turns of the same conversation.
+    """
 
     task: str
-    steps: tuple[tuple[dict[str, Any], dict[str, Any]], ...]
-    answer: str
+    tool: str
+    argument: Any
+    observation: dict[str, Any]
+    fact: str
     history: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def answer(self) -> str:
+        value = self.observation[self.fact]
+        chosen = value[0] if isinstance(value, list) else value
+        return Fact(self.fact, str(chosen), str(self.argument), len(value) if isinstance(value, list) else 0).sentence()
 
+
+# Shaped like the country_facts tool's results, about countries the evaluation questions do not ask about.
+_COUNTRIES = {
+    country: dict(
+        zip(
+            ("capital", "country", "currency", "internet_domain", "iso_code", "native_name", "phone_code", "region",
+             "subregion", "timezones"),
+            (capital, country, currency, f".{iso.lower()}", iso, native, phone, region, subregion, [zone]),
+            strict=True,
+        )
+    )
+    for country, capital, currency, iso, native, phone, region, subregion, zone in (
+        ("Peru", "Lima", "Peruvian sol (PEN, S/.)", "PE", "Perú", "+51", "Americas", "South America", "America/Lima"),
+        ("Sweden", "Stockholm", "Swedish krona (SEK, kr)", "SE", "Sverige", "+46", "Europe", "Northern Europe",
+         "Europe/Stockholm"),
+        ("Ghana", "Accra", "Ghanaian cedi (GHS, GH₵)", "GH", "Ghana", "+233", "Africa", "Western Africa", "Africa/Accra"),
+        ("Vietnam", "Hanoi", "Vietnamese đồng (VND, ₫)", "VN", "Việt Nam", "+84", "Asia", "South-Eastern Asia",
+         "Asia/Ho_Chi_Minh"),
+        ("Morocco", "Rabat", "Moroccan dirham (MAD, DH)", "MA", "المغرب", "+212", "Africa", "Northern Africa",
+         "Africa/Casablanca"),
+        ("Chile", "Santiago", "Chilean peso (CLP, $)", "CL", "Chile", "+56", "Americas", "South America",
+         "America/Santiago"),
+    )
+}  # fmt: skip
+
+# One example per kind of question the default tools answer, and one follow-up that resolves "that country".
 EXAMPLES: tuple[Example, ...] = (
+    Example("What is the capital of Peru?", "country_facts", "Peru", _COUNTRIES["Peru"], "capital"),
+    Example("Which currency is used in Sweden?", "country_facts", "Sweden", _COUNTRIES["Sweden"], "currency"),
+    Example("What is the phone code of Ghana?", "country_facts", "Ghana", _COUNTRIES["Ghana"], "phone_code"),
+    Example("Which region is Vietnam in?", "country_facts", "Vietnam", _COUNTRIES["Vietnam"], "region"),
+    Example("What timezone is Morocco in?", "country_facts", "Morocco", _COUNTRIES["Morocco"], "timezones"),
+    Example("What is 12 * 7?", "calculator", "12 * 7", {"result": 84}, "result"),
     Example(
-        task="What is the capital of Peru?",
-        steps=(
-            (
-                {"tool": "country_facts", "arguments": {"country": "Peru"}},
-                {"country": "Peru", "capital": "Lima", "currency": "Peruvian sol (PEN, S/.)", "region": "Americas"},
-            ),
-        ),
-        answer="capital: Lima",
-    ),
-    Example(
-        task="What is 12 * 7?",
-        steps=(({"tool": "calculator", "arguments": {"expression": "12 * 7"}}, {"result": 84}),),
-        answer="result: 84",
-    ),
-    Example(
-        history=(("What is the capital of Kenya?", "capital: Nairobi"),),
-        task="What currency does that country use?",
-        steps=(
-            (
-                {"tool": "country_facts", "arguments": {"country": "Kenya"}},
-                {
-                    "country": "Kenya",
-                    "capital": "Nairobi",
-                    "currency": "Kenyan shilling (KES, KSh)",
-                    "region": "Africa",
-                },
-            ),
-        ),
-        answer="currency: Kenyan shilling (KES, KSh)",
+        "What currency does that country use?",
+        "country_facts",
+        "Chile",
+        _COUNTRIES["Chile"],
+        "currency",
+        history=(("What is the capital of Chile?", "The capital of Chile is Santiago."),),
     ),
 )
-
-
-def answer_candidates(observations: Sequence[Any], exclude: Iterable[str] = ()) -> list[str]:
-    """The facts the tools returned, as answers the model may choose from, plus NO_ANSWER.
-
-    Each scalar in the results becomes "key: value" (the value alone where no key names it), in order of appearance,
-    without repeats, at most MAX_ANSWERS. Values in ``exclude`` (what the agent itself asked about, such as the
-    arguments of its tool calls) are left out: repeating the question is not an answer.
-    """
-    excluded = {str(value).strip().lower() for value in exclude}
-    found: dict[str, None] = {}
-
-    def walk(value: Any, key: str | None) -> None:
-        if isinstance(value, dict):
-            for name, item in value.items():
-                walk(item, str(name))
-        elif isinstance(value, list):
-            for item in value:
-                walk(item, key)
-        elif isinstance(value, int | float | str) and not isinstance(value, bool):
-            text = str(value).strip()
-            fact = f"{key}: {text}" if key else text
-            if text and text.lower() not in excluded and len(fact) <= MAX_ANSWER_CHARS and len(found) < MAX_ANSWERS:
-                found[fact] = None
-
-    for observation in observations:
-        walk(observation, None)
-    found[NO_ANSWER] = None
-    return list(found)
 
 
 def dumps(value: Any) -> str:
@@ -112,29 +110,55 @@ def dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
 
+def first_argument(tool: ToolSpec) -> str | None:
+    """The name of the tool's main argument: its first required property, else its first property."""
+    required = tool.input_schema.get("required") or []
+    properties = list(tool.input_schema.get("properties") or {})
+    return required[0] if required else properties[0] if properties else None
+
+
+def observation_text(value: Any) -> str:
+    """An observation as the model sees it: compact JSON with sorted keys, cut to MAX_OBSERVATION_CHARS.
+
+    Keys are sorted because results arrive as protobuf Structs, whose order is arbitrary; a fixed order lets the
+    examples teach the model where to look.
+    """
+    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "), sort_keys=True)
+    return text if len(text) <= MAX_OBSERVATION_CHARS else text[:MAX_OBSERVATION_CHARS] + " ...(cut)"
+
+
+def _short_description(description: str) -> str:
+    first = re.sub(r"\s*\([^)]*\)", "", description.strip()).split(". ")[0].rstrip(".")
+    return first if len(first) <= MAX_DESCRIPTION_CHARS else first[: MAX_DESCRIPTION_CHARS - 3] + "..."
+
+
 def _tool_line(tool: ToolSpec) -> str:
     properties = tool.input_schema.get("properties") or {}
     args = ", ".join(f'"{name}": {spec.get("type", "value")}' for name, spec in properties.items())
-    return f"- {tool.name} {{{args}}}: {tool.description.strip().splitlines()[0] if tool.description else ''}".rstrip()
+    return f"- {tool.name} {{{args}}}: {_short_description(tool.description)}"
 
 
-def _render_example(example: Example, tool_names: set[str]) -> str | None:
-    if any(action["tool"] not in tool_names for action, _ in example.steps):
+def _render_example(example: Example, tools: dict[str, ToolSpec]) -> str | None:
+    tool = tools.get(example.tool)
+    argument = first_argument(tool) if tool else None
+    if argument is None:
         return None
     lines = []
     for task, answer in example.history:
         lines += [f"User: {task}", f"Assistant: {dumps({'final_answer': answer})}"]
-    lines.append(f"User: {example.task}")
-    for action, observation in example.steps:
-        lines += [f"Assistant: {dumps(action)}", f"Observation: {dumps(observation)}"]
-    lines.append(f"Assistant: {dumps({'final_answer': example.answer})}")
+    lines += [
+        f"User: {example.task}",
+        f"Assistant: {dumps({'tool': example.tool, 'arguments': {argument: example.argument}})}",
+        OBSERVATION.format(observation=observation_text(example.observation), task=example.task),
+        f"Assistant: {dumps({'final_answer': example.answer})}",
+    ]
     return "\n".join(lines)
 
 
 def system_prompt(tools: Sequence[ToolSpec]) -> str:
     """The system prompt: the agent's role, the action format, the tools and the examples whose tools exist."""
-    names = {tool.name for tool in tools}
-    examples = [text for example in EXAMPLES if (text := _render_example(example, names))]
+    by_name = {tool.name: tool for tool in tools}
+    examples = [text for example in EXAMPLES if (text := _render_example(example, by_name))]
     return SYSTEM_PROMPT.format(
         tools="\n".join(_tool_line(tool) for tool in tools) or "(none)",
         examples="\n\n".join(examples) or "(none)",
@@ -153,41 +177,53 @@ def build_messages(
     for step in steps:
         messages.append({"role": "assistant", "content": step.action})
         if step.observation is not None:
-            messages.append({"role": "user", "content": f"Observation: {step.observation}"})
+            messages.append(
+                {
+                    "role": "user",
+                    "content": OBSERVATION.format(observation=step.observation, task=task),
+                }
+            )
     return messages
 
 
-def action_schema(
-    tools: Sequence[ToolSpec], *, allow_final: bool = True, answers: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """JSON Schema of one action: a call of exactly one known tool with its arguments, or (if allowed) a final answer.
-
-    With ``answers`` the final answer must be one of them (grounded in what the tools returned); otherwise it is free
-    text of at most MAX_ANSWER_CHARS, so a small model cannot ramble into the step's token limit.
-    """
-    options: list[dict[str, Any]] = [
+def tool_call_options(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    """One action option per tool: its name as a constant and its own argument schema."""
+    return [
         {
             "type": "object",
-            "properties": {
-                "tool": {"const": tool.name},
-                "arguments": tool.input_schema or {"type": "object"},
-            },
+            "properties": {"tool": {"const": tool.name}, "arguments": tool.input_schema or {"type": "object"}},
             "required": ["tool", "arguments"],
             "additionalProperties": False,
         }
         for tool in tools
     ]
-    if allow_final or not options:
-        options.append(
-            {
-                "type": "object",
-                "properties": {
-                    "final_answer": {"enum": list(answers)}
-                    if answers
-                    else {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER_CHARS}
-                },
-                "required": ["final_answer"],
-                "additionalProperties": False,
-            }
-        )
-    return {"anyOf": options}
+
+
+def free_answer_option() -> dict[str, Any]:
+    """A final answer in free text, capped at MAX_ANSWER_CHARS so a small model cannot ramble to its token limit."""
+    return {
+        "type": "object",
+        "properties": {"final_answer": {"type": "string", "minLength": 1, "maxLength": MAX_ANSWER_CHARS}},
+        "required": ["final_answer"],
+        "additionalProperties": False,
+    }
+
+
+def grounded_answer_options(facts: Sequence[Fact]) -> list[dict[str, Any]]:
+    """A final answer that states one fact the tools returned (or NO_ANSWER), as a sentence such as "The capital of
+    France is Paris.": restating the question is what a small instruct model does best, and the grammar then leaves
+    it only the facts that fit its restatement."""
+    sentences = list(dict.fromkeys(fact.sentence() for fact in facts))
+    return [
+        {
+            "type": "object",
+            "properties": {"final_answer": {"enum": [*sentences, NO_ANSWER]}},
+            "required": ["final_answer"],
+            "additionalProperties": False,
+        }
+    ]
+
+
+def action_schema(options: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """JSON Schema of one action: exactly one of ``options``."""
+    return {"anyOf": list(options)}

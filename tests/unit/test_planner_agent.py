@@ -6,11 +6,13 @@ import asyncio
 import json
 
 from services.common import InvalidArgumentError, UnavailableError
-from services.planner import AgentLoop, Budget, ToolOutcome, Turn
-from services.planner.prompt import NO_ANSWER, answer_candidates
+from services.planner import AgentLoop, Budget, ToolOutcome, ToolSpec, Turn
+from services.planner.grounding import Fact, collect_facts
+from services.planner.prompt import NO_ANSWER, system_prompt
 from services.planner.types import Failed, Finished, ModelOutput, StepStarted, ToolCalled, ToolReturned
-from tests.unit.planner_fakes import FakeTools, ScriptedLLM, answer, call
+from tests.unit.planner_fakes import FACTS, FakeTools, ScriptedLLM, answer, call
 
+PARIS = "The capital of France is Paris."
 BUDGET = Budget(max_steps=6, max_tokens=10_000, timeout_s=60.0)
 
 
@@ -20,7 +22,7 @@ async def run(llm, tools, task="What is the capital of France?", history=(), bud
 
 
 async def test_tool_call_then_answer_emits_every_step_in_order() -> None:
-    llm = ScriptedLLM([call("country_facts", country="France"), answer("Paris")])
+    llm = ScriptedLLM([call("country_facts", country="France"), answer(PARIS)])
     tools = FakeTools()
     events = await run(llm, tools)
 
@@ -36,45 +38,99 @@ async def test_tool_call_then_answer_emits_every_step_in_order() -> None:
     assert events[2] == ToolCalled(1, "call-1", "country_facts", {"country": "France"})
     assert events[3].outcome.result["capital"] == "Paris"
     final = events[-1]
-    assert final.answer == "Paris"
+    assert final.answer == PARIS
     assert final.usage.total_tokens == 220
     assert tools.calls[0][:3] == ("call-1", "country_facts", {"country": "France"})
 
 
 async def test_observation_is_shown_to_the_model_on_the_next_step() -> None:
-    llm = ScriptedLLM([call("country_facts", country="France"), answer("Paris")])
+    llm = ScriptedLLM([call("country_facts", country="France"), answer(PARIS)])
     await run(llm, FakeTools())
 
     second = llm.requests[1]["messages"]
     assert second[-2] == {"role": "assistant", "content": call("country_facts", country="France")}
     assert second[-1]["role"] == "user"
-    assert second[-1]["content"].startswith("Observation: ")
-    assert '"capital": "Paris"' in second[-1]["content"]
+    observation, question = second[-1]["content"].split("\n")
+    assert observation.startswith("Observation: {")
+    assert '"capital": "Paris"' in observation
+    assert question == "The question was: What is the capital of France?"
 
 
 async def test_first_step_must_call_a_tool_and_the_answer_is_grounded_in_results() -> None:
-    llm = ScriptedLLM([call("country_facts", country="France"), answer("Paris")])
+    llm = ScriptedLLM([call("country_facts", country="France"), answer(PARIS)])
     await run(llm, FakeTools())
 
     first, second = (request["schema"]["anyOf"] for request in llm.requests)
     assert [o["properties"]["tool"]["const"] for o in first] == ["country_facts", "calculator"]
-    final_option = second[-1]["properties"]["final_answer"]
-    # The country the agent asked about is not an answer to its own question.
-    assert final_option["enum"] == ["capital: Paris", "currency: Euro (EUR, €)", "region: Europe", NO_ANSWER]
+    assert all("final_answer" not in o["properties"] for o in first)
+    # After a result the only action is an answer stating one of its facts; the country asked about is not one.
+    assert second == [
+        {
+            "type": "object",
+            "properties": {
+                "final_answer": {
+                    "enum": [
+                        "The capital of France is Paris.",
+                        "The currency of France is Euro (EUR, €).",
+                        "The region of France is Europe.",
+                        NO_ANSWER,
+                    ]
+                }
+            },
+            "required": ["final_answer"],
+            "additionalProperties": False,
+        }
+    ]
 
 
-def test_answer_candidates_name_their_key_and_skip_repeats() -> None:
-    results = [{"rows": [{"name": "Paris", "population": 2.1}, {"name": "Paris"}]}, 391, ["x", True, None]]
+async def test_a_tool_that_failed_is_not_offered_again() -> None:
+    llm = ScriptedLLM([call("calculator", expression="France"), call("country_facts", country="France"), answer(PARIS)])
+    tools = FakeTools()
 
-    assert answer_candidates(results, exclude=["x"]) == ["name: Paris", "population: 2.1", "391", NO_ANSWER]
+    async def failing_calculator(name, arguments):
+        if name == "calculator":
+            return ToolOutcome(error="name 'France' is not defined")
+        return ToolOutcome(result=FACTS["France"])
+
+    tools.execute_hook = failing_calculator
+    events = await run(llm, tools)
+
+    second = llm.requests[1]["schema"]["anyOf"]
+    assert [o["properties"]["tool"]["const"] for o in second] == ["country_facts"]
+    assert events[-1].answer == PARIS
 
 
-async def test_free_text_answers_when_grounding_is_off() -> None:
-    llm = ScriptedLLM([call("country_facts", country="France"), answer("It is Paris.")])
-    events = await run(llm, FakeTools(), grounded_answers=False)
+async def test_when_every_tool_failed_the_agent_can_only_say_it_found_nothing() -> None:
+    llm = ScriptedLLM([call("country_facts", country="Atlantis"), answer(NO_ANSWER)])
+    tools = FakeTools()
+    tools.tools = tools.tools[:1]
+    events = await run(llm, tools)
 
-    assert events[-1].answer == "It is Paris."
-    assert llm.requests[1]["schema"]["anyOf"][-1]["properties"]["final_answer"]["type"] == "string"
+    assert llm.requests[1]["schema"]["anyOf"][0]["properties"]["final_answer"] == {"enum": [NO_ANSWER]}
+    assert events[-1].answer == NO_ANSWER
+
+
+def test_facts_are_named_by_their_nearest_key_and_stated_as_sentences() -> None:
+    result = {"timezones": ["Asia/Tokyo"], "rows": [{"name": "Paris"}, {"name": "Lyon"}], "country": "Japan", "n": 3}
+    facts = collect_facts(result, "Japan", exclude=["japan"])
+
+    assert facts == [
+        Fact("n", "3", "Japan"),
+        Fact("name", "Paris", "Japan"),
+        Fact("name", "Lyon", "Japan"),
+        Fact("timezones", "Asia/Tokyo", "Japan", list_size=1),
+    ]
+    assert [fact.sentence() for fact in facts] == [
+        "The n of Japan is 3.",
+        "The name of Japan is Paris.",
+        "The name of Japan is Lyon.",
+        "The timezone of Japan is Asia/Tokyo.",
+    ]
+    assert Fact("timezones", "Europe/Madrid", "Spain", list_size=3).sentence() == (
+        "The timezones of Spain include Europe/Madrid."
+    )
+    assert collect_facts(391, "17 * 23")[0].sentence() == "The result of 17 * 23 is 391."
+    assert Fact("phone_code", "+33", "").sentence() == "Phone code: +33"
 
 
 async def test_without_tools_the_model_may_answer_at_once() -> None:
@@ -86,21 +142,20 @@ async def test_without_tools_the_model_may_answer_at_once() -> None:
 
 async def test_tool_error_observation_lets_the_run_go_on() -> None:
     llm = ScriptedLLM(
-        [call("country_facts", country="Atlantis"), call("country_facts", country="France"), answer("Paris")]
+        [call("country_facts", country="Atlantis"), call("country_facts", country="France"), answer(PARIS)]
     )
     events = await run(llm, FakeTools())
 
     results = [e for e in events if isinstance(e, ToolReturned)]
     assert results[0].outcome.error == "no country named 'Atlantis'"
-    assert json.loads(llm.requests[1]["messages"][-1]["content"].removeprefix("Observation: ")) == {
-        "error": "no country named 'Atlantis'"
-    }
-    assert events[-1].answer == "Paris"
+    observation = llm.requests[1]["messages"][-1]["content"].split("\n")[0]
+    assert json.loads(observation.removeprefix("Observation: ")) == {"error": "no country named 'Atlantis'"}
+    assert events[-1].answer == PARIS
 
 
 async def test_unknown_tool_and_bad_arguments_become_observations() -> None:
     llm = ScriptedLLM(
-        [call("weather", city="Paris"), call("country_facts"), call("country_facts", country="France"), answer("Paris")]
+        [call("weather", city="Paris"), call("country_facts"), call("country_facts", country="France"), answer(PARIS)]
     )
     events = await run(llm, FakeTools())
 
@@ -111,11 +166,11 @@ async def test_unknown_tool_and_bad_arguments_become_observations() -> None:
 
 
 async def test_output_that_is_not_an_action_becomes_an_observation() -> None:
-    llm = ScriptedLLM(['{"tool": "country_fa', call("country_facts", country="France"), answer("Paris")])
+    llm = ScriptedLLM(['{"tool": "country_fa', call("country_facts", country="France"), answer(PARIS)])
     events = await run(llm, FakeTools())
 
     assert "not complete JSON" in llm.requests[1]["messages"][-1]["content"]
-    assert events[-1].answer == "Paris"
+    assert events[-1].answer == PARIS
 
 
 async def test_step_budget_ends_the_run_with_resource_exhausted() -> None:
@@ -152,7 +207,7 @@ async def test_time_budget_ends_the_run_with_deadline_exceeded() -> None:
 
 
 async def test_remaining_time_is_the_deadline_of_each_call() -> None:
-    llm = ScriptedLLM([call("country_facts", country="France"), answer("Paris")])
+    llm = ScriptedLLM([call("country_facts", country="France"), answer(PARIS)])
     tools = FakeTools()
     await run(llm, tools, budget=Budget(max_steps=6, max_tokens=10_000, timeout_s=30))
 
@@ -198,12 +253,26 @@ async def test_history_turns_are_in_the_prompt_before_the_task() -> None:
 
 
 async def test_system_prompt_lists_tools_and_only_examples_whose_tools_exist() -> None:
-    llm = ScriptedLLM([call("country_facts", country="France"), answer("Paris")])
+    llm = ScriptedLLM([call("country_facts", country="France"), answer(PARIS)])
     tools = FakeTools()
     tools.tools = tools.tools[:1]
     await run(llm, tools)
 
     system = llm.requests[0]["messages"][0]["content"]
-    assert '- country_facts {"country": string}: Facts about a country.' in system
+    assert '- country_facts {"country": string}: Facts about a country\n' in system
     assert "calculator" not in system
-    assert "that country" in system  # the follow-up example
+    # Examples call the tool with the argument name its schema declares.
+    assert '{"tool": "country_facts", "arguments": {"country": "Peru"}}' in system
+    assert "User: What currency does that country use?" in system  # the follow-up example
+
+
+def test_tool_descriptions_are_cut_to_their_first_sentence() -> None:
+    tool = ToolSpec(
+        "sparql_query",
+        "Run a SPARQL query on the graph (prefix mp: <https://x/>; classes mp:Country). Example: {...}",
+        {"type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}}},
+    )
+
+    assert '- sparql_query {"query": string, "limit": integer}: Run a SPARQL query on the graph\n' in (
+        system_prompt([tool]) + "\n"
+    )

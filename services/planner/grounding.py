@@ -1,0 +1,58 @@
+"""Grounded answers: the facts in tool results that a final answer may quote, and the sentence that states one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# The key a scalar gets when no dict key names it (a tool that returns a bare number or list).
+RESULT_KEY = "result"
+MAX_VALUE_CHARS = 160
+MAX_FACTS = 64
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One scalar of a tool result: the key that names it, its text, what the tool was asked about, and the length of
+    the list it was an item of (0 if none), so that a sentence says "timezones ... include" or "timezone ... is"."""
+
+    key: str
+    value: str
+    subject: str
+    list_size: int = 0
+
+    def sentence(self) -> str:
+        """The fact as the answer a person reads, e.g. "The capital of France is Paris."."""
+        name = self.key.replace("_", " ")
+        if self.list_size == 1 and name.endswith("s") and not name.endswith("ss"):
+            name = name[:-1]
+        if not self.subject:
+            return f"{name[:1].upper()}{name[1:]}: {self.value}"
+        verb = "include" if self.list_size > 1 else "is"
+        return f"The {name} of {self.subject} {verb} {self.value}."
+
+
+def collect_facts(result: Any, subject: str, exclude: Iterable[str] = ()) -> list[Fact]:
+    """Every scalar in ``result`` as a Fact named by its nearest dict key, in sorted key order, without repeats.
+
+    Values equal to one in ``exclude`` (what the agent asked about, e.g. the country it looked up) are left out:
+    repeating the question is not an answer.
+    """
+    excluded = {str(value).strip().casefold() for value in exclude}
+    facts: dict[tuple[str, str], Fact] = {}
+
+    def walk(value: Any, key: str, list_size: int) -> None:
+        if isinstance(value, dict):
+            for name in sorted(value):
+                walk(value[name], str(name), 0)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, key, len(value))
+        elif isinstance(value, int | float | str) and not isinstance(value, bool):
+            text = str(value).strip()
+            if text and text.casefold() not in excluded and len(text) <= MAX_VALUE_CHARS and len(facts) < MAX_FACTS:
+                facts.setdefault((key, text), Fact(key, text, subject, list_size))
+
+    walk(result, RESULT_KEY, 0)
+    return list(facts.values())
