@@ -271,3 +271,28 @@ async def test_runs_left_running_by_a_stopped_planner_are_failed_at_startup(tmp_
     assert stored.state.value == "FAILED"
     assert (last.sequence, last.error.code) == (2, "ABORTED")
     assert "run the task again" in last.error.message
+
+
+def test_planner_exports() -> None:
+    import services.planner
+
+    assert set(services.planner.__all__) == {
+        "AgentLoop",
+        "Budget",
+        "Generation",
+        "InferenceLLMClient",
+        "LLMClient",
+        "PlannerServicer",
+        "RunState",
+        "RunStore",
+        "Timings",
+        "ToolClient",
+        "ToolOutcome",
+        "ToolSpec",
+        "ToolsServiceClient",
+        "Turn",
+        "Usage",
+        "create_server",
+        "main",
+    }
+    assert all(getattr(services.planner, name) is not None for name in services.planner.__all__)
