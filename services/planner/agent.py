@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from services.common import (
@@ -19,7 +19,6 @@ from services.planner.prompt import (
     Step,
     action_schema,
     build_messages,
-    dumps,
     free_answer_option,
     grounded_answer_options,
     observation_text,
@@ -103,7 +102,12 @@ class AgentLoop:
     The last event is always ``Finished`` or ``Failed``. Budgets: ``max_steps`` model calls, ``max_tokens`` over all
     calls, and ``timeout_s`` of wall clock whose remainder is passed as the deadline of every model and tool call.
     Tool NOT_FOUND / INVALID_ARGUMENT and failed tools become observations the model sees; a dependency that is
-    unavailable ends the run with UNAVAILABLE.
+    unavailable ends the run with UNAVAILABLE (any other dependency failure with its own code).
+
+    ``guided`` (the default, for small models such as SmolLM2-135M) narrows each step's schema: the first action must
+    be a tool call; once a tool returned facts the only action left is a final answer that states one of them as a
+    sentence ("The capital of France is Paris."), so answers are grounded in what the tools returned; a tool that
+    failed or returned nothing is not offered again. Unguided, every step may call any tool or answer in free text.
     """
 
     def __init__(
@@ -123,19 +127,19 @@ class AgentLoop:
         self.guided = guided
         self.clock = clock
 
-    def _options(self, tools: list[ToolSpec], facts: list[Fact], failed_tools: set[str]) -> list[dict[str, Any]]:
+    def _options(self, tools: list[ToolSpec], facts: list[Fact], spent_tools: set[str]) -> list[dict[str, Any]]:
         if not self.guided:
             return [*tool_call_options(tools), free_answer_option()]
         # A model this small answers from memory when it may, and its memory is poor: it must look first. Once a
-        # tool returned something, it must answer from it, or it wanders off into more calls. A tool that failed is
-        # not offered again: under greedy decoding the model would repeat the same call.
+        # tool returned something, it must answer from it, or it wanders off into more calls. A tool that failed (or
+        # returned nothing) is not offered again: under greedy decoding the model would repeat the same call.
         if facts:
             return grounded_answer_options(facts)
         if not tools:
             return [free_answer_option()]
-        return tool_call_options([t for t in tools if t.name not in failed_tools]) or grounded_answer_options([])
+        return tool_call_options([t for t in tools if t.name not in spent_tools]) or grounded_answer_options([])
 
-    async def run(self, task: str, history: Sequence[Turn], budget: Budget) -> AsyncIterator[AgentEvent]:
+    async def run(self, task: str, history: Sequence[Turn], budget: Budget) -> AsyncGenerator[AgentEvent, None]:
         started = self.clock()
         deadline = started + budget.timeout_s
         usage = Usage()
@@ -155,11 +159,11 @@ class AgentLoop:
             tools = await bounded(self.tools.list_tools)
             steps: list[Step] = []
             facts: list[Fact] = []
-            failed_tools: set[str] = set()
+            spent_tools: set[str] = set()
             for step in range(1, budget.max_steps + 1):
                 yield StepStarted(step)
                 messages = build_messages(tools, history, task, steps)
-                schema = action_schema(self._options(tools, facts, failed_tools))
+                schema = action_schema(self._options(tools, facts, spent_tools))
                 generation = await bounded(self.llm.generate, messages, schema, self.step_max_tokens)
                 usage += generation.usage
                 yield ModelOutput(step, generation.text, generation.usage, generation.timings)
@@ -174,7 +178,7 @@ class AgentLoop:
                 try:
                     action = parse_action(generation.text)
                 except ValueError as e:
-                    steps.append(Step(generation.text, dumps({"error": str(e)})))
+                    steps.append(Step(generation.text, observation_text({"error": str(e)})))
                     continue
                 if "final_answer" in action:
                     yield Finished(action["final_answer"].strip(), usage, self.clock() - started)
@@ -188,12 +192,13 @@ class AgentLoop:
                 except (NotFoundError, InvalidArgumentError) as e:
                     outcome = ToolOutcome(error=str(e), duration_s=self.clock() - began)
                 yield ToolReturned(step, call_id, name, outcome)
-                if outcome.error is not None:
-                    failed_tools.add(name)
-                else:
+                new_facts = []
+                if outcome.error is None:
                     asked = [v for v in arguments.values() if isinstance(v, str | int | float)]
-                    subject = str(asked[0]) if asked else ""
-                    facts += collect_facts(outcome.result, subject, exclude=asked)
+                    new_facts = collect_facts(outcome.result, str(asked[0]) if asked else "", exclude=asked)
+                    facts += new_facts
+                if not new_facts:
+                    spent_tools.add(name)
                 observed = {"error": outcome.error} if outcome.error is not None else outcome.result
                 steps.append(Step(generation.text, observation_text(observed)))
             yield Failed(

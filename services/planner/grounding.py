@@ -33,7 +33,7 @@ class Fact:
         return f"The {name} of {self.subject} {verb} {self.value}."
 
 
-def collect_facts(result: Any, subject: str, exclude: Iterable[str] = ()) -> list[Fact]:
+def collect_facts(result: Any, subject: str, exclude: Iterable[object] = ()) -> list[Fact]:
     """Every scalar in ``result`` as a Fact named by its nearest dict key, in sorted key order, without repeats.
 
     Values equal to one in ``exclude`` (what the agent asked about, e.g. the country it looked up) are left out:

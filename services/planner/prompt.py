@@ -34,10 +34,10 @@ Examples:
 
 @dataclass(frozen=True)
 class Step:
-    """One finished step of the run: the model's action text and the observation it led to (None for none)."""
+    """One finished step of the run: the model's action text and the observation it led to."""
 
     action: str
-    observation: str | None
+    observation: str
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ EXAMPLES: tuple[Example, ...] = (
 )
 
 
-def dumps(value: Any) -> str:
+def dumps(value: Any, *, sort_keys: bool = False) -> str:
     """Compact JSON with the separators the constrained decoder emits, so examples and outputs look alike."""
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "), sort_keys=sort_keys)
 
 
 def first_argument(tool: ToolSpec) -> str | None:
@@ -123,7 +123,7 @@ def observation_text(value: Any) -> str:
     Keys are sorted because results arrive as protobuf Structs, whose order is arbitrary; a fixed order lets the
     examples teach the model where to look.
     """
-    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": "), sort_keys=True)
+    text = dumps(value, sort_keys=True)
     return text if len(text) <= MAX_OBSERVATION_CHARS else text[:MAX_OBSERVATION_CHARS] + " ...(cut)"
 
 
@@ -176,13 +176,7 @@ def build_messages(
     messages.append({"role": "user", "content": task})
     for step in steps:
         messages.append({"role": "assistant", "content": step.action})
-        if step.observation is not None:
-            messages.append(
-                {
-                    "role": "user",
-                    "content": OBSERVATION.format(observation=step.observation, task=task),
-                }
-            )
+        messages.append({"role": "user", "content": OBSERVATION.format(observation=step.observation, task=task)})
     return messages
 
 

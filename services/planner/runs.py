@@ -12,7 +12,7 @@ from meshpilot.planner.v1 import planner_pb2
 from services.planner.agent import AgentLoop
 from services.planner.convert import run_event
 from services.planner.store import RunRecord, RunState, RunStore
-from services.planner.types import AgentEvent, Budget, Failed, Finished, ModelOutput, Usage
+from services.planner.types import AgentEvent, Budget, Failed, Finished, ModelOutput, Turn, Usage
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class RunManager:
         if tasks:
             await asyncio.wait(tasks)
 
-    async def _execute(self, active: ActiveRun, history: list, budget: Budget) -> None:
+    async def _execute(self, active: ActiveRun, history: list[Turn], budget: Budget) -> None:
         record = active.record
         sequence = 0
         usage = Usage()

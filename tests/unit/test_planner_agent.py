@@ -276,3 +276,17 @@ def test_tool_descriptions_are_cut_to_their_first_sentence() -> None:
     assert '- sparql_query {"query": string, "limit": integer}: Run a SPARQL query on the graph\n' in (
         system_prompt([tool]) + "\n"
     )
+
+
+async def test_a_tool_that_returned_nothing_is_not_offered_again() -> None:
+    llm = ScriptedLLM([call("calculator", expression="1"), call("country_facts", country="France"), answer(PARIS)])
+    tools = FakeTools()
+
+    async def empty_calculator(name, arguments):
+        return ToolOutcome(result={} if name == "calculator" else FACTS["France"])
+
+    tools.execute_hook = empty_calculator
+    events = await run(llm, tools)
+
+    assert [o["properties"]["tool"]["const"] for o in llm.requests[1]["schema"]["anyOf"]] == ["country_facts"]
+    assert events[-1].answer == PARIS
