@@ -126,6 +126,11 @@ class PlannerConfig(_Section):
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default wall-clock budget of a run.")
     step_max_tokens: int = Field(192, ge=1, description="max_tokens of each model call.")
     history_turns: int = Field(4, ge=0, description="Earlier turns of the session shown to the model.")
+    guided: bool = Field(
+        True,
+        description="Narrow each step's action schema (tool first, then a grounded answer): what makes a 135M model "
+        "reliable. Turn off for larger models to let every step call any tool or answer freely.",
+    )
 
 
 class MeshConfig(BaseSettings):

@@ -90,7 +90,9 @@ def create_server(
     if tools is None:
         channels.append(create_channel(config.tools.server.target()))
         tools = ToolsServiceClient(channels[-1])
-    agent = AgentLoop(llm, tools, step_max_tokens=planner.step_max_tokens, history_turns=planner.history_turns)
+    agent = AgentLoop(
+        llm, tools, step_max_tokens=planner.step_max_tokens, history_turns=planner.history_turns, guided=planner.guided
+    )
     runs = RunManager(store, agent, history_turns=planner.history_turns)
     servicer = PlannerServicer(config, runs, store, channels)
     return MeshServer(
