@@ -10,6 +10,7 @@ fp32), which keeps greedy output token-for-token equal to ``generate``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from inference_core.kv_cache import KVShape, SlotKVCache
 
 
-def supports(model: torch.nn.Module) -> str | None:
+def supports(model: Any) -> str | None:
     """None if ``model`` can run on this runner, else the reason it cannot."""
     config = model.config
     if getattr(config, "model_type", None) != "llama":
@@ -52,14 +53,15 @@ class _Layer:
 class LlamaRunner:
     """Runs prefill chunks and batched decode steps of a HF ``LlamaForCausalLM`` over a :class:`SlotKVCache`."""
 
-    def __init__(self, model: torch.nn.Module, max_len: int) -> None:
+    def __init__(self, model: Any, max_len: int) -> None:
+        """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic)."""
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"LlamaRunner cannot run this model: {reason}")
         config = model.config
-        self.num_heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads: int = config.num_attention_heads
+        self.kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
         weight = model.get_input_embeddings().weight

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -105,7 +106,8 @@ async def run_mesh(cfg: MeshConfig, config_path: Path | None, *, startup_timeout
             checks = [wait_serving(p.target, timeout=startup_timeout, process=p.process) for p in processes]
             waiting = asyncio.ensure_future(asyncio.gather(*checks))
             stopped = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            pending: set[asyncio.Future[Any]] = {waiting, stopped}
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             waiting.cancel()
             return 130
