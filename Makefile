@@ -37,7 +37,7 @@ check-protos: protos ## the committed stubs are exactly what protos/ generates
 	git diff --exit-code -- meshpilot/ || (echo "generated stubs are stale: run 'make protos' and commit" >&2; exit 1)
 
 $(BUF): .tools/package.json
-	npm ci --prefix .tools --silent
+	npm install --prefix .tools --no-audit --no-fund --silent
 	touch $@
 
 buf: $(BUF)
