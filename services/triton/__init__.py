@@ -1,6 +1,8 @@
-"""Triton Inference Server tooling: TensorRT-LLM model repositories (GPU and CPU twin) and a local CPU tritonserver.
+"""Triton Inference Server tooling: TensorRT-LLM model repositories (GPU and CPU twin), engine builds for GPU nodes
+and a local CPU tritonserver.
 
-Not a gRPC service of the mesh: the CLI and tests use it to generate repositories and run tritonserver.
+Not a gRPC service of the mesh: the CLI (``services.triton.cli``: ``triton_app``, ``trtllm_app``), tests and benchmarks
+use it to generate repositories, build engines and run tritonserver.
 """
 
 from services.triton.options import TritonRepoOptions, default_model_path
@@ -22,9 +24,20 @@ from services.triton.server import (
     cpu_twin_server,
     prepare_backends,
 )
+from services.triton.trtllm import (
+    EngineBuild,
+    EngineBuildOptions,
+    TrtllmUnavailableError,
+    build_engines,
+    check_build_environment,
+    export_hf_checkpoint,
+    fill_repository,
+)
 
 __all__ = [
     "MODEL_NAMES",
+    "EngineBuild",
+    "EngineBuildOptions",
     "LocalTritonServer",
     "ModelRepository",
     "TemplateError",
@@ -32,10 +45,15 @@ __all__ = [
     "TritonPorts",
     "TritonRepoOptions",
     "TritonServerError",
+    "TrtllmUnavailableError",
+    "build_engines",
+    "check_build_environment",
     "check_repository",
     "cpu_twin_server",
     "default_model_path",
     "export_gguf_tokenizer",
+    "export_hf_checkpoint",
+    "fill_repository",
     "parse_model_config",
     "prepare_backends",
     "render_configs",

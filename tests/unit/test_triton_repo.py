@@ -65,6 +65,13 @@ def _inputs(config: model_config_pb2.ModelConfig) -> dict[str, model_config_pb2.
 def test_exports_are_pinned() -> None:
     assert set(services.triton.__all__) == {
         "MODEL_NAMES",
+        "EngineBuild",
+        "EngineBuildOptions",
+        "TrtllmUnavailableError",
+        "build_engines",
+        "check_build_environment",
+        "export_hf_checkpoint",
+        "fill_repository",
         "LocalTritonServer",
         "ModelRepository",
         "TemplateError",
@@ -296,3 +303,11 @@ def test_cli_writes_a_repository_and_reports_bad_options(tmp_path: Path) -> None
     assert bad.exit_code == 2
     assert "tokenizer_dir is required for the GPU repository" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_serve_cpu_without_the_triton_venv_says_how_to_create_it(tmp_path: Path) -> None:
+    done = CliRunner().invoke(
+        triton_app, ["serve-cpu", "--venv", str(tmp_path / "no-venv"), "--workdir", str(tmp_path / "work")]
+    )
+    assert done.exit_code == 2
+    assert f"no tritonserver in {tmp_path / 'no-venv'}; run `make triton-cpu`" in done.stderr
