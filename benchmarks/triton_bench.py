@@ -372,6 +372,9 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"Service hop, output-throughput cost under load: **{hop['throughput_cost_percent']:+.2f} %** "
         f"(the service process used {load['service'].get('service_cpu_ms_per_request', 0):.1f} ms CPU per request).",
         "",
+        "The twin, the service and this client share the machine's cores (with whatever else runs there), so the",
+        "service's CPU competes with the engine's: repeated runs differ by a few percent in throughput and a few ms",
+        "in unpaired TTFT; the paired per-request figure is the steadiest measure of the hop's TTFT.",
         "Run with `make bench-triton` (benchmarks/triton_bench.py).",
     ]
     return "\n".join(lines) + "\n"
