@@ -566,6 +566,11 @@ async def read_model_spec(stub: service_pb2_grpc.GRPCInferenceServiceStub, model
             "tensorrt_llm_bls of a TensorRT-LLM model repository"
         )
     params = _parameters(config)
+    if params.get("accumulate_tokens", "").strip().lower() in ("true", "1", "yes"):
+        raise EngineError(
+            f"Triton model {model!r} streams cumulative text (accumulate_tokens); regenerate the repository with "
+            "accumulate_tokens=false so it streams deltas"
+        )
     steps = {name: await _model_config(stub, name) for name in _step_names(config, params)}
     engine_step = next((c for c in steps.values() if any(t.name == "request_output_len" for t in c.input)), None)
     engine_params = _parameters(engine_step) if engine_step is not None else {}

@@ -369,6 +369,12 @@ async def test_a_model_without_the_tensorrt_llm_contract_is_refused_at_start(tok
         ):
             await engine.start()
         await engine.shutdown()
+        fake.configs = repository_configs(accumulate_tokens=True)
+        cumulative = TritonEngine(url, "tensorrt_llm_bls", tokenizer_path=tokenizer_dir)
+        with pytest.raises(EngineError, match=r"streams cumulative text .*accumulate_tokens=false"):
+            await cumulative.start()
+        await cumulative.shutdown()
+        fake.configs = configs
         missing = TritonEngine(url, "ensemble", tokenizer_path=tokenizer_dir / "absent")
         with pytest.raises(EngineError, match=r"tokenizer path .*absent does not exist; set inference.model_path"):
             await missing.start()
