@@ -52,6 +52,10 @@ bench-inference: install ## agent-shaped load on the inference service vs HF gen
 	$(PIP) install -q llama-cpp-python==0.3.36  # the peer; compiles from source on first use (minutes)
 	$(PY) benchmarks/inference_bench.py $(BENCH_ARGS)
 
+bench-triton: install ## the Triton path under load: tritonclient direct vs through the inference service (docs/bench/triton.*)
+	bash scripts/triton_cpu.sh --install-only
+	$(PY) benchmarks/triton_bench.py $(BENCH_ARGS)
+
 triton-cpu: install ## a real tritonserver serving the CPU twin of the TensorRT-LLM repository (Ctrl-C stops it)
 	bash scripts/triton_cpu.sh $(TRITON_ARGS)
 

@@ -13,10 +13,14 @@ import typer
 
 from meshpilot.cli.ask import AskError, run_ask
 from meshpilot.cli.mesh import SERVICES, run_mesh
+from services.triton.cli import triton_app, trtllm_app
 
 app = typer.Typer(
     help="MeshPilot: a gRPC mesh of planner, tools, knowledge and inference services.", no_args_is_help=True
 )
+
+app.add_typer(triton_app, name="triton", help="Triton model repositories: write one, or serve the CPU twin.")
+app.add_typer(trtllm_app, name="trtllm", help="Build TensorRT-LLM engines (needs the trtllm extra and a GPU).")
 
 ConfigOption = Annotated[
     Path | None,
