@@ -117,7 +117,10 @@ class RequestTracker:
 
     def observe(self, chunk: GenerationChunk) -> None:
         now = time.perf_counter()
-        count = len(chunk.token_ids)
+        # Backends that stream text without ids (Triton) count a text chunk as one token until usage arrives.
+        count = len(chunk.token_ids) or (1 if chunk.text else 0)
+        if chunk.usage is not None and not chunk.token_ids and chunk.usage.completion_tokens > self._tokens + count:
+            count = chunk.usage.completion_tokens - self._tokens
         if count:
             if self._tokens == 0:
                 self._metrics.ttft.labels(self._model).observe(now - self._began)

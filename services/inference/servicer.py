@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 
-from inference_core import Engine, EngineClosedError, InvalidRequestError, QueueFullError
+from inference_core import Engine, EngineClosedError, EngineError, InvalidRequestError, QueueFullError
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from services.common import InvalidArgumentError, MeshError, NotFoundError, ResourceExhaustedError, UnavailableError
 from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
 from services.inference.metrics import InferenceMetrics
 
@@ -27,6 +27,9 @@ def engine_errors() -> Iterator[None]:
         raise ResourceExhaustedError(str(e)) from e
     except EngineClosedError as e:
         raise UnavailableError(str(e)) from e
+    except EngineError as e:
+        # The engine's own account of a failure (e.g. a Triton server's message): INTERNAL, but with what it said.
+        raise MeshError(str(e)) from e
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from inference_core import EngineClosedError, GenerationRequest, InvalidRequestError, QueueFullError
+from inference_core import EngineClosedError, EngineError, GenerationRequest, InvalidRequestError, QueueFullError
 from inference_core.testing import FakeEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import load_config
@@ -160,6 +160,7 @@ async def test_model_named_explicitly_is_served(config) -> None:
         (InvalidRequestError("prompt has 9000 tokens but the model's context is 8192; shorten it"), "INVALID_ARGUMENT"),
         (QueueFullError("the engine queue is full (64 requests waiting); retry later"), "RESOURCE_EXHAUSTED"),
         (EngineClosedError("the engine has shut down; retry on another replica"), "UNAVAILABLE"),
+        (EngineError("the Triton server answered: model tensorrt_llm failed"), "INTERNAL"),
     ],
 )
 async def test_engine_errors_map_to_status_codes_with_their_message(config, error, code) -> None:
