@@ -10,13 +10,12 @@ rows stay packed in slots 0..B-1 (the last row moves into a hole) so a decode st
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError, QueueFullError
+from inference_core.admission import AdmissionQueue
+from inference_core.errors import EngineError, InvalidRequestError
 from inference_core.kv_cache import PrefixCache, SlotKVCache
 from inference_core.llama import LlamaRunner
 from inference_core.sequence import Sequence
@@ -68,52 +67,29 @@ class _Row:
     prompt: list[int] = field(default_factory=list)
 
 
-class ContinuousBatchScheduler:
-    """Same interface as SerialScheduler (submit / abort / close / queue_depth), batching every running sequence."""
+class ContinuousBatchScheduler(AdmissionQueue):
+    """Batches every running sequence; admission, abort and close: see AdmissionQueue."""
 
     def __init__(self, runner: LlamaRunner, config: BatchingConfig) -> None:
+        super().__init__(config.max_queue, "inference-batch-loop")
         self._runner = runner
         self.config = config
         shape = runner.kv_shape()
         self.slots = SlotKVCache(shape, config.max_batch_size, config.max_seq_len)
         blocks = config.prefix_cache_tokens // config.prefix_block_size
         self.prefix = PrefixCache(shape, blocks, config.prefix_block_size) if blocks > 0 else None
-        self._waiting: deque[Sequence] = deque()
-        self._known: dict[str, Sequence] = {}
         self._running: list[_Row] = []
         self._admitting: _Row | None = None
-        self._cv = threading.Condition()
-        self._closed = False
         self._generated = 0
         self._steps = 0
-        self._thread = threading.Thread(target=self._loop, name="inference-batch-loop", daemon=True)
-        self._warmed = threading.Event()
-        self._warm_up_error: Exception | None = None
 
     @property
     def kv_bytes(self) -> int:
         return self.slots.nbytes + (self.prefix.nbytes if self.prefix else 0)
 
-    def start(self) -> None:
-        """Starts the loop thread and blocks until it has warmed the model up; raises EngineError if that fails."""
-        self._thread.start()
-        self._warmed.wait()
-        if self._warm_up_error is not None:
-            raise EngineError(f"the model failed its warm-up step: {self._warm_up_error}") from self._warm_up_error
-
-    @torch.inference_mode()
     def _warm_up(self) -> None:
         logits = self._runner.prefill([0, 1, 2, 3], 0, self.slots, 0)
         self._runner.decode([int(logits.argmax())], [4], self.slots)
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def in_flight(self) -> int:
-        """Sequences submitted and not yet finished (waiting or running)."""
-        return len(self._known)
 
     def stats(self) -> EngineStats:
         with self._cv:
@@ -136,55 +112,9 @@ class ContinuousBatchScheduler:
                 f"prompt ({len(seq.prompt_ids)} tokens) plus max_tokens ({seq.max_new_tokens}) exceeds the engine's "
                 f"max_seq_len of {self.config.max_seq_len}; shorten the prompt or lower max_tokens"
             )
-        with self._cv:
-            if self._closed:
-                raise EngineClosedError("the engine is shutting down; retry on another replica")
-            existing = self._known.get(seq.request_id)
-            if existing is not None and not existing.finished:
-                raise InvalidRequestError(f"request id {seq.request_id!r} is already in flight; use a unique id")
-            if len(self._waiting) >= self.config.max_queue:
-                raise QueueFullError(
-                    f"the engine queue is full ({len(self._waiting)} requests waiting); retry later or add replicas"
-                )
-            self._waiting.append(seq)
-            self._known[seq.request_id] = seq
-            self._cv.notify()
+        super().submit(seq)
 
-    def abort(self, request_id: str) -> None:
-        with self._cv:
-            seq = self._known.get(request_id)
-            if seq is None:
-                return
-            if seq in self._waiting:
-                self._waiting.remove(seq)
-                del self._known[request_id]
-                seq.finish(FinishReason.CANCELLED)
-            else:
-                seq.abort_requested = True
-
-    def close(self, timeout: float | None = None) -> None:
-        """Cancels every waiting and running sequence and joins the loop thread."""
-        with self._cv:
-            self._closed = True
-            while self._waiting:
-                seq = self._waiting.popleft()
-                self._known.pop(seq.request_id, None)
-                seq.finish(FinishReason.CANCELLED)
-            for seq in self._known.values():
-                seq.abort_requested = True
-            self._cv.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        try:
-            self._warm_up()
-        except Exception as e:
-            log.exception("warm-up failed")
-            self._warm_up_error = e
-            return
-        finally:
-            self._warmed.set()
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._waiting or self._running or self._admitting or self._closed):
@@ -282,10 +212,6 @@ class ContinuousBatchScheduler:
         with self._cv:
             self._forget(self._admitting.seq)
             self._admitting = None
-
-    def _forget(self, seq: Sequence) -> None:
-        if self._known.get(seq.request_id) is seq:
-            del self._known[seq.request_id]
 
     def _fail_all(self, error: EngineError) -> None:
         with self._cv:

@@ -1,14 +1,13 @@
-"""The engine loop: a bounded admission queue and a dedicated thread that steps admitted sequences."""
+"""The one-at-a-time engine loop: for models the batched runner does not support."""
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 
 import torch
 
-from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError, QueueFullError
+from inference_core.admission import AdmissionQueue
+from inference_core.errors import EngineError
 from inference_core.model_runner import TorchModelRunner
 from inference_core.sequence import Sequence
 from inference_core.types import FinishReason
@@ -16,95 +15,18 @@ from inference_core.types import FinishReason
 log = logging.getLogger(__name__)
 
 
-class SerialScheduler:
-    """Admits sequences into a queue of at most ``max_queue`` waiting entries and runs them one at a time, to
-    completion, on its own thread (so the asyncio loop never waits on torch).
-
-    ``submit`` raises QueueFullError at once when the queue is full and EngineClosedError after ``close``.
-    ``abort`` removes a waiting sequence or stops a running one before its next step; either way the sequence ends
-    with finish_reason CANCELLED.
-    """
+class SerialScheduler(AdmissionQueue):
+    """Runs admitted sequences one at a time, to completion, on its own thread (so the asyncio loop never waits on
+    torch). Admission, abort and close: see AdmissionQueue."""
 
     def __init__(self, runner: TorchModelRunner, max_queue: int) -> None:
+        super().__init__(max_queue, "inference-engine-loop")
         self._runner = runner
-        self._max_queue = max_queue
-        self._waiting: deque[Sequence] = deque()
-        self._active: dict[str, Sequence] = {}
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="inference-engine-loop", daemon=True)
-        self._warmed = threading.Event()
-        self._warm_up_error: Exception | None = None
 
-    def start(self) -> None:
-        """Starts the loop thread and blocks until it has warmed the model up; raises EngineError if that fails."""
-        self._thread.start()
-        self._warmed.wait()
-        if self._warm_up_error is not None:
-            raise EngineError(f"the model failed its warm-up step: {self._warm_up_error}") from self._warm_up_error
+    def _warm_up(self) -> None:
+        self._runner.warm_up()
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def in_flight(self) -> int:
-        """Sequences submitted and not yet finished (waiting or running)."""
-        return len(self._active)
-
-    def submit(self, seq: Sequence) -> None:
-        with self._cv:
-            if self._closed:
-                raise EngineClosedError("the engine is shutting down; retry on another replica")
-            existing = self._active.get(seq.request_id)
-            # A finished sequence may still be listed for a moment after its last chunk went out.
-            if existing is not None and not existing.finished:
-                raise InvalidRequestError(f"request id {seq.request_id!r} is already in flight; use a unique id")
-            if len(self._waiting) >= self._max_queue:
-                raise QueueFullError(
-                    f"the engine queue is full ({len(self._waiting)} requests waiting); retry later or add replicas"
-                )
-            self._waiting.append(seq)
-            self._active[seq.request_id] = seq
-            self._cv.notify()
-
-    def abort(self, request_id: str) -> None:
-        with self._cv:
-            seq = self._active.get(request_id)
-            if seq is None:
-                return
-            if seq in self._waiting:
-                self._waiting.remove(seq)
-                del self._active[request_id]
-                seq.finish(FinishReason.CANCELLED)
-            else:
-                seq.abort_requested = True
-
-    def close(self, timeout: float | None = None) -> None:
-        """Cancels every waiting and running sequence and joins the loop thread."""
-        with self._cv:
-            self._closed = True
-            while self._waiting:
-                seq = self._waiting.popleft()
-                del self._active[seq.request_id]
-                seq.finish(FinishReason.CANCELLED)
-            for seq in self._active.values():
-                seq.abort_requested = True
-            self._cv.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        # Warm up on this thread: torch's intra-op thread pool belongs to the thread that runs the model.
-        try:
-            with torch.inference_mode():
-                self._runner.warm_up()
-        except Exception as e:
-            log.exception("warm-up failed")
-            self._warm_up_error = e
-            return
-        finally:
-            self._warmed.set()
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._waiting and not self._closed:
@@ -119,8 +41,7 @@ class SerialScheduler:
                 seq.fail(EngineError(f"generation failed inside the engine: {type(e).__name__}: {e}"))
             finally:
                 with self._cv:
-                    if self._active.get(seq.request_id) is seq:
-                        del self._active[seq.request_id]
+                    self._forget(seq)
 
     @torch.inference_mode()
     def _run(self, seq: Sequence) -> None:
