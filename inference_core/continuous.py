@@ -1,15 +1,25 @@
 """Continuous (in-flight) batching: sequences join and leave the running batch at every step.
 
-One loop thread owns the model. Each iteration it (1) ends aborted sequences, (2) admits the next waiting sequence if a
-slot is free, restoring its longest cached prompt prefix, (3) computes one prefill chunk of the admitting sequence, so
-a long prompt never stalls the running streams for more than a chunk, and (4) runs one decode step for every running
-sequence at once. A finished sequence leaves the batch in the same iteration and its slot is reused at once; running
-rows stay packed in slots 0..B-1 (the last row moves into a hole) so a decode step reads the cache without a gather.
+One loop thread owns the model. Each iteration is one *step*, one pass over the weights:
+
+1. aborted sequences end;
+2. if no admission is under way, waiting sequences are admitted while slots are free and their prompts (after the
+   longest cached prefix is restored into their slot) fit this step's prefill budget;
+3. the step computes a decode token for every running sequence *and* up to ``prefill_chunk_tokens`` prompt tokens of
+   the admitting ones (first come, first served), so a long prompt never stalls running streams for more than a chunk
+   and short prompts ride along with the decode at little extra cost;
+4. an admitting sequence whose prompt is complete samples its first token and joins the running rows; finished rows
+   leave at once and their slots are reused.
+
+Running rows stay packed in slots 0..B-1 and admitting rows follow them in arrival order (a row moves into a hole when
+another leaves), so a decode step reads the cache without a gather. The longest prompt prefix that all running rows
+share is handed to the runner, which attends to it once for the whole batch (see inference_core.llama).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +27,7 @@ import torch
 from inference_core.admission import AdmissionQueue
 from inference_core.errors import EngineError, InvalidRequestError
 from inference_core.kv_cache import PrefixCache, SlotKVCache
-from inference_core.llama import LlamaRunner
+from inference_core.llama import Chunk, LlamaRunner
 from inference_core.sequence import Sequence
 from inference_core.types import FinishReason
 
@@ -37,7 +47,7 @@ class BatchingConfig:
     prefix_block_size: int = 16
     """Granularity of prefix reuse, in tokens."""
     prefill_chunk_tokens: int = 256
-    """Prompt tokens computed per loop iteration while other sequences decode."""
+    """Prompt tokens computed per step (shared by the sequences being admitted) alongside the decoding rows."""
     max_queue: int = 64
     """Sequences waiting for a slot beyond this are refused with QueueFullError."""
 
@@ -60,11 +70,14 @@ class EngineStats:
 @dataclass
 class _Row:
     seq: Sequence
-    length: int  # positions filled in its slot
+    slot: int
+    length: int = 0  # positions filled in its slot
     last_token: int = -1
-    prefilled: int = 0
-    cached: int = 0
     prompt: list[int] = field(default_factory=list)
+
+    @property
+    def to_prefill(self) -> int:
+        return len(self.prompt) - self.length
 
 
 class ContinuousBatchScheduler(AdmissionQueue):
@@ -79,7 +92,8 @@ class ContinuousBatchScheduler(AdmissionQueue):
         blocks = config.prefix_cache_tokens // config.prefix_block_size
         self.prefix = PrefixCache(shape, blocks, config.prefix_block_size) if blocks > 0 else None
         self._running: list[_Row] = []
-        self._admitting: _Row | None = None
+        self._admitting: list[_Row] = []
+        self._shared = 0  # prompt prefix common to all running rows
         self._generated = 0
         self._steps = 0
 
@@ -93,7 +107,7 @@ class ContinuousBatchScheduler(AdmissionQueue):
 
     def stats(self) -> EngineStats:
         with self._cv:
-            rows = [*self._running, *([self._admitting] if self._admitting else [])]
+            rows = [*self._running, *self._admitting]
             return EngineStats(
                 waiting=len(self._waiting),
                 running=len(self._running),
@@ -121,102 +135,123 @@ class ContinuousBatchScheduler(AdmissionQueue):
                     self._cv.wait()
                 if self._closed and not (self._running or self._admitting):
                     return
-                admit = None
-                if self._admitting is None and self._waiting and len(self._running) < self.config.max_batch_size:
-                    admit = self._waiting.popleft()
             try:
-                self._step(admit)
+                self._step()
             except Exception as e:
                 log.exception("engine step failed")
                 self._fail_all(EngineError(f"generation failed inside the engine: {type(e).__name__}: {e}"))
 
     @torch.inference_mode()
-    def _step(self, admit: Sequence | None) -> None:
+    def _step(self) -> None:
         self._end_aborted()
-        if admit is not None:
-            self._admit(admit)
-        if self._admitting is not None:
-            self._prefill_chunk(self._admitting)
-        if self._running:
-            self._decode()
+        if not self._admitting:
+            self._admit()
+        chunks = self._plan_chunks()
+        if not self._running and not chunks:
+            return
+        logits = self._runner.step(
+            self.slots,
+            [row.last_token for row in self._running],
+            [row.length for row in self._running],
+            chunks,
+            self._shared,
+        )
         self._steps += 1
+        batch = len(self._running)
+        for row, row_logits in zip(self._running, logits[:batch], strict=True):
+            row.length += 1
+            self._append(row, row_logits)
+        joined = []
+        for row, chunk, row_logits in zip(self._admitting, chunks, logits[batch:], strict=False):
+            row.length += len(chunk.tokens)
+            if row.to_prefill == 0:
+                if self.prefix is not None:
+                    self.prefix.insert(row.prompt, self.slots, row.slot)
+                self._append(row, row_logits)
+                joined.append(row)
+        with self._cv:
+            # Rows complete in arrival order (the budget goes first come, first served), so the ones that joined sit
+            # right after the running rows and the running rows stay packed.
+            self._running += joined
+            del self._admitting[: len(joined)]
+            self._remove([row for row in self._running if row.seq.finished])
+        if joined:
+            self._shared = self._common_prefix()
 
-    def _admit(self, seq: Sequence) -> None:
-        seq.mark_started()
-        slot = len(self._running)
-        row = _Row(seq=seq, length=0, prompt=seq.prompt_ids)
-        if self.prefix is not None:
-            row.length = row.cached = self.prefix.restore(self.prefix.lookup(row.prompt), self.slots, slot)
-        seq.cached_prompt_tokens = row.cached
-        self._admitting = row
-
-    def _prefill_chunk(self, row: _Row) -> None:
-        if row.seq.abort_requested:
-            self._retire_admitting(FinishReason.CANCELLED)
-            return
-        slot = len(self._running)
-        chunk = row.prompt[row.length : row.length + self.config.prefill_chunk_tokens]
-        logits = self._runner.prefill(chunk, row.length, self.slots, slot)
-        row.length += len(chunk)
-        if row.length < len(row.prompt):
-            return
-        if self.prefix is not None:
-            self.prefix.insert(row.prompt, self.slots, slot)
+    def _append(self, row: _Row, logits: torch.Tensor) -> None:
         token = row.seq.select_token(logits)
         row.seq.append_token(token)
+        row.last_token = token
         self._generated += 1
-        with self._cv:
-            self._admitting = None
-            if row.seq.finished:
-                self._forget(row.seq)
-            else:
-                row.last_token = token
-                self._running.append(row)
 
-    def _decode(self) -> None:
-        rows = self._running
-        logits = self._runner.decode([row.last_token for row in rows], [row.length for row in rows], self.slots)
-        for row, row_logits in zip(rows, logits, strict=True):
-            row.length += 1
-            token = row.seq.select_token(row_logits)
-            row.seq.append_token(token)
-            row.last_token = token
-        self._generated += len(rows)
-        self._retire([i for i, row in enumerate(rows) if row.seq.finished])
+    def _admit(self) -> None:
+        """Admits waiting sequences while slots are free and the prompts admitted so far fit one step's budget."""
+        planned = 0
+        while planned < self.config.prefill_chunk_tokens:
+            with self._cv:
+                if not self._waiting or len(self._running) + len(self._admitting) >= self.config.max_batch_size:
+                    return
+                seq = self._waiting.popleft()
+                row = _Row(seq=seq, slot=len(self._running) + len(self._admitting), prompt=seq.prompt_ids)
+                self._admitting.append(row)
+            seq.mark_started()
+            if self.prefix is not None:
+                row.length = self.prefix.restore(self.prefix.lookup(row.prompt), self.slots, row.slot)
+            seq.cached_prompt_tokens = row.length
+            planned += row.to_prefill
+
+    def _plan_chunks(self) -> list[Chunk]:
+        budget = self.config.prefill_chunk_tokens
+        chunks = []
+        for row in self._admitting:
+            take = min(row.to_prefill, budget)
+            if take == 0:
+                break
+            chunks.append(Chunk(row.slot, row.length, row.prompt[row.length : row.length + take]))
+            budget -= take
+        return chunks
+
+    def _common_prefix(self) -> int:
+        prompts = [row.prompt for row in self._running]
+        return len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
 
     def _end_aborted(self) -> None:
-        aborted = [i for i, row in enumerate(self._running) if row.seq.abort_requested]
-        for i in aborted:
-            self._running[i].seq.finish(FinishReason.CANCELLED)
-        self._retire(aborted)
-
-    def _retire(self, indices: list[int]) -> None:
-        """Removes finished rows, moving the last rows into the holes so slots 0..B-1 stay packed."""
-        if not indices:
+        aborted = [row for row in [*self._running, *self._admitting] if row.seq.abort_requested]
+        if not aborted:
             return
+        for row in aborted:
+            row.seq.finish(FinishReason.CANCELLED)
         with self._cv:
-            for index in sorted(indices, reverse=True):
-                self._forget(self._running[index].seq)
-                last = len(self._running) - 1
-                if index != last:
-                    self.slots.move(last, index, self._running[last].length)
-                    self._running[index] = self._running[last]
-                self._running.pop()
-            if self._admitting is not None:
-                # The admitting sequence sits right after the running rows; follow them down.
-                self.slots.move(len(self._running) + len(indices), len(self._running), self._admitting.length)
+            self._remove(aborted)
 
-    def _retire_admitting(self, reason: FinishReason) -> None:
-        assert self._admitting is not None
-        self._admitting.seq.finish(reason)
-        with self._cv:
-            self._forget(self._admitting.seq)
-            self._admitting = None
+    def _remove(self, rows: list[_Row]) -> None:
+        """Drops ``rows`` (running or admitting; caller holds the lock) and repacks the slots: running rows left in
+        slots past the new batch size move into the holes, then the admitting rows move down behind them in order."""
+        if not rows:
+            return
+        gone = {id(row) for row in rows}
+        for row in rows:
+            self._forget(row.seq)
+        self._running = [row for row in self._running if id(row) not in gone]
+        self._admitting = [row for row in self._admitting if id(row) not in gone]
+        batch = len(self._running)
+        holes = sorted(set(range(batch)) - {row.slot for row in self._running})
+        for row in [row for row in self._running if row.slot >= batch]:
+            self._move(row, holes.pop(0))
+        self._running.sort(key=lambda row: row.slot)  # list index = slot: decode row b is slot b
+        for index, row in enumerate(self._admitting):
+            self._move(row, batch + index)
+        self._shared = self._common_prefix()
+
+    def _move(self, row: _Row, slot: int) -> None:
+        if row.slot != slot:
+            self.slots.move(row.slot, slot, row.length)
+            row.slot = slot
 
     def _fail_all(self, error: EngineError) -> None:
         with self._cv:
-            rows = [*self._running, *([self._admitting] if self._admitting else [])]
-            self._running, self._admitting = [], None
+            rows = [*self._running, *self._admitting]
+            self._running, self._admitting = [], []
             for row in rows:
                 row.seq.fail(error)
                 self._forget(row.seq)

@@ -1,10 +1,18 @@
 """A batched forward pass for Llama-family decoders over a slot KV cache: the fast path of the torch backend.
 
 HF's ``generate`` pays Python and cache-object overhead per layer and cannot mix sequences of different lengths without
-padding. This runner keeps the model's own weights (fused into one QKV and one gate/up matrix per layer), writes
-keys/values straight into :class:`~inference_core.kv_cache.SlotKVCache` and attends with torch's SDPA, so one decode step
-serves every running sequence whatever its length. The arithmetic follows HF's Llama (RMSNorm in fp32, rotary tables in
-fp32), which keeps greedy output token-for-token equal to ``generate``.
+padding. This runner keeps the model's own weights (fused into one QKV and one gate/up matrix per layer, laid out
+``[in, out]`` so small-batch matmuls run at full speed), writes keys/values straight into
+:class:`~inference_core.kv_cache.SlotKVCache`, and computes one *step* in one pass over the weights: a decode token for
+every running sequence plus prompt chunks of sequences being admitted (a mixed batch, as in vLLM's chunked prefill).
+The arithmetic follows HF's Llama (RMSNorm in fp32, rotary tables in fp32), which keeps greedy output token-for-token
+equal to ``generate``.
+
+Shared-prefix ("cascade") attention: agent calls resend the same system prompt and tool schemas, so the running rows
+usually start with the same few hundred tokens. When they do, a decode step attends to that shared prefix once for all
+rows (one matmul over one copy of its keys) and to each row's own suffix separately, then merges the two softmaxes by
+their log-sum-exp. It reads the prefix's keys and values once per step instead of once per row, which at 16 rows and
+~700-token prompts is most of the attention's memory traffic.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from inference_core.kv_cache import KVShape, SlotKVCache
+
+CASCADE_MIN_SHARED = 64
+"""Shortest shared prefix (tokens) worth a separate attention pass; below it one pass over whole rows is cheaper."""
 
 
 def supports(model: Any) -> str | None:
@@ -40,6 +51,19 @@ def _rope_theta(config: object) -> float:
     return float(theta)
 
 
+def _input_major(*linears: Any) -> torch.Tensor:
+    """The weights of ``linears`` (nn.Linear, ``[out, in]``) stacked along ``out`` and laid out ``[in, out]``, so that
+    ``x @ w`` computes them all at once. Each module's weight becomes a view of the new tensor (same values, transposed
+    strides): the model keeps working and its weights are not held twice."""
+    fused = torch.cat([linear.weight.detach() for linear in linears]).t().contiguous()
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = fused[:, start : start + rows].t()
+        start += rows
+    return fused
+
+
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
@@ -50,8 +74,31 @@ class _Layer:
     down: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt tokens to compute in ``slot`` at positions ``start..start+len(tokens)-1`` (positions < start are filled)."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+
+
+def _attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention ``[..., L, d]`` and its log-sum-exp ``[..., L]``; ``mask`` is additive (0 or -inf)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
+        return out, lse
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores.float(), -1)
+    return torch.matmul(torch.exp(scores.float() - lse.unsqueeze(-1)).to(v.dtype), v), lse
+
+
 class LlamaRunner:
-    """Runs prefill chunks and batched decode steps of a HF ``LlamaForCausalLM`` over a :class:`SlotKVCache`."""
+    """Runs steps (batched decode plus prompt chunks) of a HF ``LlamaForCausalLM`` over a :class:`SlotKVCache`."""
 
     def __init__(self, model: Any, max_len: int) -> None:
         """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic)."""
@@ -61,6 +108,7 @@ class LlamaRunner:
         config = model.config
         self.num_heads: int = config.num_attention_heads
         self.kv_heads: int = config.num_key_value_heads
+        self.group = self.num_heads // self.kv_heads
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.eps = config.rms_norm_eps
         self.vocab_size = config.vocab_size
@@ -69,21 +117,19 @@ class LlamaRunner:
         self.embed = weight.detach()
         self.lm_head = model.get_output_embeddings().weight.detach()
         self.final_norm = model.model.norm.weight.detach()
-        self.layers = [
-            _Layer(
-                input_norm=layer.input_layernorm.weight.detach(),
-                qkv=torch.cat(
-                    [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]
+        self.layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    input_norm=layer.input_layernorm.weight.detach(),
+                    qkv=_input_major(attn.q_proj, attn.k_proj, attn.v_proj),
+                    out=_input_major(attn.o_proj),
+                    post_norm=layer.post_attention_layernorm.weight.detach(),
+                    gate_up=_input_major(mlp.gate_proj, mlp.up_proj),
+                    down=_input_major(mlp.down_proj),
                 )
-                .detach()
-                .contiguous(),
-                out=layer.self_attn.o_proj.weight.detach(),
-                post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach().contiguous(),
-                down=layer.mlp.down_proj.weight.detach(),
             )
-            for layer in model.model.layers
-        ]
         inv_freq = 1.0 / (
             _rope_theta(config)
             ** (
@@ -109,77 +155,136 @@ class LlamaRunner:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _forward(
+    @torch.inference_mode()
+    def step(
         self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
         cache: SlotKVCache,
-        write: list[tuple[int, int]],
-        read: slice | torch.Tensor,
-        kv_len: int,
-        mask: torch.Tensor | None,
-        causal: bool,
+        tokens: list[int],
+        lengths: list[int],
+        chunks: list[Chunk] | tuple[Chunk, ...] = (),
+        shared: int = 0,
     ) -> torch.Tensor:
-        batch, steps = tokens.shape
-        x = self.embed[tokens]
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """One pass over the weights for a decode token of each of rows 0..B-1 of ``cache`` (row b holds
+        ``lengths[b]`` positions and appends ``tokens[b]``) and every prompt chunk in ``chunks`` (in slots >= B).
+
+        ``shared``: positions 0..shared-1 hold the same tokens in every decode row (their keys and values are read from
+        row 0 once for all rows); 0 when unknown. Returns fp32 logits ``[B + len(chunks), vocab]``: one row per decode
+        row, then one per chunk for its last token.
+        """
+        batch = len(tokens)
+        ids = list(tokens)
+        positions = list(lengths)
+        spans = []
+        for chunk in chunks:
+            spans.append((len(ids), len(ids) + len(chunk.tokens)))
+            ids += chunk.tokens
+            positions += range(chunk.start, chunk.start + len(chunk.tokens))
+        ids_t = torch.tensor(ids, device=self.device)
+        positions_t = torch.tensor(positions, device=self.device)
+        decode = _DecodePlan(self, lengths, shared) if batch else None
+        masks = [self._chunk_mask(chunk) for chunk in chunks]
+
+        x = self.embed[ids_t]
+        cos, sin = self.cos[positions_t].unsqueeze(1), self.sin[positions_t].unsqueeze(1)
         q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        steps = len(ids)
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            q, k, v = F.linear(h, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(batch, steps, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = v.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k, v = torch.matmul(h, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
+            q = self._rotate(q.view(steps, self.num_heads, self.head_dim), cos, sin)
+            k = self._rotate(k.view(steps, self.kv_heads, self.head_dim), cos, sin)
+            v = v.view(steps, self.kv_heads, self.head_dim)
             keys, values = cache.keys[index], cache.values[index]
-            for row, (slot, start) in enumerate(write):
-                keys[slot, :, start : start + steps] = k[row]
-                values[slot, :, start : start + steps] = v[row]
-            attn = F.scaled_dot_product_attention(
-                q,
-                keys[read, :, :kv_len],
-                values[read, :, :kv_len],
-                attn_mask=mask,
-                is_causal=causal,
-                enable_gqa=True,
-            )
-            x = x + F.linear(attn.transpose(1, 2).reshape(batch, steps, q_size), layer.out)
+            parts = []
+            if decode is not None:
+                keys[decode.rows, :, decode.positions] = k[:batch]
+                values[decode.rows, :, decode.positions] = v[:batch]
+                parts.append(decode.attend(q[:batch], keys, values))
+            for chunk, (lo, hi), mask in zip(chunks, spans, masks, strict=True):
+                end = chunk.start + len(chunk.tokens)
+                keys[chunk.slot, :, chunk.start : end] = k[lo:hi].transpose(0, 1)
+                values[chunk.slot, :, chunk.start : end] = v[lo:hi].transpose(0, 1)
+                attn = F.scaled_dot_product_attention(
+                    q[lo:hi].transpose(0, 1).unsqueeze(0),
+                    keys[chunk.slot : chunk.slot + 1, :, :end],
+                    values[chunk.slot : chunk.slot + 1, :, :end],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    enable_gqa=True,
+                )
+                parts.append(attn[0].transpose(0, 1))
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts)
+            x = x + torch.matmul(attn.reshape(steps, q_size), layer.out)
             h = self._norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        return x
+            gate, up = torch.matmul(h, layer.gate_up).chunk(2, dim=-1)
+            x = x + torch.matmul(F.silu(gate) * up, layer.down)
+        last = list(range(batch)) + [hi - 1 for _, hi in spans]
+        return self.logits(x[last])
+
+    def _chunk_mask(self, chunk: Chunk) -> torch.Tensor | None:
+        if chunk.start == 0:
+            return None  # plain causal
+        end = chunk.start + len(chunk.tokens)
+        positions = torch.arange(chunk.start, end, device=self.device)
+        # Query i (at position start+i) sees keys 0..start+i.
+        return torch.arange(end, device=self.device)[None, :] <= positions[:, None]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of the last position of each row of ``hidden`` ``[batch, steps, hidden]``."""
-        return F.linear(self._norm(hidden[:, -1], self.final_norm), self.lm_head).float()
+        """fp32 logits of hidden states ``[rows, hidden]``."""
+        return F.linear(self._norm(hidden, self.final_norm), self.lm_head).float()
 
-    @torch.inference_mode()
     def prefill(self, tokens: list[int], start: int, cache: SlotKVCache, slot: int) -> torch.Tensor:
         """Computes ``tokens`` at positions ``start..`` of ``slot`` (whose positions < start are filled); fp32 logits
         of the last token, shape ``[vocab]``."""
-        steps = len(tokens)
-        end = start + steps
-        ids = torch.tensor([tokens], device=self.device)
-        positions = torch.arange(start, end, device=self.device).unsqueeze(0)
-        mask = None
-        if start > 0:
-            # Query i (at position start+i) sees keys 0..start+i.
-            mask = torch.arange(end, device=self.device)[None, :] <= positions[0, :, None]
-        hidden = self._forward(
-            ids, positions, cache, [(slot, start)], slice(slot, slot + 1), end, mask, causal=start == 0
-        )
-        return self.logits(hidden)[0]
+        return self.step(cache, [], [], [Chunk(slot, start, tokens)])[0]
 
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], lengths: list[int], cache: SlotKVCache) -> torch.Tensor:
+    def decode(self, tokens: list[int], lengths: list[int], cache: SlotKVCache, shared: int = 0) -> torch.Tensor:
         """One step for rows 0..B-1 of the cache: row b holds ``lengths[b]`` positions and appends ``tokens[b]``.
         Returns fp32 logits ``[B, vocab]``."""
-        batch = len(tokens)
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)
-        positions = torch.tensor(lengths, device=self.device).unsqueeze(1)
-        kv_len = max(lengths) + 1
-        mask = None
+        return self.step(cache, tokens, lengths, shared=shared)
+
+
+class _DecodePlan:
+    """What every layer's decode attention needs for one step: where rows write, their masks, the shared prefix."""
+
+    def __init__(self, runner: LlamaRunner, lengths: list[int], shared: int) -> None:
+        device = runner.device
+        self.batch = batch = len(lengths)
+        self.kv_heads, self.group, self.head_dim = runner.kv_heads, runner.group, runner.head_dim
+        self.rows = torch.arange(batch, device=device)
+        self.positions = torch.tensor(lengths, device=device)
+        self.kv_len = max(lengths) + 1
+        self.shared = shared if batch > 1 and shared >= CASCADE_MIN_SHARED else 0
+        start = self.shared
+        self.mask: torch.Tensor | None = None
         if min(lengths) != max(lengths):
-            mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions).view(batch, 1, 1, kv_len)
-        write = [(row, lengths[row]) for row in range(batch)]
-        hidden = self._forward(ids, positions, cache, write, slice(0, batch), kv_len, mask, causal=False)
-        return self.logits(hidden)
+            visible = torch.arange(start, self.kv_len, device=device)[None, :] <= self.positions[:, None]
+            self.mask = visible.view(batch, 1, 1, -1)
+            if self.shared:
+                additive = torch.zeros(visible.shape, dtype=runner.dtype, device=device)
+                self.mask = additive.masked_fill(~visible, float("-inf")).view(batch, 1, 1, -1)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``q`` ``[B, heads, head_dim]`` -> attention output of the same shape.
+
+        The query heads that share a key/value head are laid out as that head's query positions (``[B, kv_heads,
+        group, head_dim]``), so attention reads each key once without expanding it per query head."""
+        batch, kv_heads, group, dim = self.batch, self.kv_heads, self.group, self.head_dim
+        grouped = q.view(batch, kv_heads, group, dim)
+        if not self.shared:
+            out = F.scaled_dot_product_attention(
+                grouped, keys[:batch, :, : self.kv_len], values[:batch, :, : self.kv_len], attn_mask=self.mask
+            )
+            return out.reshape(batch, kv_heads * group, dim)
+        shared = self.shared
+        # Every row's queries against the one copy of the shared prefix (row 0's): [1, kv_heads, B*group, dim].
+        pooled = grouped.transpose(0, 1).reshape(1, kv_heads, batch * group, dim)
+        prefix_out, prefix_lse = _attention_with_lse(pooled, keys[0:1, :, :shared], values[0:1, :, :shared], None)
+        prefix_out = prefix_out.view(kv_heads, batch, group, dim).transpose(0, 1)
+        prefix_lse = prefix_lse.view(kv_heads, batch, group).transpose(0, 1)
+        own_out, own_lse = _attention_with_lse(
+            grouped, keys[:batch, :, shared : self.kv_len], values[:batch, :, shared : self.kv_len], self.mask
+        )
+        # softmax over both parts = each part's softmax weighted by its share of the total exp-sum.
+        weight = torch.sigmoid(prefix_lse - own_lse).unsqueeze(-1).to(own_out.dtype)
+        return torch.lerp(own_out, prefix_out, weight).reshape(batch, kv_heads * group, dim)

@@ -61,24 +61,21 @@ def decode(engine: TorchEngine, ids: list[int]) -> str:
 
 
 class StepGate:
-    """Makes the engine loop wait for the test before each decode step, so interleavings are deterministic."""
+    """Makes the engine loop wait for the test before each step, so interleavings are deterministic."""
 
     def __init__(self, engine: TorchEngine) -> None:
         runner = engine._scheduler._runner
         self.steps = threading.Semaphore(0)
         self.prefill_started = threading.Event()
-        original_prefill, original_decode = runner.prefill, runner.decode
+        original_step = runner.step
 
-        def prefill(*args):
-            self.prefill_started.set()
+        def step(cache, tokens, lengths, chunks=(), shared=0):
+            if chunks:
+                self.prefill_started.set()
             self.steps.acquire()
-            return original_prefill(*args)
+            return original_step(cache, tokens, lengths, chunks, shared)
 
-        def decode(*args):
-            self.steps.acquire()
-            return original_decode(*args)
-
-        runner.prefill, runner.decode = prefill, decode
+        runner.step = step
 
     def release(self, n: int = 1_000_000) -> None:
         for _ in range(n):

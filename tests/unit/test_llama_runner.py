@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference_core.kv_cache import PrefixCache, SlotKVCache
-from inference_core.llama import LlamaRunner, supports
+from inference_core.llama import Chunk, LlamaRunner, supports
 
 pytestmark = pytest.mark.slow
 
@@ -117,3 +117,25 @@ def test_unsupported_models_are_refused_with_the_reason(hf) -> None:
             LlamaRunner(model, max_len=64)
     finally:
         model.config.hidden_act = original
+
+
+def test_a_mixed_step_with_shared_prefix_attention_matches_separate_passes(hf, references) -> None:
+    """Decode rows plus a prompt chunk in one pass, attending to the rows' common prefix once, give the logits of a
+    plain decode step and a separate prefill (up to float rounding) and HF's greedy tokens."""
+    runner = LlamaRunner(hf[1], max_len=1024)
+    prompts = [prompt for prompt, _ in references[:4]]
+    shared = len(os.path.commonprefix(prompts[:3]))
+    assert shared >= 64, "the system prompt is long enough for the shared-prefix path"
+    caches = [SlotKVCache(runner.kv_shape(), num_slots=4, max_len=1024) for _ in range(2)]
+    firsts = []
+    for cache in caches:
+        firsts = [int(runner.prefill(prompt, 0, cache, slot).argmax()) for slot, prompt in enumerate(prompts[:3])]
+    lengths = [len(prompt) for prompt in prompts[:3]]
+    mixed = runner.step(caches[0], firsts, lengths, [Chunk(3, 0, prompts[3])], shared=shared)
+    plain = runner.decode(firsts, lengths, caches[1], shared=0)
+    alone = runner.prefill(prompts[3], 0, caches[1], 3)
+    torch.testing.assert_close(mixed[:3], plain, atol=2e-4, rtol=0)
+    torch.testing.assert_close(mixed[3], alone, atol=2e-4, rtol=0)
+    assert mixed.argmax(-1).tolist() == [*(ref[1] for _, ref in references[:3]), references[3][1][0]]
+    # Both caches now hold the same keys for every row (the mixed step wrote the decode rows and the chunk).
+    torch.testing.assert_close(caches[0].keys[:, :4, :, :200], caches[1].keys[:, :4, :, :200], atol=1e-4, rtol=0)
