@@ -19,14 +19,13 @@ share is handed to the runner, which attends to it once for the whole batch (see
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from inference_core.admission import AdmissionQueue
 from inference_core.errors import EngineError, InvalidRequestError
-from inference_core.kv_cache import PrefixCache, SlotKVCache
+from inference_core.kv_cache import PrefixCache, SlotKVCache, common_prefix_length
 from inference_core.llama import Chunk, LlamaRunner
 from inference_core.sequence import Sequence
 from inference_core.types import FinishReason
@@ -213,7 +212,7 @@ class ContinuousBatchScheduler(AdmissionQueue):
 
     def _common_prefix(self) -> int:
         prompts = [row.prompt for row in self._running]
-        return len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
+        return common_prefix_length(prompts) if len(prompts) > 1 else 0
 
     def _end_aborted(self) -> None:
         aborted = [row for row in [*self._running, *self._admitting] if row.seq.abort_requested]

@@ -16,6 +16,18 @@ from dataclasses import dataclass
 import torch
 
 
+def common_prefix_length(token_lists: list[list[int]]) -> int:
+    """How many leading tokens all of ``token_lists`` share (0 for an empty list)."""
+    if not token_lists:
+        return 0
+    # The lexicographic min and max differ first where any two lists differ.
+    low, high = min(token_lists), max(token_lists)
+    for i, (a, b) in enumerate(zip(low, high, strict=False)):
+        if a != b:
+            return i
+    return len(low)
+
+
 @dataclass(frozen=True)
 class KVShape:
     num_layers: int

@@ -5,7 +5,6 @@ every slot move, join, retire and abort of the scheduler (the real model's parit
 
 from __future__ import annotations
 
-import os
 import threading
 import zlib
 
@@ -15,7 +14,7 @@ import torch
 from inference_core import FinishReason, SamplingParams
 from inference_core.continuous import BatchingConfig, ContinuousBatchScheduler
 from inference_core.detokenizer import IncrementalDetokenizer
-from inference_core.kv_cache import KVShape, SlotKVCache
+from inference_core.kv_cache import KVShape, SlotKVCache, common_prefix_length
 from inference_core.llama import Chunk
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
@@ -224,7 +223,7 @@ def test_the_shared_prefix_handed_to_the_runner_is_the_running_rows_common_promp
         wait_all(requests)
     finally:
         batcher.close(5)
-    assert len(os.path.commonprefix([r.seq.prompt_ids for r in requests])) == 20
+    assert common_prefix_length([r.seq.prompt_ids for r in requests]) == 20
     assert max(shared_seen) == 20  # the HistoryRunner asserts every claim is true
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from inference_core.kv_cache import KVShape, PrefixCache, SlotKVCache
+from inference_core.kv_cache import KVShape, PrefixCache, SlotKVCache, common_prefix_length
 
 SHAPE = KVShape(num_layers=2, kv_heads=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
 
@@ -71,3 +71,11 @@ def test_slot_move_copies_only_the_used_positions() -> None:
     slots.move(2, 0, 5)
     assert torch.equal(slots.keys[:, 0, :, :5], slots.keys[:, 2, :, :5])
     assert torch.count_nonzero(slots.keys[:, 0, :, 5:]) == 0
+
+
+def test_common_prefix_length_of_token_lists() -> None:
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 9], [1, 2, 3]]) == 2
+    assert common_prefix_length([[5, 6], [5, 6, 7]]) == 2
+    assert common_prefix_length([[1], [2]]) == 0
+    assert common_prefix_length([[3, 4]]) == 2
+    assert common_prefix_length([]) == 0

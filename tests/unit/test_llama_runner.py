@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from inference_core.kv_cache import PrefixCache, SlotKVCache
+from inference_core.kv_cache import PrefixCache, SlotKVCache, common_prefix_length
 from inference_core.llama import Chunk, LlamaRunner, supports
 
 pytestmark = pytest.mark.slow
@@ -124,7 +124,7 @@ def test_a_mixed_step_with_shared_prefix_attention_matches_separate_passes(hf, r
     plain decode step and a separate prefill (up to float rounding) and HF's greedy tokens."""
     runner = LlamaRunner(hf[1], max_len=1024)
     prompts = [prompt for prompt, _ in references[:4]]
-    shared = len(os.path.commonprefix(prompts[:3]))
+    shared = common_prefix_length(prompts[:3])
     assert shared >= 64, "the system prompt is long enough for the shared-prefix path"
     caches = [SlotKVCache(runner.kv_shape(), num_slots=4, max_len=1024) for _ in range(2)]
     firsts = []
