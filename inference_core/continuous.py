@@ -49,6 +49,10 @@ class BatchingConfig:
     """Prompt tokens computed per step (shared by the sequences being admitted) alongside the decoding rows."""
     max_queue: int = 64
     """Sequences waiting for a slot beyond this are refused with QueueFullError."""
+    speculative_tokens: int = 4
+    """Draft tokens per greedy row (prompt lookup, see inference_core.speculation); 0 switches speculation off. Drafts
+    only fill a step up to ``max_batch_size`` tokens, where a decode step is bound by reading the weights, not by
+    arithmetic, so they cost little; a full batch does not speculate."""
 
 
 @dataclass
@@ -64,6 +68,8 @@ class EngineStats:
     prefix_cache_blocks_capacity: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 @dataclass
@@ -95,6 +101,8 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._shared = 0  # prompt prefix common to all running rows
         self._generated = 0
         self._steps = 0
+        self._drafted = 0
+        self._accepted = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -117,6 +125,8 @@ class ContinuousBatchScheduler(AdmissionQueue):
                 prefix_cache_blocks_capacity=self.prefix.num_blocks if self.prefix else 0,
                 generated_tokens=self._generated,
                 steps=self._steps,
+                draft_tokens=self._drafted,
+                accepted_draft_tokens=self._accepted,
             )
 
     def submit(self, seq: Sequence) -> None:
@@ -145,23 +155,30 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._end_aborted()
         if not self._admitting:
             self._admit()
-        chunks = self._plan_chunks()
-        if not self._running and not chunks:
+        prompts = self._plan_chunks()
+        drafts = self._plan_drafts(sum(len(chunk.tokens) for chunk in prompts))
+        if not self._running and not prompts:
             return
         logits = self._runner.step(
             self.slots,
             [row.last_token for row in self._running],
             [row.length for row in self._running],
-            chunks,
+            [*prompts, *drafts.values()],
             self._shared,
         )
         self._steps += 1
         batch = len(self._running)
-        for row, row_logits in zip(self._running, logits[:batch], strict=True):
+        prompt_logits = logits[batch : batch + len(prompts)]
+        draft_logits = logits[batch + len(prompts) :]
+        for index, row in enumerate(self._running):
             row.length += 1
-            self._append(row, row_logits)
+            self._append(row, logits[index])
+            draft = drafts.get(index)
+            if draft is not None:
+                self._verify(row, draft.tokens, draft_logits[: len(draft.tokens)])
+                draft_logits = draft_logits[len(draft.tokens) :]
         joined = []
-        for row, chunk, row_logits in zip(self._admitting, chunks, logits[batch:], strict=False):
+        for row, chunk, row_logits in zip(self._admitting, prompts, prompt_logits, strict=False):
             row.length += len(chunk.tokens)
             if row.to_prefill == 0:
                 if self.prefix is not None:
@@ -176,6 +193,33 @@ class ContinuousBatchScheduler(AdmissionQueue):
             self._remove([row for row in self._running if row.seq.finished])
         if joined:
             self._shared = self._common_prefix()
+
+    def _plan_drafts(self, prompt_tokens: int) -> dict[int, Chunk]:
+        """Drafts for greedy running rows (by row index), while the step holds fewer than max_batch_size tokens."""
+        room = self.config.max_batch_size - len(self._running) - prompt_tokens
+        drafts: dict[int, Chunk] = {}
+        for index, row in enumerate(self._running):
+            if room <= 0 or self.config.speculative_tokens <= 0:
+                break
+            tokens = row.seq.draft(min(self.config.speculative_tokens, room))
+            if tokens:
+                # Right after the token this step decodes: positions length+1.. of the row's own slot.
+                drafts[index] = Chunk(row.slot, row.length + 1, tokens, all_logits=True)
+                room -= len(tokens)
+        return drafts
+
+    def _verify(self, row: _Row, draft: list[int], logits: torch.Tensor) -> None:
+        """Keeps the drafted tokens the row would have chosen anyway. Draft token i stands where the row's next
+        token goes and was computed in the context of the tokens before it, so while each choice equals the draft the
+        next logits row is exact; the first mismatch ends it (that choice too came from exact logits), and the keys
+        of the rest of the draft are overwritten by later steps."""
+        self._drafted += len(draft)
+        for token, token_logits in zip(draft, logits, strict=True):
+            if row.seq.finished or row.last_token != token:
+                return
+            row.length += 1
+            self._accepted += 1
+            self._append(row, token_logits)
 
     def _append(self, row: _Row, logits: torch.Tensor) -> None:
         token = row.seq.select_token(logits)

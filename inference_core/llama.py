@@ -76,11 +76,17 @@ class _Layer:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Prompt tokens to compute in ``slot`` at positions ``start..start+len(tokens)-1`` (positions < start are filled)."""
+    """Tokens to compute in ``slot`` at positions ``start..start+len(tokens)-1`` (positions < start are filled):
+    a piece of a prompt, or a draft to verify (``all_logits``: logits after every token, not just the last)."""
 
     slot: int
     start: int
     tokens: list[int]
+    all_logits: bool = False
+
+    @property
+    def logit_rows(self) -> int:
+        return len(self.tokens) if self.all_logits else 1
 
 
 def _attention_with_lse(
@@ -146,9 +152,9 @@ class LlamaRunner:
         return KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(self.dtype)
+        # HF's LlamaRMSNorm: normalize in fp32, cast back, then scale (one fused kernel instead of six ops).
+        normalized = F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=self.eps)
+        return weight * normalized.to(self.dtype)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -168,8 +174,9 @@ class LlamaRunner:
         ``lengths[b]`` positions and appends ``tokens[b]``) and every prompt chunk in ``chunks`` (in slots >= B).
 
         ``shared``: positions 0..shared-1 hold the same tokens in every decode row (their keys and values are read from
-        row 0 once for all rows); 0 when unknown. Returns fp32 logits ``[B + len(chunks), vocab]``: one row per decode
-        row, then one per chunk for its last token.
+        row 0 once for all rows); 0 when unknown. A chunk may continue a decode row's slot right after the token it
+        decodes (a draft): the row's new key is written before the chunk attends. Returns fp32 logits: one row per
+        decode row, then per chunk ``chunk.logit_rows`` rows (its last token's, or every token's).
         """
         batch = len(tokens)
         ids = list(tokens)
@@ -181,7 +188,7 @@ class LlamaRunner:
             positions += range(chunk.start, chunk.start + len(chunk.tokens))
         ids_t = torch.tensor(ids, device=self.device)
         positions_t = torch.tensor(positions, device=self.device)
-        decode = _DecodePlan(self, lengths, shared) if batch else None
+        decode = _DecodePlan(self, cache, lengths, shared) if batch else None
         masks = [self._chunk_mask(chunk) for chunk in chunks]
 
         x = self.embed[ids_t]
@@ -190,15 +197,16 @@ class LlamaRunner:
         steps = len(ids)
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            q, k, v = torch.matmul(h, layer.qkv).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(steps, self.num_heads, self.head_dim), cos, sin)
-            k = self._rotate(k.view(steps, self.kv_heads, self.head_dim), cos, sin)
+            qk, v = torch.matmul(h, layer.qkv).split([q_size + kv_size, kv_size], dim=-1)
+            # Queries and keys rotate together: heads [0, num_heads) are queries, the rest keys.
+            qk = self._rotate(qk.view(steps, self.num_heads + self.kv_heads, self.head_dim), cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             v = v.view(steps, self.kv_heads, self.head_dim)
             keys, values = cache.keys[index], cache.values[index]
             parts = []
             if decode is not None:
-                keys[decode.rows, :, decode.positions] = k[:batch]
-                values[decode.rows, :, decode.positions] = v[:batch]
+                decode.write(keys, k[:batch])
+                decode.write(values, v[:batch])
                 parts.append(decode.attend(q[:batch], keys, values))
             for chunk, (lo, hi), mask in zip(chunks, spans, masks, strict=True):
                 end = chunk.start + len(chunk.tokens)
@@ -218,8 +226,10 @@ class LlamaRunner:
             h = self._norm(x, layer.post_norm)
             gate, up = torch.matmul(h, layer.gate_up).chunk(2, dim=-1)
             x = x + torch.matmul(F.silu(gate) * up, layer.down)
-        last = list(range(batch)) + [hi - 1 for _, hi in spans]
-        return self.logits(x[last])
+        rows = list(range(batch))
+        for chunk, (lo, hi) in zip(chunks, spans, strict=True):
+            rows += range(lo, hi) if chunk.all_logits else [hi - 1]
+        return self.logits(x[rows])
 
     def _chunk_mask(self, chunk: Chunk) -> torch.Tensor | None:
         if chunk.start == 0:
@@ -247,12 +257,17 @@ class LlamaRunner:
 class _DecodePlan:
     """What every layer's decode attention needs for one step: where rows write, their masks, the shared prefix."""
 
-    def __init__(self, runner: LlamaRunner, lengths: list[int], shared: int) -> None:
+    def __init__(self, runner: LlamaRunner, cache: SlotKVCache, lengths: list[int], shared: int) -> None:
         device = runner.device
         self.batch = batch = len(lengths)
         self.kv_heads, self.group, self.head_dim = runner.kv_heads, runner.group, runner.head_dim
-        self.rows = torch.arange(batch, device=device)
         self.positions = torch.tensor(lengths, device=device)
+        # Row b, kv head h, position p of a layer's [slots, kv_heads, max_len, head_dim] cache, as one flat index.
+        heads = torch.arange(runner.kv_heads, device=device)
+        max_len = cache.max_len
+        self.flat_index = ((torch.arange(batch, device=device)[:, None] * runner.kv_heads + heads) * max_len).add_(
+            self.positions[:, None]
+        ).reshape(-1)
         self.kv_len = max(lengths) + 1
         self.shared = shared if batch > 1 and shared >= CASCADE_MIN_SHARED else 0
         start = self.shared
@@ -263,6 +278,10 @@ class _DecodePlan:
             if self.shared:
                 additive = torch.zeros(visible.shape, dtype=runner.dtype, device=device)
                 self.mask = additive.masked_fill(~visible, float("-inf")).view(batch, 1, 1, -1)
+
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """Stores ``new`` ``[B, kv_heads, head_dim]`` at each row's position of one layer's keys or values."""
+        cache.view(-1, self.head_dim).index_copy_(0, self.flat_index, new.reshape(-1, self.head_dim))
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``q`` ``[B, heads, head_dim]`` -> attention output of the same shape.

@@ -11,6 +11,7 @@ import torch
 from inference_core.detokenizer import IncrementalDetokenizer
 from inference_core.errors import EngineError
 from inference_core.sampling import RowSampler
+from inference_core.speculation import NgramProposer
 from inference_core.stop_strings import StopStringMatcher
 from inference_core.structured import RowConstraint
 from inference_core.types import FinishReason, GenerationChunk, Timings, Usage
@@ -57,6 +58,8 @@ class Sequence:
         self._started: float | None = None
         self._first_token: float | None = None
         self.sampler.observe(prompt_ids)
+        # Drafts are checked by exact comparison with the chosen token, which only greedy selection makes lossless.
+        self._proposer = NgramProposer(prompt_ids) if sampler.params.is_greedy else None
 
     def mark_started(self) -> None:
         self._started = time.perf_counter()
@@ -67,6 +70,14 @@ class Sequence:
             self.constraint.mask(logits)
         return self.sampler.sample(logits)
 
+    def draft(self, k: int) -> list[int]:
+        """Up to ``k`` guessed next tokens after the one about to be chosen (greedy sequences only), never more than
+        the sequence may still generate."""
+        if self._proposer is None or self.finished:
+            return []
+        room = self.max_new_tokens - len(self.output_ids) - 1
+        return self._proposer.propose(min(k, room))
+
     def append_token(self, token_id: int) -> None:
         """Records a generated token, emits any text it completes and finishes the sequence when it should end."""
         if self._first_token is None:
@@ -74,6 +85,8 @@ class Sequence:
         self.output_ids.append(token_id)
         self._unreported_ids.append(token_id)
         self.sampler.observe(token_id)
+        if self._proposer is not None:
+            self._proposer.append(token_id)
         if self.constraint is not None:
             self.constraint.accept(token_id)
         if token_id in self.eos_token_ids or (self.constraint is not None and self.constraint.is_terminated):

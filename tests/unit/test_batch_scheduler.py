@@ -18,10 +18,12 @@ from inference_core.kv_cache import KVShape, SlotKVCache, common_prefix_length
 from inference_core.llama import Chunk
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
+from inference_core.speculation import NgramProposer
 from inference_core.stop_strings import StopStringMatcher
 from inference_core.types import GenerationChunk
 
 VOCAB = 97
+GREEDY = SamplingParams(temperature=0.0)
 EOS = VOCAB + 1  # never produced: sequences end by length or abort
 
 
@@ -29,10 +31,10 @@ def next_token(history: list[int]) -> int:
     return zlib.crc32(repr(history).encode()) % VOCAB
 
 
-def alone(prompt: list[int], new_tokens: int) -> list[int]:
+def alone(prompt: list[int], new_tokens: int, rule=next_token) -> list[int]:
     history, out = list(prompt), []
     for _ in range(new_tokens):
-        out.append(next_token(history))
+        out.append(rule(history))
         history.append(out[-1])
     return out
 
@@ -54,8 +56,10 @@ class HistoryRunner:
 
     def _logits(self, history: list[int]) -> torch.Tensor:
         logits = torch.zeros(VOCAB)
-        logits[next_token(history)] = 1.0
+        logits[self.next_token(history)] = 1.0
         return logits
+
+    next_token = staticmethod(next_token)
 
     def step(self, cache, tokens, lengths, chunks=(), shared=0) -> torch.Tensor:
         rows = []
@@ -67,7 +71,8 @@ class HistoryRunner:
         for chunk in chunks:
             end = chunk.start + len(chunk.tokens)
             cache.keys[0, chunk.slot, 0, chunk.start : end, 0] = torch.tensor(chunk.tokens, dtype=torch.float64)
-            rows.append(self._history(cache, chunk.slot, end))
+            firsts = range(chunk.start + 1, end + 1) if chunk.all_logits else [end]
+            rows += [self._history(cache, chunk.slot, stop) for stop in firsts]
         if self.warm:
             self.steps.append((len(tokens), list(chunks)))
             self.on_step(len(self.steps))
@@ -88,14 +93,14 @@ class DigitsTokenizer:
 
 
 class Request:
-    def __init__(self, name: str, prompt: list[int], new_tokens: int) -> None:
+    def __init__(self, name: str, prompt: list[int], new_tokens: int, sampling: SamplingParams = GREEDY) -> None:
         self.chunks: list[GenerationChunk] = []
         self.done = threading.Event()
         self.seq = Sequence(
             request_id=name,
             prompt_ids=prompt,
             max_new_tokens=new_tokens,
-            sampler=RowSampler(SamplingParams(temperature=0.0), VOCAB, torch.device("cpu")),
+            sampler=RowSampler(sampling, VOCAB, torch.device("cpu")),
             detokenizer=IncrementalDetokenizer(DigitsTokenizer(), prompt),
             stop=StopStringMatcher([]),
             constraint=None,
@@ -241,3 +246,58 @@ def test_a_sequence_that_ends_on_its_first_token_leaves_its_slot_at_once(new_tok
         batcher.close(5)
     assert all(request.output == alone(request.seq.prompt_ids, new_tokens) for request in requests)
     assert batcher.stats().running == 0 and batcher.stats().kv_tokens_used == 0
+
+
+def cyclic(history: list[int]) -> int:
+    """A rule that repeats itself: the next token depends on the last two only, so prompt lookup guesses it."""
+    return (history[-1] * 7 + history[-2]) % 11
+
+
+@pytest.mark.parametrize("speculative_tokens", [0, 4])
+def test_drafts_change_how_many_steps_not_the_output(speculative_tokens: int) -> None:
+    runner = HistoryRunner(128)
+    runner.next_token = staticmethod(cyclic)  # type: ignore[assignment]
+    batcher = scheduler(runner, max_batch_size=4, prefill_chunk_tokens=64, speculative_tokens=speculative_tokens)
+    requests = [Request(f"r{i}", [1, 2 + i, 3, 4 + i], new_tokens=40) for i in range(2)]
+    for request in requests:
+        batcher.submit(request.seq)
+    batcher.start()
+    try:
+        wait_all(requests)
+    finally:
+        batcher.close(5)
+    for request in requests:
+        assert request.output == alone(request.seq.prompt_ids, 40, cyclic)
+    stats = batcher.stats()
+    if speculative_tokens:
+        # Two rows in four slots leave two draft tokens a step; once the cycle shows, both are right.
+        assert stats.accepted_draft_tokens > 0.5 * stats.draft_tokens > 0
+        assert stats.steps < 30
+        assert max(rows + sum(len(c.tokens) for c in chunks if c.all_logits) for rows, chunks in runner.steps) <= 4
+    else:
+        assert stats.draft_tokens == 0 and stats.steps >= 40
+
+
+def test_rows_that_sample_are_never_drafted() -> None:
+    runner = HistoryRunner(128)
+    runner.next_token = staticmethod(cyclic)  # type: ignore[assignment]
+    batcher = scheduler(runner, max_batch_size=4, prefill_chunk_tokens=64)
+    request = Request("hot", [1, 2, 3, 4], new_tokens=20, sampling=SamplingParams(temperature=0.7, seed=1))
+    batcher.submit(request.seq)
+    batcher.start()
+    try:
+        wait_all([request])
+    finally:
+        batcher.close(5)
+    assert batcher.stats().draft_tokens == 0
+    assert len(request.output) == 20
+
+
+def test_the_proposer_drafts_what_followed_the_latest_earlier_occurrence_of_the_tail() -> None:
+    proposer = NgramProposer([5, 6, 7, 8, 9, 5, 6, 7])
+    assert proposer.propose(3) == [8, 9, 5]
+    proposer.append(1)  # (6, 7, 1) and (7, 1) never occurred before
+    assert proposer.propose(2) == []
+    proposer = NgramProposer([1, 2, 3, 1, 2, 4, 1, 2])  # no earlier (4, 1, 2); the latest earlier (1, 2) -> 4
+    assert proposer.propose(2) == [4, 1]
+    assert proposer.propose(0) == []
