@@ -86,6 +86,9 @@ class InferenceConfig(_Section):
     )
     prefix_block_size: int = Field(16, ge=1, description="Granularity of prefix reuse, in tokens.")
     prefill_chunk_tokens: int = Field(256, ge=1, description="Prompt tokens computed per step while others decode.")
+    speculative_tokens: int = Field(
+        4, ge=0, description="Prompt-lookup draft tokens per greedy request and step; 0 disables speculation."
+    )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (backend: triton).")
     triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")
 

@@ -35,6 +35,7 @@ def create_engine(config: MeshConfig) -> Engine:
             prefix_cache_tokens=section.prefix_cache_tokens,
             prefix_block_size=section.prefix_block_size,
             prefill_chunk_tokens=section.prefill_chunk_tokens,
+            speculative_tokens=section.speculative_tokens,
             max_queue=section.max_queue,
         ),
     )

@@ -58,3 +58,5 @@ async def test_metrics_follow_the_requests_served(served) -> None:
     assert values[f"meshpilot_engine_queue_depth{{{model}}}"] == 0
     assert values[f"meshpilot_engine_kv_cache_tokens_capacity{{{model}}}"] > 0
     assert 0 <= values[f"meshpilot_engine_prefix_cache_hit_rate{{{model}}}"] <= 1
+    drafted = values[f"meshpilot_engine_draft_tokens_total{{{model}}}"]
+    assert 0 <= values[f"meshpilot_engine_accepted_draft_tokens_total{{{model}}}"] <= drafted
