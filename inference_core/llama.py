@@ -209,18 +209,7 @@ class LlamaRunner:
                 decode.write(values, v[:batch])
                 parts.append(decode.attend(q[:batch], keys, values))
             for chunk, (lo, hi), mask in zip(chunks, spans, masks, strict=True):
-                end = chunk.start + len(chunk.tokens)
-                keys[chunk.slot, :, chunk.start : end] = k[lo:hi].transpose(0, 1)
-                values[chunk.slot, :, chunk.start : end] = v[lo:hi].transpose(0, 1)
-                attn = F.scaled_dot_product_attention(
-                    q[lo:hi].transpose(0, 1).unsqueeze(0),
-                    keys[chunk.slot : chunk.slot + 1, :, :end],
-                    values[chunk.slot : chunk.slot + 1, :, :end],
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    enable_gqa=True,
-                )
-                parts.append(attn[0].transpose(0, 1))
+                parts.append(self._chunk_attention(chunk, mask, q[lo:hi], k[lo:hi], v[lo:hi], keys, values))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
             x = x + torch.matmul(attn.reshape(steps, q_size), layer.out)
             h = self._norm(x, layer.post_norm)
@@ -230,6 +219,31 @@ class LlamaRunner:
         for chunk, (lo, hi) in zip(chunks, spans, strict=True):
             rows += range(lo, hi) if chunk.all_logits else [hi - 1]
         return self.logits(x[rows])
+
+    @staticmethod
+    def _chunk_attention(
+        chunk: Chunk,
+        mask: torch.Tensor | None,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """Writes a chunk's keys and values ``[tokens, kv_heads, head_dim]`` into its slot of one layer's cache and
+        attends its queries ``[tokens, heads, head_dim]`` to the slot up to the chunk's end."""
+        end = chunk.start + len(chunk.tokens)
+        keys[chunk.slot, :, chunk.start : end] = k.transpose(0, 1)
+        values[chunk.slot, :, chunk.start : end] = v.transpose(0, 1)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            keys[chunk.slot : chunk.slot + 1, :, :end],
+            values[chunk.slot : chunk.slot + 1, :, :end],
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=True,
+        )
+        return attn[0].transpose(0, 1)
 
     def _chunk_mask(self, chunk: Chunk) -> torch.Tensor | None:
         if chunk.start == 0:
@@ -265,9 +279,11 @@ class _DecodePlan:
         # Row b, kv head h, position p of a layer's [slots, kv_heads, max_len, head_dim] cache, as one flat index.
         heads = torch.arange(runner.kv_heads, device=device)
         max_len = cache.max_len
-        self.flat_index = ((torch.arange(batch, device=device)[:, None] * runner.kv_heads + heads) * max_len).add_(
-            self.positions[:, None]
-        ).reshape(-1)
+        self.flat_index = (
+            ((torch.arange(batch, device=device)[:, None] * runner.kv_heads + heads) * max_len)
+            .add_(self.positions[:, None])
+            .reshape(-1)
+        )
         self.kv_len = max(lengths) + 1
         self.shared = shared if batch > 1 and shared >= CASCADE_MIN_SHARED else 0
         start = self.shared
