@@ -93,14 +93,25 @@ def _attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention ``[..., L, d]`` and its log-sum-exp ``[..., L]``; ``mask`` is additive (0 or -inf)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        out, lse = _CPU_FLASH(q, k, v, attn_mask=mask)
         return out, lse
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return _math_attention_with_lse(q, k, v, mask)
+
+
+def _math_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain torch ops (any device; the softmax in fp32)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     if mask is not None:
         scores = scores + mask
-    lse = torch.logsumexp(scores.float(), -1)
-    return torch.matmul(torch.exp(scores.float() - lse.unsqueeze(-1)).to(v.dtype), v), lse
+    lse = torch.logsumexp(scores, -1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype), v), lse
+
+
+# torch's CPU flash-attention kernel, which also returns the log-sum-exp (SDPA's public API does not).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 class LlamaRunner:

@@ -32,8 +32,13 @@ def prefilled(runner: LlamaRunner) -> tuple[SlotKVCache, list[int], list[int]]:
     return cache, firsts, [len(prompt) for prompt in PROMPTS]
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
-def test_shared_prefix_attention_equals_attending_to_each_row_whole(tiny_dir, dtype, tolerance) -> None:
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("portable", [False, True], ids=["cpu-kernel", "portable"])
+def test_shared_prefix_attention_equals_attending_to_each_row_whole(
+    tiny_dir, dtype, tolerance, portable, monkeypatch
+) -> None:
+    if portable:  # the plain-torch log-sum-exp attention that non-CPU devices run
+        monkeypatch.setattr("inference_core.llama._CPU_FLASH", None)
     runner = runner_for(tiny_dir, dtype)
     cache, firsts, lengths = prefilled(runner)
     plain = runner.decode(firsts, lengths, cache, shared=0)
@@ -61,3 +66,21 @@ def test_a_draft_chunk_after_a_decode_row_gives_the_logits_of_decoding_its_token
         lengths = [length + (1 if row == 1 else 0) for row, length in enumerate(lengths)]
     torch.testing.assert_close(fused[: len(PROMPTS)], expected[0], atol=1e-4, rtol=0)
     torch.testing.assert_close(fused[len(PROMPTS) :], torch.cat(expected[1:]), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_portable_log_sum_exp_attention_equals_the_cpu_kernel(masked: bool) -> None:
+    """The plain-torch path is what CUDA runs (no GPU here): it must agree with the CPU kernel."""
+    from inference_core.llama import _CPU_FLASH, _attention_with_lse, _math_attention_with_lse
+
+    assert _CPU_FLASH is not None, "torch 2.13 ships the CPU kernel; the fast path depends on it"
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 16, generator=generator) for n in (5, 40, 40))
+    mask = None
+    if masked:
+        visible = torch.arange(40)[None, :] < torch.tensor([40, 25, 7])[:, None]
+        mask = torch.zeros(3, 1, 1, 40).masked_fill(~visible.view(3, 1, 1, 40), float("-inf"))
+    fast, fast_lse = _attention_with_lse(q, k, v, mask)
+    portable, portable_lse = _math_attention_with_lse(q, k, v, mask)
+    torch.testing.assert_close(fast, portable, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_lse, portable_lse, atol=1e-5, rtol=1e-5)
