@@ -190,8 +190,9 @@ class ContinuousBatchScheduler(AdmissionQueue):
             # right after the running rows and the running rows stay packed.
             self._running += joined
             del self._admitting[: len(joined)]
-            self._remove([row for row in self._running if row.seq.finished])
-        if joined:
+            finished = [row for row in self._running if row.seq.finished]
+            self._remove(finished)
+        if joined or finished:
             self._shared = self._common_prefix()
 
     def _plan_drafts(self, prompt_tokens: int) -> dict[int, Chunk]:
@@ -266,10 +267,12 @@ class ContinuousBatchScheduler(AdmissionQueue):
             row.seq.finish(FinishReason.CANCELLED)
         with self._cv:
             self._remove(aborted)
+        self._shared = self._common_prefix()
 
     def _remove(self, rows: list[_Row]) -> None:
-        """Drops ``rows`` (running or admitting; caller holds the lock) and repacks the slots: running rows left in
-        slots past the new batch size move into the holes, then the admitting rows move down behind them in order."""
+        """Drops ``rows`` (running or admitting; caller holds the lock and then updates the shared prefix) and repacks
+        the slots: running rows left in slots past the new batch size move into the holes, then the admitting rows
+        move down behind them in order."""
         if not rows:
             return
         gone = {id(row) for row in rows}
@@ -284,7 +287,6 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._running.sort(key=lambda row: row.slot)  # list index = slot: decode row b is slot b
         for index, row in enumerate(self._admitting):
             self._move(row, batch + index)
-        self._shared = self._common_prefix()
 
     def _move(self, row: _Row, slot: int) -> None:
         if row.slot != slot:

@@ -84,10 +84,6 @@ class Chunk:
     tokens: list[int]
     all_logits: bool = False
 
-    @property
-    def logit_rows(self) -> int:
-        return len(self.tokens) if self.all_logits else 1
-
 
 def _attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
@@ -187,7 +183,7 @@ class LlamaRunner:
         ``shared``: positions 0..shared-1 hold the same tokens in every decode row (their keys and values are read from
         row 0 once for all rows); 0 when unknown. A chunk may continue a decode row's slot right after the token it
         decodes (a draft): the row's new key is written before the chunk attends. Returns fp32 logits: one row per
-        decode row, then per chunk ``chunk.logit_rows`` rows (its last token's, or every token's).
+        decode row, then per chunk its last token's row, or every token's with ``all_logits``.
         """
         batch = len(tokens)
         ids = list(tokens)

@@ -42,9 +42,11 @@ def alone(prompt: list[int], new_tokens: int, rule=next_token) -> list[int]:
 class HistoryRunner:
     """Stands in for LlamaRunner: the KV cache holds token ids, logits pick next_token(history read from the slot)."""
 
-    def __init__(self, max_len: int) -> None:
+    def __init__(self, max_len: int, rule=next_token) -> None:
         self.max_len = max_len
+        self.next_token = rule
         self.steps: list[tuple[int, list[Chunk]]] = []  # (decode rows, chunks) of each step after warm-up
+        self.shared_claims: list[int] = []  # the shared prefix handed in with each step that decodes
         self.on_step = lambda step: None
         self.warm = False
 
@@ -58,8 +60,6 @@ class HistoryRunner:
         logits = torch.zeros(VOCAB)
         logits[self.next_token(history)] = 1.0
         return logits
-
-    next_token = staticmethod(next_token)
 
     def step(self, cache, tokens, lengths, chunks=(), shared=0) -> torch.Tensor:
         rows = []
@@ -75,6 +75,8 @@ class HistoryRunner:
             rows += [self._history(cache, chunk.slot, stop) for stop in firsts]
         if self.warm:
             self.steps.append((len(tokens), list(chunks)))
+            if tokens:
+                self.shared_claims.append(shared)
             self.on_step(len(self.steps))
         return torch.stack([self._logits(history) for history in rows])
 
@@ -129,9 +131,16 @@ def scheduler(runner: HistoryRunner, **config) -> ContinuousBatchScheduler:
     return ContinuousBatchScheduler(runner, BatchingConfig(**{**defaults, **config}))  # type: ignore[arg-type]
 
 
-def wait_all(requests: list[Request]) -> None:
+def serve(batcher: ContinuousBatchScheduler, requests: list[Request]) -> None:
+    """Submits every request before the loop starts (so the first step sees them all) and waits for all to end."""
     for request in requests:
-        assert request.done.wait(30), f"{request.seq.request_id} did not finish"
+        batcher.submit(request.seq)
+    batcher.start()
+    try:
+        for request in requests:
+            assert request.done.wait(30), f"{request.seq.request_id} did not finish"
+    finally:
+        batcher.close(5)
 
 
 SYSTEM = list(range(1, 21))  # a 20-token shared prefix
@@ -152,13 +161,7 @@ def test_batched_outputs_equal_each_sequence_alone_through_joins_retires_and_abo
                 batcher.abort(name)
 
     runner.on_step = abort_some
-    for request in requests:
-        batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all(requests)
-    finally:
-        batcher.close(5)
+    serve(batcher, requests)
     for request in requests:
         expected = alone(request.seq.prompt_ids, request.seq.max_new_tokens)
         if request.seq.request_id in doomed:
@@ -176,13 +179,7 @@ def test_waiting_short_prompts_are_admitted_together_up_to_the_prefill_budget() 
     runner = HistoryRunner(128)
     batcher = scheduler(runner, prefill_chunk_tokens=16, prefix_cache_tokens=0)
     requests = [Request(f"r{i}", [50 + i] * 5, new_tokens=2) for i in range(5)]
-    for request in requests:
-        batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all(requests)
-    finally:
-        batcher.close(5)
+    serve(batcher, requests)
     rows, chunks = runner.steps[0]
     # 5 + 5 + 5 tokens leave room, so a fourth is admitted and gets the last token of the budget; the fifth waits.
     assert rows == 0
@@ -194,13 +191,7 @@ def test_a_cold_prompt_longer_than_the_budget_is_admitted_alone_so_followers_reu
     runner = HistoryRunner(128)
     batcher = scheduler(runner, prefill_chunk_tokens=8)
     requests = [Request(f"r{i}", [*SYSTEM, 60 + i], new_tokens=2) for i in range(3)]
-    for request in requests:
-        batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all(requests)
-    finally:
-        batcher.close(5)
+    serve(batcher, requests)
     first_chunks = [chunks for _, chunks in runner.steps[:3]]
     assert [[c.slot for c in chunks] for chunks in first_chunks] == [[0], [0], [0]], "21 tokens: three steps alone"
     # The followers restore the 20 cached tokens and compute one token each.
@@ -209,27 +200,12 @@ def test_a_cold_prompt_longer_than_the_budget_is_admitted_alone_so_followers_reu
 
 
 def test_the_shared_prefix_handed_to_the_runner_is_the_running_rows_common_prompt_prefix() -> None:
-    shared_seen: list[int] = []
     runner = HistoryRunner(128)
-    original = runner.step
-
-    def recording_step(cache, tokens, lengths, chunks=(), shared=0):
-        if runner.warm and tokens:
-            shared_seen.append(shared)
-        return original(cache, tokens, lengths, chunks, shared)
-
-    runner.step = recording_step  # type: ignore[method-assign]
     batcher = scheduler(runner, prefill_chunk_tokens=64)
     requests = [Request(f"r{i}", [*SYSTEM, 70 + i, 71], new_tokens=6) for i in range(3)]
-    for request in requests:
-        batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all(requests)
-    finally:
-        batcher.close(5)
+    serve(batcher, requests)
     assert common_prefix_length([r.seq.prompt_ids for r in requests]) == 20
-    assert max(shared_seen) == 20  # the HistoryRunner asserts every claim is true
+    assert max(runner.shared_claims) == 20  # the HistoryRunner asserts every claim is true
 
 
 @pytest.mark.parametrize("new_tokens", [1, 2])
@@ -237,13 +213,7 @@ def test_a_sequence_that_ends_on_its_first_token_leaves_its_slot_at_once(new_tok
     runner = HistoryRunner(128)
     batcher = scheduler(runner, max_batch_size=1, prefill_chunk_tokens=64)
     requests = [Request(f"r{i}", [80 + i, 3], new_tokens=new_tokens) for i in range(3)]
-    for request in requests:
-        batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all(requests)
-    finally:
-        batcher.close(5)
+    serve(batcher, requests)
     assert all(request.output == alone(request.seq.prompt_ids, new_tokens) for request in requests)
     assert batcher.stats().running == 0 and batcher.stats().kv_tokens_used == 0
 
@@ -255,17 +225,10 @@ def cyclic(history: list[int]) -> int:
 
 @pytest.mark.parametrize("speculative_tokens", [0, 4])
 def test_drafts_change_how_many_steps_not_the_output(speculative_tokens: int) -> None:
-    runner = HistoryRunner(128)
-    runner.next_token = staticmethod(cyclic)  # type: ignore[assignment]
+    runner = HistoryRunner(128, rule=cyclic)
     batcher = scheduler(runner, max_batch_size=4, prefill_chunk_tokens=64, speculative_tokens=speculative_tokens)
     requests = [Request(f"r{i}", [1, 2 + i, 3, 4 + i], new_tokens=40) for i in range(2)]
-    for request in requests:
-        batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all(requests)
-    finally:
-        batcher.close(5)
+    serve(batcher, requests)
     for request in requests:
         assert request.output == alone(request.seq.prompt_ids, 40, cyclic)
     stats = batcher.stats()
@@ -279,16 +242,10 @@ def test_drafts_change_how_many_steps_not_the_output(speculative_tokens: int) ->
 
 
 def test_rows_that_sample_are_never_drafted() -> None:
-    runner = HistoryRunner(128)
-    runner.next_token = staticmethod(cyclic)  # type: ignore[assignment]
+    runner = HistoryRunner(128, rule=cyclic)
     batcher = scheduler(runner, max_batch_size=4, prefill_chunk_tokens=64)
     request = Request("hot", [1, 2, 3, 4], new_tokens=20, sampling=SamplingParams(temperature=0.7, seed=1))
-    batcher.submit(request.seq)
-    batcher.start()
-    try:
-        wait_all([request])
-    finally:
-        batcher.close(5)
+    serve(batcher, [request])
     assert batcher.stats().draft_tokens == 0
     assert len(request.output) == 20
 
