@@ -2,6 +2,7 @@
 
 from services.common.clients import create_channel, rpc_error_to_mesh_error
 from services.common.config import (
+    ApprovalConfig,
     ConfigError,
     InferenceConfig,
     KnowledgeConfig,
@@ -12,17 +13,22 @@ from services.common.config import (
     load_config,
 )
 from services.common.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     MeshError,
     NotFoundError,
+    OutOfRangeError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
 )
 from services.common.server import MeshServer, serve
 
 __all__ = [
+    "AlreadyExistsError",
+    "ApprovalConfig",
     "ConfigError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -33,6 +39,8 @@ __all__ = [
     "MeshError",
     "MeshServer",
     "NotFoundError",
+    "OutOfRangeError",
+    "PermissionDeniedError",
     "PlannerConfig",
     "ResourceExhaustedError",
     "ServerConfig",

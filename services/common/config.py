@@ -136,6 +136,19 @@ class PlannerConfig(_Section):
     )
 
 
+class ApprovalConfig(_Section):
+    """Approval tokens: the planner signs a human's consent to one tool call, the tools service checks it."""
+
+    key_file: Path | None = Field(
+        None,
+        description="HMAC key shared by the planner and the tools service (created, mode 0600, on first use); "
+        "defaults to <data_dir>/approval.key. Give both services the same file (a Kubernetes Secret).",
+    )
+    token_ttl_seconds: float = Field(
+        300.0, gt=0, le=86_400, description="How long a token is valid after the planner signs it (at call time)."
+    )
+
+
 class MeshConfig(BaseSettings):
     """Configuration of the whole mesh; every service reads its own section and the targets of the others."""
 
@@ -147,6 +160,7 @@ class MeshConfig(BaseSettings):
     tools: ToolsConfig = ToolsConfig()
     knowledge: KnowledgeConfig = KnowledgeConfig()
     inference: InferenceConfig = InferenceConfig()
+    approvals: ApprovalConfig = ApprovalConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -166,6 +180,8 @@ class MeshConfig(BaseSettings):
             self.knowledge.store_path = self.data_dir / "knowledge"
         if self.planner.db_path is None:
             self.planner.db_path = self.data_dir / "planner.db"
+        if self.approvals.key_file is None:
+            self.approvals.key_file = self.data_dir / "approval.key"
         return self
 
 

@@ -30,6 +30,18 @@ class FailedPreconditionError(MeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class AlreadyExistsError(MeshError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDeniedError(MeshError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class OutOfRangeError(MeshError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class ResourceExhaustedError(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -5,6 +5,8 @@ import services.common
 
 def test_services_common_exports() -> None:
     assert set(services.common.__all__) == {
+        "AlreadyExistsError",
+        "ApprovalConfig",
         "ConfigError",
         "DeadlineExceededError",
         "FailedPreconditionError",
@@ -15,6 +17,8 @@ def test_services_common_exports() -> None:
         "MeshError",
         "MeshServer",
         "NotFoundError",
+        "OutOfRangeError",
+        "PermissionDeniedError",
         "PlannerConfig",
         "ResourceExhaustedError",
         "ServerConfig",

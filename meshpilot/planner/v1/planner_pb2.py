@@ -28,15 +28,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from meshpilot.common.v1 import common_pb2 as meshpilot_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshpilot/planner/v1/planner.proto\x12\x14meshpilot.planner.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a meshpilot/common/v1/common.proto\"4\n\x04Turn\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\"y\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05turns\x18\x03 \x03(\x0b\x32\x1a.meshpilot.planner.v1.Turn\"\x16\n\x14\x43reateSessionRequest\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"^\n\tRunBudget\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"_\n\nRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12/\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x1f.meshpilot.planner.v1.RunBudget\"\x1b\n\x0bStepStarted\x12\x0c\n\x04step\x18\x01 \x01(\x05\"\x83\x01\n\x0bModelOutput\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.meshpilot.common.v1.Usage\x12-\n\x07timings\x18\x04 \x01(\x0b\x32\x1c.meshpilot.common.v1.Timings\"c\n\x08ToolCall\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xac\x01\n\nToolResult\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x0f\n\x05\x65rror\x18\x05 \x01(\tH\x00\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationB\t\n\x07outcome\"u\n\x0b\x46inalAnswer\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.meshpilot.common.v1.Usage\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\")\n\x08RunError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xc3\x03\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0cstep_started\x18\x05 \x01(\x0b\x32!.meshpilot.planner.v1.StepStartedH\x00\x12\x39\n\x0cmodel_output\x18\x06 \x01(\x0b\x32!.meshpilot.planner.v1.ModelOutputH\x00\x12\x33\n\ttool_call\x18\x07 \x01(\x0b\x32\x1e.meshpilot.planner.v1.ToolCallH\x00\x12\x37\n\x0btool_result\x18\x08 \x01(\x0b\x32 .meshpilot.planner.v1.ToolResultH\x00\x12\x39\n\x0c\x66inal_answer\x18\t \x01(\x0b\x32!.meshpilot.planner.v1.FinalAnswerH\x00\x12/\n\x05\x65rror\x18\n \x01(\x0b\x32\x1e.meshpilot.planner.v1.RunErrorH\x00\x42\x07\n\x05\x65vent\"\xb0\x02\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.meshpilot.planner.v1.RunState\x12\x0e\n\x06\x61nswer\x18\x05 \x01(\t\x12)\n\x05usage\x18\x06 \x01(\x0b\x32\x1a.meshpilot.common.v1.Usage\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06\x65vents\x18\t \x03(\x0b\x32\x1e.meshpilot.planner.v1.RunEvent\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t*\x84\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x02\x12\x14\n\x10RUN_STATE_FAILED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x32\xa7\x03\n\x0ePlannerService\x12Z\n\rCreateSession\x12*.meshpilot.planner.v1.CreateSessionRequest\x1a\x1d.meshpilot.planner.v1.Session\x12T\n\nGetSession\x12\'.meshpilot.planner.v1.GetSessionRequest\x1a\x1d.meshpilot.planner.v1.Session\x12I\n\x03Run\x12 .meshpilot.planner.v1.RunRequest\x1a\x1e.meshpilot.planner.v1.RunEvent0\x01\x12H\n\x06GetRun\x12#.meshpilot.planner.v1.GetRunRequest\x1a\x19.meshpilot.planner.v1.Run\x12N\n\tCancelRun\x12&.meshpilot.planner.v1.CancelRunRequest\x1a\x19.meshpilot.planner.v1.Runb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"meshpilot/planner/v1/planner.proto\x12\x14meshpilot.planner.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a meshpilot/common/v1/common.proto\"4\n\x04Turn\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x03 \x01(\t\"y\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05turns\x18\x03 \x03(\x0b\x32\x1a.meshpilot.planner.v1.Turn\"\x16\n\x14\x43reateSessionRequest\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"^\n\tRunBudget\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x85\x01\n\nRunRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12/\n\x06\x62udget\x18\x03 \x01(\x0b\x32\x1f.meshpilot.planner.v1.RunBudget\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\x05\"9\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\x1b\n\x0bStepStarted\x12\x0c\n\x04step\x18\x01 \x01(\x05\"\x83\x01\n\x0bModelOutput\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x05usage\x18\x03 \x01(\x0b\x32\x1a.meshpilot.common.v1.Usage\x12-\n\x07timings\x18\x04 \x01(\x0b\x32\x1c.meshpilot.common.v1.Timings\"c\n\x08ToolCall\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xee\x01\n\nToolResult\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12(\n\x06result\x18\x04 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x0f\n\x05\x65rror\x18\x05 \x01(\tH\x00\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x42\t\n\x07outcome\"|\n\x11\x41pprovalRequested\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x8e\x01\n\x10\x41pprovalDecision\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12\x10\n\x08\x61pproved\x18\x04 \x01(\x08\x12*\n\targuments\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63omment\x18\x06 \x01(\t\"9\n\x08PlanMade\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x10\n\x08revision\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x03(\t\"u\n\x0b\x46inalAnswer\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.meshpilot.common.v1.Usage\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\")\n\x08RunError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xff\x04\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x0cstep_started\x18\x05 \x01(\x0b\x32!.meshpilot.planner.v1.StepStartedH\x00\x12\x39\n\x0cmodel_output\x18\x06 \x01(\x0b\x32!.meshpilot.planner.v1.ModelOutputH\x00\x12\x33\n\ttool_call\x18\x07 \x01(\x0b\x32\x1e.meshpilot.planner.v1.ToolCallH\x00\x12\x37\n\x0btool_result\x18\x08 \x01(\x0b\x32 .meshpilot.planner.v1.ToolResultH\x00\x12\x39\n\x0c\x66inal_answer\x18\t \x01(\x0b\x32!.meshpilot.planner.v1.FinalAnswerH\x00\x12/\n\x05\x65rror\x18\n \x01(\x0b\x32\x1e.meshpilot.planner.v1.RunErrorH\x00\x12\x45\n\x12\x61pproval_requested\x18\x0b \x01(\x0b\x32\'.meshpilot.planner.v1.ApprovalRequestedH\x00\x12\x43\n\x11\x61pproval_decision\x18\x0c \x01(\x0b\x32&.meshpilot.planner.v1.ApprovalDecisionH\x00\x12.\n\x04plan\x18\r \x01(\x0b\x32\x1e.meshpilot.planner.v1.PlanMadeH\x00\x42\x07\n\x05\x65vent\"\xb1\x03\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12-\n\x05state\x18\x04 \x01(\x0e\x32\x1e.meshpilot.planner.v1.RunState\x12\x0e\n\x06\x61nswer\x18\x05 \x01(\t\x12)\n\x05usage\x18\x06 \x01(\x0b\x32\x1a.meshpilot.common.v1.Usage\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x06\x65vents\x18\t \x03(\x0b\x32\x1e.meshpilot.planner.v1.RunEvent\x12\r\n\x05\x61gent\x18\n \x01(\t\x12\x15\n\ragent_version\x18\x0b \x01(\x05\x12\x15\n\rlast_sequence\x18\x0c \x01(\x03\x12\x42\n\x11pending_approvals\x18\r \x03(\x0b\x32\'.meshpilot.planner.v1.ApprovalRequested\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"v\n\x0fListRunsRequest\x12-\n\x05state\x18\x01 \x01(\x0e\x32\x1e.meshpilot.planner.v1.RunState\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\";\n\x10ListRunsResponse\x12\'\n\x04runs\x18\x01 \x03(\x0b\x32\x19.meshpilot.planner.v1.Run\"\"\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"v\n\x16\x41pproveToolCallRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t\"H\n\x15RejectToolCallRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*\xa8\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_RUNNING\x10\x01\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x02\x12\x14\n\x10RUN_STATE_FAILED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\"\n\x1eRUN_STATE_WAITING_FOR_APPROVAL\x10\x05\x32\x8d\x06\n\x0ePlannerService\x12Z\n\rCreateSession\x12*.meshpilot.planner.v1.CreateSessionRequest\x1a\x1d.meshpilot.planner.v1.Session\x12T\n\nGetSession\x12\'.meshpilot.planner.v1.GetSessionRequest\x1a\x1d.meshpilot.planner.v1.Session\x12I\n\x03Run\x12 .meshpilot.planner.v1.RunRequest\x1a\x1e.meshpilot.planner.v1.RunEvent0\x01\x12S\n\x08WatchRun\x12%.meshpilot.planner.v1.WatchRunRequest\x1a\x1e.meshpilot.planner.v1.RunEvent0\x01\x12H\n\x06GetRun\x12#.meshpilot.planner.v1.GetRunRequest\x1a\x19.meshpilot.planner.v1.Run\x12Y\n\x08ListRuns\x12%.meshpilot.planner.v1.ListRunsRequest\x1a&.meshpilot.planner.v1.ListRunsResponse\x12N\n\tCancelRun\x12&.meshpilot.planner.v1.CancelRunRequest\x1a\x19.meshpilot.planner.v1.Run\x12Z\n\x0f\x41pproveToolCall\x12,.meshpilot.planner.v1.ApproveToolCallRequest\x1a\x19.meshpilot.planner.v1.Run\x12X\n\x0eRejectToolCall\x12+.meshpilot.planner.v1.RejectToolCallRequest\x1a\x19.meshpilot.planner.v1.Runb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshpilot.planner.v1.planner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=2056
-  _globals['_RUNSTATE']._serialized_end=2188
+  _globals['_RUNSTATE']._serialized_start=3242
+  _globals['_RUNSTATE']._serialized_end=3410
   _globals['_TURN']._serialized_start=189
   _globals['_TURN']._serialized_end=241
   _globals['_SESSION']._serialized_start=243
@@ -47,28 +47,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSESSIONREQUEST']._serialized_end=429
   _globals['_RUNBUDGET']._serialized_start=431
   _globals['_RUNBUDGET']._serialized_end=525
-  _globals['_RUNREQUEST']._serialized_start=527
-  _globals['_RUNREQUEST']._serialized_end=622
-  _globals['_STEPSTARTED']._serialized_start=624
-  _globals['_STEPSTARTED']._serialized_end=651
-  _globals['_MODELOUTPUT']._serialized_start=654
-  _globals['_MODELOUTPUT']._serialized_end=785
-  _globals['_TOOLCALL']._serialized_start=787
-  _globals['_TOOLCALL']._serialized_end=886
-  _globals['_TOOLRESULT']._serialized_start=889
-  _globals['_TOOLRESULT']._serialized_end=1061
-  _globals['_FINALANSWER']._serialized_start=1063
-  _globals['_FINALANSWER']._serialized_end=1180
-  _globals['_RUNERROR']._serialized_start=1182
-  _globals['_RUNERROR']._serialized_end=1223
-  _globals['_RUNEVENT']._serialized_start=1226
-  _globals['_RUNEVENT']._serialized_end=1677
-  _globals['_RUN']._serialized_start=1680
-  _globals['_RUN']._serialized_end=1984
-  _globals['_GETRUNREQUEST']._serialized_start=1986
-  _globals['_GETRUNREQUEST']._serialized_end=2017
-  _globals['_CANCELRUNREQUEST']._serialized_start=2019
-  _globals['_CANCELRUNREQUEST']._serialized_end=2053
-  _globals['_PLANNERSERVICE']._serialized_start=2191
-  _globals['_PLANNERSERVICE']._serialized_end=2614
+  _globals['_RUNREQUEST']._serialized_start=528
+  _globals['_RUNREQUEST']._serialized_end=661
+  _globals['_WATCHRUNREQUEST']._serialized_start=663
+  _globals['_WATCHRUNREQUEST']._serialized_end=720
+  _globals['_STEPSTARTED']._serialized_start=722
+  _globals['_STEPSTARTED']._serialized_end=749
+  _globals['_MODELOUTPUT']._serialized_start=752
+  _globals['_MODELOUTPUT']._serialized_end=883
+  _globals['_TOOLCALL']._serialized_start=885
+  _globals['_TOOLCALL']._serialized_end=984
+  _globals['_TOOLRESULT']._serialized_start=987
+  _globals['_TOOLRESULT']._serialized_end=1225
+  _globals['_APPROVALREQUESTED']._serialized_start=1227
+  _globals['_APPROVALREQUESTED']._serialized_end=1351
+  _globals['_APPROVALDECISION']._serialized_start=1354
+  _globals['_APPROVALDECISION']._serialized_end=1496
+  _globals['_PLANMADE']._serialized_start=1498
+  _globals['_PLANMADE']._serialized_end=1555
+  _globals['_FINALANSWER']._serialized_start=1557
+  _globals['_FINALANSWER']._serialized_end=1674
+  _globals['_RUNERROR']._serialized_start=1676
+  _globals['_RUNERROR']._serialized_end=1717
+  _globals['_RUNEVENT']._serialized_start=1720
+  _globals['_RUNEVENT']._serialized_end=2359
+  _globals['_RUN']._serialized_start=2362
+  _globals['_RUN']._serialized_end=2795
+  _globals['_GETRUNREQUEST']._serialized_start=2797
+  _globals['_GETRUNREQUEST']._serialized_end=2828
+  _globals['_LISTRUNSREQUEST']._serialized_start=2830
+  _globals['_LISTRUNSREQUEST']._serialized_end=2948
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2950
+  _globals['_LISTRUNSRESPONSE']._serialized_end=3009
+  _globals['_CANCELRUNREQUEST']._serialized_start=3011
+  _globals['_CANCELRUNREQUEST']._serialized_end=3045
+  _globals['_APPROVETOOLCALLREQUEST']._serialized_start=3047
+  _globals['_APPROVETOOLCALLREQUEST']._serialized_end=3165
+  _globals['_REJECTTOOLCALLREQUEST']._serialized_start=3167
+  _globals['_REJECTTOOLCALLREQUEST']._serialized_end=3239
+  _globals['_PLANNERSERVICE']._serialized_start=3413
+  _globals['_PLANNERSERVICE']._serialized_end=4194
 # @@protoc_insertion_point(module_scope)

@@ -50,14 +50,34 @@ class PlannerServiceStub:
                 request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunRequest.SerializeToString,
                 response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunEvent.FromString,
                 _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/meshpilot.planner.v1.PlannerService/WatchRun',
+                request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunEvent.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/meshpilot.planner.v1.PlannerService/GetRun',
                 request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetRunRequest.SerializeToString,
                 response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
                 _registered_method=True)
+        self.ListRuns = channel.unary_unary(
+                '/meshpilot.planner.v1.PlannerService/ListRuns',
+                request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
         self.CancelRun = channel.unary_unary(
                 '/meshpilot.planner.v1.PlannerService/CancelRun',
                 request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.CancelRunRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
+                _registered_method=True)
+        self.ApproveToolCall = channel.unary_unary(
+                '/meshpilot.planner.v1.PlannerService/ApproveToolCall',
+                request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.ApproveToolCallRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
+                _registered_method=True)
+        self.RejectToolCall = channel.unary_unary(
+                '/meshpilot.planner.v1.PlannerService/RejectToolCall',
+                request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RejectToolCallRequest.SerializeToString,
                 response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
                 _registered_method=True)
 
@@ -79,7 +99,16 @@ class PlannerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Run(self, request, context):
-        """Runs a task in a session and streams every step; the last event is final_answer or error.
+        """Starts a task in a session and streams every step; the last event is final_answer or error. The run goes on if
+        the stream breaks: follow it again with WatchRun. Unknown agent, version or session: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRun(self, request, context):
+        """The run's journaled events after after_sequence, then its live ones until it ends: no gap, no duplicate.
+        after_sequence beyond the run's last event: OUT_OF_RANGE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,8 +120,30 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRuns(self, request, context):
+        """Runs, newest first, optionally of one state, agent or session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelRun(self, request, context):
-        """Stops a running run; it ends with an error event of code CANCELLED.
+        """Stops a run that has not ended (running or waiting for approval); it ends with an error event CANCELLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveToolCall(self, request, context):
+        """Lets a tool call that waits for approval run, optionally with edited arguments.
+        Unknown run or call: NOT_FOUND; a call that is not waiting for approval: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectToolCall(self, request, context):
+        """Refuses a tool call that waits for approval; the reason becomes the call's error observation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,14 +167,34 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunRequest.FromString,
                     response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunEvent.SerializeToString,
             ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.WatchRunRequest.FromString,
+                    response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunEvent.SerializeToString,
+            ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
                     request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetRunRequest.FromString,
                     response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.SerializeToString,
             ),
+            'ListRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRuns,
+                    request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.ListRunsRequest.FromString,
+                    response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.ListRunsResponse.SerializeToString,
+            ),
             'CancelRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelRun,
                     request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.CancelRunRequest.FromString,
+                    response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.SerializeToString,
+            ),
+            'ApproveToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveToolCall,
+                    request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.ApproveToolCallRequest.FromString,
+                    response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.SerializeToString,
+            ),
+            'RejectToolCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectToolCall,
+                    request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RejectToolCallRequest.FromString,
                     response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.SerializeToString,
             ),
     }
@@ -220,6 +291,33 @@ class PlannerService:
             _registered_method=True)
 
     @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshpilot.planner.v1.PlannerService/WatchRun',
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.WatchRunRequest.SerializeToString,
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetRun(request,
             target,
             options=(),
@@ -247,6 +345,33 @@ class PlannerService:
             _registered_method=True)
 
     @staticmethod
+    def ListRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.planner.v1.PlannerService/ListRuns',
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.ListRunsRequest.SerializeToString,
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def CancelRun(request,
             target,
             options=(),
@@ -262,6 +387,60 @@ class PlannerService:
             target,
             '/meshpilot.planner.v1.PlannerService/CancelRun',
             meshpilot_dot_planner_dot_v1_dot_planner__pb2.CancelRunRequest.SerializeToString,
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.planner.v1.PlannerService/ApproveToolCall',
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.ApproveToolCallRequest.SerializeToString,
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectToolCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.planner.v1.PlannerService/RejectToolCall',
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.RejectToolCallRequest.SerializeToString,
             meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
             options,
             channel_credentials,

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshpilot/tools/v1/tools.proto\x12\x12meshpilot.tools.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"s\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x04 \x01(\x08\"\x12\n\x10ListToolsRequest\"<\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.meshpilot.tools.v1.Tool\"\x8b\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8f\x01\n\tToolError\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".meshpilot.tools.v1.ToolError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_FAILED\x10\x01\x12\x10\n\x0cKIND_TIMEOUT\x10\x02\"\xc6\x01\n\x13\x45xecuteToolResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12.\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.meshpilot.tools.v1.ToolErrorH\x00\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\t\n\x07outcome2\xc8\x01\n\x0cToolsService\x12X\n\tListTools\x12$.meshpilot.tools.v1.ListToolsRequest\x1a%.meshpilot.tools.v1.ListToolsResponse\x12^\n\x0b\x45xecuteTool\x12&.meshpilot.tools.v1.ExecuteToolRequest\x1a\'.meshpilot.tools.v1.ExecuteToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshpilot/tools/v1/tools.proto\x12\x12meshpilot.tools.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"s\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x04 \x01(\x08\"\x12\n\x10ListToolsRequest\"<\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.meshpilot.tools.v1.Tool\"\xcc\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\x0e\x61pproval_token\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"\x8f\x01\n\tToolError\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".meshpilot.tools.v1.ToolError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_FAILED\x10\x01\x12\x10\n\x0cKIND_TIMEOUT\x10\x02\"\xd8\x01\n\x13\x45xecuteToolResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12.\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.meshpilot.tools.v1.ToolErrorH\x00\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\t\n\x07outcome2\xc8\x01\n\x0cToolsService\x12X\n\tListTools\x12$.meshpilot.tools.v1.ListToolsRequest\x1a%.meshpilot.tools.v1.ListToolsResponse\x12^\n\x0b\x45xecuteTool\x12&.meshpilot.tools.v1.ExecuteToolRequest\x1a\'.meshpilot.tools.v1.ExecuteToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,13 +40,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTOOLSRESPONSE']._serialized_start=253
   _globals['_LISTTOOLSRESPONSE']._serialized_end=313
   _globals['_EXECUTETOOLREQUEST']._serialized_start=316
-  _globals['_EXECUTETOOLREQUEST']._serialized_end=455
-  _globals['_TOOLERROR']._serialized_start=458
-  _globals['_TOOLERROR']._serialized_end=601
-  _globals['_TOOLERROR_KIND']._serialized_start=538
-  _globals['_TOOLERROR_KIND']._serialized_end=601
-  _globals['_EXECUTETOOLRESPONSE']._serialized_start=604
-  _globals['_EXECUTETOOLRESPONSE']._serialized_end=802
-  _globals['_TOOLSSERVICE']._serialized_start=805
-  _globals['_TOOLSSERVICE']._serialized_end=1005
+  _globals['_EXECUTETOOLREQUEST']._serialized_end=520
+  _globals['_TOOLERROR']._serialized_start=523
+  _globals['_TOOLERROR']._serialized_end=666
+  _globals['_TOOLERROR_KIND']._serialized_start=603
+  _globals['_TOOLERROR_KIND']._serialized_end=666
+  _globals['_EXECUTETOOLRESPONSE']._serialized_start=669
+  _globals['_EXECUTETOOLRESPONSE']._serialized_end=885
+  _globals['_TOOLSSERVICE']._serialized_start=888
+  _globals['_TOOLSSERVICE']._serialized_end=1088
 # @@protoc_insertion_point(module_scope)

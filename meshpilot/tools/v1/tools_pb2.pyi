@@ -34,16 +34,22 @@ class ListToolsResponse(_message.Message):
     def __init__(self, tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ...) -> None: ...
 
 class ExecuteToolRequest(_message.Message):
-    __slots__ = ("call_id", "name", "arguments", "timeout")
+    __slots__ = ("call_id", "name", "arguments", "timeout", "idempotency_key", "approval_token", "run_id")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     name: str
     arguments: _struct_pb2.Struct
     timeout: _duration_pb2.Duration
-    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    approval_token: str
+    run_id: str
+    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., approval_token: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class ToolError(_message.Message):
     __slots__ = ("kind", "message")
@@ -62,15 +68,17 @@ class ToolError(_message.Message):
     def __init__(self, kind: _Optional[_Union[ToolError.Kind, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ExecuteToolResponse(_message.Message):
-    __slots__ = ("call_id", "name", "result", "error", "duration")
+    __slots__ = ("call_id", "name", "result", "error", "duration", "replayed")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
     call_id: str
     name: str
     result: _struct_pb2.Value
     error: ToolError
     duration: _duration_pb2.Duration
-    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[ToolError, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    replayed: bool
+    def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[ToolError, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...

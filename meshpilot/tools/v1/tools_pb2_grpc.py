@@ -62,6 +62,8 @@ class ToolsServiceServicer:
         """Validates the arguments against the tool's schema, then runs the tool.
         Unknown tool: NOT_FOUND. Arguments that break the schema: INVALID_ARGUMENT.
         A tool that fails or times out is not an RPC error: the response carries the error observation.
+        With an idempotency key the outcome is stored: a repeated call returns it without running the tool again.
+        A tool that requires approval runs only with a valid approval token, else PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
