@@ -5,137 +5,89 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from datetime import timedelta
 
-import grpc
-from google.protobuf import duration_pb2, json_format
 from rich.console import Console
 
+from meshpilot.cli.run_stream import (
+    DEFAULT_RECONNECT,
+    EventPrinter,
+    ReconnectPolicy,
+    RunFollower,
+    RunStreamError,
+    RunTranscript,
+)
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
 from services.common import create_channel
+
+# The stream may outlive the run's own timeout by this much: the planner ends a timed-out run with an error event.
+STREAM_GRACE_S = 30.0
 
 
 class AskError(Exception):
     """The run could not complete; the reason was already printed."""
 
 
-def _usage(usage: Any) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "cached_prompt_tokens": usage.cached_prompt_tokens,
-    }
-
-
-class RunTranscript:
-    """Folds a run's events into the steps, usage and timings that `ask --json` prints."""
-
-    def __init__(self) -> None:
-        self.session_id = ""
-        self.run_id = ""
-        self.answer: str | None = None
-        self.error: dict[str, str] | None = None
-        self.steps: list[dict[str, Any]] = []
-        self.usage: dict[str, int] = {}
-        self.model_ms = 0.0
-        self.tool_ms = 0.0
-        self._calls: dict[str, dict[str, Any]] = {}
-
-    def add(self, event: planner_pb2.RunEvent) -> None:
-        self.session_id, self.run_id = event.session_id, event.run_id
-        kind = event.WhichOneof("event")
-        if kind == "model_output":
-            out = event.model_output
-            self.model_ms += out.timings.total_ms
-            self.steps.append({"type": "model_output", "step": out.step, "text": out.text})
-        elif kind == "tool_call":
-            call = event.tool_call
-            entry = {
-                "type": "tool_call",
-                "step": call.step,
-                "tool": call.tool,
-                "arguments": json_format.MessageToDict(call.arguments),
-            }
-            self._calls[call.call_id] = entry
-            self.steps.append(entry)
-        elif kind == "tool_result":
-            result = event.tool_result
-            entry = self._calls.get(result.call_id, {"type": "tool_call", "step": result.step, "tool": result.tool})
-            if result.WhichOneof("outcome") == "error":
-                entry["error"] = result.error
-            else:
-                entry["result"] = json_format.MessageToDict(result.result)
-            duration_ms = result.duration.ToTimedelta().total_seconds() * 1000
-            entry["duration_ms"] = round(duration_ms, 1)
-            self.tool_ms += duration_ms
-        elif kind == "final_answer":
-            self.answer = event.final_answer.answer
-            self.usage = _usage(event.final_answer.usage)
-        elif kind == "error":
-            self.error = {"code": event.error.code, "message": event.error.message}
-
-    def as_json(self, total_ms: float) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "answer": self.answer,
-            "session_id": self.session_id,
-            "run_id": self.run_id,
-            "steps": self.steps,
-            "usage": self.usage,
-            "timings": {
-                "total_ms": round(total_ms, 1),
-                "model_ms": round(self.model_ms, 1),
-                "tool_ms": round(self.tool_ms, 1),
-            },
-        }
-        if self.error is not None:
-            out["error"] = self.error
-        return out
-
-
-def _print_event(console: Console, event: planner_pb2.RunEvent) -> None:
-    kind = event.WhichOneof("event")
-    if kind == "step_started":
-        console.print(f"[dim]step {event.step_started.step}[/]")
-    elif kind == "tool_call":
-        args = json.dumps(json_format.MessageToDict(event.tool_call.arguments), ensure_ascii=False)
-        console.print(f"  [cyan]→ {event.tool_call.tool}[/] {args}", highlight=False)
-    elif kind == "tool_result":
-        result = event.tool_result
-        if result.WhichOneof("outcome") == "error":
-            console.print(f"  [red]← error:[/] {result.error}", highlight=False)
-        else:
-            text = json.dumps(json_format.MessageToDict(result.result), ensure_ascii=False)
-            console.print(f"  [green]←[/] {text[:300]}", highlight=False)
-    elif kind == "final_answer":
-        console.print(f"[bold]{event.final_answer.answer}[/]", highlight=False)
-    elif kind == "error":
-        console.print(f"[red]run failed: {event.error.code}: {event.error.message}[/]", highlight=False)
+def run_request(
+    question: str, *, session_id: str | None, max_steps: int, timeout: float, agent: str = "", agent_version: int = 0
+) -> planner_pb2.RunRequest:
+    """The RunRequest of one `ask`: zeros and empty strings leave the choice to the agent and the planner."""
+    budget = planner_pb2.RunBudget(max_steps=max_steps)
+    if timeout > 0:
+        budget.timeout.FromTimedelta(timedelta(seconds=timeout))
+    return planner_pb2.RunRequest(
+        task=question, session_id=session_id or "", budget=budget, agent=agent, agent_version=agent_version
+    )
 
 
 async def run_ask(
-    question: str, *, target: str, session_id: str | None, as_json: bool, max_steps: int, timeout: float
+    question: str,
+    *,
+    target: str,
+    session_id: str | None,
+    as_json: bool,
+    max_steps: int,
+    timeout: float,
+    agent: str = "",
+    agent_version: int = 0,
+    planner_flag: str | None = None,
+    reconnect: ReconnectPolicy = DEFAULT_RECONNECT,
 ) -> None:
-    """Runs ``question`` on the planner at ``target``; raises AskError (after printing why) unless it answered."""
-    budget = planner_pb2.RunBudget(max_steps=max_steps)
-    if timeout > 0:
-        budget.timeout.CopyFrom(duration_pb2.Duration(seconds=int(timeout), nanos=int((timeout % 1) * 1e9)))
-    request = planner_pb2.RunRequest(task=question, session_id=session_id or "", budget=budget)
+    """Runs ``question`` on the planner at ``target``; raises AskError (after printing why) unless it answered.
+
+    A stream that breaks after the run started is followed again with WatchRun (see RunFollower), announced on stderr;
+    approval waits print the commands that decide them (naming ``planner_flag`` when the user gave --planner).
+    """
+    request = run_request(
+        question, session_id=session_id, max_steps=max_steps, timeout=timeout, agent=agent, agent_version=agent_version
+    )
     console = Console(stderr=as_json)
+    notices = Console(stderr=True)
     transcript = RunTranscript()
+    printer = EventPrinter(None if as_json else console, notices, planner_flag)
+
+    def on_event(event: planner_pb2.RunEvent) -> None:
+        transcript.add(event)
+        printer(event)
+
     began = time.monotonic()
+    deadline = began + timeout + STREAM_GRACE_S if timeout > 0 else None
     try:
         async with create_channel(target) as channel:
             stub = planner_pb2_grpc.PlannerServiceStub(channel)
-            async for event in stub.Run(request, timeout=(timeout + 30) if timeout > 0 else None):
-                transcript.add(event)
-                if not as_json:
-                    _print_event(console, event)
-    except grpc.aio.AioRpcError as e:
-        hint = " (is the mesh up? run `meshpilot up`)" if e.code() == grpc.StatusCode.UNAVAILABLE else ""
-        transcript.error = {"code": e.code().name, "message": (e.details() or "") + hint}
+            follower = RunFollower(
+                stub,
+                on_event,
+                policy=reconnect,
+                deadline=deadline,
+                on_lost=lambda: notices.print("(stream lost; reconnecting…)", style="dim", highlight=False),
+            )
+            await follower.follow(stub.Run(request, timeout=(timeout + STREAM_GRACE_S) if timeout > 0 else None))
+    except RunStreamError as e:
+        hint = " (is the mesh up? run `meshpilot up`)" if e.code == "UNAVAILABLE" and not transcript.run_id else ""
+        transcript.error = {"code": e.code, "message": e.message + hint}
         if not as_json:
-            console.print(f"[red]error: {e.code().name}: {e.details()}{hint}[/]", highlight=False)
+            console.print(f"[red]error: {e.code}: {e.message}{hint}[/]", highlight=False)
     total_ms = (time.monotonic() - began) * 1000
     if as_json:
         sys.stdout.write(json.dumps(transcript.as_json(total_ms), ensure_ascii=False) + "\n")

@@ -1,4 +1,4 @@
-"""Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task through the planner)."""
+"""Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import asyncio
 import importlib
 import logging
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from meshpilot.cli.agents import agents_app
 from meshpilot.cli.ask import AskError, run_ask
 from meshpilot.cli.mesh import SERVICES, run_mesh
+from meshpilot.cli.options import ConfigOption, PlannerOption, load_config, planner_target
+from meshpilot.cli.runs import approve, reject, runs_app
 from services.triton.cli import triton_app, trtllm_app
 
 app = typer.Typer(
@@ -21,21 +23,8 @@ app = typer.Typer(
 
 app.add_typer(triton_app, name="triton", help="Triton model repositories: write one, or serve the CPU twin.")
 app.add_typer(trtllm_app, name="trtllm", help="Build TensorRT-LLM engines (needs the trtllm extra and a GPU).")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $MESHPILOT_CONFIG or built-in defaults)."),
-]
-
-
-def _load(config_path: Path | None):  # -> MeshConfig; imported lazily so `ask` stays light
-    from services.common import ConfigError, load_config
-
-    try:
-        return load_config(config_path)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from e
+app.add_typer(agents_app, name="agents")
+app.add_typer(runs_app, name="runs")
 
 
 @app.command()
@@ -47,7 +36,7 @@ def serve(
     if service not in SERVICES:
         typer.echo(f"error: unknown service '{service}'; choose one of: {', '.join(SERVICES)}", err=True)
         raise typer.Exit(2)
-    cfg = _load(config)
+    cfg = load_config(config)
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
@@ -65,7 +54,7 @@ def up(
     ] = 600.0,
 ) -> None:
     """Start the four services as local processes, wait until they are healthy, and stop them on Ctrl-C/SIGTERM."""
-    cfg = _load(config)
+    cfg = load_config(config)
     code = asyncio.run(run_mesh(cfg, config, startup_timeout=startup_timeout))
     raise typer.Exit(code)
 
@@ -73,7 +62,11 @@ def up(
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The task, e.g. 'What is the capital of France?'.")],
-    planner: Annotated[str | None, typer.Option(help="Planner address HOST:PORT (default from config).")] = None,
+    planner: PlannerOption = None,
+    agent: Annotated[
+        str | None, typer.Option(help="Run this agent (`meshpilot agents list`); default: the built-in one.")
+    ] = None,
+    agent_version: Annotated[int, typer.Option(min=0, help="The agent's version; 0 runs its latest.")] = 0,
     session: Annotated[
         str | None, typer.Option(help="Continue this session (its id is printed after each run).")
     ] = None,
@@ -85,12 +78,24 @@ def ask(
     config: ConfigOption = None,
 ) -> None:
     """Run QUESTION through the planner and stream its steps; the answer is printed last."""
-    target = planner or _load(config).planner.server.target()
+    target = planner_target(planner, config)
     try:
         asyncio.run(
             run_ask(
-                question, target=target, session_id=session, as_json=json_output, max_steps=max_steps, timeout=timeout
+                question,
+                target=target,
+                session_id=session,
+                as_json=json_output,
+                max_steps=max_steps,
+                timeout=timeout,
+                agent=agent or "",
+                agent_version=agent_version,
+                planner_flag=planner,
             )
         )
     except AskError as e:
         raise typer.Exit(1) from e
+
+
+app.command()(approve)
+app.command()(reject)

@@ -1,0 +1,65 @@
+"""Options the commands share, the planner's address, and the one place a failed planner call becomes an exit code."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import grpc
+import typer
+
+T = TypeVar("T")
+
+# Unary calls fail fast when the planner is down (no wait_for_ready); this bounds a planner that hangs.
+UNARY_TIMEOUT_S = 30.0
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (default: $MESHPILOT_CONFIG or built-in defaults)."),
+]
+PlannerOption = Annotated[str | None, typer.Option(help="Planner address HOST:PORT (default from config).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Prints ``error: message`` on stderr and exits with ``code`` (2: the command line is wrong; 1: the call failed)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def load_config(config_path: Path | None) -> Any:  # -> MeshConfig; imported lazily so client commands stay light
+    """The mesh config from ``config_path``; a bad file exits 2 with the loader's message."""
+    from services.common import ConfigError
+    from services.common import load_config as load
+
+    try:
+        return load(config_path)
+    except ConfigError as e:
+        fail(str(e), 2)
+
+
+def planner_target(planner: str | None, config_path: Path | None) -> str:
+    """The planner to dial: ``--planner`` when given, else the config's planner server target."""
+    return planner or load_config(config_path).planner.server.target()
+
+
+def rpc_error_message(error: grpc.aio.AioRpcError) -> str:
+    """``CODE: details``, with a hint to start the mesh when the planner cannot be reached."""
+    hint = " (is the mesh up? run `meshpilot up`)" if error.code() == grpc.StatusCode.UNAVAILABLE else ""
+    return f"{error.code().name}: {error.details() or ''}{hint}"
+
+
+def call_planner(target: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+    """Runs ``call`` on a channel to ``target``; a gRPC error is printed as ``error: CODE: details`` and exits 1."""
+    from services.common import create_channel
+
+    async def on_channel() -> T:
+        async with create_channel(target) as channel:
+            return await call(channel)
+
+    try:
+        return asyncio.run(on_channel())
+    except grpc.aio.AioRpcError as e:
+        fail(rpc_error_message(e), 1)
