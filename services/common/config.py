@@ -115,6 +115,15 @@ class ToolsConfig(_Section):
     server: ServerConfig = ServerConfig(port=50052)
     default_timeout_seconds: float = Field(10.0, gt=0, description="Per-call time limit when the caller sets none.")
     max_timeout_seconds: float = Field(60.0, gt=0, description="Upper bound a caller may ask for.")
+    db_path: Path | None = Field(
+        None,
+        description="SQLite file of the outcomes kept under idempotency keys; defaults to <data_dir>/tools.db.",
+    )
+    approval_required: list[str] = Field(
+        default_factory=list,
+        description="Tools that run only with a human's approval token, on top of those whose definition asks for "
+        "it (e.g. [append_note]); a name that is not a registered tool stops the service at start.",
+    )
 
 
 class PlannerConfig(_Section):
@@ -180,6 +189,8 @@ class MeshConfig(BaseSettings):
             self.knowledge.store_path = self.data_dir / "knowledge"
         if self.planner.db_path is None:
             self.planner.db_path = self.data_dir / "planner.db"
+        if self.tools.db_path is None:
+            self.tools.db_path = self.data_dir / "tools.db"
         if self.approvals.key_file is None:
             self.approvals.key_file = self.data_dir / "approval.key"
         return self

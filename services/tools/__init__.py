@@ -1,6 +1,9 @@
-"""The tools service: a registry of JSON-Schema-described tools (calculator, time, knowledge graph) behind gRPC."""
+"""The tools service: a registry of JSON-Schema-described tools (calculator, time, knowledge graph, notes) behind gRPC,
+with approval checks and idempotency keys."""
 
 from services.tools.builtin import KnowledgeClient, builtin_tools
+from services.tools.executor import Execution, ToolCall, ToolExecutor
+from services.tools.idempotency import OutcomeStore
 from services.tools.registry import (
     Tool,
     ToolCallError,
@@ -10,21 +13,26 @@ from services.tools.registry import (
     ToolOutcome,
     ToolRegistry,
 )
-from services.tools.server import SERVICE_NAME, create_server, default_registry, main
+from services.tools.server import SERVICE_NAME, create_executor, create_server, default_registry, main
 from services.tools.servicer import ToolsServicer
 
 __all__ = [
     "SERVICE_NAME",
+    "Execution",
     "KnowledgeClient",
+    "OutcomeStore",
     "Tool",
+    "ToolCall",
     "ToolCallError",
     "ToolDefinitionError",
     "ToolErrorKind",
+    "ToolExecutor",
     "ToolFailure",
     "ToolOutcome",
     "ToolRegistry",
     "ToolsServicer",
     "builtin_tools",
+    "create_executor",
     "create_server",
     "default_registry",
     "main",

@@ -227,7 +227,14 @@ class ToolRegistry:
     ) -> ToolOutcome:
         """Validates, then runs the tool within its time limit; see the class docstring for what raises."""
         tool, arguments = self.validate(name, arguments)
-        limit = self.effective_timeout(tool, timeout_seconds)
+        return await self.run(tool, arguments, self.effective_timeout(tool, timeout_seconds))
+
+    async def run(self, tool: Tool, arguments: dict[str, Any], limit: float) -> ToolOutcome:
+        """Runs ``tool`` on arguments ``validate`` returned, within ``limit`` seconds; its failures become the outcome.
+
+        Cancelling the caller cancels the handler (a caller that must not cancel it shields this coroutine).
+        """
+        name = tool.name
         started = time.perf_counter()
 
         def outcome(result: Any = None, error: ToolCallError | None = None) -> ToolOutcome:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import MeshConfig, MeshServer, serve
+from services.common.approval import ApprovalSigner, load_or_create_key
 from services.common.server import ServiceBinding
 from services.tools.builtin import KnowledgeClient, builtin_tools
+from services.tools.executor import ToolExecutor
+from services.tools.idempotency import OutcomeStore
 from services.tools.registry import ToolRegistry
 from services.tools.servicer import ToolsServicer
 
@@ -14,25 +17,46 @@ SERVICE_NAME = tools_pb2.DESCRIPTOR.services_by_name["ToolsService"].full_name
 
 
 def default_registry(config: MeshConfig, knowledge: KnowledgeClient | None) -> ToolRegistry:
-    """A registry with config.tools' timeouts holding every built-in tool (knowledge-graph ones when ``knowledge``)."""
+    """A registry with config.tools' timeouts holding every built-in tool (knowledge-graph ones when ``knowledge``).
+
+    append_note writes its notebooks under <data_dir>/notes.
+    """
     registry = ToolRegistry(
         default_timeout_seconds=config.tools.default_timeout_seconds,
         max_timeout_seconds=config.tools.max_timeout_seconds,
     )
-    for tool in builtin_tools(knowledge):
+    for tool in builtin_tools(knowledge, notes_dir=config.data_dir / "notes"):
         registry.register(tool)
     return registry
+
+
+def create_executor(config: MeshConfig, registry: ToolRegistry) -> ToolExecutor:
+    """The executor over ``registry`` with config's outcome store, approval key (created if missing) and markings.
+
+    Raises ConfigError when tools.approval_required names a tool the registry does not hold.
+    """
+    assert config.tools.db_path is not None and config.approvals.key_file is not None  # filled in by MeshConfig
+    signer = ApprovalSigner(
+        load_or_create_key(config.approvals.key_file), ttl_seconds=config.approvals.token_ttl_seconds
+    )
+    return ToolExecutor(
+        registry,
+        store=OutcomeStore(config.tools.db_path),
+        signer=signer,
+        approval_required=config.tools.approval_required,
+    )
 
 
 def _build(
     config: MeshConfig,
     registry: ToolRegistry | None,
     knowledge_stub: knowledge_pb2_grpc.KnowledgeServiceStub | None,
-) -> tuple[MeshServer, KnowledgeClient]:
+) -> tuple[MeshServer, KnowledgeClient, ToolExecutor]:
     knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
     registry = registry if registry is not None else default_registry(config, knowledge)
-    binding = ServiceBinding(SERVICE_NAME, ToolsServicer(registry), tools_pb2_grpc.add_ToolsServiceServicer_to_server)
-    return MeshServer(config.tools.server, [binding]), knowledge
+    executor = create_executor(config, registry)
+    binding = ServiceBinding(SERVICE_NAME, ToolsServicer(executor), tools_pb2_grpc.add_ToolsServiceServicer_to_server)
+    return MeshServer(config.tools.server, [binding]), knowledge, executor
 
 
 def create_server(
@@ -43,13 +67,22 @@ def create_server(
     """The tools server (not started), serving ``registry`` or the built-in tools.
 
     The built-in knowledge-graph tools call ``knowledge_stub`` when given (tests), else config.knowledge's target
-    through a channel opened on first use (``main`` opens it in startup and closes it on shutdown).
+    through a channel opened on first use (``main`` opens it in startup and closes it on shutdown). Raises
+    ConfigError when tools.approval_required names an unknown tool.
     """
-    server, _ = _build(config, registry, knowledge_stub)
+    server, _, _ = _build(config, registry, knowledge_stub)
     return server
 
 
 async def main(config: MeshConfig) -> None:
-    """Runs the tools service until SIGTERM: opens the knowledge channel in startup and closes it on shutdown."""
-    server, knowledge = _build(config, None, None)
-    await serve(server, startup=knowledge.open, shutdown=knowledge.close)
+    """Runs the tools service until SIGTERM: opens the knowledge channel in startup; on shutdown lets keyed calls
+    still running store their outcomes, then closes the outcome store and the knowledge channel."""
+    server, knowledge, executor = _build(config, None, None)
+
+    async def shutdown() -> None:
+        try:
+            await executor.close()
+        finally:
+            await knowledge.close()
+
+    await serve(server, startup=knowledge.open, shutdown=shutdown)

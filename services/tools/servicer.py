@@ -1,4 +1,4 @@
-"""ToolsService over a ToolRegistry: proto Struct/Value <-> Python values, nothing else."""
+"""ToolsService over a ToolExecutor: proto Struct/Value <-> Python values, nothing else."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
-from services.tools.registry import Tool, ToolErrorKind, ToolOutcome, ToolRegistry
+from services.tools.executor import Execution, ToolCall, ToolExecutor
+from services.tools.registry import Tool, ToolErrorKind
 
 _ERROR_KINDS = {
     ToolErrorKind.FAILED: tools_pb2.ToolError.KIND_FAILED,
@@ -27,8 +28,9 @@ def tool_to_proto(tool: Tool) -> tools_pb2.Tool:
     )
 
 
-def outcome_to_proto(call_id: str, outcome: ToolOutcome) -> tools_pb2.ExecuteToolResponse:
-    response = tools_pb2.ExecuteToolResponse(call_id=call_id, name=outcome.name)
+def execution_to_proto(call_id: str, execution: Execution) -> tools_pb2.ExecuteToolResponse:
+    outcome = execution.outcome
+    response = tools_pb2.ExecuteToolResponse(call_id=call_id, name=outcome.name, replayed=execution.replayed)
     if outcome.error is not None:
         response.error.kind = _ERROR_KINDS[outcome.error.kind]
         response.error.message = outcome.error.message
@@ -46,22 +48,32 @@ def request_timeout(request: tools_pb2.ExecuteToolRequest) -> float | None:
     return seconds if seconds != 0 else None
 
 
-class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
-    """Lists and executes the registry's tools; errors are raised as MeshError and mapped by the shared interceptor."""
+def call_from_proto(request: tools_pb2.ExecuteToolRequest) -> ToolCall:
+    arguments: dict[str, Any] = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else {}
+    return ToolCall(
+        name=request.name,
+        arguments=arguments,
+        call_id=request.call_id,
+        run_id=request.run_id,
+        timeout_seconds=request_timeout(request),
+        idempotency_key=request.idempotency_key,
+        approval_token=request.approval_token,
+    )
 
-    def __init__(self, registry: ToolRegistry) -> None:
-        self.registry = registry
+
+class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
+    """Lists and executes the executor's tools; errors are raised as MeshError and mapped by the shared interceptor."""
+
+    def __init__(self, executor: ToolExecutor) -> None:
+        self.executor = executor
 
     async def ListTools(
         self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ListToolsResponse:
-        return tools_pb2.ListToolsResponse(tools=[tool_to_proto(tool) for tool in self.registry.list()])
+        return tools_pb2.ListToolsResponse(tools=[tool_to_proto(tool) for tool in self.executor.tools()])
 
     async def ExecuteTool(
         self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ExecuteToolResponse:
-        arguments: dict[str, Any] = (
-            json_format.MessageToDict(request.arguments) if request.HasField("arguments") else {}
-        )
-        outcome = await self.registry.execute(request.name, arguments, request_timeout(request))
-        return outcome_to_proto(request.call_id, outcome)
+        execution = await self.executor.execute(call_from_proto(request))
+        return execution_to_proto(request.call_id, execution)

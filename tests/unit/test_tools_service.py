@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,22 +43,26 @@ COUNT_SCHEMA = {
 EMPTY_SCHEMA = {"type": "object", "properties": {}}
 
 
-def config() -> MeshConfig:
-    return MeshConfig(tools=ToolsConfig(server=ServerConfig(port=0), default_timeout_seconds=5, max_timeout_seconds=5))
+def config(data_dir: Path) -> MeshConfig:
+    return MeshConfig(
+        data_dir=data_dir,
+        tools=ToolsConfig(server=ServerConfig(port=0), default_timeout_seconds=5, max_timeout_seconds=5),
+    )
 
 
 def make_registry() -> ToolRegistry:
     registry = ToolRegistry(default_timeout_seconds=5, max_timeout_seconds=5)
     registry.register(Tool("count", "Echo an integer.", COUNT_SCHEMA, _count))
-    registry.register(Tool("boom", "Always fails.", EMPTY_SCHEMA, _boom, requires_approval=True))
+    registry.register(Tool("boom", "Always fails.", EMPTY_SCHEMA, _boom))
     registry.register(Tool("crash", "Raises a bug.", EMPTY_SCHEMA, _crash))
     registry.register(Tool("sleep", "Never finishes.", EMPTY_SCHEMA, _sleep))
+    registry.register(Tool("guarded", "Needs approval.", EMPTY_SCHEMA, _count, requires_approval=True))
     return registry
 
 
 @pytest.fixture
-async def channel() -> AsyncIterator[grpc.aio.Channel]:
-    server = create_server(config(), registry=make_registry())
+async def channel(tmp_path: Path) -> AsyncIterator[grpc.aio.Channel]:
+    server = create_server(config(tmp_path), registry=make_registry())
     await server.start()
     await server.set_serving()
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -79,7 +84,7 @@ def execute_request(name: str, arguments: dict[str, Any] | None = None, **kwargs
 
 async def test_list_tools_shows_schemas(stub: tools_pb2_grpc.ToolsServiceStub) -> None:
     response = await stub.ListTools(tools_pb2.ListToolsRequest())
-    assert [t.name for t in response.tools] == ["count", "boom", "crash", "sleep"]
+    assert [t.name for t in response.tools] == ["count", "boom", "crash", "sleep", "guarded"]
     count = response.tools[0]
     assert count.description == "Echo an integer."
     assert json_format.MessageToDict(count.input_schema) == {
@@ -88,7 +93,7 @@ async def test_list_tools_shows_schemas(stub: tools_pb2_grpc.ToolsServiceStub) -
         "required": ["n"],
         "additionalProperties": False,
     }
-    assert [t.requires_approval for t in response.tools] == [False, True, False, False]
+    assert [t.requires_approval for t in response.tools] == [False, False, False, False, True]
 
 
 async def test_execute_returns_result_with_integers_restored(stub: tools_pb2_grpc.ToolsServiceStub) -> None:
@@ -104,7 +109,7 @@ async def test_unknown_tool_is_not_found_listing_tools(stub: tools_pb2_grpc.Tool
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ExecuteTool(execute_request("cout", {"n": 1}))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert caught.value.details() == "unknown tool 'cout'; available tools: count, boom, crash, sleep"
+    assert caught.value.details() == "unknown tool 'cout'; available tools: count, boom, crash, sleep, guarded"
 
 
 @pytest.mark.parametrize(
@@ -170,19 +175,29 @@ async def test_service_stays_serving_after_errors(
     assert (await stub.ExecuteTool(execute_request("count", {"n": 7}))).result.struct_value["n"] == 7
 
 
-async def test_default_registry_serves_builtins() -> None:
+async def test_default_registry_serves_builtins(tmp_path: Path) -> None:
     class NoKnowledge:
         """A stub that must not be called: the test only lists tools and runs the calculator."""
 
-    server = create_server(config(), knowledge_stub=NoKnowledge())  # type: ignore[arg-type]
+    server = create_server(config(tmp_path), knowledge_stub=NoKnowledge())  # type: ignore[arg-type]
     await server.start()
     try:
         async with grpc.aio.insecure_channel(server.address) as channel:
             stub = tools_pb2_grpc.ToolsServiceStub(channel)
             names = [t.name for t in (await stub.ListTools(tools_pb2.ListToolsRequest())).tools]
-            assert names == ["calculator", "current_time", "country_facts", "entity_facts", "sparql_query"]
+            assert names == [
+                "calculator",
+                "current_time",
+                "country_facts",
+                "entity_facts",
+                "sparql_query",
+                "append_note",
+            ]
             response = await stub.ExecuteTool(execute_request("calculator", {"expression": "6 * 7"}))
             assert response.result == struct_pb2.Value(struct_value={"result": 42})
+            response = await stub.ExecuteTool(execute_request("append_note", {"text": "hello"}))
+            assert json_format.MessageToDict(response.result) == {"notebook": "notes", "line": 1.0, "text": "hello"}
+            assert (tmp_path / "notes" / "notes.txt").read_text() == "hello\n"
     finally:
         await server.stop(0)
 
@@ -190,16 +205,21 @@ async def test_default_registry_serves_builtins() -> None:
 def test_exported_members() -> None:
     assert set(services.tools.__all__) == {
         "SERVICE_NAME",
+        "Execution",
         "KnowledgeClient",
+        "OutcomeStore",
         "Tool",
+        "ToolCall",
         "ToolCallError",
         "ToolDefinitionError",
         "ToolErrorKind",
+        "ToolExecutor",
         "ToolFailure",
         "ToolOutcome",
         "ToolRegistry",
         "ToolsServicer",
         "builtin_tools",
+        "create_executor",
         "create_server",
         "default_registry",
         "main",
