@@ -138,6 +138,11 @@ class PlannerConfig(_Section):
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default wall-clock budget of a run.")
     step_max_tokens: int = Field(192, ge=1, description="max_tokens of each model call.")
     history_turns: int = Field(4, ge=0, description="Earlier turns of the session shown to the model.")
+    default_agent_tools: list[str] = Field(
+        ["calculator", "current_time", "country_facts", "entity_facts", "sparql_query"],
+        description='Tools of the built-in "default" agent ("*" for every registered one): the read-only built-ins, '
+        "so a tool with effects (append_note, MCP servers) is only used by agents that name it.",
+    )
     guided: bool = Field(
         True,
         description="Narrow each step's action schema (tool first, then a grounded answer): what makes a 135M model "

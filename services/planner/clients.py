@@ -12,7 +12,7 @@ from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import rpc_error_to_mesh_error
 from services.planner.convert import duration, json_to_struct, timings_from_proto, usage_from_proto
-from services.planner.types import Generation, ToolOutcome, ToolSpec
+from services.planner.types import GREEDY, Generation, Sampling, ToolOutcome, ToolSpec
 
 
 def plain_json(value: Any) -> Any:
@@ -27,11 +27,10 @@ def plain_json(value: Any) -> Any:
 
 
 class InferenceLLMClient:
-    """Greedy, schema-constrained chat completions from the inference service (the planner's LLMClient)."""
+    """Schema-constrained chat completions from the inference service (the planner's LLMClient)."""
 
-    def __init__(self, channel: grpc.aio.Channel, model: str = "") -> None:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        self.model = model
 
     async def generate(
         self,
@@ -40,14 +39,19 @@ class InferenceLLMClient:
         max_tokens: int,
         *,
         timeout: float | None = None,
+        model: str = "",
+        sampling: Sampling = GREEDY,
     ) -> Generation:
+        params = inference_pb2.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p)
+        if sampling.seed is not None:
+            params.seed = sampling.seed
         request = inference_pb2.GenerateRequest(
-            model=self.model,
+            model=model,
             chat=inference_pb2.ChatInput(
                 messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
             ),
             max_tokens=max_tokens,
-            sampling=inference_pb2.SamplingParams(temperature=0.0),
+            sampling=params,
             constraint=inference_pb2.OutputConstraint(json_schema=json.dumps(json_schema, ensure_ascii=False)),
         )
         parts: list[str] = []
@@ -59,6 +63,13 @@ class InferenceLLMClient:
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "inference") from e
         return Generation("".join(parts), usage_from_proto(last.usage), timings_from_proto(last.timings))
+
+    async def list_models(self, *, timeout: float | None = None) -> list[str]:
+        try:
+            response = await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=timeout or 10.0)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_error_to_mesh_error(e, "inference") from e
+        return [model.id for model in response.models]
 
 
 class ToolsServiceClient:
@@ -73,14 +84,34 @@ class ToolsServiceClient:
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "tools") from e
         return [
-            ToolSpec(tool.name, tool.description, plain_json(json_format.MessageToDict(tool.input_schema)))
+            ToolSpec(
+                tool.name,
+                tool.description,
+                plain_json(json_format.MessageToDict(tool.input_schema)),
+                tool.requires_approval,
+            )
             for tool in response.tools
         ]
 
     async def execute(
-        self, call_id: str, name: str, arguments: dict[str, Any], *, timeout: float | None = None
+        self,
+        call_id: str,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str = "",
+        approval_token: str = "",
+        run_id: str = "",
     ) -> ToolOutcome:
-        request = tools_pb2.ExecuteToolRequest(call_id=call_id, name=name, arguments=json_to_struct(arguments))
+        request = tools_pb2.ExecuteToolRequest(
+            call_id=call_id,
+            name=name,
+            arguments=json_to_struct(arguments),
+            idempotency_key=idempotency_key,
+            approval_token=approval_token,
+            run_id=run_id,
+        )
         if timeout is not None:
             request.timeout.CopyFrom(duration(timeout))
         try:
@@ -89,5 +120,7 @@ class ToolsServiceClient:
             raise rpc_error_to_mesh_error(e, "tools") from e
         seconds = response.duration.ToNanoseconds() / 1e9
         if response.WhichOneof("outcome") == "error":
-            return ToolOutcome(error=response.error.message or "the tool failed", duration_s=seconds)
-        return ToolOutcome(result=plain_json(json_format.MessageToDict(response.result)), duration_s=seconds)
+            message = response.error.message or "the tool failed"
+            return ToolOutcome(error=message, duration_s=seconds, replayed=response.replayed)
+        result = plain_json(json_format.MessageToDict(response.result))
+        return ToolOutcome(result=result, duration_s=seconds, replayed=response.replayed)

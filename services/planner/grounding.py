@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,18 @@ from typing import Any
 RESULT_KEY = "result"
 MAX_VALUE_CHARS = 160
 MAX_FACTS = 64
+# Keys that name no topic of their own (a calculator's "result"): such a fact answers whatever was asked of the tool.
+GENERIC_KEYS = frozenset({RESULT_KEY, "value", "answer"})
+# Words a question may use for a key that its own words miss; Chinese words because questions arrive in Chinese too.
+KEY_ALIASES = {
+    "phone_code": ("calling", "dialing", "dial", "区号", "电话"),
+    "timezones": ("time zone", "时区"),
+    "capital": ("首都",),
+    "currency": ("money", "货币", "钱"),
+    "region": ("continent", "地区", "大洲"),
+    "subregion": ("part of", "地区"),
+    "native_name": ("native", "local name"),
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +44,18 @@ class Fact:
             return f"{name[:1].upper()}{name[1:]}: {self.value}"
         verb = "include" if self.list_size > 1 else "is"
         return f"The {name} of {self.subject} {verb} {self.value}."
+
+    def answers(self, question: str) -> bool:
+        """Whether the question asks for this kind of fact: it names the key (a word of it, singular or plural, or an
+        alias), or the key is generic. What keeps "The time of UTC is ..." from answering "Write a haiku"."""
+        if self.key in GENERIC_KEYS:
+            return True
+        text = question.casefold()
+        words = set(re.findall(r"\w+", text))
+        for part in self.key.split("_"):
+            if len(part) >= 3 and ({part, part.rstrip("s"), part + "s"} & words):
+                return True
+        return any(alias in text for alias in KEY_ALIASES.get(self.key, ()))
 
 
 def collect_facts(result: Any, subject: str, exclude: Iterable[object] = ()) -> list[Fact]:

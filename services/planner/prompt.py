@@ -20,7 +20,8 @@ OBSERVATION = "Observation: {observation}\nThe question was: {task}"
 # Observations beyond this many characters are cut: a small model's context is short and the answer is usually early.
 MAX_OBSERVATION_CHARS = 800
 
-SYSTEM_PROMPT = """You are MeshPilot, an assistant that answers questions with tools.
+DEFAULT_INSTRUCTIONS = "You are MeshPilot, an assistant that answers questions with tools."
+SYSTEM_PROMPT = """{instructions}
 Reply with one JSON object and nothing else:
 {{"tool": "<tool name>", "arguments": {{...}}}} to call a tool, or
 {{"final_answer": "<answer>"}} once an observation holds the answer.
@@ -132,6 +133,11 @@ def _short_description(description: str) -> str:
     return first if len(first) <= MAX_DESCRIPTION_CHARS else first[: MAX_DESCRIPTION_CHARS - 3] + "..."
 
 
+def tool_lines(tools: Sequence[ToolSpec]) -> str:
+    """One line per tool (name, argument names and types, short description), or "(none)"."""
+    return "\n".join(_tool_line(tool) for tool in tools) or "(none)"
+
+
 def _tool_line(tool: ToolSpec) -> str:
     properties = tool.input_schema.get("properties") or {}
     args = ", ".join(f'"{name}": {spec.get("type", "value")}' for name, spec in properties.items())
@@ -155,21 +161,26 @@ def _render_example(example: Example, tools: dict[str, ToolSpec]) -> str | None:
     return "\n".join(lines)
 
 
-def system_prompt(tools: Sequence[ToolSpec]) -> str:
-    """The system prompt: the agent's role, the action format, the tools and the examples whose tools exist."""
+def system_prompt(tools: Sequence[ToolSpec], instructions: str = DEFAULT_INSTRUCTIONS) -> str:
+    """The system prompt: the agent's instructions, the action format, the tools and the examples whose tools exist."""
     by_name = {tool.name: tool for tool in tools}
     examples = [text for example in EXAMPLES if (text := _render_example(example, by_name))]
     return SYSTEM_PROMPT.format(
-        tools="\n".join(_tool_line(tool) for tool in tools) or "(none)",
+        instructions=instructions.strip(),
+        tools=tool_lines(tools),
         examples="\n\n".join(examples) or "(none)",
     )
 
 
 def build_messages(
-    tools: Sequence[ToolSpec], history: Sequence[Turn], task: str, steps: Sequence[Step]
+    tools: Sequence[ToolSpec],
+    history: Sequence[Turn],
+    task: str,
+    steps: Sequence[Step],
+    instructions: str = DEFAULT_INSTRUCTIONS,
 ) -> list[dict[str, str]]:
     """The chat for the next step: system prompt, earlier turns, the task, then each action and its observation."""
-    messages = [{"role": "system", "content": system_prompt(tools)}]
+    messages = [{"role": "system", "content": system_prompt(tools, instructions)}]
     for turn in history:
         messages.append({"role": "user", "content": turn.task})
         messages.append({"role": "assistant", "content": dumps({"final_answer": turn.answer})})

@@ -1,133 +1,198 @@
-"""Runs in flight: each run is an asyncio task keyed by run_id that journals every event before handing it out."""
+"""Runs of this planner: start, resume after a restart, cancel, approve or reject, and watch from any sequence."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from typing import Any
 
 from meshpilot.planner.v1 import planner_pb2
-from services.planner.agent import AgentLoop
-from services.planner.convert import run_event
-from services.planner.store import RunRecord, RunState, RunStore
-from services.planner.types import AgentEvent, Budget, Failed, Finished, ModelOutput, Turn, Usage
+from services.common import FailedPreconditionError, InvalidArgumentError, OutOfRangeError
+from services.planner.agents import AgentCatalog, AgentDefinition
+from services.planner.executor import ExecutorDeps, RunExecutor
+from services.planner.journal import EventBus, RunJournal
+from services.planner.policies import POLICIES
+from services.planner.state import AgentRef, RunSnapshot
+from services.planner.store import RunRecord, RunState, RunStore, shown
+from services.planner.types import Budget, Failed
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class ActiveRun:
-    """A run in flight: its events (already journaled) arrive on ``queue``; None marks the end."""
-
-    record: RunRecord
-    queue: asyncio.Queue[planner_pb2.RunEvent | None] = field(default_factory=asyncio.Queue)
-    task: asyncio.Task[None] | None = None
-    cancel_reason: str = ""
-    ended: bool = False
-
-    def cancel(self, reason: str) -> None:
-        """Stops the run unless it already has its last event; it ends with an error event CANCELLED and ``reason``."""
-        if self.task is not None and not self.ended and not self.cancel_reason:
-            self.cancel_reason = reason
-            self.task.cancel()
-
-    async def events(self) -> AsyncIterator[planner_pb2.RunEvent]:
-        while (event := await self.queue.get()) is not None:
-            yield event
+_TERMINAL = ("final_answer", "error")
 
 
 class RunManager:
-    """Starts, tracks and cancels runs; owns the journal writes so that every event is stored before it is seen."""
+    """Owns the runs of one planner process. A run is an executor driven by an asyncio task; it goes on when the
+    client that started it goes away (WatchRun follows it again), waits without a task while it needs approval, and
+    is resumed from its journal when a planner starts (``resume``). ``close`` stops the tasks without journaling
+    anything, so the runs continue in the next planner."""
 
-    def __init__(self, store: RunStore, agent: AgentLoop, *, history_turns: int) -> None:
+    def __init__(self, store: RunStore, catalog: AgentCatalog, deps: ExecutorDeps, *, history_turns: int) -> None:
         self.store = store
-        self.agent = agent
+        self.catalog = catalog
+        self.deps = deps
         self.history_turns = history_turns
-        self._active: dict[str, ActiveRun] = {}
+        self.bus = EventBus()
+        self._executors: dict[str, RunExecutor] = {}
+        self._tasks: dict[str, asyncio.Task[RunState]] = {}
 
-    async def start(self, session_id: str, task: str, budget: Budget) -> ActiveRun:
-        """Starts ``task`` in ``session_id`` (a new session if empty); NotFoundError if the session does not exist."""
+    async def start(
+        self, session_id: str, task: str, *, agent: str = "", agent_version: int = 0, budget: Budget | None = None
+    ) -> str:
+        """Starts ``task`` with the agent (the built-in one if empty) in ``session_id`` (new if empty); its run id.
+
+        NotFoundError for an unknown agent, version or session. ``budget`` defaults to the agent's."""
+        chosen = await self.catalog.get(agent, agent_version)
+        definition = chosen.definition
+        history_turns = self.history_turns if definition.history_turns is None else definition.history_turns
         if session_id:
-            session = await self.store.get_session(session_id, last_turns=self.history_turns)
+            session = await self.store.get_session(session_id, last_turns=history_turns)
         else:
             session = await self.store.create_session()
-        record = await self.store.create_run(session.session_id, task)
-        active = ActiveRun(record)
-        active.task = asyncio.create_task(self._execute(active, session.turns, budget), name=f"run-{record.run_id}")
-        self._active[record.run_id] = active
-        active.task.add_done_callback(lambda _: self._active.pop(record.run_id, None))
-        return active
+        record = await self.store.create_run(session.session_id, task, agent=chosen.name, agent_version=chosen.version)
+        snapshot = RunSnapshot(
+            run_id=record.run_id,
+            session_id=session.session_id,
+            task=task,
+            agent=AgentRef(chosen.name, chosen.version, definition.to_dict()),
+            budget=budget or self.budget_of(definition),
+            history=session.turns[-history_turns:] if history_turns else [],
+        )
+        executor = self._executor(snapshot)
+        await executor.journal.commit()
+        self._drive(executor)
+        return record.run_id
+
+    def budget_of(self, definition: AgentDefinition) -> Budget:
+        return definition.budget(self.catalog.defaults)
+
+    def _executor(self, snapshot: RunSnapshot) -> RunExecutor:
+        definition = AgentDefinition.from_dict(snapshot.agent.spec)
+        policy = POLICIES[definition.policy](definition.policy_options)
+        executor = RunExecutor(RunJournal(self.store, self.bus, snapshot), definition, policy, self.deps)
+        self._executors[snapshot.run_id] = executor
+        return executor
+
+    def _loaded(self, record: RunRecord) -> RunExecutor:
+        executor = self._executors.get(record.run_id)
+        if executor is None:
+            if record.snapshot is None:
+                raise FailedPreconditionError(f"run {record.run_id} was made by an older planner and cannot continue")
+            executor = self._executor(RunSnapshot.from_json(record.snapshot))
+        return executor
+
+    def _drive(self, executor: RunExecutor) -> None:
+        run_id = executor.snapshot.run_id
+        task = asyncio.create_task(executor.drive(), name=f"run-{run_id}")
+        self._tasks[run_id] = task
+        self._executors[run_id] = executor
+
+        def done(finished: asyncio.Task[RunState]) -> None:
+            if self._tasks.get(run_id) is finished:
+                # Ended or parked: the journal holds the run; a decision on a parked run loads it again.
+                del self._tasks[run_id]
+                self._executors.pop(run_id, None)
+            if not finished.cancelled() and (error := finished.exception()) is not None:
+                log.error("run %s stopped on an unexpected error", run_id, exc_info=error)
+
+        task.add_done_callback(done)
+
+    def _driving(self, run_id: str) -> bool:
+        task = self._tasks.get(run_id)
+        return task is not None and not task.done()
+
+    async def resume(self) -> int:
+        """Continues every run a previous planner left RUNNING from its last journaled state; returns how many.
+
+        Runs journaled by a planner without snapshots end with ABORTED (they cannot be continued)."""
+        records = await self.store.runs_in_state(RunState.RUNNING)
+        for record in records:
+            if record.run_id in self._executors:
+                continue
+            if record.snapshot is None:
+                await self._abort_legacy(record)
+                continue
+            self._drive(self._loaded(record))
+        return len(records)
+
+    async def _abort_legacy(self, record: RunRecord) -> None:
+        snapshot = RunSnapshot(
+            record.run_id, record.session_id, record.task, AgentRef(record.agent, record.agent_version, {}),
+            Budget(0, 0, 0), sequence=record.last_sequence,
+        )  # fmt: skip
+        await RunJournal(self.store, self.bus, snapshot).commit(
+            [Failed("ABORTED", "the planner stopped during this run; run the task again")], RunState.FAILED
+        )
 
     async def cancel(self, run_id: str, reason: str = "the run was cancelled by CancelRun") -> RunRecord:
-        """Stops the run if it is in flight and waits for it to end; a finished run is returned as it is."""
-        active = self._active.get(run_id)
-        if active is not None and active.task is not None:
-            active.cancel(reason)
-            await asyncio.wait([active.task])
+        """Ends a run that has not ended with CANCELLED and waits until that is journaled; an ended run is returned
+        as it is. NotFoundError for an unknown run."""
+        record = await self.store.get_run(run_id, with_events=False)
+        if not record.state.ended:
+            task = self._tasks.get(run_id)
+            if task is not None and not task.done():
+                self._executors[run_id].cancel_reason = reason
+                task.cancel()
+                await asyncio.wait([task])
+            else:
+                await self._loaded(record).cancel_parked(reason)
+                self._executors.pop(run_id, None)
         return await self.store.get_run(run_id)
 
-    async def fail_interrupted(self) -> int:
-        """Ends runs that a previous planner process left RUNNING with an error event ABORTED; returns how many."""
-        interrupted = await self.store.unfinished_runs()
-        for run_id, last_sequence in interrupted:
-            run = await self.store.get_run(run_id, with_events=False)
-            failure = Failed("ABORTED", "the planner stopped during this run; run the task again")
-            event = run_event(failure, run_id, run.session_id, last_sequence + 1)
-            await self.store.append_event(run_id, event.sequence, event.SerializeToString())
-            await self.store.finish_run(run_id, RunState.FAILED, "", run.usage)
-        return len(interrupted)
+    async def decide(
+        self, run_id: str, call_id: str, *, approved: bool, arguments: dict[str, Any] | None = None, comment: str = ""
+    ) -> RunRecord:
+        """Approves or rejects a call that waits for approval and drives the run on. NotFoundError for an unknown run
+        or call, FailedPreconditionError for a run that ended or a call that is not waiting."""
+        record = await self.store.get_run(run_id, with_events=False)
+        if record.state.ended:
+            raise FailedPreconditionError(f"run {run_id} has ended ({record.state.value}); nothing waits for approval")
+        executor = self._loaded(record)
+        await executor.decide(call_id, approved, arguments, comment)
+        if not self._driving(run_id):
+            self._drive(executor)
+        return await self.store.get_run(run_id)
+
+    async def watch(self, run_id: str, after_sequence: int = 0) -> AsyncIterator[planner_pb2.RunEvent]:
+        """The run's events after ``after_sequence`` from the journal, then live ones, each once, until its last
+        event. NotFoundError for an unknown run; OutOfRangeError for a sequence beyond the run's last event."""
+        if after_sequence < 0:
+            raise InvalidArgumentError(f"after_sequence is {after_sequence}; use 0 or the last sequence you received")
+        # Subscribe before reading the journal: an event committed after the read arrives on the queue.
+        queue = self.bus.subscribe(run_id)
+        try:
+            record = await self.store.get_run(run_id, with_events=False)
+            if after_sequence > record.last_sequence:
+                raise OutOfRangeError(
+                    f"after_sequence {after_sequence} is beyond run {shown(run_id)}'s last event "
+                    f"({record.last_sequence}); use a sequence you received"
+                )
+            last = after_sequence
+            for sequence, data in await self.store.events_after(run_id, after_sequence):
+                event = planner_pb2.RunEvent.FromString(data)
+                yield event
+                last = sequence
+                if event.WhichOneof("event") in _TERMINAL:
+                    return
+            if record.state.ended:
+                return
+            while True:
+                event = await queue.get()
+                if event.sequence <= last:
+                    continue
+                yield event
+                last = event.sequence
+                if event.WhichOneof("event") in _TERMINAL:
+                    return
+        finally:
+            self.bus.unsubscribe(run_id, queue)
 
     async def close(self) -> None:
-        """Cancels every run in flight and waits for them to journal their end."""
-        runs = list(self._active.values())
-        for active in runs:
-            active.cancel("the planner is shutting down")
-        tasks = [active.task for active in runs if active.task is not None]
+        """Stops driving every run without journaling anything: the next planner resumes them where they are."""
+        tasks = [task for task in self._tasks.values() if not task.done()]
+        for task in tasks:
+            task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-
-    async def _execute(self, active: ActiveRun, history: list[Turn], budget: Budget) -> None:
-        record = active.record
-        sequence = 0
-        usage = Usage()
-        state, answer = RunState.FAILED, ""
-
-        async def emit(event: AgentEvent) -> None:
-            nonlocal sequence
-            sequence += 1
-            proto = run_event(event, record.run_id, record.session_id, sequence)
-            await self.store.append_event(record.run_id, sequence, proto.SerializeToString())
-            active.queue.put_nowait(proto)
-
-        async def emit_whole(event: AgentEvent) -> None:
-            # A cancel must not tear an event between journal and stream, nor let CANCELLED overtake it.
-            pending = asyncio.ensure_future(emit(event))
-            try:
-                await asyncio.shield(pending)
-            except asyncio.CancelledError:
-                await pending
-                raise
-
-        steps = self.agent.run(record.task, history, budget)
-        try:
-            async for event in steps:
-                if isinstance(event, ModelOutput):
-                    usage += event.usage
-                elif isinstance(event, Finished):
-                    state, answer = RunState.SUCCEEDED, event.answer
-                await emit_whole(event)
-        except asyncio.CancelledError:
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            state = RunState.CANCELLED
-            await emit(Failed("CANCELLED", active.cancel_reason or "the run was cancelled"))
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("run %s failed (incident %s)", record.run_id, incident)
-            state = RunState.FAILED
-            await emit(Failed("INTERNAL", f"internal error in the planner (incident {incident}); see its log"))
-        active.ended = True
-        await steps.aclose()
-        await self.store.finish_run(record.run_id, state, answer, usage)
-        active.queue.put_nowait(None)
+        self._executors.clear()

@@ -1,4 +1,5 @@
-"""The PlannerService servicer (proto <-> domain over RunManager and RunStore), its factory and its main."""
+"""The planner's servicers (PlannerService, AgentService: proto <-> domain over RunManager, AgentCatalog, RunStore),
+its factory and its main."""
 
 from __future__ import annotations
 
@@ -6,23 +7,37 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import empty_pb2, json_format
 
-from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
-from services.common import MeshConfig, MeshServer, create_channel, serve
+from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
+from services.common import InvalidArgumentError, MeshConfig, MeshServer, create_channel, serve
+from services.common.approval import ApprovalSigner, load_or_create_key
 from services.common.server import ServiceBinding
-from services.planner.agent import AgentLoop, LLMClient, ToolClient
-from services.planner.clients import InferenceLLMClient, ToolsServiceClient
-from services.planner.convert import budget_from_proto, run_to_proto, session_to_proto, validate_task
+from services.planner.agents import AgentCatalog
+from services.planner.clients import InferenceLLMClient, ToolsServiceClient, plain_json
+from services.planner.convert import (
+    STATES_FROM_PROTO,
+    agent_to_proto,
+    budget_from_proto,
+    definition_from_proto,
+    run_to_proto,
+    session_to_proto,
+    validate_task,
+)
+from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
 from services.planner.runs import RunManager
 from services.planner.store import RunStore
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
+AGENT_SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
-    """Sessions and runs over gRPC; Run streams each event only after it is journaled."""
+    """Sessions and runs over gRPC. Run and WatchRun stream events only after they are journaled."""
 
     def __init__(
         self, config: MeshConfig, runs: RunManager, store: RunStore, channels: list[grpc.aio.Channel] | None = None
@@ -33,7 +48,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self.channels = channels or []
 
     async def close(self) -> None:
-        """Cancels runs in flight (journaling their end), then closes the store and the channels this planner owns."""
+        """Stops driving runs (they resume in the next planner), then closes the store and this planner's channels."""
         await self.runs.close()
         await self.store.close()
         for channel in self.channels:
@@ -53,22 +68,97 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self, request: planner_pb2.RunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[planner_pb2.RunEvent]:
         task = validate_task(request.task)
-        budget = budget_from_proto(request.budget, self.config.planner)
-        active = await self.runs.start(request.session_id, task, budget)
-        try:
-            async for event in active.events():
-                yield event
-        finally:
-            # Nobody is left to read the run (the client hung up, or the server is draining), so stop it.
-            active.cancel("the Run stream closed before the run ended (client disconnected or planner stopping)")
+        if request.agent_version < 0:
+            raise InvalidArgumentError(f"agent_version is {request.agent_version}; use 1, 2, ... or 0 for the latest")
+        agent = await self.runs.catalog.get(request.agent, request.agent_version)
+        budget = budget_from_proto(request.budget, self.runs.budget_of(agent.definition))
+        run_id = await self.runs.start(
+            request.session_id, task, agent=agent.name, agent_version=agent.version, budget=budget
+        )
+        # The run goes on if this stream breaks: WatchRun(run_id, last sequence) picks it up again.
+        async for event in self.runs.watch(run_id):
+            yield event
+
+    async def WatchRun(
+        self, request: planner_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[planner_pb2.RunEvent]:
+        async for event in self.runs.watch(request.run_id, request.after_sequence):
+            yield event
 
     async def GetRun(self, request: planner_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> planner_pb2.Run:
         return run_to_proto(await self.store.get_run(request.run_id))
+
+    async def ListRuns(
+        self, request: planner_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
+    ) -> planner_pb2.ListRunsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgumentError(
+                f"page_size is {request.page_size}; use 1 to {MAX_PAGE_SIZE}, or 0 for {DEFAULT_PAGE_SIZE}"
+            )
+        if request.state and request.state not in STATES_FROM_PROTO:
+            raise InvalidArgumentError(f"state {request.state} is not a RunState; leave it unset for every state")
+        runs = await self.store.list_runs(
+            state=STATES_FROM_PROTO.get(request.state),
+            agent=request.agent,
+            session_id=request.session_id,
+            limit=request.page_size or DEFAULT_PAGE_SIZE,
+        )
+        return planner_pb2.ListRunsResponse(runs=[run_to_proto(run) for run in runs])
 
     async def CancelRun(
         self, request: planner_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Run:
         return run_to_proto(await self.runs.cancel(request.run_id))
+
+    async def ApproveToolCall(
+        self, request: planner_pb2.ApproveToolCallRequest, context: grpc.aio.ServicerContext
+    ) -> planner_pb2.Run:
+        arguments = plain_json(json_format.MessageToDict(request.arguments)) if request.HasField("arguments") else None
+        return run_to_proto(
+            await self.runs.decide(
+                request.run_id, request.call_id, approved=True, arguments=arguments, comment=request.comment
+            )
+        )
+
+    async def RejectToolCall(
+        self, request: planner_pb2.RejectToolCallRequest, context: grpc.aio.ServicerContext
+    ) -> planner_pb2.Run:
+        return run_to_proto(
+            await self.runs.decide(request.run_id, request.call_id, approved=False, comment=request.reason)
+        )
+
+
+class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
+    """Agents as versioned data over the AgentCatalog."""
+
+    def __init__(self, catalog: AgentCatalog) -> None:
+        self.catalog = catalog
+
+    async def CreateAgent(
+        self, request: agents_pb2.CreateAgentRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.Agent:
+        return agent_to_proto(await self.catalog.create(request.name, definition_from_proto(request.spec)))
+
+    async def GetAgent(
+        self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.Agent:
+        return agent_to_proto(await self.catalog.get(request.name, request.version))
+
+    async def ListAgents(
+        self, request: agents_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.ListAgentsResponse:
+        return agents_pb2.ListAgentsResponse(agents=[agent_to_proto(agent) for agent in await self.catalog.list()])
+
+    async def UpdateAgent(
+        self, request: agents_pb2.UpdateAgentRequest, context: grpc.aio.ServicerContext
+    ) -> agents_pb2.Agent:
+        return agent_to_proto(await self.catalog.update(request.name, definition_from_proto(request.spec)))
+
+    async def DeleteAgent(
+        self, request: agents_pb2.DeleteAgentRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.catalog.delete(request.name)
+        return empty_pb2.Empty()
 
 
 def create_server(
@@ -76,10 +166,11 @@ def create_server(
     llm: LLMClient | None = None,
     tools: ToolClient | None = None,
     store: RunStore | None = None,
+    signer: ApprovalSigner | None = None,
 ) -> MeshServer:
     """The planner server; without ``llm``/``tools`` it dials the inference and tools services named in ``config``.
 
-    The servicer is ``server.bindings[0].servicer``; ``await servicer.close()`` after the server stopped.
+    The PlannerServicer is ``server.bindings[0].servicer``; ``await servicer.close()`` after the server stopped.
     """
     planner = config.planner
     store = store or RunStore(planner.db_path or config.data_dir / "planner.db")
@@ -90,24 +181,34 @@ def create_server(
     if tools is None:
         channels.append(create_channel(config.tools.server.target()))
         tools = ToolsServiceClient(channels[-1])
-    agent = AgentLoop(
-        llm, tools, step_max_tokens=planner.step_max_tokens, history_turns=planner.history_turns, guided=planner.guided
-    )
-    runs = RunManager(store, agent, history_turns=planner.history_turns)
+    if signer is None:
+        assert config.approvals.key_file is not None  # filled in by MeshConfig
+        signer = ApprovalSigner(
+            load_or_create_key(config.approvals.key_file), ttl_seconds=config.approvals.token_ttl_seconds
+        )
+    catalog = AgentCatalog(store, planner, tools.list_tools, llm.list_models)
+    deps = ExecutorDeps(llm, tools, signer, step_max_tokens=planner.step_max_tokens)
+    runs = RunManager(store, catalog, deps, history_turns=planner.history_turns)
     servicer = PlannerServicer(config, runs, store, channels)
     return MeshServer(
-        planner.server, [ServiceBinding(SERVICE_NAME, servicer, planner_pb2_grpc.add_PlannerServiceServicer_to_server)]
+        planner.server,
+        [
+            ServiceBinding(SERVICE_NAME, servicer, planner_pb2_grpc.add_PlannerServiceServicer_to_server),
+            ServiceBinding(
+                AGENT_SERVICE_NAME, AgentServicer(catalog), agents_pb2_grpc.add_AgentServiceServicer_to_server
+            ),
+        ],
     )
 
 
 async def main(config: MeshConfig) -> None:
-    """Serves the planner until SIGTERM: runs a previous process left unfinished are failed first, in-flight runs
-    are cancelled (and journaled) on the way out."""
+    """Serves the planner until SIGTERM. Runs a previous process left RUNNING resume first; runs in flight when it
+    stops are left as journaled, for the next planner to resume."""
     server = create_server(config)
     servicer: PlannerServicer = server.bindings[0].servicer
 
     async def startup() -> None:
-        if failed := await servicer.runs.fail_interrupted():
-            log.warning("%d runs were left unfinished by a previous planner; marked FAILED (ABORTED)", failed)
+        if resumed := await servicer.runs.resume():
+            log.warning("resuming %d runs a previous planner left unfinished", resumed)
 
     await serve(server, startup=startup, shutdown=servicer.close)

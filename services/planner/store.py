@@ -1,57 +1,89 @@
-"""The durable journal of the planner: sessions, runs and every event of every run, in SQLite."""
+"""The durable journal of the planner: sessions, agents, runs with their latest snapshot, and every event, in SQLite."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from services.common import NotFoundError
+from services.common import AlreadyExistsError, NotFoundError
 from services.planner.types import Turn, Usage
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    create_time REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL REFERENCES sessions(session_id),
-    task TEXT NOT NULL,
-    state TEXT NOT NULL,
-    answer TEXT NOT NULL DEFAULT '',
-    prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    completion_tokens INTEGER NOT NULL DEFAULT 0,
-    total_tokens INTEGER NOT NULL DEFAULT 0,
-    cached_prompt_tokens INTEGER NOT NULL DEFAULT 0,
-    create_time REAL NOT NULL,
-    end_time REAL
-);
-CREATE INDEX IF NOT EXISTS runs_by_session ON runs(session_id, create_time);
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    sequence INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (run_id, sequence)
-);
-"""
+# Each entry moves the schema from version i to i + 1 (PRAGMA user_version); a database made by an older planner is
+# brought up to date on open, an empty one runs them all.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE IF NOT EXISTS sessions (
+        session_id TEXT PRIMARY KEY,
+        create_time REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions(session_id),
+        task TEXT NOT NULL,
+        state TEXT NOT NULL,
+        answer TEXT NOT NULL DEFAULT '',
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        total_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        create_time REAL NOT NULL,
+        end_time REAL
+    );
+    CREATE INDEX IF NOT EXISTS runs_by_session ON runs(session_id, create_time);
+    CREATE TABLE IF NOT EXISTS events (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        sequence INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, sequence)
+    );
+    """,
+    """
+    ALTER TABLE runs ADD COLUMN agent TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE runs ADD COLUMN agent_version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE runs ADD COLUMN last_sequence INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN snapshot TEXT;
+    CREATE INDEX runs_by_state ON runs(state, create_time);
+    CREATE TABLE agents (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        create_time REAL NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, version)
+    );
+    """,
+)
+# Ids are echoed in error messages; one longer than this is cut so an error never carries megabytes of input.
+_MAX_ID_CHARS = 64
+
+
+def shown(value: str) -> str:
+    """``value`` quoted for an error message, cut to a readable length."""
+    return repr(value if len(value) <= _MAX_ID_CHARS else value[:_MAX_ID_CHARS] + "...")
 
 
 class RunState(enum.Enum):
     RUNNING = "RUNNING"
+    WAITING_FOR_APPROVAL = "WAITING_FOR_APPROVAL"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+
+    @property
+    def ended(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -75,14 +107,42 @@ class RunRecord:
     usage: Usage
     create_time: float
     end_time: float | None
+    agent: str = "default"
+    agent_version: int = 1
+    last_sequence: int = 0
+    snapshot: str | None = None
     events: list[bytes] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class AgentRecord:
+    """One stored version of an agent; ``spec`` is its definition as JSON."""
+
+    name: str
+    version: int
+    spec: dict[str, Any]
+    create_time: float
+
+
+_RUN_COLUMNS = (
+    "run_id, session_id, task, state, answer, prompt_tokens, completion_tokens, total_tokens, cached_prompt_tokens, "
+    "create_time, end_time, agent, agent_version, last_sequence, snapshot"
+)
+
+
+def _run(row: Sequence[Any], events: list[bytes]) -> RunRecord:
+    return RunRecord(
+        row[0], row[1], row[2], RunState(row[3]), row[4], Usage(*row[5:9]), row[9], row[10], row[11], row[12],
+        row[13], row[14], events,
+    )  # fmt: skip
+
+
 class RunStore:
-    """Sessions, runs and their event journal in one SQLite file (WAL), created with its parent directory on first use.
+    """Sessions, agents, runs and their event journal in one SQLite file (WAL), created with its parent directory.
 
     Every method is a coroutine that runs its SQL on one dedicated thread, so the event loop never blocks on disk and
-    the connection is only ever used by the thread that opened it. Unknown ids raise NotFoundError.
+    the connection is only used by the thread that opened it. Each method is one transaction. Unknown ids raise
+    NotFoundError.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -101,14 +161,21 @@ class RunStore:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path)
+            conn = sqlite3.connect(self.path, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a journaled step must survive the machine losing power, not only the process dying.
+            conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
-            conn.executescript(SCHEMA)
+            _migrate(conn)
             self._local.conn = conn
-        with conn:  # one transaction per call: committed on return, rolled back on an exception
-            return fn(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
 
     def _close_in_thread(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -123,6 +190,8 @@ class RunStore:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._close_in_thread)
             self._executor.shutdown(wait=True)
 
+    # Sessions
+
     async def create_session(self) -> SessionRecord:
         session = SessionRecord(session_id=uuid.uuid4().hex, create_time=time.time())
         await self._call(
@@ -136,7 +205,7 @@ class RunStore:
         def get(c: sqlite3.Connection) -> SessionRecord:
             row = c.execute("SELECT create_time FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"session {session_id!r} does not exist; create one or leave session_id empty")
+                raise NotFoundError(f"session {shown(session_id)} does not exist; create one or leave session_id empty")
             rows = c.execute(
                 "SELECT run_id, task, answer FROM runs WHERE session_id = ? AND state = ? "
                 "ORDER BY create_time DESC, rowid DESC LIMIT ?",
@@ -147,66 +216,168 @@ class RunStore:
 
         return await self._call(get)
 
-    async def create_run(self, session_id: str, task: str) -> RunRecord:
-        run = RunRecord(uuid.uuid4().hex, session_id, task, RunState.RUNNING, "", Usage(), time.time(), None)
+    # Runs
+
+    async def create_run(
+        self, session_id: str, task: str, *, agent: str = "default", agent_version: int = 1, run_id: str = ""
+    ) -> RunRecord:
+        """A new RUNNING run without events; its snapshot arrives with its first ``commit``."""
+        run = RunRecord(
+            run_id or uuid.uuid4().hex, session_id, task, RunState.RUNNING, "", Usage(), time.time(), None, agent,
+            agent_version,
+        )  # fmt: skip
         await self._call(
             lambda c: c.execute(
-                "INSERT INTO runs (run_id, session_id, task, state, create_time) VALUES (?, ?, ?, ?, ?)",
-                (run.run_id, session_id, task, run.state.value, run.create_time),
+                "INSERT INTO runs (run_id, session_id, task, state, create_time, agent, agent_version) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, session_id, task, run.state.value, run.create_time, agent, agent_version),
             )
         )
         return run
 
-    async def append_event(self, run_id: str, sequence: int, data: bytes) -> None:
-        """Journals one serialized event; sequences are unique within a run."""
-        await self._call(lambda c: c.execute("INSERT INTO events VALUES (?, ?, ?)", (run_id, sequence, data)))
+    async def commit(
+        self,
+        run_id: str,
+        events: Sequence[tuple[int, bytes]],
+        *,
+        snapshot: str,
+        state: RunState,
+        usage: Usage,
+        answer: str = "",
+    ) -> None:
+        """One transition, atomically: the new events (sequence, serialized), the run's snapshot and its state.
 
-    async def finish_run(self, run_id: str, state: RunState, answer: str, usage: Usage) -> None:
-        """Records how the run ended."""
-        await self._call(
-            lambda c: c.execute(
+        A sequence already journaled raises sqlite3.IntegrityError and nothing of the transition is stored.
+        """
+
+        def commit(c: sqlite3.Connection) -> None:
+            c.executemany("INSERT INTO events VALUES (?, ?, ?)", [(run_id, seq, data) for seq, data in events])
+            last = max((seq for seq, _ in events), default=None)
+            cursor = c.execute(
                 "UPDATE runs SET state = ?, answer = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, "
-                "cached_prompt_tokens = ?, end_time = ? WHERE run_id = ?",
+                "cached_prompt_tokens = ?, end_time = ?, snapshot = ?, last_sequence = MAX(last_sequence, ?) "
+                "WHERE run_id = ?",
                 (
-                    state.value,
-                    answer,
-                    usage.prompt_tokens,
-                    usage.completion_tokens,
-                    usage.total_tokens,
-                    usage.cached_prompt_tokens,
-                    time.time(),
-                    run_id,
+                    state.value, answer, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+                    usage.cached_prompt_tokens, time.time() if state.ended else None, snapshot, last or 0, run_id,
                 ),
-            )
-        )
+            )  # fmt: skip
+            if cursor.rowcount == 0:
+                raise NotFoundError(f"run {shown(run_id)} does not exist")
+
+        await self._call(commit)
 
     async def get_run(self, run_id: str, *, with_events: bool = True) -> RunRecord:
         def get(c: sqlite3.Connection) -> RunRecord:
-            row = c.execute(
-                "SELECT run_id, session_id, task, state, answer, prompt_tokens, completion_tokens, total_tokens, "
-                "cached_prompt_tokens, create_time, end_time FROM runs WHERE run_id = ?",
-                (run_id,),
-            ).fetchone()
+            row = c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if row is None:
-                raise NotFoundError(f"run {run_id!r} does not exist; use the run_id from a Run event")
+                raise NotFoundError(f"run {shown(run_id)} does not exist; use the run_id from a Run event")
             events = []
             if with_events:
-                events = [
-                    data
-                    for (data,) in c.execute("SELECT data FROM events WHERE run_id = ? ORDER BY sequence", (run_id,))
-                ]
-            return RunRecord(
-                row[0], row[1], row[2], RunState(row[3]), row[4], Usage(*row[5:9]), row[9], row[10], events
-            )
+                query = "SELECT data FROM events WHERE run_id = ? ORDER BY sequence"
+                events = [data for (data,) in c.execute(query, (run_id,))]
+            return _run(row, events)
 
         return await self._call(get)
 
-    async def unfinished_runs(self) -> list[tuple[str, int]]:
-        """Runs still marked RUNNING (a planner stopped under them) with their last event's sequence number."""
+    async def events_after(self, run_id: str, after_sequence: int) -> list[tuple[int, bytes]]:
+        """The run's journaled events with a sequence above ``after_sequence``, in order."""
         return await self._call(
             lambda c: c.execute(
-                "SELECT r.run_id, COALESCE(MAX(e.sequence), 0) FROM runs r LEFT JOIN events e ON e.run_id = r.run_id "
-                "WHERE r.state = ? GROUP BY r.run_id",
-                (RunState.RUNNING.value,),
+                "SELECT sequence, data FROM events WHERE run_id = ? AND sequence > ? ORDER BY sequence",
+                (run_id, after_sequence),
             ).fetchall()
         )
+
+    async def list_runs(
+        self, *, state: RunState | None = None, agent: str = "", session_id: str = "", limit: int = 50
+    ) -> list[RunRecord]:
+        """Runs newest first, filtered by whichever of state, agent and session are given; without events."""
+        where, params = [], []
+        for column, value in (("state", state.value if state else ""), ("agent", agent), ("session_id", session_id)):
+            if value:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        query = f"SELECT {_RUN_COLUMNS} FROM runs {clause} ORDER BY create_time DESC, rowid DESC LIMIT ?"
+        return await self._call(lambda c: [_run(row, []) for row in c.execute(query, (*params, limit))])
+
+    async def runs_in_state(self, state: RunState) -> list[RunRecord]:
+        """Every run in ``state`` with its snapshot, oldest first (what a starting planner resumes)."""
+        query = f"SELECT {_RUN_COLUMNS} FROM runs WHERE state = ? ORDER BY create_time"
+        return await self._call(lambda c: [_run(row, []) for row in c.execute(query, (state.value,))])
+
+    # Agents
+
+    async def add_agent_version(self, name: str, spec: dict[str, Any], *, new: bool) -> AgentRecord:
+        """Stores ``spec`` as the next version of ``name``: version 1 if ``new`` (ALREADY_EXISTS if the name is taken),
+        else the latest + 1 (NOT_FOUND if there is no such agent)."""
+
+        def add(c: sqlite3.Connection) -> AgentRecord:
+            row = c.execute(
+                "SELECT version, deleted FROM agents WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            ).fetchone()
+            latest, live = (row[0], not row[1]) if row else (None, False)
+            if new and live:
+                raise AlreadyExistsError(f"agent {shown(name)} exists; update it to make a new version")
+            if not new and not live:
+                raise NotFoundError(f"agent {shown(name)} does not exist; create it first")
+            version = (latest or 0) + 1
+            record = AgentRecord(name, version, spec, time.time())
+            c.execute(
+                "INSERT INTO agents (name, version, spec, create_time) VALUES (?, ?, ?, ?)",
+                (name, version, json.dumps(spec, ensure_ascii=False), record.create_time),
+            )
+            return record
+
+        return await self._call(add)
+
+    async def get_agent(self, name: str, version: int = 0) -> AgentRecord:
+        """The given version (0: the latest) of a live agent; NotFoundError otherwise."""
+
+        def get(c: sqlite3.Connection) -> AgentRecord:
+            query = "SELECT name, version, spec, create_time FROM agents WHERE name = ? AND deleted = 0"
+            row = (
+                c.execute(query + " AND version = ?", (name, version)).fetchone()
+                if version
+                else c.execute(query + " ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+            )
+            if row is None:
+                which = f"version {version} of agent {shown(name)}" if version else f"agent {shown(name)}"
+                raise NotFoundError(f"{which} does not exist; ListAgents shows the agents and their latest versions")
+            return AgentRecord(row[0], row[1], json.loads(row[2]), row[3])
+
+        return await self._call(get)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        """The latest version of every live agent, by name."""
+        query = (
+            "SELECT a.name, a.version, a.spec, a.create_time FROM agents a JOIN (SELECT name, MAX(version) AS v "
+            "FROM agents WHERE deleted = 0 GROUP BY name) l ON a.name = l.name AND a.version = l.v ORDER BY a.name"
+        )
+        return await self._call(
+            lambda c: [AgentRecord(n, v, json.loads(s), t) for n, v, s, t in c.execute(query).fetchall()]
+        )
+
+    async def delete_agent(self, name: str) -> None:
+        """Marks every version deleted (runs keep naming the version they ran); NotFoundError if there is none."""
+
+        def delete(c: sqlite3.Connection) -> None:
+            if c.execute("UPDATE agents SET deleted = 1 WHERE name = ? AND deleted = 0", (name,)).rowcount == 0:
+                raise NotFoundError(f"agent {shown(name)} does not exist")
+
+        await self._call(delete)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")

@@ -43,21 +43,40 @@ class Generation(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """How each model call of a run samples: temperature 0 is greedy; ``seed`` makes sampling reproducible."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
 class ToolSpec:
-    """A tool the agent may call: its name, a one-line description and the JSON Schema of its arguments."""
+    """A tool the agent may call: its name, a one-line description, the JSON Schema of its arguments, and whether
+    the tools service runs it only with a human's approval."""
 
     name: str
     description: str
     input_schema: dict[str, Any] = field(default_factory=dict)
+    requires_approval: bool = False
 
 
 @dataclass(frozen=True)
 class ToolOutcome:
-    """The result of one tool call: exactly one of ``result`` (any JSON value) or ``error`` (the observation)."""
+    """The result of one tool call: exactly one of ``result`` (any JSON value) or ``error`` (the observation).
+
+    ``replayed``: the tools service returned the outcome stored under the call's idempotency key (it did not run the
+    tool again).
+    """
 
     result: Any = None
     error: str | None = None
     duration_s: float = 0.0
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,10 +120,45 @@ class ToolCalled:
 
 @dataclass(frozen=True)
 class ToolReturned:
+    """A call's outcome; ``started_at`` is the wall-clock time (Unix seconds) the planner sent it."""
+
     step: int
     call_id: str
     tool: str
     outcome: ToolOutcome
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class ApprovalRequested:
+    """A call waits for a human's decision; the run is WAITING_FOR_APPROVAL meanwhile."""
+
+    step: int
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True)
+class ApprovalDecided:
+    """A human approved (with these arguments) or rejected (``comment`` is the observation) a call."""
+
+    step: int
+    call_id: str
+    tool: str
+    approved: bool
+    arguments: dict[str, Any]
+    comment: str
+
+
+@dataclass(frozen=True)
+class PlanMade:
+    """A plan_execute agent's plan (revision 1, one more per re-plan)."""
+
+    step: int
+    revision: int
+    steps: list[str]
 
 
 @dataclass(frozen=True)
@@ -124,4 +178,14 @@ class Failed:
     message: str
 
 
-AgentEvent = StepStarted | ModelOutput | ToolCalled | ToolReturned | Finished | Failed
+AgentEvent = (
+    StepStarted
+    | ModelOutput
+    | ToolCalled
+    | ToolReturned
+    | ApprovalRequested
+    | ApprovalDecided
+    | PlanMade
+    | Finished
+    | Failed
+)

@@ -30,12 +30,34 @@ SERVICES = ("planner", "tools", "knowledge", "inference")
 
 
 class Mesh:
-    def __init__(self, ports: dict[str, int], env: dict[str, str]) -> None:
+    def __init__(self, ports: dict[str, int], env: dict[str, str], data_dir: Path, output_path: Path) -> None:
         self.ports = ports
         self.env = env
+        self.data_dir = data_dir
+        self.output_path = output_path
 
     def target(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def output(self) -> str:
+        """What `meshpilot up` has printed so far (stdout and stderr)."""
+        return self.output_path.read_text()
+
+    def status(self, service: str) -> dict:
+        """The service's entry in <data_dir>/mesh.json, which `up` keeps current."""
+        return json.loads((self.data_dir / "mesh.json").read_text())["services"][service]
+
+    def kill_and_wait_restarted(self, service: str, timeout: float = 300) -> int:
+        """SIGKILLs the service's process; returns the pid of the process `up` replaced it with, once SERVING."""
+        old_pid = self.status(service)["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.status(service)
+            if entry["pid"] != old_pid and entry["state"] == "serving" and _serving(self.target(service)):
+                return entry["pid"]
+            time.sleep(0.5)
+        pytest.fail(f"{service} was not restarted within {timeout:.0f}s:\n{self.output()}")
 
     def ask(self, question: str, *extra: str) -> tuple[int, dict]:
         done = subprocess.run(
@@ -67,23 +89,29 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     env["MESHPILOT_DATA_DIR"] = str(data_dir)
     for name, port in ports.items():
         env[f"MESHPILOT_{name.upper()}__SERVER__PORT"] = str(port)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "meshpilot", "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # A file, not a pipe: tests read what `up` printed while it still runs (restart messages).
+    output_path = data_dir / "up.out"
+    with open(output_path, "w") as output_file:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "meshpilot", "up"], env=env, stdout=output_file, stderr=subprocess.STDOUT
+        )
+    mesh = Mesh(ports, env, data_dir, output_path)
     deadline = time.monotonic() + 600
     while not all(_serving(f"127.0.0.1:{p}") for p in ports.values()):
         if up.poll() is not None:
-            pytest.fail(f"meshpilot up exited with {up.returncode}:\n{up.stdout.read() if up.stdout else ''}")
+            pytest.fail(f"meshpilot up exited with {up.returncode}:\n{mesh.output()}")
         if time.monotonic() > deadline:
             up.kill()
             pytest.fail("the mesh did not become SERVING within 600s")
         time.sleep(1)
-    yield Mesh(ports, env)
+    yield mesh
     up.send_signal(signal.SIGTERM)
-    output, _ = up.communicate(timeout=120)
+    up.wait(timeout=120)
+    output = mesh.output()
     assert up.returncode == 0, output
     assert "stopped planner" in output and "stopped knowledge" in output
     assert not any(_serving(f"127.0.0.1:{p}") for p in ports.values())
+    assert not (data_dir / "mesh.json").exists()
 
 
 def _tool_calls(answer: dict) -> list[dict]:
@@ -184,3 +212,35 @@ def test_buf_curl_lists_and_calls_through_reflection(mesh: Mesh) -> None:
     )
     assert called.returncode == 0, called.stderr
     assert json.loads(called.stdout)["matches"][0]["label"] == "Japan"
+
+
+# The tests below kill services: they come last, and each leaves the mesh SERVING for the next.
+
+
+def test_killed_services_are_restarted_and_the_mesh_answers_again(mesh: Mesh) -> None:
+    for service in ("tools", "inference"):
+        old_pid = mesh.status(service)["pid"]
+        new_pid = mesh.kill_and_wait_restarted(service)
+        assert new_pid != old_pid
+        output = mesh.output()
+        assert f"{service} exited with -9 (SIGKILL); restarting in" in output
+        assert f"{service} is SERVING again (pid {new_pid})" in output
+    code, out = mesh.ask("What is the capital of France?")
+    assert code == 0, out
+    assert "Paris" in out["answer"]
+
+
+def test_runs_in_flight_survive_a_killed_service(mesh: Mesh) -> None:
+    """Needs the planner to retry a dependency that is briefly unavailable, within the run's deadline."""
+    request = planner_pb2.RunRequest(task="What is the capital of France?")
+    events = []
+    with grpc.insecure_channel(mesh.target("planner")) as channel:
+        stream = planner_pb2_grpc.PlannerServiceStub(channel).Run(request, timeout=600)
+        for event in stream:
+            events.append(event)
+            if len(events) == 1:
+                # The run has begun (its first event is out): inference dies under it.
+                mesh.kill_and_wait_restarted("inference")
+    kinds = [event.WhichOneof("event") for event in events]
+    assert kinds[-1] == "final_answer", f"{kinds}: {events[-1]}"
+    assert "Paris" in events[-1].final_answer.answer

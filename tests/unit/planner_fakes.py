@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from services.common import InvalidArgumentError, MeshError, NotFoundError
-from services.planner import Generation, Timings, ToolOutcome, ToolSpec, Usage
+from services.planner import Generation, Sampling, Timings, ToolOutcome, ToolSpec, Usage
+from services.planner.types import GREEDY
 
 COUNTRY_FACTS = ToolSpec(
     "country_facts",
@@ -35,12 +36,23 @@ def answer(text: str) -> str:
     return json.dumps({"final_answer": text})
 
 
-class ScriptedLLM:
-    """Returns the scripted outputs in order (an exception in the script is raised instead); records every request."""
+class UnconsumedModelSteps(AssertionError):
+    """A test scripted more model outputs than the agent asked for."""
 
-    def __init__(self, outputs: list[str | MeshError], usage: Usage = STEP_USAGE) -> None:
+
+class ScriptedLLM:
+    """Returns the scripted outputs in order (an exception in the script is raised instead); records every request.
+
+    ``assert_consumed()`` fails when scripted outputs were left unused, so a test cannot pass on a run that stopped
+    early. ``gate``, when set, holds every call until it is set.
+    """
+
+    def __init__(
+        self, outputs: list[str | MeshError], usage: Usage = STEP_USAGE, models: tuple[str, ...] = ("tiny",)
+    ) -> None:
         self.outputs = list(outputs)
         self.usage = usage
+        self.models = list(models)
         self.requests: list[dict[str, Any]] = []
         self.gate: asyncio.Event | None = None
 
@@ -51,9 +63,18 @@ class ScriptedLLM:
         max_tokens: int,
         *,
         timeout: float | None = None,
+        model: str = "",
+        sampling: Sampling = GREEDY,
     ) -> Generation:
         self.requests.append(
-            {"messages": messages, "schema": json_schema, "max_tokens": max_tokens, "timeout": timeout}
+            {
+                "messages": messages,
+                "schema": json_schema,
+                "max_tokens": max_tokens,
+                "timeout": timeout,
+                "model": model,
+                "sampling": sampling,
+            }
         )
         if self.gate is not None:
             await self.gate.wait()
@@ -64,6 +85,15 @@ class ScriptedLLM:
             raise output
         return Generation(output, self.usage, Timings(total_ms=5.0))
 
+    async def list_models(self, *, timeout: float | None = None) -> list[str]:
+        return list(self.models)
+
+    def assert_consumed(self) -> None:
+        if self.outputs:
+            raise UnconsumedModelSteps(
+                f"{len(self.outputs)} scripted model outputs were never asked for: {self.outputs}"
+            )
+
 
 class FakeTools:
     """country_facts and calculator over fixed data; NOT_FOUND for other tools, INVALID_ARGUMENT for missing args."""
@@ -71,8 +101,11 @@ class FakeTools:
     def __init__(self, tools: list[ToolSpec] | None = None) -> None:
         self.tools = tools if tools is not None else [COUNTRY_FACTS, CALCULATOR]
         self.calls: list[tuple[str, str, dict[str, Any], float | None]] = []
+        self.requests: list[dict[str, Any]] = []
         self.list_error: MeshError | None = None
         self.execute_hook: Callable[[str, dict[str, Any]], Any] | None = None
+        # Outcomes by idempotency key, as the tools service keeps them: a repeated key is replayed, not run.
+        self.stored: dict[str, ToolOutcome] = {}
 
     async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
         if self.list_error is not None:
@@ -80,9 +113,30 @@ class FakeTools:
         return list(self.tools)
 
     async def execute(
-        self, call_id: str, name: str, arguments: dict[str, Any], *, timeout: float | None = None
+        self,
+        call_id: str,
+        name: str,
+        arguments: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        idempotency_key: str = "",
+        approval_token: str = "",
+        run_id: str = "",
     ) -> ToolOutcome:
+        self.requests.append(
+            {"call_id": call_id, "name": name, "arguments": arguments, "idempotency_key": idempotency_key,
+             "approval_token": approval_token, "run_id": run_id}
+        )  # fmt: skip
+        if idempotency_key in self.stored:
+            stored = self.stored[idempotency_key]
+            return ToolOutcome(stored.result, stored.error, stored.duration_s, replayed=True)
         self.calls.append((call_id, name, arguments, timeout))
+        outcome = await self._run(name, arguments)
+        if idempotency_key:
+            self.stored[idempotency_key] = outcome
+        return outcome
+
+    async def _run(self, name: str, arguments: dict[str, Any]) -> ToolOutcome:
         if self.execute_hook is not None:
             return await self.execute_hook(name, arguments)
         if name == "country_facts":
