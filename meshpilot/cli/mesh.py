@@ -1,4 +1,4 @@
-"""`meshpilot up`: the four services as local processes, started together, health-checked, stopped in order."""
+"""`meshpilot up`: the four services as local processes, started together, health-checked, kept up, stopped in order."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from meshpilot.cli.supervisor import ChildProcess, MeshSupervisor, RestartPolicy, ServiceProcess, Spawn, tail
 from services.common import MeshConfig
 
 # Start order does not matter (clients connect lazily); stop order does: front door first, so no new work arrives.
 SERVICES = ("knowledge", "inference", "tools", "planner")
 STOP_ORDER = ("planner", "tools", "inference", "knowledge")
+STATUS_FILE = "mesh.json"
+"""Written in the data dir while `up` runs: each service's pid, state and restarts (see meshpilot.cli.supervisor)."""
 
 console = Console(stderr=True)
 
 
-@dataclass
-class ServiceProcess:
-    name: str
-    target: str
-    log_path: Path
-    process: asyncio.subprocess.Process
-
-
-async def wait_serving(target: str, *, timeout: float, process: asyncio.subprocess.Process | None = None) -> bool:
+async def wait_serving(target: str, *, timeout: float, process: ChildProcess | None = None) -> bool:
     """Polls the gRPC health service at ``target`` until SERVING; False on timeout or if ``process`` exits."""
     deadline = time.monotonic() + timeout
     async with grpc.aio.insecure_channel(target) as channel:
@@ -50,56 +44,60 @@ async def wait_serving(target: str, *, timeout: float, process: asyncio.subproce
     return False
 
 
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-async def _start(cfg: MeshConfig, config_path: Path | None) -> list[ServiceProcess]:
-    log_dir = cfg.data_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+def _launcher(cfg: MeshConfig, config_path: Path | None) -> Spawn:
+    """A Spawn that runs `meshpilot serve NAME` with its output appended to <data_dir>/logs/NAME.log."""
     env = dict(os.environ)
     if config_path is not None:
         env["MESHPILOT_CONFIG"] = str(config_path.resolve())
-    started = []
-    for name in SERVICES:
-        log_path = log_dir / f"{name}.log"
-        with open(log_path, "ab") as log_file:
+
+    async def spawn(name: str) -> ChildProcess:
+        with open(_log_path(cfg, name), "ab") as log_file:
             # A session of its own: Ctrl-C reaches only `up`, which then stops the services in order.
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "meshpilot", "serve", name,
                 stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
             )  # fmt: skip
-        started.append(ServiceProcess(name, getattr(cfg, name).server.target(), log_path, process))
-    return started
+
+    return spawn
 
 
-async def _stop(processes: list[ServiceProcess], grace: float) -> None:
-    by_name = {p.name: p for p in processes}
-    for name in STOP_ORDER:
-        proc = by_name.get(name)
-        if proc is None or proc.process.returncode is not None:
-            continue
-        proc.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.process.wait(), timeout=grace + 5)
-        except TimeoutError:
-            console.print(f"[yellow]{name} did not stop within {grace + 5:.0f}s; killing it[/]")
-            proc.process.kill()
-            await proc.process.wait()
-        console.print(f"stopped {name} (exit {proc.process.returncode})")
+def _log_path(cfg: MeshConfig, name: str) -> Path:
+    return cfg.data_dir / "logs" / f"{name}.log"
 
 
-async def run_mesh(cfg: MeshConfig, config_path: Path | None, *, startup_timeout: float) -> int:
-    """Starts the mesh and blocks until SIGINT/SIGTERM or a service dies; returns the exit code for `up`."""
+async def _start(cfg: MeshConfig, spawn: Spawn) -> list[ServiceProcess]:
+    (cfg.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+    return [
+        ServiceProcess(name, getattr(cfg, name).server.target(), _log_path(cfg, name), await spawn(name))
+        for name in SERVICES
+    ]
+
+
+async def run_mesh(
+    cfg: MeshConfig, config_path: Path | None, *, startup_timeout: float, policy: RestartPolicy | None = None
+) -> int:
+    """Starts the mesh, restarts services that exit (``policy``), and blocks until SIGINT/SIGTERM (0; 130 while still
+    starting) or until a service does not start or fails for good (1); all are stopped in STOP_ORDER before it returns.
+
+    ``startup_timeout`` bounds the first start of the mesh and each restart of a service.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     began = time.monotonic()
-    processes = await _start(cfg, config_path)
+    spawn = _launcher(cfg, config_path)
+    supervisor = MeshSupervisor(
+        await _start(cfg, spawn),
+        spawn=spawn,
+        probe=wait_serving,
+        startup_timeout=startup_timeout,
+        policy=policy or RestartPolicy(),
+        console=console,
+        status_path=cfg.data_dir / STATUS_FILE,
+    )
+    processes = supervisor.services
+    supervisor.write_status()
     grace = max(getattr(cfg, p.name).server.grace_seconds for p in processes)
     try:
         with console.status("starting knowledge, inference, tools and planner ..."):
@@ -112,37 +110,29 @@ async def run_mesh(cfg: MeshConfig, config_path: Path | None, *, startup_timeout
             waiting.cancel()
             return 130
         stopped.cancel()
+        # A service that fails its very first start is not restarted: nothing has worked yet, so the cause is most
+        # likely the config or the machine, and retrying would only delay the error.
         failed = [p for p, ok in zip(processes, waiting.result(), strict=True) if not ok]
         if failed:
             for p in failed:
-                console.print(f"[red]{p.name} did not become SERVING[/] (log {p.log_path}):\n{_tail(p.log_path)}")
+                console.print(f"[red]{p.name} did not become SERVING[/] (log {p.log_path}):\n{tail(p.log_path)}")
             return 1
-        _print_endpoints(processes, time.monotonic() - began)
-        exits = [asyncio.ensure_future(p.process.wait()) for p in processes]
-        stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({stopped, *exits}, return_when=asyncio.FIRST_COMPLETED)
-        for future in exits:
-            future.cancel()
-        if stopped not in done:
-            dead = [p for p in processes if p.process.returncode is not None]
-            for p in dead:
-                console.print(
-                    f"[red]{p.name} exited with {p.process.returncode}[/] (log {p.log_path}):\n{_tail(p.log_path)}"
-                )
-            return 1
-        return 0
+        supervisor.mark_serving()
+        _print_endpoints(processes, time.monotonic() - began, cfg.data_dir / STATUS_FILE)
+        return await supervisor.run_until(stop)
     finally:
         console.print("stopping the mesh ...")
-        await _stop(processes, grace)
+        await supervisor.stop(STOP_ORDER, grace)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
 
-def _print_endpoints(processes: list[ServiceProcess], seconds: float) -> None:
+def _print_endpoints(processes: list[ServiceProcess], seconds: float, status_path: Path) -> None:
     table = Table(title=f"MeshPilot is up ({seconds:.1f}s)")
     for column in ("service", "endpoint", "pid", "log"):
         table.add_column(column)
     for p in processes:
         table.add_row(p.name, p.target, str(p.process.pid), str(p.log_path))
     console.print(table)
+    console.print(f"Services that exit are restarted; current pids: {status_path}", soft_wrap=True)
     console.print('Try: [bold]meshpilot ask "What is the capital of France?"[/]   (Ctrl-C stops the mesh)')
