@@ -7,8 +7,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
+from meshpilot.planner.v1 import agents_pb2_grpc, planner_pb2, planner_pb2_grpc
 from services.common import InvalidArgumentError, MeshError, NotFoundError
-from services.planner import Generation, Sampling, Timings, ToolOutcome, ToolSpec, Usage
+from services.planner import Generation, Sampling, Timings, ToolOutcome, ToolSpec, Usage, create_server
 from services.planner.types import GREEDY
 
 COUNTRY_FACTS = ToolSpec(
@@ -149,3 +152,44 @@ class FakeTools:
         if name == "calculator":
             return ToolOutcome(result={"result": 391}, duration_s=0.01)
         raise NotFoundError(f"no tool named {name!r}; call ListTools for the registered names")
+
+
+class Planner:
+    """A running in-process planner (create_server on port 0) with stubs of PlannerService and AgentService.
+
+    ``restart()`` stops it the way SIGTERM does (runs in flight are left as journaled) and starts a new one on the
+    same database, resuming them, as a restarted planner process would.
+    """
+
+    def __init__(self, config: Any, llm: ScriptedLLM, tools: FakeTools, signer: Any = None) -> None:
+        self.config, self.llm, self.tools, self.signer = config, llm, tools, signer
+
+    async def _start(self) -> None:
+        self.server = create_server(self.config, llm=self.llm, tools=self.tools, signer=self.signer)
+        self.servicer = self.server.bindings[0].servicer
+        await self.server.start()
+        await self.servicer.runs.resume()
+        await self.server.set_serving()
+        self.channel = grpc.aio.insecure_channel(self.server.address)
+        self.stub = planner_pb2_grpc.PlannerServiceStub(self.channel)
+        self.agents = agents_pb2_grpc.AgentServiceStub(self.channel)
+
+    async def _stop(self) -> None:
+        await self.channel.close()
+        await self.server.stop(0)
+        await self.servicer.close()
+
+    async def __aenter__(self) -> Planner:
+        await self._start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stop()
+
+    async def restart(self) -> None:
+        await self._stop()
+        await self._start()
+
+    async def run(self, task: str = "What is the capital of France?", session_id: str = "", **budget: Any) -> list:
+        request = planner_pb2.RunRequest(task=task, session_id=session_id, budget=planner_pb2.RunBudget(**budget))
+        return [event async for event in self.stub.Run(request)]

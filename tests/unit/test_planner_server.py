@@ -8,37 +8,12 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
+from meshpilot.planner.v1 import planner_pb2
 from services.common import UnavailableError, load_config
-from services.planner import RunStore, create_server
-from tests.unit.planner_fakes import FakeTools, ScriptedLLM, answer, call
+from services.planner import RunStore
+from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
 
 FRANCE = [call("country_facts", country="France"), answer("Paris")]
-
-
-class Planner:
-    """A running in-process planner and a stub on it."""
-
-    def __init__(self, config, llm, tools):
-        self.config, self.llm, self.tools = config, llm, tools
-        self.server = create_server(config, llm=llm, tools=tools)
-        self.servicer = self.server.bindings[0].servicer
-
-    async def __aenter__(self):
-        await self.server.start()
-        await self.server.set_serving()
-        self.channel = grpc.aio.insecure_channel(self.server.address)
-        self.stub = planner_pb2_grpc.PlannerServiceStub(self.channel)
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.channel.close()
-        await self.servicer.close()
-        await self.server.stop(0)
-
-    async def run(self, task="What is the capital of France?", session_id="", **budget):
-        request = planner_pb2.RunRequest(task=task, session_id=session_id, budget=planner_pb2.RunBudget(**budget))
-        return [event async for event in self.stub.Run(request)]
 
 
 @pytest.fixture
@@ -275,8 +250,7 @@ async def test_runs_an_older_planner_left_running_end_aborted_at_startup(config)
     run = await store.create_run(session.session_id, "What is the capital of France?")
     await store.close()
 
-    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
-        assert await planner.servicer.runs.resume() == 1
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:  # resumes what it finds at start
         stored = await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id=run.run_id))
 
     assert stored.state == planner_pb2.RUN_STATE_FAILED
