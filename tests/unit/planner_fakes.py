@@ -47,7 +47,7 @@ class ScriptedLLM:
     """Returns the scripted outputs in order (an exception in the script is raised instead); records every request.
 
     ``assert_consumed()`` fails when scripted outputs were left unused, so a test cannot pass on a run that stopped
-    early. ``gate``, when set, holds every call until it is set.
+    early. ``gate``, when set, holds every call until it is set; ``holds[i]`` holds only the i-th call.
     """
 
     def __init__(
@@ -58,6 +58,8 @@ class ScriptedLLM:
         self.models = list(models)
         self.requests: list[dict[str, Any]] = []
         self.gate: asyncio.Event | None = None
+        # Calls by index (0 = the first) that wait for their event: a model that hangs on one particular step.
+        self.holds: dict[int, asyncio.Event] = {}
 
     async def generate(
         self,
@@ -81,6 +83,8 @@ class ScriptedLLM:
         )
         if self.gate is not None:
             await self.gate.wait()
+        if (hold := self.holds.get(len(self.requests) - 1)) is not None:
+            await hold.wait()
         if not self.outputs:
             raise AssertionError("the agent asked the model more often than the test scripted")
         output = self.outputs.pop(0)
@@ -190,6 +194,10 @@ class Planner:
         await self._stop()
         await self._start()
 
-    async def run(self, task: str = "What is the capital of France?", session_id: str = "", **budget: Any) -> list:
-        request = planner_pb2.RunRequest(task=task, session_id=session_id, budget=planner_pb2.RunBudget(**budget))
+    async def run(
+        self, task: str = "What is the capital of France?", session_id: str = "", agent: str = "", **budget: Any
+    ) -> list:
+        request = planner_pb2.RunRequest(
+            task=task, session_id=session_id, agent=agent, budget=planner_pb2.RunBudget(**budget)
+        )
         return [event async for event in self.stub.Run(request)]
