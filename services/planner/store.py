@@ -64,6 +64,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (name, version)
     );
     """,
+    # Runs journaled before last_sequence existed: without their last event's number, the next event (resume's
+    # ABORTED) would reuse sequence 1 and fail, and WatchRun would refuse every sequence they have.
+    """
+    UPDATE runs SET last_sequence = (SELECT COALESCE(MAX(sequence), 0) FROM events WHERE events.run_id = runs.run_id);
+    """,
 )
 # Ids are echoed in error messages; one longer than this is cut so an error never carries megabytes of input.
 _MAX_ID_CHARS = 64
