@@ -150,7 +150,9 @@ def check_definition(
     for path, low, high in LIMITS:
         value = values[path]
         if not low <= value <= high:  # also refuses NaN
-            raise InvalidArgumentError(f"spec.{path} is {value:g}; use a value from {low:g} to {high:g}")
+            raise InvalidArgumentError(
+                f"spec.{path} is {_number(value)}; use a value from {_number(low)} to {_number(high)}"
+            )
     defaults = PolicyOptions()
     options = definition.policy_options
     return replace(
@@ -212,6 +214,11 @@ class AgentCatalog:
         if name == self.builtin.name:
             raise InvalidArgumentError("the built-in agent cannot be deleted")
         await self.store.delete_agent(name)
+
+
+def _number(value: float) -> str:
+    """``value`` as a person wrote it: whole numbers in full (``:g`` shows 1000001 as "1e+06"), else 7 digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.7g}"
 
 
 def _agent(record: AgentRecord) -> Agent:
