@@ -46,6 +46,10 @@ def create_channel(target: str) -> grpc.aio.Channel:
         options=[
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),
+            # A restarted peer is dialled again within a second or two (gRPC's default backoff grows to 120 s, so a
+            # service back after a long outage would stay unreached, and every call fail fast, for minutes).
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],

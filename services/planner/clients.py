@@ -26,6 +26,10 @@ def plain_json(value: Any) -> Any:
     return value
 
 
+# The deadline of listings made without one (the checks of an agent definition).
+LOOKUP_TIMEOUT_S = 10.0
+
+
 class InferenceLLMClient:
     """Schema-constrained chat completions from the inference service (the planner's LLMClient)."""
 
@@ -66,7 +70,9 @@ class InferenceLLMClient:
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
         try:
-            response = await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=timeout or 10.0)
+            response = await self._stub.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=timeout or LOOKUP_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "inference") from e
         return [model.id for model in response.models]
@@ -80,7 +86,7 @@ class ToolsServiceClient:
 
     async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
         try:
-            response = await self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout)
+            response = await self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout or LOOKUP_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "tools") from e
         return [
