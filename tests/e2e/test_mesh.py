@@ -230,17 +230,18 @@ def test_killed_services_are_restarted_and_the_mesh_answers_again(mesh: Mesh) ->
     assert "Paris" in out["answer"]
 
 
-def test_runs_in_flight_survive_a_killed_service(mesh: Mesh) -> None:
-    """Needs the planner to retry a dependency that is briefly unavailable, within the run's deadline."""
+@pytest.mark.parametrize(("service", "when"), [("inference", "step_started"), ("tools", "tool_call")])
+def test_runs_in_flight_survive_a_killed_service(mesh: Mesh, service: str, when: str) -> None:
+    """SIGKILL a dependency mid-run (inference as the model is asked, tools as the call goes out): `up` restarts it and
+    the planner retries within the run's deadline, so the run still answers."""
     request = planner_pb2.RunRequest(task="What is the capital of France?")
     events = []
     with grpc.insecure_channel(mesh.target("planner")) as channel:
         stream = planner_pb2_grpc.PlannerServiceStub(channel).Run(request, timeout=600)
         for event in stream:
             events.append(event)
-            if len(events) == 1:
-                # The run has begun (its first event is out): inference dies under it.
-                mesh.kill_and_wait_restarted("inference")
+            if event.WhichOneof("event") == when and sum(e.WhichOneof("event") == when for e in events) == 1:
+                mesh.kill_and_wait_restarted(service)
     kinds = [event.WhichOneof("event") for event in events]
     assert kinds[-1] == "final_answer", f"{kinds}: {events[-1]}"
     assert "Paris" in events[-1].final_answer.answer

@@ -347,3 +347,44 @@ async def wait_until(predicate, timeout=5.0):
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached")
+
+
+async def test_a_call_to_a_tool_outside_the_agents_list_is_refused_as_an_observation(config) -> None:
+    tools = FakeTools()
+    llm = ScriptedLLM([react(("country_facts", {"country": "France"})), react_answer("I may only calculate.")])
+    async with Planner(config, llm, tools) as planner:
+        await create_agent(planner, "calc-only", tools=["calculator"])
+        events = await planner.run("What is the capital of France?", agent="calc-only")
+
+    result = next(e.tool_result for e in events if e.HasField("tool_result"))
+    assert result.error == "tool 'country_facts' is not one of this agent's tools: calculator"
+    assert tools.calls == []
+    assert events[-1].final_answer.answer == "I may only calculate."
+
+
+async def test_a_tool_the_tools_service_refuses_is_an_observation_not_a_failed_run(config) -> None:
+    from services.common import PermissionDeniedError
+
+    async def refuse(name, arguments):
+        raise PermissionDeniedError("tool 'calculator' requires approval")
+
+    tools = FakeTools()
+    tools.execute_hook = refuse
+    llm = ScriptedLLM([react(("calculator", {"expression": "1+1"})), react_answer("I was not allowed.")])
+    async with Planner(config, llm, tools) as planner:
+        await create_agent(planner, "geo")
+        events = await planner.run("1+1?", agent="geo")
+
+    result = next(e.tool_result for e in events if e.HasField("tool_result"))
+    assert result.error == "tool 'calculator' requires approval"
+    assert events[-1].final_answer.answer == "I was not allowed."
+
+
+async def test_a_planner_bug_ends_the_run_internal_with_an_incident_id_not_a_trace(config) -> None:
+    llm = ScriptedLLM([])  # asking the model raises AssertionError: a bug, not a dependency's error
+    async with Planner(config, llm, FakeTools()) as planner:
+        events = await planner.run()
+
+    assert kinds(events) == ["step_started", "error"]
+    assert events[-1].error.code == "INTERNAL"
+    assert "incident" in events[-1].error.message and "Traceback" not in events[-1].error.message
