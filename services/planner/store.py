@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from services.common import AlreadyExistsError, NotFoundError
+from services.common.sqlite import SqliteThread, migrate
 from services.planner.types import Turn, Usage
 
 T = TypeVar("T")
@@ -152,48 +150,14 @@ class RunStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="planner-store")
-        self._local = threading.local()
-        self._closed = False
+        self._db = SqliteThread(path, lambda conn: migrate(conn, MIGRATIONS), name="planner-store")
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise RuntimeError("the run store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._in_thread, fn)
-
-    def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a journaled step must survive the machine losing power, not only the process dying.
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            _migrate(conn)
-            self._local.conn = conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
-
-    def _close_in_thread(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        return await self._db.call(fn)
 
     async def close(self) -> None:
         """Closes the connection; the store must not be used afterwards."""
-        if not self._closed:
-            self._closed = True
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_in_thread)
-            self._executor.shutdown(wait=True)
+        await self._db.close()
 
     # Sessions
 
@@ -372,17 +336,3 @@ class RunStore:
                 raise NotFoundError(f"agent {shown(name)} does not exist")
 
         await self._call(delete)
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(MIGRATIONS[version:], start=version):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in filter(str.strip, script.split(";")):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number + 1}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")

@@ -22,17 +22,15 @@ still retry with it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common.sqlite import SqliteThread
 from services.tools.registry import ToolCallError, ToolErrorKind, ToolOutcome
 
 T = TypeVar("T")
@@ -93,39 +91,14 @@ class OutcomeStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tools-outcomes")
-        self._local = threading.local()
-        self._closed = False
+        self._db = SqliteThread(path, lambda conn: conn.executescript(SCHEMA), name="tools-outcomes")
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise RuntimeError("the outcome store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._in_thread, fn)
-
-    def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
-            self._local.conn = conn
-        with conn:  # one transaction per call: committed on return, rolled back on an exception
-            return fn(conn)
-
-    def _close_in_thread(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        return await self._db.call(fn)
 
     async def close(self) -> None:
         """Closes the connection; the store must not be used afterwards."""
-        if not self._closed:
-            self._closed = True
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_in_thread)
-            self._executor.shutdown(wait=True)
+        await self._db.close()
 
     async def claim(self, key: str, tool: str, arguments_digest: str) -> StoredCall | None:
         """None when ``key`` was new and is now recorded as started (the caller runs the call); else what it holds."""

@@ -207,7 +207,7 @@ async def test_store_refuses_an_outcome_for_an_unclaimed_key_and_use_after_close
     stored = await store.get("k")
     assert stored is not None and stored.outcome == ToolOutcome("echo", 0.1, result=1)
     await store.close()
-    with pytest.raises(RuntimeError, match="the outcome store is closed"):
+    with pytest.raises(RuntimeError, match="the tools-outcomes database is closed"):
         await store.get("k")
 
 
