@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,35 @@ async def test_runs_survive_twenty_planner_kills_and_every_tool_call_takes_effec
 async def _ended(target: str, run_id: str) -> str:
     await finished_run(target, run_id)
     return run_id
+
+
+async def test_a_call_in_flight_when_the_planner_dies_takes_effect_once(mesh) -> None:
+    """The planner is frozen (SIGSTOP) the moment its tool_call event arrives, i.e. as it sends ExecuteTool, and
+    SIGKILLed while frozen: the tools service completes the call it received (its run does not depend on the caller)
+    and keeps the outcome under the call's key, so the resumed run gets it back (``replayed``) instead of appending a
+    second line. If the request had not left yet, the resumed run sends it first: once, either way."""
+    planner = mesh.target("planner")
+    before = len(note_lines(mesh.data_dir))
+    async with grpc.aio.insecure_channel(planner) as channel:
+        stub = planner_pb2_grpc.PlannerServiceStub(channel)
+        stream = stub.Run(planner_pb2.RunRequest(task="Add the line 'frozen entry' to the notebook.", agent="notes"))
+        async for event in stream:
+            if event.HasField("tool_call"):
+                mesh.processes["planner"].send_signal(signal.SIGSTOP)
+                run_id = event.run_id
+                break
+        stream.cancel()
+    await asyncio.sleep(0.5)  # the tools service finishes the call; the frozen planner cannot journal its result
+    mesh.kill("planner")
+    mesh.start("planner")
+    await asyncio.to_thread(mesh.wait_serving, "planner")
+    run = await finished_run(planner, run_id)
+
+    results = [e.tool_result for e in run.events if e.HasField("tool_result")]
+    print(f"\ncall in flight at the kill: {len(results)} result(s), replayed={[r.replayed for r in results]}")
+    assert run.state == planner_pb2.RUN_STATE_SUCCEEDED, run.events[-1]
+    assert len(results) == 1
+    assert len(note_lines(mesh.data_dir)) == before + 1
 
 
 async def test_an_approval_waits_across_a_restart_and_the_tools_service_checks_tokens(mesh) -> None:
