@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from rich.console import Console
 
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
+from services.common.json_values import message_to_json
 
 TERMINAL_EVENTS = frozenset({"final_answer", "error"})
 
@@ -131,8 +131,8 @@ def _usage(usage: Any) -> dict[str, int]:
     }
 
 
-def _struct(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+def _struct(message: Any) -> Any:
+    return message_to_json(message)
 
 
 class RunTranscript:
@@ -167,7 +167,7 @@ class RunTranscript:
             if result.WhichOneof("outcome") == "error":
                 entry["error"] = result.error
             else:
-                entry["result"] = json_format.MessageToDict(result.result)
+                entry["result"] = _struct(result.result)
             duration_ms = result.duration.ToTimedelta().total_seconds() * 1000
             entry["duration_ms"] = round(duration_ms, 1)
             if result.replayed:
@@ -270,7 +270,7 @@ class EventPrinter:
             if result.WhichOneof("outcome") == "error":
                 console.print(f"  [red]← error:[/] {result.error}{replayed}", highlight=False)
             else:
-                text = _compact(json_format.MessageToDict(result.result))
+                text = _compact(_struct(result.result))
                 console.print(f"  [green]←[/] {text[:300]}{replayed}", highlight=False)
         elif kind == "approval_decision":
             decision = event.approval_decision

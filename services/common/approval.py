@@ -18,6 +18,7 @@ from typing import Any
 import jwt
 
 from services.common.errors import PermissionDeniedError
+from services.common.json_values import plain_numbers
 
 _ALGORITHM = "HS256"
 _AUDIENCE = "meshpilot-tools"
@@ -29,16 +30,7 @@ _BOUND_CLAIMS = ("run", "call", "tool", "args")
 def arguments_digest(arguments: dict[str, Any]) -> str:
     """SHA-256 of the arguments as canonical JSON (sorted keys; integral floats as ints, as Struct loses the difference)."""
 
-    def plain(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return value
-
-    text = json.dumps(plain(arguments), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(plain_numbers(arguments), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

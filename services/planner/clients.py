@@ -6,25 +6,13 @@ import json
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import rpc_error_to_mesh_error
+from services.common.json_values import message_to_json
 from services.planner.convert import duration, json_to_struct, timings_from_proto, usage_from_proto
 from services.planner.types import GREEDY, Generation, Sampling, ToolOutcome, ToolSpec
-
-
-def plain_json(value: Any) -> Any:
-    """A protobuf-decoded JSON value with whole floats turned back into ints (Struct stores every number as a double)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {key: plain_json(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [plain_json(item) for item in value]
-    return value
-
 
 # The deadline of listings made without one (the checks of an agent definition).
 LOOKUP_TIMEOUT_S = 10.0
@@ -93,7 +81,7 @@ class ToolsServiceClient:
             ToolSpec(
                 tool.name,
                 tool.description,
-                plain_json(json_format.MessageToDict(tool.input_schema)),
+                message_to_json(tool.input_schema),
                 tool.requires_approval,
             )
             for tool in response.tools
@@ -128,5 +116,5 @@ class ToolsServiceClient:
         if response.WhichOneof("outcome") == "error":
             message = response.error.message or "the tool failed"
             return ToolOutcome(error=message, duration_s=seconds, replayed=response.replayed)
-        result = plain_json(json_format.MessageToDict(response.result))
+        result = message_to_json(response.result)
         return ToolOutcome(result=result, duration_s=seconds, replayed=response.replayed)

@@ -191,17 +191,37 @@ def build_messages(
     return messages
 
 
-def tool_call_options(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
-    """One action option per tool: its name as a constant and its own argument schema."""
+def tool_call_options(tools: Sequence[ToolSpec], max_string_chars: int | None = None) -> list[dict[str, Any]]:
+    """One action option per tool: its name as a constant and its own argument schema.
+
+    ``max_string_chars`` caps the top-level string arguments that set no maxLength of their own: a small model that
+    starts repeating itself inside a string (a SPARQL query of "-i-n-g-i-n-g...") then closes it and the action is
+    still complete JSON, instead of running to the token limit and being refused.
+    """
     return [
         {
             "type": "object",
-            "properties": {"tool": {"const": tool.name}, "arguments": tool.input_schema or {"type": "object"}},
+            "properties": {"tool": {"const": tool.name}, "arguments": _capped(tool.input_schema, max_string_chars)},
             "required": ["tool", "arguments"],
             "additionalProperties": False,
         }
         for tool in tools
     ]
+
+
+def _capped(schema: dict[str, Any], max_string_chars: int | None) -> dict[str, Any]:
+    if not schema:
+        return {"type": "object"}
+    properties = schema.get("properties")
+    if max_string_chars is None or not isinstance(properties, dict):
+        return schema
+    capped = {
+        name: {**spec, "maxLength": max_string_chars}
+        if isinstance(spec, dict) and spec.get("type") == "string" and "maxLength" not in spec
+        else spec
+        for name, spec in properties.items()
+    }
+    return {**schema, "properties": capped}
 
 
 def free_answer_option() -> dict[str, Any]:

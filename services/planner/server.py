@@ -7,14 +7,15 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import empty_pb2, json_format
+from google.protobuf import empty_pb2
 
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
 from services.common import InvalidArgumentError, MeshConfig, MeshServer, create_channel, serve
 from services.common.approval import ApprovalSigner, load_or_create_key
+from services.common.json_values import message_to_json
 from services.common.server import ServiceBinding
 from services.planner.agents import AgentCatalog
-from services.planner.clients import InferenceLLMClient, ToolsServiceClient, plain_json
+from services.planner.clients import InferenceLLMClient, ToolsServiceClient
 from services.planner.convert import (
     STATES_FROM_PROTO,
     agent_to_proto,
@@ -113,7 +114,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     async def ApproveToolCall(
         self, request: planner_pb2.ApproveToolCallRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Run:
-        arguments = plain_json(json_format.MessageToDict(request.arguments)) if request.HasField("arguments") else None
+        arguments = message_to_json(request.arguments) if request.HasField("arguments") else None
         return run_to_proto(
             await self.runs.decide(
                 request.run_id, request.call_id, approved=True, arguments=arguments, comment=request.comment

@@ -18,6 +18,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from services.common import InvalidArgumentError, NotFoundError
+from services.common.json_values import plain_numbers
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,6 @@ ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # A result larger than this is refused: it would swamp a small model's context and the journal.
 MAX_RESULT_BYTES = 1024 * 1024
-# Struct carries every number as a double; beyond 2**53 an integral double no longer stands for one integer.
-_EXACT_INT_LIMIT = 2**53
 _MAX_MESSAGE_CHARS = 300
 _MAX_VALUE_CHARS = 60
 # How long a timed-out handler gets to unwind after cancellation before the call returns regardless.
@@ -114,21 +113,6 @@ def _is_async_callable(handler: object) -> bool:
     return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(call)
 
 
-def normalise_numbers(value: Any) -> Any:
-    """Integral floats (within ±2**53) become ints, recursively.
-
-    JSON does not tell 3 from 3.0 and google.protobuf.Struct turns every number into a double, so a caller's
-    integer arrives as 3.0; handing it back as 3 lets "integer" schemas and handlers (range, indexing) take it.
-    """
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INT_LIMIT:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: normalise_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [normalise_numbers(v) for v in value]
-    return value
-
-
 def _to_json_value(value: Any) -> Any:
     """The value as plain JSON (dicts with str keys, lists, str, finite numbers, bool, None); ValueError otherwise."""
     try:
@@ -205,7 +189,7 @@ class ToolRegistry:
     def validate(self, name: str, arguments: dict[str, Any] | None) -> tuple[Tool, dict[str, Any]]:
         """The tool and its normalised arguments; NotFoundError or InvalidArgumentError (naming the JSON path)."""
         tool = self.get(name)
-        arguments = normalise_numbers(arguments if arguments is not None else {})
+        arguments = plain_numbers(arguments if arguments is not None else {})
         error: ValidationError | None = best_match(self._validators[name].iter_errors(arguments))
         if error is not None:
             raise InvalidArgumentError(

@@ -22,8 +22,8 @@ from services.planner.policies import (
     PolicyOptions,
     ReActPolicy,
 )
-from services.planner.policies.guided import MAX_LOOKUPS
-from services.planner.prompt import NO_ANSWER, system_prompt
+from services.planner.policies.guided import MAX_ARGUMENT_CHARS, MAX_LOOKUPS
+from services.planner.prompt import NO_ANSWER, grounded_answer_options, system_prompt
 from services.planner.state import AgentRef, CallRecord, CallStatus, RunSnapshot, StepRecord
 from services.planner.types import Budget, ToolOutcome, ToolSpec, Turn
 from tests.unit.planner_fakes import CALCULATOR, COUNTRY_FACTS, FACTS, answer, call
@@ -229,7 +229,25 @@ def test_guided_output_that_is_not_json_becomes_a_note_with_an_error_observation
     error = json.loads(decision.text)["error"]
     assert "not complete JSON" in error
     assert "not complete JSON" in policy.request(state, ctx).messages[-1]["content"]
-    assert state.memory == {}  # a refused output spends no lookup
+    assert state.memory == {"lookups": 1}  # greedy decoding would write it again: it spends a lookup
+
+
+def test_guided_broken_action_naming_a_tool_spends_it_and_two_end_in_the_honest_answer() -> None:
+    policy, state, ctx = GuidedPolicy(), snapshot("Write a haiku about the sea."), context()
+    runaway = '{"tool": "calculator", "arguments": {"expression": "1-2-1-2-1-2-1-2'
+    step(policy, state, ctx, runaway)
+    assert state.memory == {"lookups": 1, "spent": ["calculator"]}
+    offered = [o["properties"]["tool"]["const"] for o in policy.request(state, ctx).json_schema["anyOf"]]
+    assert "calculator" not in offered and offered
+
+    step(policy, state, ctx, '{"tool": "country_facts", "arguments": {"country": "seaseasea')
+    assert policy.request(state, ctx).json_schema == {"anyOf": grounded_answer_options([])}
+
+
+def test_guided_caps_string_arguments_that_set_no_length_of_their_own() -> None:
+    schema = GuidedPolicy().request(snapshot(), context()).json_schema
+    arguments = {o["properties"]["tool"]["const"]: o["properties"]["arguments"] for o in schema["anyOf"]}
+    assert arguments["country_facts"]["properties"]["country"]["maxLength"] == MAX_ARGUMENT_CHARS
 
 
 def test_guided_json_that_is_no_action_becomes_a_note() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -32,6 +33,10 @@ from services.planner.types import ToolSpec
 # Tool calls that found nothing answering the question before the only answer left is NO_ANSWER: one more look with
 # another tool helps when the model picked the wrong one; beyond that it is guessing.
 MAX_LOOKUPS = 2
+# Longest string argument the model may write (unless the tool's schema says otherwise): a country, an expression, a
+# short query. Longer is a 135M model repeating itself.
+MAX_ARGUMENT_CHARS = 200
+_NAMED_TOOL = re.compile(r'"tool":\s*"([^"]+)"')
 
 
 class GuidedPolicy(Policy):
@@ -40,8 +45,10 @@ class GuidedPolicy(Policy):
     - the first action must be a tool call;
     - once a tool returned facts that answer the question (``Fact.answers``: the question names the fact's key), the
       only action left is a final answer stating one of them as a sentence, or "I could not find the answer.";
-    - a tool that failed or returned nothing that answers the question is not offered again (under greedy decoding
-      the model would repeat the call); after MAX_LOOKUPS such calls the answer is "I could not find the answer.".
+    - a tool that failed, returned nothing that answers the question, or was named in an action that was not complete
+      JSON is not offered again (under greedy decoding the model would repeat the call); after MAX_LOOKUPS such
+      attempts the answer is "I could not find the answer.";
+    - string arguments are capped at MAX_ARGUMENT_CHARS.
 
     Memory: ``facts`` (answering facts so far), ``spent`` (tools not offered again), ``lookups`` (calls made).
     """
@@ -62,12 +69,18 @@ class GuidedPolicy(Policy):
         if state.memory.get("lookups", 0) >= MAX_LOOKUPS:
             return grounded_answer_options([])
         spent = set(state.memory.get("spent", []))
-        return tool_call_options([t for t in tools if t.name not in spent]) or grounded_answer_options([])
+        offered = [t for t in tools if t.name not in spent]
+        return tool_call_options(offered, MAX_ARGUMENT_CHARS) or grounded_answer_options([])
 
     def on_output(self, state: RunSnapshot, context: Context, text: str) -> Decision:
         try:
             action = parse_json_object(text)
         except ValueError as e:
+            # Greedy decoding would write the same broken action again: it counts as a lookup of the tool it named,
+            # which is not offered again.
+            state.memory["lookups"] = state.memory.get("lookups", 0) + 1
+            if named := _NAMED_TOOL.search(text):
+                state.memory.setdefault("spent", []).append(named.group(1))
             return Note(observation_text({"error": str(e)}))
         if isinstance(action.get("final_answer"), str):
             return Answer(action["final_answer"].strip() or NO_ANSWER)
