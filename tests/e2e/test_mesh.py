@@ -142,6 +142,28 @@ def test_follow_up_in_a_session_refers_to_the_earlier_turn(mesh: Mesh) -> None:
     assert "euro" in second["answer"].lower()
 
 
+def test_a_users_agent_from_a_yaml_file_answers_and_its_runs_are_listed(mesh: Mesh) -> None:
+    def meshpilot(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meshpilot", *args, "--planner", mesh.target("planner")],
+            capture_output=True, text=True, env=mesh.env, timeout=300, cwd=ROOT,
+        )  # fmt: skip
+
+    created = meshpilot("agents", "create", "-f", "deploy/agents/geo-guided.yaml")
+    assert created.returncode == 0, created.stderr
+    again = meshpilot("agents", "create", "-f", "deploy/agents/geo-guided.yaml")
+    assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr + again.stdout
+
+    code, out = mesh.ask("What is the capital of Peru?", "--agent", "geo-guided")
+    assert code == 0, out
+    assert "Lima" in out["answer"]
+    assert [call["tool"] for call in _tool_calls(out)] == ["country_facts"]
+
+    listed = meshpilot("runs", "list", "--agent", "geo-guided", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert out["run_id"] in listed.stdout
+
+
 def test_unknown_session_is_not_found(mesh: Mesh) -> None:
     code, out = mesh.ask("What is the capital of Spain?", "--session", "no-such-session")
     assert code == 1
