@@ -323,8 +323,16 @@ class RunExecutor:
                 async with limit:
                     await self._execute(call, allowed)
 
+            tasks = [asyncio.ensure_future(bounded(call)) for call in runnable]
             try:
-                await asyncio.gather(*(bounded(call) for call in runnable))
+                await asyncio.gather(*tasks)
+            except BaseException:
+                # One call ended the run (out of time, a dependency gone for good) or the run was cancelled: stop
+                # the others before the run's end is journaled, so no result is journaled after it.
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             finally:
                 self._running.difference_update(c.call_id for c in runnable)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -50,19 +51,21 @@ class RunManager:
             session = await self.store.get_session(session_id, last_turns=history_turns)
         else:
             session = await self.store.create_session()
-        record = await self.store.create_run(session.session_id, task, agent=chosen.name, agent_version=chosen.version)
         snapshot = RunSnapshot(
-            run_id=record.run_id,
+            run_id=uuid.uuid4().hex,
             session_id=session.session_id,
             task=task,
             agent=AgentRef(chosen.name, chosen.version, definition.to_dict()),
             budget=budget or self.budget_of(definition),
             history=session.turns[-history_turns:] if history_turns else [],
         )
-        executor = self._executor(snapshot)
-        await executor.journal.commit()
-        self._drive(executor)
-        return record.run_id
+        # The run and its first snapshot in one transaction: a planner that dies right after still resumes it.
+        await self.store.create_run(
+            session.session_id, task, agent=chosen.name, agent_version=chosen.version, run_id=snapshot.run_id,
+            snapshot=snapshot.to_json(),
+        )  # fmt: skip
+        self._drive(self._executor(snapshot))
+        return snapshot.run_id
 
     def budget_of(self, definition: AgentDefinition) -> Budget:
         return definition.budget(self.catalog.defaults)
@@ -90,9 +93,12 @@ class RunManager:
 
         def done(finished: asyncio.Task[RunState]) -> None:
             if self._tasks.get(run_id) is finished:
-                # Ended or parked: the journal holds the run; a decision on a parked run loads it again.
                 del self._tasks[run_id]
-                self._executors.pop(run_id, None)
+                # A parked run keeps its executor: a decision then works on the state in memory, never on a copy
+                # read from the store while the task was still committing.
+                parked = not finished.cancelled() and finished.exception() is None
+                if not (parked and finished.result() is RunState.WAITING_FOR_APPROVAL):
+                    self._executors.pop(run_id, None)
             if not finished.cancelled() and (error := finished.exception()) is not None:
                 log.error("run %s stopped on an unexpected error", run_id, exc_info=error)
 

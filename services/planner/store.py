@@ -188,18 +188,25 @@ class RunStore:
     # Runs
 
     async def create_run(
-        self, session_id: str, task: str, *, agent: str = "default", agent_version: int = 1, run_id: str = ""
+        self,
+        session_id: str,
+        task: str,
+        *,
+        agent: str = "default",
+        agent_version: int = 1,
+        run_id: str = "",
+        snapshot: str | None = None,
     ) -> RunRecord:
-        """A new RUNNING run without events; its snapshot arrives with its first ``commit``."""
+        """A new RUNNING run without events, with its first snapshot if given (else with its first ``commit``)."""
         run = RunRecord(
             run_id or uuid.uuid4().hex, session_id, task, RunState.RUNNING, "", Usage(), time.time(), None, agent,
-            agent_version,
+            agent_version, snapshot=snapshot,
         )  # fmt: skip
         await self._call(
             lambda c: c.execute(
-                "INSERT INTO runs (run_id, session_id, task, state, create_time, agent, agent_version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run.run_id, session_id, task, run.state.value, run.create_time, agent, agent_version),
+                "INSERT INTO runs (run_id, session_id, task, state, create_time, agent, agent_version, snapshot) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run.run_id, session_id, task, run.state.value, run.create_time, agent, agent_version, snapshot),
             )
         )
         return run

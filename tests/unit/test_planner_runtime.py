@@ -388,3 +388,26 @@ async def test_a_planner_bug_ends_the_run_internal_with_an_incident_id_not_a_tra
     assert kinds(events) == ["step_started", "error"]
     assert events[-1].error.code == "INTERNAL"
     assert "incident" in events[-1].error.message and "Traceback" not in events[-1].error.message
+
+
+async def test_when_one_call_ends_the_run_its_sibling_is_stopped_before_the_end_is_journaled(config) -> None:
+    from services.common import ResourceExhaustedError
+
+    async def hook(name, arguments):
+        if name == "calculator":
+            raise ResourceExhaustedError("tools: overloaded")
+        await asyncio.sleep(0.3)
+        return ToolOutcome(result=FACTS["France"], duration_s=0.3)
+
+    tools = FakeTools()
+    tools.execute_hook = hook
+    llm = ScriptedLLM([react(("calculator", {"expression": "1+1"}), ("country_facts", {"country": "France"}))])
+    async with Planner(config, llm, tools) as planner:
+        await create_agent(planner, "geo")
+        events = await planner.run("1+1 and France?", agent="geo")
+        await asyncio.sleep(0.5)  # the sibling would have finished by now
+        run = await planner.stub.GetRun(planner_pb2.GetRunRequest(run_id=events[0].run_id))
+
+    assert events[-1].error.code == "RESOURCE_EXHAUSTED"
+    assert list(run.events) == events, "an event was journaled after the run's end"
+    assert not any(e.HasField("tool_result") for e in run.events)
