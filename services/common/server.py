@@ -99,7 +99,8 @@ class MeshServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
         if self._metrics_endpoint is not None:
-            self._metrics_endpoint.close()
+            # shutdown() waits for the HTTP server's next poll (up to 0.5 s): not on the event loop.
+            await asyncio.to_thread(self._metrics_endpoint.close)
             self._metrics_endpoint = None
 
     async def _set_all(self, status: int) -> None:
