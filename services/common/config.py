@@ -109,6 +109,70 @@ class KnowledgeConfig(_Section):
     include_cities: bool = Field(False, description="Also load the 150k cities (first start ~26 s instead of ~3 s).")
 
 
+class SandboxConfig(_Section):
+    """The sandbox of the ``python`` tool (bubblewrap): limits of one run of untrusted code."""
+
+    enabled: bool = Field(
+        True,
+        description="Offer the python tool when bubblewrap can create namespaces on this host (probed at start; "
+        "the tool is left out, with a warning, when it cannot). False never offers it.",
+    )
+    timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Wall-clock limit of one run; past it the whole process group is killed."
+    )
+    cpu_seconds: int = Field(5, ge=1, le=300, description="CPU time of one run (RLIMIT_CPU).")
+    memory_mib: int = Field(
+        512, ge=64, le=16_384, description="Address space of each process of a run, in MiB (RLIMIT_AS)."
+    )
+    max_processes: int = Field(32, ge=2, le=4096, description="Processes and threads of a run (RLIMIT_NPROC).")
+    max_file_mib: int = Field(
+        16, ge=1, le=1024, description="Largest file a run may write, and the size of its tmpfs work dir, in MiB."
+    )
+    max_open_files: int = Field(64, ge=16, le=4096, description="Open file descriptors per process (RLIMIT_NOFILE).")
+    max_output_bytes: int = Field(
+        65_536, ge=1024, le=1_048_576, description="Each of stdout and stderr is cut at this size (the run is killed)."
+    )
+
+
+class McpServerConfig(_Section):
+    """One MCP server whose tools the tools service offers as <name>.<tool>: a command (stdio) or a url (HTTP)."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z][a-z0-9_]{0,30}$",
+        description="Prefix of its tools (time -> time.get_current_time): lowercase letters, digits and "
+        "underscores, starting with a letter, at most 31 characters. Agents allow them all as 'time.*'.",
+    )
+    command: str | None = Field(
+        None, description="Executable of a stdio server, started by the tools service (e.g. uvx or python)."
+    )
+    args: list[str] = Field(default_factory=list, description="Arguments of command.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of command's process on top of PATH, HOME and the like; the tools service's own "
+        "environment is not passed on.",
+    )
+    url: str | None = Field(None, description="Endpoint of a streamable HTTP server, e.g. http://127.0.0.1:8000/mcp.")
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers sent to url (e.g. Authorization).")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="Default time limit of a call to its tools; None: tools.default_timeout_seconds."
+    )
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerConfig:
+        if (self.command is None) == (self.url is None):
+            raise ValueError(
+                f"MCP server {self.name!r}: set exactly one of command (a stdio server) or url (a streamable HTTP one)"
+            )
+        if self.url is not None and (self.args or self.env):
+            raise ValueError(f"MCP server {self.name!r}: args and env apply to a command; remove them or use command")
+        if self.command is not None and self.headers:
+            raise ValueError(f"MCP server {self.name!r}: headers apply to a url; remove them or use url")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"MCP server {self.name!r}: url {self.url!r} must start with http:// or https://")
+        return self
+
+
 class ToolsConfig(_Section):
     """The tools service."""
 
@@ -124,6 +188,20 @@ class ToolsConfig(_Section):
         description="Tools that run only with a human's approval token, on top of those whose definition asks for "
         "it (e.g. [append_note]); a name that is not a registered tool stops the service at start.",
     )
+    sandbox: SandboxConfig = SandboxConfig()
+    mcp_servers: list[McpServerConfig] = Field(
+        default_factory=list,
+        description="MCP servers whose tools are offered too, connected in the background at start; see "
+        "services/tools/README.md.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_mcp_servers(self) -> ToolsConfig:
+        names = [server.name for server in self.mcp_servers]
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise ValueError(f"mcp_servers[{index}].name {name!r} is declared twice; give each server its own name")
+        return self
 
 
 class PlannerConfig(_Section):

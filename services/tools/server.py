@@ -10,7 +10,9 @@ from services.common.server import ServiceBinding
 from services.tools.builtin import KnowledgeClient, builtin_tools
 from services.tools.executor import ToolExecutor
 from services.tools.idempotency import OutcomeStore
+from services.tools.mcp_client import McpToolset
 from services.tools.registry import ToolRegistry
+from services.tools.sandbox import BubblewrapSandbox
 from services.tools.servicer import ToolsServicer
 
 SERVICE_NAME = tools_pb2.DESCRIPTOR.services_by_name["ToolsService"].full_name
@@ -19,13 +21,15 @@ SERVICE_NAME = tools_pb2.DESCRIPTOR.services_by_name["ToolsService"].full_name
 def default_registry(config: MeshConfig, knowledge: KnowledgeClient | None) -> ToolRegistry:
     """A registry with config.tools' timeouts holding every built-in tool (knowledge-graph ones when ``knowledge``).
 
-    append_note writes its notebooks under <data_dir>/notes.
+    append_note writes its notebooks under <data_dir>/notes; python runs in a bubblewrap sandbox with
+    config.tools.sandbox's limits, and is left out (with a warning) when it is disabled or bubblewrap cannot run here.
     """
     registry = ToolRegistry(
         default_timeout_seconds=config.tools.default_timeout_seconds,
         max_timeout_seconds=config.tools.max_timeout_seconds,
     )
-    for tool in builtin_tools(knowledge, notes_dir=config.data_dir / "notes"):
+    sandbox = BubblewrapSandbox(config.tools.sandbox) if config.tools.sandbox.enabled else None
+    for tool in builtin_tools(knowledge, notes_dir=config.data_dir / "notes", sandbox=sandbox):
         registry.register(tool)
     return registry
 
@@ -75,14 +79,24 @@ def create_server(
 
 
 async def main(config: MeshConfig) -> None:
-    """Runs the tools service until SIGTERM: opens the knowledge channel in startup; on shutdown lets keyed calls
-    still running store their outcomes, then closes the outcome store and the knowledge channel."""
+    """Runs the tools service until SIGTERM: in startup opens the knowledge channel and starts connecting the MCP
+    servers of tools.mcp_servers (in the background: their tools appear as each lists them, and one that is down
+    never holds up the service); on shutdown lets keyed calls still running store their outcomes, then closes the
+    outcome store, the MCP connections and the knowledge channel."""
     server, knowledge, executor = _build(config, None, None)
+    mcp = McpToolset(config.tools.mcp_servers, executor.registry)
+
+    async def startup() -> None:
+        await knowledge.open()
+        await mcp.start()
 
     async def shutdown() -> None:
         try:
             await executor.close()
         finally:
-            await knowledge.close()
+            try:
+                await mcp.close()
+            finally:
+                await knowledge.close()
 
-    await serve(server, startup=knowledge.open, shutdown=shutdown)
+    await serve(server, startup=startup, shutdown=shutdown)

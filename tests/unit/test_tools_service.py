@@ -192,6 +192,7 @@ async def test_default_registry_serves_builtins(tmp_path: Path) -> None:
                 "entity_facts",
                 "sparql_query",
                 "append_note",
+                "python",
             ]
             response = await stub.ExecuteTool(execute_request("calculator", {"expression": "6 * 7"}))
             assert response.result == struct_pb2.Value(struct_value={"result": 42})
