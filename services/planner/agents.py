@@ -15,6 +15,8 @@ from services.planner.types import Budget, Sampling, ToolSpec
 
 DEFAULT_AGENT = "default"
 ALL_TOOLS = "*"
+# "time.*" in an agent's tools allows every tool of the MCP server named time, including tools it adds later.
+SERVER_TOOLS = ".*"
 AGENT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MAX_INSTRUCTIONS_CHARS = 8000
 MAX_TOOLS = 128
@@ -69,7 +71,9 @@ class AgentDefinition:
         )
 
     def allows(self, tool: str) -> bool:
-        return ALL_TOOLS in self.tools or tool in self.tools
+        """Whether ``tool`` is listed: by name, by "*", or by its MCP server as "server.*"."""
+        server, dot, _ = tool.partition(".")
+        return ALL_TOOLS in self.tools or tool in self.tools or (bool(dot) and server + SERVER_TOOLS in self.tools)
 
     def budget(self, defaults: PlannerConfig) -> Budget:
         """The agent's run budget with the planner's defaults filled in."""
@@ -121,15 +125,18 @@ def check_definition(
             "(or leave it empty for the default)"
         )
     known = {tool.name for tool in tools}
+    servers = {name.partition(".")[0] + SERVER_TOOLS for name in known if "." in name}
     for field_name in ("tools", "approval_required"):
         names: tuple[str, ...] = getattr(definition, field_name)
         if len(names) > MAX_TOOLS:
             raise InvalidArgumentError(f"spec.{field_name} lists {len(names)} tools; at most {MAX_TOOLS}")
+        patterns = {ALL_TOOLS, *servers} if field_name == "tools" else set()
         for index, tool in enumerate(names):
-            if tool not in known and not (field_name == "tools" and tool == ALL_TOOLS):
+            if tool not in known and tool not in patterns:
                 raise InvalidArgumentError(
                     f"spec.{field_name}[{index}]: unknown tool {shown(tool)}; registered tools: "
-                    f"{', '.join(sorted(known)) or 'none'}" + (' (or "*" for all)' if field_name == "tools" else "")
+                    f"{', '.join(sorted(known)) or 'none'}"
+                    + (' (or "*" for all, "server.*" for all of an MCP server\'s)' if field_name == "tools" else "")
                 )
     if definition.policy not in POLICIES:
         raise InvalidArgumentError(

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 ToolHandler = Callable[[dict[str, Any]], Awaitable[Any]]
 
-TOOL_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# An optional "server." prefix namespaces the tools of an MCP server (time.get_current_time); built-ins have none.
+TOOL_NAME_PATTERN = re.compile(r"^[a-z](?:[a-z0-9_]{0,30}\.[a-z])?[a-z0-9_]{0,63}$")
 # A result larger than this is refused: it would swamp a small model's context and the journal.
 MAX_RESULT_BYTES = 1024 * 1024
 _MAX_MESSAGE_CHARS = 300
@@ -145,7 +146,8 @@ class ToolRegistry:
         if not TOOL_NAME_PATTERN.match(tool.name):
             raise ToolDefinitionError(
                 f"tool name {tool.name!r} must match {TOOL_NAME_PATTERN.pattern} "
-                "(lowercase letters, digits and underscores, starting with a letter, at most 64 characters)"
+                "(lowercase letters, digits and underscores, starting with a letter, at most 64 characters, "
+                "after an optional 'server.' prefix)"
             )
         if tool.name in self._tools:
             raise ToolDefinitionError(f"a tool named {tool.name!r} is already registered; pick another name")
