@@ -13,13 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
-from tests.conftest import free_port
+from tests.conftest import free_port, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -54,7 +53,7 @@ class Mesh:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.status(service)
-            if entry["pid"] != old_pid and entry["state"] == "serving" and _serving(self.target(service)):
+            if entry["pid"] != old_pid and entry["state"] == "serving" and serving(self.target(service)):
                 return entry["pid"]
             time.sleep(0.5)
         pytest.fail(f"{service} was not restarted within {timeout:.0f}s:\n{self.output()}")
@@ -70,15 +69,6 @@ class Mesh:
         lines = done.stdout.strip().splitlines()
         assert len(lines) == 1, f"ask --json must print exactly one line, got: {done.stdout!r} {done.stderr!r}"
         return done.returncode, json.loads(lines[0])
-
-
-def _serving(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +87,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         )
     mesh = Mesh(ports, env, data_dir, output_path)
     deadline = time.monotonic() + 600
-    while not all(_serving(f"127.0.0.1:{p}") for p in ports.values()):
+    while not all(serving(f"127.0.0.1:{p}") for p in ports.values()):
         if up.poll() is not None:
             pytest.fail(f"meshpilot up exited with {up.returncode}:\n{mesh.output()}")
         if time.monotonic() > deadline:
@@ -110,7 +100,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     output = mesh.output()
     assert up.returncode == 0, output
     assert "stopped planner" in output and "stopped knowledge" in output
-    assert not any(_serving(f"127.0.0.1:{p}") for p in ports.values())
+    assert not any(serving(f"127.0.0.1:{p}") for p in ports.values())
     assert not (data_dir / "mesh.json").exists()
 
 
@@ -170,7 +160,7 @@ def test_unknown_session_is_not_found(mesh: Mesh) -> None:
     assert out["error"]["code"] == "NOT_FOUND"
 
 
-def test_bad_input_gets_clear_errors_and_every_service_stays_serving(mesh: Mesh) -> None:
+def test_bad_input_gets_clear_errors_and_every_service_staysserving(mesh: Mesh) -> None:
     cases = []
     with grpc.insecure_channel(mesh.target("planner")) as channel:
         stream = planner_pb2_grpc.PlannerServiceStub(channel).Run(planner_pb2.RunRequest(task="   "))
@@ -203,7 +193,7 @@ def test_bad_input_gets_clear_errors_and_every_service_stays_serving(mesh: Mesh)
     for error, code, needle in cases:
         assert error.code() == code, error
         assert needle in error.details()
-    assert all(_serving(mesh.target(name)) for name in SERVICES)
+    assert all(serving(mesh.target(name)) for name in SERVICES)
 
 
 def _buf(*args: str) -> subprocess.CompletedProcess[str]:

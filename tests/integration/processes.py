@@ -10,22 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from tests.conftest import free_port
+from tests.conftest import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def serving(target: str) -> bool:
-    """Whether the gRPC health service at ``target`` answers SERVING."""
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class ServiceProcesses:

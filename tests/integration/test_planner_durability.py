@@ -69,7 +69,9 @@ async def finished_run(target: str, run_id: str, timeout: float = 300.0) -> plan
 async def start_run(target: str, task: str, agent: str) -> str:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = planner_pb2_grpc.PlannerServiceStub(channel)
-        stream = stub.Run(planner_pb2.RunRequest(task=task, agent=agent), timeout=30)
+        # wait_for_ready: channels in this process share subchannels, and one left backing off while the planner was
+        # down would fail a new call at once even though the planner is SERVING again.
+        stream = stub.Run(planner_pb2.RunRequest(task=task, agent=agent), timeout=30, wait_for_ready=True)
         first = await stream.read()
         stream.cancel()
         return first.run_id
@@ -88,18 +90,20 @@ async def test_runs_survive_twenty_planner_kills_and_every_tool_call_takes_effec
     run_ids: list[str] = []
     in_flight: list[asyncio.Task[str]] = []
 
-    for _ in range(KILLS):
-        while len([t for t in in_flight if not t.done()]) < IN_FLIGHT:
-            number = len(run_ids) + 1
-            run_id = await start_run(planner, f"Add the line 'entry {number}' to the notebook.", "notes")
-            run_ids.append(run_id)
-            in_flight.append(asyncio.ensure_future(_ended(planner, run_id)))
-        # Up to ~2 model calls' time: kills land before, during and after steps, tool calls and journal writes.
-        await asyncio.sleep(rng.uniform(0.3, 3.5))
-        await asyncio.to_thread(mesh.restart, "planner")
-    runs = [await finished_run(planner, run_id) for run_id in run_ids]
-    for task in in_flight:
-        task.cancel()
+    try:
+        for _ in range(KILLS):
+            while len([t for t in in_flight if not t.done()]) < IN_FLIGHT:
+                number = len(run_ids) + 1
+                run_id = await start_run(planner, f"Add the line 'entry {number}' to the notebook.", "notes")
+                run_ids.append(run_id)
+                in_flight.append(asyncio.ensure_future(_ended(planner, run_id)))
+            # Up to ~2 model calls' time: kills land before, during and after steps, tool calls and journal writes.
+            await asyncio.sleep(rng.uniform(0.3, 3.5))
+            await asyncio.to_thread(mesh.restart, "planner")
+        runs = [await finished_run(planner, run_id) for run_id in run_ids]
+    finally:
+        for task in in_flight:
+            task.cancel()
 
     calls = {(run.run_id, e.tool_call.call_id) for run in runs for e in run.events if e.HasField("tool_call")}
     results = [e.tool_result for run in runs for e in run.events if e.HasField("tool_result")]
@@ -134,7 +138,8 @@ async def test_a_call_in_flight_when_the_planner_dies_takes_effect_once(mesh) ->
     before = len(note_lines(mesh.data_dir))
     async with grpc.aio.insecure_channel(planner) as channel:
         stub = planner_pb2_grpc.PlannerServiceStub(channel)
-        stream = stub.Run(planner_pb2.RunRequest(task="Add the line 'frozen entry' to the notebook.", agent="notes"))
+        request = planner_pb2.RunRequest(task="Add the line 'frozen entry' to the notebook.", agent="notes")
+        stream = stub.Run(request, timeout=60, wait_for_ready=True)
         async for event in stream:
             if event.HasField("tool_call"):
                 mesh.processes["planner"].send_signal(signal.SIGSTOP)
@@ -173,7 +178,7 @@ async def test_an_approval_waits_across_a_restart_and_the_tools_service_checks_t
     await asyncio.to_thread(mesh.restart, "planner", kill=False)
     async with grpc.aio.insecure_channel(planner) as channel:
         stub = planner_pb2_grpc.PlannerServiceStub(channel)
-        still = await stub.GetRun(planner_pb2.GetRunRequest(run_id=run_id))
+        still = await stub.GetRun(planner_pb2.GetRunRequest(run_id=run_id), timeout=30, wait_for_ready=True)
         assert still.state == planner_pb2.RUN_STATE_WAITING_FOR_APPROVAL
         assert len(note_lines(mesh.data_dir)) == before
         await stub.ApproveToolCall(planner_pb2.ApproveToolCallRequest(run_id=run_id, call_id=pending.call_id))
@@ -213,7 +218,7 @@ async def test_an_approval_waits_across_a_restart_and_the_tools_service_checks_t
 async def _wait_for(stub, run_id: str, state: int, timeout: float = 120.0) -> planner_pb2.Run:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = await stub.GetRun(planner_pb2.GetRunRequest(run_id=run_id))
+        run = await stub.GetRun(planner_pb2.GetRunRequest(run_id=run_id), timeout=30, wait_for_ready=True)
         if run.state == state:
             return run
         await asyncio.sleep(0.2)
