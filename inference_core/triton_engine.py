@@ -34,6 +34,11 @@ from inference_core.types import (
 from inference_core.validation import validate_sampling
 
 log = logging.getLogger(__name__)
+# How gRPC words a Triton server that went away (rather than a model that refused): which one arrives depends on
+# timing ("failed to connect", "Socket closed", "Connection reset", or the "Cancelling all calls" of its GOAWAY).
+_TRANSPORT_GONE = re.compile(
+    r"connect|socket|goaway|cancelling all calls|broken pipe|stream removed|reset|shutdown|endpoint|eof", re.IGNORECASE
+)
 
 # Our name for an input -> the names TensorRT-LLM has used for it, newest first (renamed in mid-2025).
 INPUT_NAMES = {"seed": ("seed", "random_seed"), "min_tokens": ("min_tokens", "min_length")}
@@ -539,7 +544,7 @@ class TritonEngine(Engine):
         if code == grpc.StatusCode.UNAVAILABLE and "queue" in details.lower():
             return QueueFullError(f"Triton's queue for {self._model!r} is full ({details}); retry later")
         if code == grpc.StatusCode.UNAVAILABLE or code == grpc.StatusCode.NOT_FOUND:
-            if code == grpc.StatusCode.NOT_FOUND or "connect" in details.lower() or "socket" in details.lower():
+            if code == grpc.StatusCode.NOT_FOUND or _TRANSPORT_GONE.search(details):
                 self._model_ready = False
             return EngineClosedError(
                 f"Triton at {self._url} cannot serve {self._model!r} ({details}); check that tritonserver runs "
