@@ -32,6 +32,8 @@ from services.planner.types import (
 )
 
 MAX_TASK_CHARS = 4000
+# An approver's comment or a rejection's reason is journaled and shown to the model: a few sentences, not a document.
+MAX_COMMENT_CHARS = 1000
 # A run may last a day of active time (time waiting for approval is not counted); longer is a mistake, and a huge
 # Duration would overflow the deadline arithmetic of every call.
 MAX_RUN_TIMEOUT_S = 86_400.0
@@ -198,6 +200,13 @@ def validate_task(task: str) -> str:
     if len(task) > MAX_TASK_CHARS:
         raise InvalidArgumentError(f"task has {len(task)} characters; shorten it to at most {MAX_TASK_CHARS}")
     return task
+
+
+def validate_comment(text: str, field: str) -> str:
+    """The approver's words; InvalidArgumentError when longer than MAX_COMMENT_CHARS."""
+    if len(text) > MAX_COMMENT_CHARS:
+        raise InvalidArgumentError(f"{field} has {len(text)} characters; shorten it to at most {MAX_COMMENT_CHARS}")
+    return text
 
 
 def budget_from_proto(budget: planner_pb2.RunBudget, defaults: Budget) -> Budget:

@@ -23,6 +23,7 @@ from services.planner.convert import (
     definition_from_proto,
     run_to_proto,
     session_to_proto,
+    validate_comment,
     validate_task,
 )
 from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
@@ -117,7 +118,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         arguments = message_to_json(request.arguments) if request.HasField("arguments") else None
         return run_to_proto(
             await self.runs.decide(
-                request.run_id, request.call_id, approved=True, arguments=arguments, comment=request.comment
+                request.run_id,
+                request.call_id,
+                approved=True,
+                arguments=arguments,
+                comment=validate_comment(request.comment, "comment"),
             )
         )
 
@@ -125,7 +130,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self, request: planner_pb2.RejectToolCallRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Run:
         return run_to_proto(
-            await self.runs.decide(request.run_id, request.call_id, approved=False, comment=request.reason)
+            await self.runs.decide(
+                request.run_id, request.call_id, approved=False, comment=validate_comment(request.reason, "reason")
+            )
         )
 
 

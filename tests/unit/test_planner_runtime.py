@@ -411,3 +411,25 @@ async def test_when_one_call_ends_the_run_its_sibling_is_stopped_before_the_end_
     assert events[-1].error.code == "RESOURCE_EXHAUSTED"
     assert list(run.events) == events, "an event was journaled after the run's end"
     assert not any(e.HasField("tool_result") for e in run.events)
+
+
+async def test_list_runs_and_decisions_refuse_nonsense_with_bounded_messages(config) -> None:
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        codes = []
+        for call in (
+            planner.stub.ListRuns(planner_pb2.ListRunsRequest(page_size=501)),
+            planner.stub.ListRuns(planner_pb2.ListRunsRequest(page_size=-1)),
+            planner.stub.ListRuns(planner_pb2.ListRunsRequest(state=42)),
+            planner.stub.RejectToolCall(
+                planner_pb2.RejectToolCallRequest(run_id="r", call_id="c", reason="x" * 100_000)
+            ),
+            planner.stub.ApproveToolCall(
+                planner_pb2.ApproveToolCallRequest(run_id="r", call_id="c", comment="x" * 100_000)
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            codes.append((info.value.code(), len(info.value.details())))
+
+    assert [code for code, _ in codes] == [grpc.StatusCode.INVALID_ARGUMENT] * 5
+    assert all(length < 200 for _, length in codes)
