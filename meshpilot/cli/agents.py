@@ -18,7 +18,7 @@ from meshpilot.cli.options import (
     ConfigOption,
     JsonOption,
     PlannerOption,
-    call_planner,
+    call_service,
     fail,
     planner_target,
 )
@@ -61,7 +61,7 @@ def create(
     """Create version 1 of the agent the file defines (a name in use fails: use `update`)."""
     definition = _read(file)
     request = agents_pb2.CreateAgentRequest(name=definition.name, spec=definition.to_spec())
-    agent = call_planner(
+    agent = call_service(
         planner_target(planner, config), lambda ch: _stub(ch).CreateAgent(request, timeout=UNARY_TIMEOUT_S)
     )
     _print_saved(agent, "created", json_output)
@@ -74,7 +74,7 @@ def update(
     """Store the file as a new version of its agent; earlier versions stay readable and runnable."""
     definition = _read(file)
     request = agents_pb2.UpdateAgentRequest(name=definition.name, spec=definition.to_spec())
-    agent = call_planner(
+    agent = call_service(
         planner_target(planner, config), lambda ch: _stub(ch).UpdateAgent(request, timeout=UNARY_TIMEOUT_S)
     )
     _print_saved(agent, "updated", json_output)
@@ -90,7 +90,7 @@ def get(
 ) -> None:
     """Print an agent as a definition file (edit it, then `agents update -f`), or as JSON."""
     request = agents_pb2.GetAgentRequest(name=name, version=version)
-    agent = call_planner(
+    agent = call_service(
         planner_target(planner, config), lambda ch: _stub(ch).GetAgent(request, timeout=UNARY_TIMEOUT_S)
     )
     if json_output:
@@ -105,7 +105,7 @@ def get(
 @agents_app.command("list")
 def list_agents(json_output: JsonOption = False, planner: PlannerOption = None, config: ConfigOption = None) -> None:
     """List the latest version of every agent, the built-in default first."""
-    response = call_planner(
+    response = call_service(
         planner_target(planner, config),
         lambda ch: _stub(ch).ListAgents(agents_pb2.ListAgentsRequest(), timeout=UNARY_TIMEOUT_S),
     )
@@ -124,5 +124,5 @@ def list_agents(json_output: JsonOption = False, planner: PlannerOption = None, 
 def delete(name: NameArgument, planner: PlannerOption = None, config: ConfigOption = None) -> None:
     """Delete every version of an agent; runs already made keep the version they ran."""
     request = agents_pb2.DeleteAgentRequest(name=name)
-    call_planner(planner_target(planner, config), lambda ch: _stub(ch).DeleteAgent(request, timeout=UNARY_TIMEOUT_S))
+    call_service(planner_target(planner, config), lambda ch: _stub(ch).DeleteAgent(request, timeout=UNARY_TIMEOUT_S))
     typer.echo(f"deleted agent {name}")

@@ -1,4 +1,5 @@
-"""Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`."""
+"""Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`,
+`tools`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from meshpilot.cli.ask import AskError, run_ask
 from meshpilot.cli.mesh import SERVICES, run_mesh
 from meshpilot.cli.options import ConfigOption, PlannerOption, load_config, planner_target
 from meshpilot.cli.runs import approve, reject, runs_app
+from meshpilot.cli.tools import tools_app
 from services.triton.cli import triton_app, trtllm_app
 
 app = typer.Typer(
@@ -25,6 +27,7 @@ app.add_typer(triton_app, name="triton", help="Triton model repositories: write 
 app.add_typer(trtllm_app, name="trtllm", help="Build TensorRT-LLM engines (needs the trtllm extra and a GPU).")
 app.add_typer(agents_app, name="agents")
 app.add_typer(runs_app, name="runs")
+app.add_typer(tools_app, name="tools")
 
 
 @app.command()

@@ -51,7 +51,7 @@ def rpc_error_message(error: grpc.aio.AioRpcError) -> str:
     return f"{error.code().name}: {error.details() or ''}{hint}"
 
 
-def call_planner(target: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+def call_service(target: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
     """Runs ``call`` on a channel to ``target``; a gRPC error is printed as ``error: CODE: details`` and exits 1."""
     from services.common import create_channel
 

@@ -17,7 +17,7 @@ from meshpilot.cli.options import (
     ConfigOption,
     JsonOption,
     PlannerOption,
-    call_planner,
+    call_service,
     fail,
     planner_target,
 )
@@ -92,7 +92,7 @@ def list_runs(
         session_id=session or "",
         page_size=limit,
     )
-    response = call_planner(
+    response = call_service(
         planner_target(planner, config), lambda ch: _planner_stub(ch).ListRuns(request, timeout=UNARY_TIMEOUT_S)
     )
     if json_output:
@@ -115,7 +115,7 @@ def get_run(
 ) -> None:
     """Show one run: its state, answer, waiting approvals and events."""
     request = planner_pb2.GetRunRequest(run_id=run_id)
-    run = call_planner(
+    run = call_service(
         planner_target(planner, config), lambda ch: _planner_stub(ch).GetRun(request, timeout=UNARY_TIMEOUT_S)
     )
     if json_output:
@@ -170,7 +170,7 @@ def watch_run(
         await follower.follow()
 
     try:
-        call_planner(target, follow)
+        call_service(target, follow)
     except RunStreamError as e:
         fail(f"{e.code}: {e.message}", 1)
     if failed:
@@ -181,7 +181,7 @@ def watch_run(
 def cancel_run(run_id: RunIdArgument, planner: PlannerOption = None, config: ConfigOption = None) -> None:
     """Stop a run that has not ended; it ends with an error event CANCELLED."""
     request = planner_pb2.CancelRunRequest(run_id=run_id)
-    run = call_planner(
+    run = call_service(
         planner_target(planner, config), lambda ch: _planner_stub(ch).CancelRun(request, timeout=UNARY_TIMEOUT_S)
     )
     typer.echo(f"run {run.run_id}: {state_name(run.state)}")
@@ -204,7 +204,7 @@ def approve(
             request.arguments.CopyFrom(parse_arguments(arguments))
         except ValueError as e:
             fail(str(e), 2)
-    run = call_planner(
+    run = call_service(
         planner_target(planner, config),
         lambda ch: _planner_stub(ch).ApproveToolCall(request, timeout=UNARY_TIMEOUT_S),
     )
@@ -220,7 +220,7 @@ def reject(
 ) -> None:
     """Refuse a tool call that waits for approval; the agent sees the reason and goes on."""
     request = planner_pb2.RejectToolCallRequest(run_id=run_id, call_id=call_id, reason=reason)
-    run = call_planner(
+    run = call_service(
         planner_target(planner, config),
         lambda ch: _planner_stub(ch).RejectToolCall(request, timeout=UNARY_TIMEOUT_S),
     )

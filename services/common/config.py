@@ -157,6 +157,10 @@ class McpServerConfig(_Section):
     timeout_seconds: float | None = Field(
         None, gt=0, description="Default time limit of a call to its tools; None: tools.default_timeout_seconds."
     )
+    approval_required: list[str] = Field(
+        default_factory=list,
+        description="Its tools that run only with a human's approval: names without the prefix, or '*' for all.",
+    )
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerConfig:
@@ -173,6 +177,42 @@ class McpServerConfig(_Section):
         return self
 
 
+class McpEndpointConfig(_Section):
+    """The tools service's own MCP server: every tool of its registry offered over MCP streamable HTTP."""
+
+    enabled: bool = Field(True, description="Serve the registry over MCP at http://host:port/path.")
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 to accept MCP clients from other hosts.")
+    port: int = Field(50055, ge=0, le=65535, description="Port to bind; 0 picks a free one (tests).")
+    path: str = Field("/mcp", pattern=r"^/[A-Za-z0-9_./-]*$", description="HTTP path of the MCP endpoint.")
+
+
+class OpenApiSourceConfig(_Section):
+    """An HTTP API described by an OpenAPI 3 document: each operation is offered as the tool <name>.<operationId>."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z][a-z0-9_]{0,30}$",
+        description="Prefix of its tools (petstore -> petstore.get_pet_by_id): lowercase letters, digits and "
+        "underscores, starting with a letter, at most 31 characters.",
+    )
+    document: str = Field(..., min_length=1, description="Path of the OpenAPI 3 document (JSON or YAML).")
+    base_url: str | None = Field(
+        None,
+        description="The one server calls go to; must be one of the document's servers. None: its first server.",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP headers sent with every call.")
+    timeout_seconds: float | None = Field(
+        None, gt=0, description="Default time limit of a call to its tools; None: tools.default_timeout_seconds."
+    )
+    max_response_bytes: int = Field(
+        1_048_576, ge=1024, le=16_777_216, description="A response body larger than this is an error observation."
+    )
+    approval_required: list[str] = Field(
+        default_factory=list,
+        description="Its tools that run only with a human's approval: names without the prefix, or '*' for all.",
+    )
+
+
 class ToolsConfig(_Section):
     """The tools service."""
 
@@ -186,7 +226,13 @@ class ToolsConfig(_Section):
     approval_required: list[str] = Field(
         default_factory=list,
         description="Tools that run only with a human's approval token, on top of those whose definition asks for "
-        "it (e.g. [append_note]); a name that is not a registered tool stops the service at start.",
+        "it (e.g. [append_note, time.*]): built-in names, or <source>.<tool> / <source>.* of a source declared "
+        "below; any other name stops the service at start, so a typo cannot leave a tool unguarded.",
+    )
+    allow_registered_commands: bool | None = Field(
+        None,
+        description="Whether RegisterToolSource may start stdio MCP servers (a command run on this host). None: "
+        "only while server.host is a loopback address; URL servers and OpenAPI documents are always allowed.",
     )
     sandbox: SandboxConfig = SandboxConfig()
     mcp_servers: list[McpServerConfig] = Field(
@@ -194,13 +240,25 @@ class ToolsConfig(_Section):
         description="MCP servers whose tools are offered too, connected in the background at start; see "
         "services/tools/README.md.",
     )
+    openapi: list[OpenApiSourceConfig] = Field(
+        default_factory=list,
+        description="HTTP APIs whose operations are offered as tools (OpenAPI 3 documents); see services/tools/README.md.",
+    )
+    mcp_endpoint: McpEndpointConfig = McpEndpointConfig()
 
     @model_validator(mode="after")
-    def _unique_mcp_servers(self) -> ToolsConfig:
-        names = [server.name for server in self.mcp_servers]
-        for index, name in enumerate(names):
-            if name in names[:index]:
-                raise ValueError(f"mcp_servers[{index}].name {name!r} is declared twice; give each server its own name")
+    def _unique_source_names(self) -> ToolsConfig:
+        # MCP servers and OpenAPI documents share one namespace: the name is the prefix of their tools.
+        seen: set[str] = set()
+        sources = [("mcp_servers", s.name) for s in self.mcp_servers] + [("openapi", s.name) for s in self.openapi]
+        for index, (field, name) in enumerate(sources):
+            position = index if field == "mcp_servers" else index - len(self.mcp_servers)
+            if name in seen:
+                raise ValueError(
+                    f"{field}[{position}].name {name!r} is declared twice (MCP servers and OpenAPI documents share "
+                    "one namespace: the name prefixes their tools); give each its own name"
+                )
+            seen.add(name)
         return self
 
 

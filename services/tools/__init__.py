@@ -13,7 +13,14 @@ from services.tools.registry import (
     ToolOutcome,
     ToolRegistry,
 )
-from services.tools.server import SERVICE_NAME, create_executor, create_server, default_registry, main
+from services.tools.server import (
+    SERVICE_NAME,
+    ToolsService,
+    create_executor,
+    create_server,
+    default_registry,
+    main,
+)
 from services.tools.servicer import ToolsServicer
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "ToolFailure",
     "ToolOutcome",
     "ToolRegistry",
+    "ToolsService",
     "ToolsServicer",
     "builtin_tools",
     "create_executor",

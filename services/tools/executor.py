@@ -68,8 +68,9 @@ class ToolExecutor:
     FailedPreconditionError (a key already used for another tool or other arguments). Otherwise it returns the
     outcome, a tool's failure included; see ``services.tools.idempotency`` for what a key guarantees.
 
-    A tool requires approval when its definition says so or it is named in ``approval_required``; a name there that
-    is not registered raises ConfigError, so a typo cannot leave a tool unguarded.
+    A tool requires approval when its definition says so or ``approval_required`` names it: a registered tool, or
+    <source>.<tool> / <source>.* of a tool source in ``sources`` (MCP servers and OpenAPI documents, whose tools
+    appear later). Any other name raises ConfigError, so a typo cannot leave a tool unguarded.
     """
 
     def __init__(
@@ -79,30 +80,38 @@ class ToolExecutor:
         store: OutcomeStore,
         signer: ApprovalSigner,
         approval_required: Iterable[str] = (),
+        sources: Iterable[str] = (),
     ) -> None:
         marked = list(approval_required)
-        unknown = [name for name in marked if name not in registry]
+        declared = set(sources)
+        unknown = [name for name in marked if name not in registry and name.partition(".")[0] not in declared]
         if unknown:
             available = ", ".join(tool.name for tool in registry.list()) or "none"
+            patterns = ", ".join(f"{source}.*" for source in sorted(declared))
             raise ConfigError(
                 f"tools.approval_required names {', '.join(map(repr, unknown))}, which no registered tool is called; "
-                f"registered tools: {available}"
+                f"registered tools: {available}" + (f"; tools of sources: {patterns}" if patterns else "")
             )
         self.registry = registry
         self.store = store
         self.signer = signer
-        self._needs_approval = {tool.name for tool in registry.list() if tool.requires_approval} | set(marked)
+        self._marked = set(marked)
         self._running: dict[str, _Running] = {}
 
     def tools(self) -> list[Tool]:
         """The registered tools, ``requires_approval`` set for those the configuration marks too."""
         return [
-            dataclasses.replace(tool, requires_approval=True) if self.requires_approval(tool.name) else tool
+            dataclasses.replace(tool, requires_approval=True) if self._marked_for_approval(tool.name) else tool
             for tool in self.registry.list()
         ]
 
     def requires_approval(self, name: str) -> bool:
-        return name in self._needs_approval
+        """Whether the registered tool ``name`` runs only with an approval token; NotFoundError if there is none."""
+        return self.registry.get(name).requires_approval or self._marked_for_approval(name)
+
+    def _marked_for_approval(self, name: str) -> bool:
+        source, dot, _ = name.partition(".")
+        return name in self._marked or (bool(dot) and f"{source}.*" in self._marked)
 
     async def execute(self, call: ToolCall) -> Execution:
         """Validates and authorises ``call``, then runs it or returns the outcome stored under its key."""

@@ -68,6 +68,8 @@ class McpServerConnection:
         self._closing = False
         self.attempted = asyncio.Event()
         """Set once the first connection attempt has ended (tools listed or failed)."""
+        self.error: str | None = None
+        """Why the last connection attempt failed; None once the server listed its tools."""
 
     def start(self) -> None:
         """Starts the owning task; it connects in the background."""
@@ -106,6 +108,7 @@ class McpServerConnection:
                 failures = 0
             except Exception as e:
                 reason = _reason(e)
+                self.error = reason
                 failures += 1
                 retry = "on the next call" if self._listed_once else f"in {self._retry_after(failures):g}s"
                 log.warning("MCP server %r: connection failed (%s); retrying %s", self.name, reason, retry)
@@ -157,6 +160,7 @@ class McpServerConnection:
                 await session.initialize()
                 tools = await _list_tools(session)
             self._listed_once = True
+            self.error = None
             log.info("MCP server %r: connected, %d tools", self.name, len(tools))
             self._on_listed(self, tools)
             self.attempted.set()
@@ -293,30 +297,62 @@ def input_schema(tool: mcp_types.Tool) -> dict[str, Any]:
 
 
 class McpToolset:
-    """The MCP servers of ``tools.mcp_servers``: ``start`` connects them in the background and registers each
-    server's tools in ``registry`` as <server>.<tool> as soon as it lists them; ``close`` disconnects them all.
+    """MCP servers whose tools are offered by ``registry``: ``start`` connects those added so far in the background
+    (and ``add`` after it connects the new one at once) and registers each server's tools as <server>.<tool> as soon
+    as it lists them; ``remove`` disconnects one and unregisters its tools; ``close`` disconnects them all.
 
     A tool the registry refuses (a name it does not accept, a clash with a registered tool, a schema that is not
     valid JSON Schema) is left out with a warning; a server that is down never stops the others or the service.
+    A tool named in its server's ``approval_required`` (or every tool, with "*") requires approval.
     """
 
     def __init__(self, servers: Sequence[McpServerConfig], registry: ToolRegistry) -> None:
         self.registry = registry
-        self.connections = [McpServerConnection(server, self._register) for server in servers]
+        self.connections: dict[str, McpServerConnection] = {}
+        self._started = False
         self._refused: set[str] = set()
+        for server in servers:
+            self.add(server)
+
+    def add(self, server: McpServerConfig) -> McpServerConnection:
+        """Adds a server (connected at once when the toolset has started); ValueError if its name is taken."""
+        if server.name in self.connections:
+            raise ValueError(f"MCP server {server.name!r} is already added")
+        connection = self.connections[server.name] = McpServerConnection(server, self._register)
+        if self._started:
+            connection.start()
+        return connection
+
+    async def remove(self, name: str) -> None:
+        """Disconnects server ``name`` (calls in flight fail) and unregisters its tools."""
+        connection = self.connections.pop(name)
+        for tool in self.tool_names(connection):
+            self.registry.unregister(tool)
+        self._refused = {refused for refused in self._refused if not refused.startswith(f"{name}.")}
+        await connection.close()
+
+    def tool_names(self, connection: McpServerConnection) -> list[str]:
+        """The registered tools of ``connection``."""
+        return [
+            tool.name
+            for tool in self.registry.list()
+            if isinstance(tool.handler, _McpHandler) and tool.handler.connection is connection
+        ]
 
     async def start(self) -> None:
-        for connection in self.connections:
+        self._started = True
+        for connection in self.connections.values():
             connection.start()
 
     async def wait_attempted(self) -> None:
         """Returns once every server has been connected or has failed its first attempt."""
-        await asyncio.gather(*(connection.attempted.wait() for connection in self.connections))
+        await asyncio.gather(*(connection.attempted.wait() for connection in self.connections.values()))
 
     async def close(self) -> None:
-        await asyncio.gather(*(connection.close() for connection in self.connections))
+        await asyncio.gather(*(connection.close() for connection in self.connections.values()))
 
     def _register(self, connection: McpServerConnection, tools: list[mcp_types.Tool]) -> None:
+        marked = set(connection.config.approval_required)
         for listed in tools:
             name = f"{connection.name}.{listed.name}"
             if name in self._refused or self._is_ours(name, connection):
@@ -327,6 +363,7 @@ class McpToolset:
                 input_schema=input_schema(listed),
                 handler=_McpHandler(connection, listed.name),
                 timeout_seconds=connection.config.timeout_seconds,
+                requires_approval="*" in marked or listed.name in marked,
             )
             try:
                 self.registry.register(tool)

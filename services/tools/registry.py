@@ -38,6 +38,10 @@ class ToolDefinitionError(ValueError):
     """A tool cannot be registered: the message names the tool and what to change in its definition."""
 
 
+class ToolNameTakenError(ToolDefinitionError):
+    """A tool of that name is already registered."""
+
+
 class ToolFailure(Exception):
     """Raised by a handler to fail with a message meant for the agent (it becomes the error observation verbatim)."""
 
@@ -150,7 +154,7 @@ class ToolRegistry:
                 "after an optional 'server.' prefix)"
             )
         if tool.name in self._tools:
-            raise ToolDefinitionError(f"a tool named {tool.name!r} is already registered; pick another name")
+            raise ToolNameTakenError(f"a tool named {tool.name!r} is already registered; pick another name")
         if not tool.description.strip():
             raise ToolDefinitionError(f"tool {tool.name!r} needs a description: the agent chooses tools by it")
         if not isinstance(tool.input_schema, dict) or tool.input_schema.get("type") != "object":
@@ -171,6 +175,13 @@ class ToolRegistry:
             raise ToolDefinitionError(f"tool {tool.name!r}: timeout_seconds must be positive")
         self._validators[tool.name] = validator_class(tool.input_schema)
         self._tools[tool.name] = tool
+        return tool
+
+    def unregister(self, name: str) -> Tool:
+        """Removes the tool called ``name`` (calls already running finish); NotFoundError when there is none."""
+        tool = self.get(name)
+        del self._tools[name]
+        del self._validators[name]
         return tool
 
     def list(self) -> list[Tool]:

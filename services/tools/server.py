@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import logging
+
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import MeshConfig, MeshServer, serve
@@ -10,11 +14,16 @@ from services.common.server import ServiceBinding
 from services.tools.builtin import KnowledgeClient, builtin_tools
 from services.tools.executor import ToolExecutor
 from services.tools.idempotency import OutcomeStore
-from services.tools.mcp_client import McpToolset
+from services.tools.mcp_server import McpEndpoint
 from services.tools.registry import ToolRegistry
 from services.tools.sandbox import BubblewrapSandbox
 from services.tools.servicer import ToolsServicer
+from services.tools.sources import SourceStore, ToolSources
 
+log = logging.getLogger(__name__)
+
+# How long startup waits for the MCP servers' first connection attempts before turning SERVING.
+SOURCES_WAIT_SECONDS = 10.0
 SERVICE_NAME = tools_pb2.DESCRIPTOR.services_by_name["ToolsService"].full_name
 
 
@@ -37,7 +46,7 @@ def default_registry(config: MeshConfig, knowledge: KnowledgeClient | None) -> T
 def create_executor(config: MeshConfig, registry: ToolRegistry) -> ToolExecutor:
     """The executor over ``registry`` with config's outcome store, approval key (created if missing) and markings.
 
-    Raises ConfigError when tools.approval_required names a tool the registry does not hold.
+    Raises ConfigError when tools.approval_required names a tool that is neither registered nor of a declared source.
     """
     assert config.tools.db_path is not None and config.approvals.key_file is not None  # filled in by MeshConfig
     signer = ApprovalSigner(
@@ -48,19 +57,89 @@ def create_executor(config: MeshConfig, registry: ToolRegistry) -> ToolExecutor:
         store=OutcomeStore(config.tools.db_path),
         signer=signer,
         approval_required=config.tools.approval_required,
+        sources=[server.name for server in config.tools.mcp_servers] + [api.name for api in config.tools.openapi],
     )
 
 
-def _build(
-    config: MeshConfig,
-    registry: ToolRegistry | None,
-    knowledge_stub: knowledge_pb2_grpc.KnowledgeServiceStub | None,
-) -> tuple[MeshServer, KnowledgeClient, ToolExecutor]:
-    knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
-    registry = registry if registry is not None else default_registry(config, knowledge)
-    executor = create_executor(config, registry)
-    binding = ServiceBinding(SERVICE_NAME, ToolsServicer(executor), tools_pb2_grpc.add_ToolsServiceServicer_to_server)
-    return MeshServer(config.tools.server, [binding]), knowledge, executor
+def allows_registered_commands(config: MeshConfig) -> bool:
+    """tools.allow_registered_commands, or (unset) whether the tools service binds only a loopback address."""
+    if config.tools.allow_registered_commands is not None:
+        return config.tools.allow_registered_commands
+    host = config.tools.server.host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class ToolsService:
+    """The tools service's parts: the gRPC server over ``registry`` (default: the built-ins), the tool sources, the
+    MCP endpoint, and what ``startup`` opens and ``shutdown`` closes.
+
+    The built-in knowledge-graph tools call ``knowledge_stub`` when given (tests), else config.knowledge's target
+    through a channel opened in ``startup``. Raises ConfigError when tools.approval_required names an unknown tool.
+    """
+
+    def __init__(
+        self,
+        config: MeshConfig,
+        registry: ToolRegistry | None = None,
+        knowledge_stub: knowledge_pb2_grpc.KnowledgeServiceStub | None = None,
+    ) -> None:
+        assert config.tools.db_path is not None  # filled in by MeshConfig
+        self.knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
+        registry = registry if registry is not None else default_registry(config, self.knowledge)
+        self.executor = create_executor(config, registry)
+        self.sources = ToolSources(
+            config.tools,
+            registry,
+            SourceStore(config.tools.db_path),
+            allow_commands=allows_registered_commands(config),
+        )
+        endpoint = config.tools.mcp_endpoint
+        self.mcp_endpoint = McpEndpoint(self.executor, endpoint) if endpoint.enabled else None
+        servicer = ToolsServicer(self.executor, self.sources)
+        binding = ServiceBinding(SERVICE_NAME, servicer, tools_pb2_grpc.add_ToolsServiceServicer_to_server)
+        self.server = MeshServer(config.tools.server, [binding])
+
+    async def startup(self) -> None:
+        """Opens the knowledge channel, adds the tool sources and starts the MCP endpoint. MCP servers connect in the
+        background; startup waits up to SOURCES_WAIT_SECONDS for their first attempts, so a healthy server's tools
+        are there when the service turns SERVING, while one that is down never holds it up for long."""
+        await self.knowledge.open()
+        await self.sources.start()
+        try:
+            await asyncio.wait_for(self.sources.wait_connected(), SOURCES_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "MCP servers still connecting after %gs; serving without their tools for now", SOURCES_WAIT_SECONDS
+            )
+        if self.mcp_endpoint is not None:
+            await self.mcp_endpoint.start()
+
+    async def shutdown(self) -> None:
+        """Lets keyed calls still running store their outcomes, then closes everything ``startup`` opened."""
+        try:
+            if self.mcp_endpoint is not None:
+                await self.mcp_endpoint.close()
+            await self.executor.close()
+        finally:
+            try:
+                await self.sources.close()
+            finally:
+                await self.knowledge.close()
+
+    async def start(self) -> None:
+        """Starts serving at once (tests): the server, ``startup``, then SERVING."""
+        await self.server.start()
+        await self.startup()
+        await self.server.set_serving()
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+        await self.shutdown()
 
 
 def create_server(
@@ -68,35 +147,16 @@ def create_server(
     registry: ToolRegistry | None = None,
     knowledge_stub: knowledge_pb2_grpc.KnowledgeServiceStub | None = None,
 ) -> MeshServer:
-    """The tools server (not started), serving ``registry`` or the built-in tools.
-
-    The built-in knowledge-graph tools call ``knowledge_stub`` when given (tests), else config.knowledge's target
-    through a channel opened on first use (``main`` opens it in startup and closes it on shutdown). Raises
-    ConfigError when tools.approval_required names an unknown tool.
-    """
-    server, _, _ = _build(config, registry, knowledge_stub)
-    return server
+    """The gRPC server alone (not started), serving ``registry`` or the built-in tools, without tool sources or the
+    MCP endpoint (RegisterToolSource: FAILED_PRECONDITION); ``ToolsService`` has them all. Raises ConfigError when
+    tools.approval_required names an unknown tool."""
+    knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
+    executor = create_executor(config, registry if registry is not None else default_registry(config, knowledge))
+    binding = ServiceBinding(SERVICE_NAME, ToolsServicer(executor), tools_pb2_grpc.add_ToolsServiceServicer_to_server)
+    return MeshServer(config.tools.server, [binding])
 
 
 async def main(config: MeshConfig) -> None:
-    """Runs the tools service until SIGTERM: in startup opens the knowledge channel and starts connecting the MCP
-    servers of tools.mcp_servers (in the background: their tools appear as each lists them, and one that is down
-    never holds up the service); on shutdown lets keyed calls still running store their outcomes, then closes the
-    outcome store, the MCP connections and the knowledge channel."""
-    server, knowledge, executor = _build(config, None, None)
-    mcp = McpToolset(config.tools.mcp_servers, executor.registry)
-
-    async def startup() -> None:
-        await knowledge.open()
-        await mcp.start()
-
-    async def shutdown() -> None:
-        try:
-            await executor.close()
-        finally:
-            try:
-                await mcp.close()
-            finally:
-                await knowledge.close()
-
-    await serve(server, startup=startup, shutdown=shutdown)
+    """Runs the tools service until SIGTERM; see ``ToolsService.startup`` and ``shutdown``."""
+    service = ToolsService(config)
+    await serve(service.server, startup=service.startup, shutdown=service.shutdown)

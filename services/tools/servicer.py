@@ -8,8 +8,11 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
+from services.common import FailedPreconditionError, InvalidArgumentError
+from services.common.config import McpServerConfig
 from services.tools.executor import Execution, ToolCall, ToolExecutor
 from services.tools.registry import Tool, ToolErrorKind
+from services.tools.sources import OpenApiSpec, Origin, SourceInfo, SourceSpec, SourceState, ToolSources, validated
 
 _ERROR_KINDS = {
     ToolErrorKind.FAILED: tools_pb2.ToolError.KIND_FAILED,
@@ -61,11 +64,76 @@ def call_from_proto(request: tools_pb2.ExecuteToolRequest) -> ToolCall:
     )
 
 
-class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
-    """Lists and executes the executor's tools; errors are raised as MeshError and mapped by the shared interceptor."""
+# What ListToolSources shows instead of the value of an environment variable or header (they hold secrets).
+REDACTED = "<redacted>"
+_ORIGINS = {Origin.CONFIG: tools_pb2.ToolSource.ORIGIN_CONFIG, Origin.API: tools_pb2.ToolSource.ORIGIN_API}
+_STATES = {
+    SourceState.CONNECTING: tools_pb2.ToolSource.STATE_CONNECTING,
+    SourceState.READY: tools_pb2.ToolSource.STATE_READY,
+    SourceState.FAILED: tools_pb2.ToolSource.STATE_FAILED,
+}
 
-    def __init__(self, executor: ToolExecutor) -> None:
+
+def spec_from_proto(source: tools_pb2.ToolSource) -> SourceSpec:
+    """The source a RegisterToolSource request describes; InvalidArgumentError naming the field otherwise."""
+    kind = source.WhichOneof("kind")
+    common: dict[str, Any] = {"name": source.name, "approval_required": list(source.approval_required)}
+    if source.HasField("timeout"):
+        common["timeout_seconds"] = source.timeout.ToNanoseconds() / 1e9
+    if kind == "mcp":
+        mcp = source.mcp
+        data = {
+            **common,
+            "command": mcp.command or None,
+            "args": list(mcp.args),
+            "env": dict(mcp.env),
+            "url": mcp.url or None,
+            "headers": dict(mcp.headers),
+        }
+        return validated(McpServerConfig, data, "source")
+    if kind == "openapi":
+        openapi = source.openapi
+        data = {**common, "document": openapi.document, "base_url": openapi.base_url or None}
+        data["headers"] = dict(openapi.headers)
+        if openapi.max_response_bytes:
+            data["max_response_bytes"] = openapi.max_response_bytes
+        return validated(OpenApiSpec, data, "source")
+    raise InvalidArgumentError("source: set mcp (an MCP server) or openapi (an OpenAPI 3 document)")
+
+
+def source_to_proto(info: SourceInfo) -> tools_pb2.ToolSource:
+    """The source as ListToolSources shows it: secrets' values and the OpenAPI document left out."""
+    spec = info.spec
+    source = tools_pb2.ToolSource(
+        name=spec.name,
+        approval_required=spec.approval_required,
+        origin=_ORIGINS[info.origin],
+        state=_STATES[info.state],
+        error=info.error or "",
+        tools=info.tools,
+    )
+    if spec.timeout_seconds is not None:
+        source.timeout.FromNanoseconds(round(spec.timeout_seconds * 1e9))
+    if isinstance(spec, McpServerConfig):
+        source.mcp.command = spec.command or ""
+        source.mcp.args.extend(spec.args)
+        source.mcp.env.update(dict.fromkeys(spec.env, REDACTED))
+        source.mcp.url = spec.url or ""
+        source.mcp.headers.update(dict.fromkeys(spec.headers, REDACTED))
+    else:
+        source.openapi.base_url = spec.base_url or ""
+        source.openapi.headers.update(dict.fromkeys(spec.headers, REDACTED))
+        source.openapi.max_response_bytes = spec.max_response_bytes
+    return source
+
+
+class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
+    """Lists and executes the executor's tools and manages the tool sources; errors are raised as MeshError and
+    mapped by the shared interceptor."""
+
+    def __init__(self, executor: ToolExecutor, sources: ToolSources | None = None) -> None:
         self.executor = executor
+        self.sources = sources
 
     async def ListTools(
         self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
@@ -77,3 +145,27 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
     ) -> tools_pb2.ExecuteToolResponse:
         execution = await self.executor.execute(call_from_proto(request))
         return execution_to_proto(request.call_id, execution)
+
+    def _sources(self) -> ToolSources:
+        if self.sources is None:
+            raise FailedPreconditionError("this tools service has no tool sources (it was built without them)")
+        return self.sources
+
+    async def RegisterToolSource(
+        self, request: tools_pb2.RegisterToolSourceRequest, context: grpc.aio.ServicerContext
+    ) -> tools_pb2.ToolSource:
+        sources = self._sources()
+        info = await sources.register(spec_from_proto(request.source))
+        return source_to_proto(info)
+
+    async def ListToolSources(
+        self, request: tools_pb2.ListToolSourcesRequest, context: grpc.aio.ServicerContext
+    ) -> tools_pb2.ListToolSourcesResponse:
+        sources = self.sources.list_sources() if self.sources is not None else []
+        return tools_pb2.ListToolSourcesResponse(sources=[source_to_proto(info) for info in sources])
+
+    async def UnregisterToolSource(
+        self, request: tools_pb2.UnregisterToolSourceRequest, context: grpc.aio.ServicerContext
+    ) -> tools_pb2.UnregisterToolSourceResponse:
+        await self._sources().unregister(request.name)
+        return tools_pb2.UnregisterToolSourceResponse()

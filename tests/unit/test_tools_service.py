@@ -218,6 +218,7 @@ def test_exported_members() -> None:
         "ToolFailure",
         "ToolOutcome",
         "ToolRegistry",
+        "ToolsService",
         "ToolsServicer",
         "builtin_tools",
         "create_executor",

@@ -26,13 +26,19 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshpilot/tools/v1/tools.proto\x12\x12meshpilot.tools.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"s\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x04 \x01(\x08\"\x12\n\x10ListToolsRequest\"<\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.meshpilot.tools.v1.Tool\"\xcc\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\x0e\x61pproval_token\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"\x8f\x01\n\tToolError\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".meshpilot.tools.v1.ToolError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_FAILED\x10\x01\x12\x10\n\x0cKIND_TIMEOUT\x10\x02\"\xd8\x01\n\x13\x45xecuteToolResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12.\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.meshpilot.tools.v1.ToolErrorH\x00\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\t\n\x07outcome2\xc8\x01\n\x0cToolsService\x12X\n\tListTools\x12$.meshpilot.tools.v1.ListToolsRequest\x1a%.meshpilot.tools.v1.ListToolsResponse\x12^\n\x0b\x45xecuteTool\x12&.meshpilot.tools.v1.ExecuteToolRequest\x1a\'.meshpilot.tools.v1.ExecuteToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emeshpilot/tools/v1/tools.proto\x12\x12meshpilot.tools.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"s\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x04 \x01(\x08\"\x12\n\x10ListToolsRequest\"<\n\x11ListToolsResponse\x12\'\n\x05tools\x18\x01 \x03(\x0b\x32\x18.meshpilot.tools.v1.Tool\"\xcc\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x16\n\x0e\x61pproval_token\x18\x06 \x01(\t\x12\x0e\n\x06run_id\x18\x07 \x01(\t\"\x8f\x01\n\tToolError\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".meshpilot.tools.v1.ToolError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0f\n\x0bKIND_FAILED\x10\x01\x12\x10\n\x0cKIND_TIMEOUT\x10\x02\"\xd8\x01\n\x13\x45xecuteToolResponse\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12.\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1d.meshpilot.tools.v1.ToolErrorH\x00\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x42\t\n\x07outcome\"\x85\x02\n\tMcpServer\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x33\n\x03\x65nv\x18\x03 \x03(\x0b\x32&.meshpilot.tools.v1.McpServer.EnvEntry\x12\x0b\n\x03url\x18\x04 \x01(\t\x12;\n\x07headers\x18\x05 \x03(\x0b\x32*.meshpilot.tools.v1.McpServer.HeadersEntry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb4\x01\n\x07OpenApi\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x02 \x01(\t\x12\x39\n\x07headers\x18\x03 \x03(\x0b\x32(.meshpilot.tools.v1.OpenApi.HeadersEntry\x12\x1a\n\x12max_response_bytes\x18\x04 \x01(\x04\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xef\x03\n\nToolSource\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x03mcp\x18\x02 \x01(\x0b\x32\x1d.meshpilot.tools.v1.McpServerH\x00\x12.\n\x07openapi\x18\x03 \x01(\x0b\x32\x1b.meshpilot.tools.v1.OpenApiH\x00\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11\x61pproval_required\x18\x05 \x03(\t\x12\x35\n\x06origin\x18\x06 \x01(\x0e\x32%.meshpilot.tools.v1.ToolSource.Origin\x12\x33\n\x05state\x18\x07 \x01(\x0e\x32$.meshpilot.tools.v1.ToolSource.State\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\r\n\x05tools\x18\t \x03(\t\"C\n\x06Origin\x12\x16\n\x12ORIGIN_UNSPECIFIED\x10\x00\x12\x11\n\rORIGIN_CONFIG\x10\x01\x12\x0e\n\nORIGIN_API\x10\x02\"W\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10STATE_CONNECTING\x10\x01\x12\x0f\n\x0bSTATE_READY\x10\x02\x12\x10\n\x0cSTATE_FAILED\x10\x03\x42\x06\n\x04kind\"K\n\x19RegisterToolSourceRequest\x12.\n\x06source\x18\x01 \x01(\x0b\x32\x1e.meshpilot.tools.v1.ToolSource\"\x18\n\x16ListToolSourcesRequest\"J\n\x17ListToolSourcesResponse\x12/\n\x07sources\x18\x01 \x03(\x0b\x32\x1e.meshpilot.tools.v1.ToolSource\"+\n\x1bUnregisterToolSourceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1e\n\x1cUnregisterToolSourceResponse2\x94\x04\n\x0cToolsService\x12X\n\tListTools\x12$.meshpilot.tools.v1.ListToolsRequest\x1a%.meshpilot.tools.v1.ListToolsResponse\x12^\n\x0b\x45xecuteTool\x12&.meshpilot.tools.v1.ExecuteToolRequest\x1a\'.meshpilot.tools.v1.ExecuteToolResponse\x12\x63\n\x12RegisterToolSource\x12-.meshpilot.tools.v1.RegisterToolSourceRequest\x1a\x1e.meshpilot.tools.v1.ToolSource\x12j\n\x0fListToolSources\x12*.meshpilot.tools.v1.ListToolSourcesRequest\x1a+.meshpilot.tools.v1.ListToolSourcesResponse\x12y\n\x14UnregisterToolSource\x12/.meshpilot.tools.v1.UnregisterToolSourceRequest\x1a\x30.meshpilot.tools.v1.UnregisterToolSourceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshpilot.tools.v1.tools_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MCPSERVER_ENVENTRY']._loaded_options = None
+  _globals['_MCPSERVER_ENVENTRY']._serialized_options = b'8\001'
+  _globals['_MCPSERVER_HEADERSENTRY']._loaded_options = None
+  _globals['_MCPSERVER_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_OPENAPI_HEADERSENTRY']._loaded_options = None
+  _globals['_OPENAPI_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_TOOL']._serialized_start=116
   _globals['_TOOL']._serialized_end=231
   _globals['_LISTTOOLSREQUEST']._serialized_start=233
@@ -47,6 +53,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLERROR_KIND']._serialized_end=666
   _globals['_EXECUTETOOLRESPONSE']._serialized_start=669
   _globals['_EXECUTETOOLRESPONSE']._serialized_end=885
-  _globals['_TOOLSSERVICE']._serialized_start=888
-  _globals['_TOOLSSERVICE']._serialized_end=1088
+  _globals['_MCPSERVER']._serialized_start=888
+  _globals['_MCPSERVER']._serialized_end=1149
+  _globals['_MCPSERVER_ENVENTRY']._serialized_start=1059
+  _globals['_MCPSERVER_ENVENTRY']._serialized_end=1101
+  _globals['_MCPSERVER_HEADERSENTRY']._serialized_start=1103
+  _globals['_MCPSERVER_HEADERSENTRY']._serialized_end=1149
+  _globals['_OPENAPI']._serialized_start=1152
+  _globals['_OPENAPI']._serialized_end=1332
+  _globals['_OPENAPI_HEADERSENTRY']._serialized_start=1103
+  _globals['_OPENAPI_HEADERSENTRY']._serialized_end=1149
+  _globals['_TOOLSOURCE']._serialized_start=1335
+  _globals['_TOOLSOURCE']._serialized_end=1830
+  _globals['_TOOLSOURCE_ORIGIN']._serialized_start=1666
+  _globals['_TOOLSOURCE_ORIGIN']._serialized_end=1733
+  _globals['_TOOLSOURCE_STATE']._serialized_start=1735
+  _globals['_TOOLSOURCE_STATE']._serialized_end=1822
+  _globals['_REGISTERTOOLSOURCEREQUEST']._serialized_start=1832
+  _globals['_REGISTERTOOLSOURCEREQUEST']._serialized_end=1907
+  _globals['_LISTTOOLSOURCESREQUEST']._serialized_start=1909
+  _globals['_LISTTOOLSOURCESREQUEST']._serialized_end=1933
+  _globals['_LISTTOOLSOURCESRESPONSE']._serialized_start=1935
+  _globals['_LISTTOOLSOURCESRESPONSE']._serialized_end=2009
+  _globals['_UNREGISTERTOOLSOURCEREQUEST']._serialized_start=2011
+  _globals['_UNREGISTERTOOLSOURCEREQUEST']._serialized_end=2054
+  _globals['_UNREGISTERTOOLSOURCERESPONSE']._serialized_start=2056
+  _globals['_UNREGISTERTOOLSOURCERESPONSE']._serialized_end=2086
+  _globals['_TOOLSSERVICE']._serialized_start=2089
+  _globals['_TOOLSSERVICE']._serialized_end=2621
 # @@protoc_insertion_point(module_scope)

@@ -82,3 +82,116 @@ class ExecuteToolResponse(_message.Message):
     duration: _duration_pb2.Duration
     replayed: bool
     def __init__(self, call_id: _Optional[str] = ..., name: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error: _Optional[_Union[ToolError, _Mapping]] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
+
+class McpServer(_message.Message):
+    __slots__ = ("command", "args", "env", "url", "headers")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.ScalarMap[str, str]
+    url: str
+    headers: _containers.ScalarMap[str, str]
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., url: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class OpenApi(_message.Message):
+    __slots__ = ("document", "base_url", "headers", "max_response_bytes")
+    class HeadersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    base_url: str
+    headers: _containers.ScalarMap[str, str]
+    max_response_bytes: int
+    def __init__(self, document: _Optional[str] = ..., base_url: _Optional[str] = ..., headers: _Optional[_Mapping[str, str]] = ..., max_response_bytes: _Optional[int] = ...) -> None: ...
+
+class ToolSource(_message.Message):
+    __slots__ = ("name", "mcp", "openapi", "timeout", "approval_required", "origin", "state", "error", "tools")
+    class Origin(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ORIGIN_UNSPECIFIED: _ClassVar[ToolSource.Origin]
+        ORIGIN_CONFIG: _ClassVar[ToolSource.Origin]
+        ORIGIN_API: _ClassVar[ToolSource.Origin]
+    ORIGIN_UNSPECIFIED: ToolSource.Origin
+    ORIGIN_CONFIG: ToolSource.Origin
+    ORIGIN_API: ToolSource.Origin
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[ToolSource.State]
+        STATE_CONNECTING: _ClassVar[ToolSource.State]
+        STATE_READY: _ClassVar[ToolSource.State]
+        STATE_FAILED: _ClassVar[ToolSource.State]
+    STATE_UNSPECIFIED: ToolSource.State
+    STATE_CONNECTING: ToolSource.State
+    STATE_READY: ToolSource.State
+    STATE_FAILED: ToolSource.State
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MCP_FIELD_NUMBER: _ClassVar[int]
+    OPENAPI_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mcp: McpServer
+    openapi: OpenApi
+    timeout: _duration_pb2.Duration
+    approval_required: _containers.RepeatedScalarFieldContainer[str]
+    origin: ToolSource.Origin
+    state: ToolSource.State
+    error: str
+    tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., mcp: _Optional[_Union[McpServer, _Mapping]] = ..., openapi: _Optional[_Union[OpenApi, _Mapping]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., approval_required: _Optional[_Iterable[str]] = ..., origin: _Optional[_Union[ToolSource.Origin, str]] = ..., state: _Optional[_Union[ToolSource.State, str]] = ..., error: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegisterToolSourceRequest(_message.Message):
+    __slots__ = ("source",)
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    source: ToolSource
+    def __init__(self, source: _Optional[_Union[ToolSource, _Mapping]] = ...) -> None: ...
+
+class ListToolSourcesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListToolSourcesResponse(_message.Message):
+    __slots__ = ("sources",)
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedCompositeFieldContainer[ToolSource]
+    def __init__(self, sources: _Optional[_Iterable[_Union[ToolSource, _Mapping]]] = ...) -> None: ...
+
+class UnregisterToolSourceRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterToolSourceResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -45,6 +45,21 @@ class ToolsServiceStub:
                 request_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolRequest.SerializeToString,
                 response_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolResponse.FromString,
                 _registered_method=True)
+        self.RegisterToolSource = channel.unary_unary(
+                '/meshpilot.tools.v1.ToolsService/RegisterToolSource',
+                request_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.RegisterToolSourceRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ToolSource.FromString,
+                _registered_method=True)
+        self.ListToolSources = channel.unary_unary(
+                '/meshpilot.tools.v1.ToolsService/ListToolSources',
+                request_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ListToolSourcesRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ListToolSourcesResponse.FromString,
+                _registered_method=True)
+        self.UnregisterToolSource = channel.unary_unary(
+                '/meshpilot.tools.v1.ToolsService/UnregisterToolSource',
+                request_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.UnregisterToolSourceRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.UnregisterToolSourceResponse.FromString,
+                _registered_method=True)
 
 
 class ToolsServiceServicer:
@@ -69,6 +84,32 @@ class ToolsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterToolSource(self, request, context):
+        """Tool sources are MCP servers and OpenAPI documents; each offers its tools as <source>.<tool>.
+        Registers one at runtime and keeps it across restarts. An MCP server is connected (and must list its tools)
+        before the call returns, else FAILED_PRECONDITION and nothing is kept. A name in use: ALREADY_EXISTS. A malformed
+        definition or an OpenAPI document that does not parse: INVALID_ARGUMENT naming the field. A stdio command when
+        the service does not allow registered commands: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListToolSources(self, request, context):
+        """The sources from the configuration and those registered at runtime, with their tools and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterToolSource(self, request, context):
+        """Removes a runtime-registered source and its tools. Unknown: NOT_FOUND; declared in the configuration:
+        FAILED_PRECONDITION (edit the YAML instead).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +122,21 @@ def add_ToolsServiceServicer_to_server(servicer, server):
                     servicer.ExecuteTool,
                     request_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolRequest.FromString,
                     response_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolResponse.SerializeToString,
+            ),
+            'RegisterToolSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterToolSource,
+                    request_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.RegisterToolSourceRequest.FromString,
+                    response_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ToolSource.SerializeToString,
+            ),
+            'ListToolSources': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListToolSources,
+                    request_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ListToolSourcesRequest.FromString,
+                    response_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.ListToolSourcesResponse.SerializeToString,
+            ),
+            'UnregisterToolSource': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterToolSource,
+                    request_deserializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.UnregisterToolSourceRequest.FromString,
+                    response_serializer=meshpilot_dot_tools_dot_v1_dot_tools__pb2.UnregisterToolSourceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +194,87 @@ class ToolsService:
             '/meshpilot.tools.v1.ToolsService/ExecuteTool',
             meshpilot_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolRequest.SerializeToString,
             meshpilot_dot_tools_dot_v1_dot_tools__pb2.ExecuteToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterToolSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.tools.v1.ToolsService/RegisterToolSource',
+            meshpilot_dot_tools_dot_v1_dot_tools__pb2.RegisterToolSourceRequest.SerializeToString,
+            meshpilot_dot_tools_dot_v1_dot_tools__pb2.ToolSource.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListToolSources(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.tools.v1.ToolsService/ListToolSources',
+            meshpilot_dot_tools_dot_v1_dot_tools__pb2.ListToolSourcesRequest.SerializeToString,
+            meshpilot_dot_tools_dot_v1_dot_tools__pb2.ListToolSourcesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterToolSource(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.tools.v1.ToolsService/UnregisterToolSource',
+            meshpilot_dot_tools_dot_v1_dot_tools__pb2.UnregisterToolSourceRequest.SerializeToString,
+            meshpilot_dot_tools_dot_v1_dot_tools__pb2.UnregisterToolSourceResponse.FromString,
             options,
             channel_credentials,
             insecure,
