@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meshpilot.planner.v1 import agents_pb2
+from services.common.json_values import plain_numbers
 
 
 class AgentFileError(Exception):
@@ -52,6 +53,17 @@ class SamplingFile(_Strict):
     step_max_tokens: int = Field(0, ge=0, description="max_tokens of each model call; 0 selects the default.")
 
 
+class ExampleFile(_Strict):
+    """A worked example shown to the model: a task and the tool call that starts it (the planner checks the tool and
+    the arguments against its schema); optionally the tool's result and the answer taken from it."""
+
+    task: str = Field(min_length=1, description="The question the example answers.")
+    tool: str = Field(min_length=1, description="A tool the agent may call.")
+    arguments: dict[str, Any] = Field(default_factory=dict, description="Its arguments, as the tool's schema wants.")
+    observation: Any = Field(None, description="The tool's result as the model would see it; unset: not shown.")
+    answer: str = Field("", description="The final answer taken from the observation; empty: not shown.")
+
+
 class AgentFile(_Strict):
     """One agent definition as a user writes it (see deploy/agents/geo-react.yaml)."""
 
@@ -67,6 +79,7 @@ class AgentFile(_Strict):
     budget: BudgetFile = BudgetFile()
     sampling: SamplingFile = SamplingFile()
     history_turns: int | None = Field(None, ge=0, description="Earlier turns shown to the model; unset: default.")
+    examples: list[ExampleFile] = Field(default_factory=list, description="Worked examples of the agent's tools.")
 
     def to_spec(self) -> agents_pb2.AgentSpec:
         """The AgentSpec this file defines (the name travels next to it in the request)."""
@@ -88,6 +101,11 @@ class AgentFile(_Strict):
             spec.budget.timeout.CopyFrom(_duration(self.budget.timeout_seconds))
         if self.history_turns is not None:
             spec.history_turns = self.history_turns
+        for example in self.examples:
+            item = spec.examples.add(task=example.task, tool=example.tool, answer=example.answer)
+            item.arguments.update(example.arguments)
+            if example.observation is not None:
+                json_format.ParseDict(example.observation, item.observation)
         return spec
 
     @classmethod
@@ -120,11 +138,28 @@ class AgentFile(_Strict):
                 step_max_tokens=spec.sampling.step_max_tokens,
             ),
             history_turns=spec.history_turns if spec.HasField("history_turns") else None,
+            examples=[
+                ExampleFile(
+                    task=example.task,
+                    tool=example.tool,
+                    arguments=plain_numbers(json_format.MessageToDict(example.arguments)),
+                    observation=(
+                        plain_numbers(json_format.MessageToDict(example.observation))
+                        if example.HasField("observation")
+                        else None
+                    ),
+                    answer=example.answer,
+                )
+                for example in spec.examples
+            ],
         )
 
     def to_yaml(self) -> str:
-        """The definition as YAML in the file's own format (unset optional fields left out)."""
-        return yaml.safe_dump(self.model_dump(exclude_none=True), sort_keys=False, allow_unicode=True)
+        """The definition as YAML in the file's own format (unset optional fields and no examples left out)."""
+        data = self.model_dump(exclude_none=True)
+        if not self.examples:
+            del data["examples"]
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:

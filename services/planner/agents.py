@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import jsonschema
+from jsonschema.exceptions import best_match
+
 from services.common import InvalidArgumentError, NotFoundError, PlannerConfig
 from services.planner.policies import POLICIES, PolicyOptions
 from services.planner.prompt import DEFAULT_INSTRUCTIONS
 from services.planner.store import AgentRecord, RunStore, shown
-from services.planner.types import Budget, Sampling, ToolSpec
+from services.planner.types import AgentExample, Budget, Sampling, ToolSpec
 
 DEFAULT_AGENT = "default"
 ALL_TOOLS = "*"
@@ -20,6 +24,10 @@ SERVER_TOOLS = ".*"
 AGENT_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 MAX_INSTRUCTIONS_CHARS = 8000
 MAX_TOOLS = 128
+MAX_EXAMPLES = 8
+MAX_EXAMPLE_TEXT_CHARS = 500
+# An example's arguments and observation, as compact JSON: what fits a small model's context next to the task.
+MAX_EXAMPLE_JSON_CHARS = 2000
 # Bounds of the numbers in a definition: (field, low, high); 0 always means "the default".
 LIMITS: tuple[tuple[str, float, float], ...] = (
     ("policy.max_parallel_tool_calls", 0, 16),
@@ -52,10 +60,12 @@ class AgentDefinition:
     sampling: Sampling = field(default_factory=Sampling)
     step_max_tokens: int = 0
     history_turns: int | None = None
+    examples: tuple[AgentExample, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["tools"], data["approval_required"] = list(self.tools), list(self.approval_required)
+        data["examples"] = [asdict(example) for example in self.examples]
         return data
 
     @classmethod
@@ -67,6 +77,8 @@ class AgentDefinition:
                 "approval_required": tuple(data["approval_required"]),
                 "policy_options": PolicyOptions(**data["policy_options"]),
                 "sampling": Sampling(**data["sampling"]),
+                # Definitions stored before examples existed have none.
+                "examples": tuple(AgentExample(**example) for example in data.get("examples", ())),
             }
         )
 
@@ -105,6 +117,41 @@ def default_agent(config: PlannerConfig) -> Agent:
     return Agent(DEFAULT_AGENT, 1, definition, builtin=True)
 
 
+def _check_examples(definition: AgentDefinition, tools: dict[str, ToolSpec]) -> None:
+    """Each example names a tool the agent may call, with arguments its schema accepts, in bounded text."""
+    if len(definition.examples) > MAX_EXAMPLES:
+        raise InvalidArgumentError(f"spec.examples has {len(definition.examples)} examples; at most {MAX_EXAMPLES}")
+    for index, example in enumerate(definition.examples):
+        where = f"spec.examples[{index}]"
+        if not example.task.strip():
+            raise InvalidArgumentError(f"{where}.task is empty; write the question the example answers")
+        for name in ("task", "answer"):
+            text = getattr(example, name)
+            if len(text) > MAX_EXAMPLE_TEXT_CHARS:
+                raise InvalidArgumentError(
+                    f"{where}.{name} has {len(text)} characters; shorten it to {MAX_EXAMPLE_TEXT_CHARS}"
+                )
+        tool = tools.get(example.tool)
+        if tool is None or not definition.allows(example.tool):
+            raise InvalidArgumentError(
+                f"{where}.tool {shown(example.tool)} is not a registered tool this agent may call (spec.tools)"
+            )
+        for name in ("arguments", "observation"):
+            size = len(json.dumps(getattr(example, name), ensure_ascii=False))
+            if size > MAX_EXAMPLE_JSON_CHARS:
+                raise InvalidArgumentError(
+                    f"{where}.{name} is {size} characters of JSON; shorten it to {MAX_EXAMPLE_JSON_CHARS}"
+                )
+        error = best_match(
+            jsonschema.validators.validator_for(tool.input_schema)(tool.input_schema).iter_errors(example.arguments)
+        )
+        if error is not None:
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            raise InvalidArgumentError(
+                f"{where}.arguments{path} does not fit tool {example.tool!r}: {error.message[:200]}"
+            )
+
+
 def check_definition(
     name: str, definition: AgentDefinition, tools: Sequence[ToolSpec], models: Sequence[str]
 ) -> AgentDefinition:
@@ -138,6 +185,7 @@ def check_definition(
                     f"{', '.join(sorted(known)) or 'none'}"
                     + (' (or "*" for all, "server.*" for all of an MCP server\'s)' if field_name == "tools" else "")
                 )
+    _check_examples(definition, {tool.name: tool for tool in tools})
     if definition.policy not in POLICIES:
         raise InvalidArgumentError(
             f"spec.policy.name {shown(definition.policy)} is not a policy; choose one of: {', '.join(POLICIES)}"

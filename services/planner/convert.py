@@ -10,12 +10,14 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from meshpilot.common.v1 import common_pb2
 from meshpilot.planner.v1 import agents_pb2, planner_pb2
 from services.common import InvalidArgumentError
+from services.common.json_values import plain_numbers
 from services.planner.agents import Agent, AgentDefinition
 from services.planner.policies import PolicyOptions
 from services.planner.state import CallStatus, RunSnapshot
 from services.planner.store import RunRecord, RunState, SessionRecord
 from services.planner.types import (
     AgentEvent,
+    AgentExample,
     ApprovalDecided,
     ApprovalRequested,
     Budget,
@@ -251,6 +253,20 @@ def definition_from_proto(spec: agents_pb2.AgentSpec) -> AgentDefinition:
         ),
         step_max_tokens=spec.sampling.step_max_tokens,
         history_turns=spec.history_turns if spec.HasField("history_turns") else None,
+        examples=tuple(
+            AgentExample(
+                task=example.task,
+                tool=example.tool,
+                arguments=plain_numbers(json_format.MessageToDict(example.arguments)),
+                observation=(
+                    plain_numbers(json_format.MessageToDict(example.observation))
+                    if example.HasField("observation")
+                    else None
+                ),
+                answer=example.answer,
+            )
+            for example in spec.examples
+        ),
     )
 
 
@@ -278,6 +294,11 @@ def agent_to_proto(agent: Agent) -> agents_pb2.Agent:
         spec.sampling.seed = d.sampling.seed
     if d.history_turns is not None:
         spec.history_turns = d.history_turns
+    for example in d.examples:
+        item = spec.examples.add(task=example.task, tool=example.tool, answer=example.answer)
+        item.arguments.update(example.arguments)
+        if example.observation is not None:
+            item.observation.CopyFrom(json_to_value(example.observation))
     return agents_pb2.Agent(
         name=agent.name,
         version=agent.version,

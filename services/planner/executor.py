@@ -165,7 +165,11 @@ class RunExecutor:
         self._resumed_at, self._active_before = self.deps.clock(), self.snapshot.active_seconds
         try:
             tools = await self._retrying(lambda timeout: self.deps.tools.list_tools(timeout=timeout))
-            context = Context(self.definition.instructions, [t for t in tools if self.definition.allows(t.name)])
+            context = Context(
+                self.definition.instructions,
+                [t for t in tools if self.definition.allows(t.name)],
+                self.definition.examples,
+            )
             while True:
                 phase = self.snapshot.phase
                 if phase is Phase.NEXT_STEP:

@@ -22,6 +22,9 @@ KEY_ALIASES = {
     "region": ("continent", "地区", "大洲"),
     "subregion": ("part of", "地区"),
     "native_name": ("native", "local name"),
+    # Time tools (current_time's "time" matches by its own name; mcp-server-time says "datetime").
+    "datetime": ("time", "date", "时间", "几点"),
+    "day_of_week": ("what day", "weekday", "星期"),
 }
 
 

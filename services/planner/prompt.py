@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.planner.grounding import Fact
-from services.planner.types import ToolSpec, Turn
+from services.planner.types import AgentExample, ToolSpec, Turn
 
 MAX_ANSWER_CHARS = 160
 NO_ANSWER = "I could not find the answer."
@@ -161,10 +161,24 @@ def _render_example(example: Example, tools: dict[str, ToolSpec]) -> str | None:
     return "\n".join(lines)
 
 
-def system_prompt(tools: Sequence[ToolSpec], instructions: str = DEFAULT_INSTRUCTIONS) -> str:
-    """The system prompt: the agent's instructions, the action format, the tools and the examples whose tools exist."""
+def render_agent_example(example: AgentExample) -> str:
+    """An agent's own example in the action format: the task, the call, then its observation and answer if given."""
+    lines = [f"User: {example.task}", f"Assistant: {dumps({'tool': example.tool, 'arguments': example.arguments})}"]
+    if example.observation is not None:
+        lines.append(OBSERVATION.format(observation=observation_text(example.observation), task=example.task))
+    if example.answer:
+        lines.append(f"Assistant: {dumps({'final_answer': example.answer})}")
+    return "\n".join(lines)
+
+
+def system_prompt(
+    tools: Sequence[ToolSpec], instructions: str = DEFAULT_INSTRUCTIONS, agent_examples: Sequence[AgentExample] = ()
+) -> str:
+    """The system prompt: the agent's instructions, the action format, the tools, then the agent's own examples and
+    the built-in ones whose tools exist."""
     by_name = {tool.name: tool for tool in tools}
-    examples = [text for example in EXAMPLES if (text := _render_example(example, by_name))]
+    examples = [render_agent_example(example) for example in agent_examples]
+    examples += [text for example in EXAMPLES if (text := _render_example(example, by_name))]
     return SYSTEM_PROMPT.format(
         instructions=instructions.strip(),
         tools=tool_lines(tools),
@@ -178,9 +192,10 @@ def build_messages(
     task: str,
     steps: Sequence[Step],
     instructions: str = DEFAULT_INSTRUCTIONS,
+    agent_examples: Sequence[AgentExample] = (),
 ) -> list[dict[str, str]]:
     """The chat for the next step: system prompt, earlier turns, the task, then each action and its observation."""
-    messages = [{"role": "system", "content": system_prompt(tools, instructions)}]
+    messages = [{"role": "system", "content": system_prompt(tools, instructions, agent_examples)}]
     for turn in history:
         messages.append({"role": "user", "content": turn.task})
         messages.append({"role": "assistant", "content": dumps({"final_answer": turn.answer})})

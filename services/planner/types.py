@@ -55,6 +55,18 @@ GREEDY = Sampling()
 
 
 @dataclass(frozen=True)
+class AgentExample:
+    """A worked example of an agent: a task, the tool call that starts it, and optionally the tool's result
+    (``observation``, None: not shown) and the final answer taken from it (empty: not shown)."""
+
+    task: str
+    tool: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+    observation: Any = None
+    answer: str = ""
+
+
+@dataclass(frozen=True)
 class ToolSpec:
     """A tool the agent may call: its name, a one-line description, the JSON Schema of its arguments, and whether
     the tools service runs it only with a human's approval."""

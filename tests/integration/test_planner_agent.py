@@ -12,15 +12,20 @@ import asyncio
 import json
 import re
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
 
+from meshpilot.cli.agent_file import load_agent_file
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
+from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.planner.prompt import NO_ANSWER
 from tests.integration.processes import ServiceProcesses
 
@@ -99,15 +104,21 @@ def report(outcomes: list[Outcome]) -> str:
 
 
 @pytest.fixture(scope="module")
-def planner_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The four services as real processes (`meshpilot serve <name>`) on free ports; the planner's address."""
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcesses]:
+    """The four services as real processes (`meshpilot serve <name>`) on free ports."""
     processes = ServiceProcesses(tmp_path_factory.mktemp("mesh"), SERVICES)
     try:
         processes.start_all()
-        yield processes.target("planner")
+        yield processes
     finally:
         codes = processes.stop_all()
     assert codes["planner"] == 0, f"the planner did not drain cleanly; see {processes.data_dir}/planner.log"
+    assert codes["tools"] == 0, f"the tools service did not drain cleanly; see {processes.data_dir}/tools.log"
+
+
+@pytest.fixture(scope="module")
+def planner_target(mesh: ServiceProcesses) -> str:
+    return mesh.target("planner")
 
 
 async def test_acceptance_questions(planner_target: str) -> None:
@@ -156,6 +167,38 @@ async def test_react_agent_on_the_default_model_is_reported(planner_target: str)
     )
     assert end.WhichOneof("event") in ("final_answer", "error")
     assert end.WhichOneof("event") == "final_answer" or end.error.code == "RESOURCE_EXHAUSTED", end
+
+
+async def test_an_agent_allowed_time_star_tells_the_time_through_mcp_server_time(mesh: ServiceProcesses) -> None:
+    """The tools platform's acceptance: mcp-server-time registered at runtime through the tools API, the clock agent
+    of deploy/agents (tools "time.*", one worked example) created from its file, and the question answered by the
+    real server's tool."""
+    async with grpc.aio.insecure_channel(mesh.target("tools")) as channel:
+        source = tools_pb2.ToolSource(name="time")
+        source.mcp.command = sys.executable
+        source.mcp.args.extend(["-m", "mcp_server_time", "--local-timezone", "UTC"])
+        registered = await tools_pb2_grpc.ToolsServiceStub(channel).RegisterToolSource(
+            tools_pb2.RegisterToolSourceRequest(source=source), timeout=60
+        )
+    assert "time.get_current_time" in registered.tools
+    clock = load_agent_file(ROOT / "deploy" / "agents" / "clock.yaml")
+    async with grpc.aio.insecure_channel(mesh.target("planner")) as channel:
+        await agents_pb2_grpc.AgentServiceStub(channel).CreateAgent(
+            agents_pb2.CreateAgentRequest(name=clock.name, spec=clock.to_spec())
+        )
+        request = planner_pb2.RunRequest(task="What time is it in Tokyo?", agent="clock")
+        events = [event async for event in planner_pb2_grpc.PlannerServiceStub(channel).Run(request)]
+
+    calls = [event.tool_call for event in events if event.HasField("tool_call")]
+    results = [event.tool_result for event in events if event.HasField("tool_result")]
+    answer = events[-1].final_answer.answer
+    print(f"\nclock agent: {[(c.tool, dict(c.arguments)) for c in calls]} -> {answer!r}")
+    assert [c.tool for c in calls] == ["time.get_current_time"], calls
+    assert dict(calls[0].arguments) == {"timezone": "Asia/Tokyo"}
+    assert not results[0].HasField("error"), results
+    tokyo_now = datetime.now(ZoneInfo("Asia/Tokyo"))
+    # The answer states the real server's result: today's date in Tokyo (or tomorrow's, at midnight) and UTC+9.
+    assert "+09:00" in answer and tokyo_now.date().isoformat()[:8] in answer, answer
 
 
 async def test_evaluation_questions_score(planner_target: str) -> None:

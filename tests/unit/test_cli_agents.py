@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import grpc
@@ -75,6 +76,33 @@ def test_create_maps_every_field_of_the_file(mesh, tmp_path) -> None:
     assert spec.sampling.HasField("seed") and spec.sampling.seed == 7
     assert (spec.sampling.top_p, spec.sampling.step_max_tokens) == (1.0, 256)
     assert spec.HasField("history_turns") and spec.history_turns == 4
+
+
+def test_examples_map_to_the_spec_and_back() -> None:
+    definition = load_agent_file(REPO / "deploy" / "agents" / "clock.yaml")
+    spec = definition.to_spec()
+
+    [example] = spec.examples
+    assert (example.task, example.tool) == ("What time is it in Berlin?", "time.get_current_time")
+    assert dict(example.arguments) == {"timezone": "Europe/Berlin"}
+    assert example.observation.struct_value["is_dst"] is False
+    assert example.answer.startswith("The datetime of Europe/Berlin")
+    again = AgentFile.from_agent(agents_pb2.Agent(name=definition.name, version=1, spec=spec))
+    assert again.examples == definition.examples
+    assert "examples:" in again.to_yaml()
+    assert "examples" not in parse_agent_file("name: a\ninstructions: be brief\n").to_yaml()
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("name: a\ninstructions: x\nexamples: [{task: t}]\n", "examples.0.tool"),
+        ("name: a\ninstructions: x\nexamples: [{task: t, tool: c, argument: {}}]\n", "examples.0.argument"),
+    ],
+)
+def test_a_malformed_example_names_its_field(text: str, field: str) -> None:
+    with pytest.raises(AgentFileError, match=re.escape(field)):
+        parse_agent_file(text)
 
 
 def test_unset_optional_fields_stay_unset_for_the_planner_to_default() -> None:

@@ -297,3 +297,72 @@ async def test_an_agents_budget_is_the_default_of_its_runs(config) -> None:
     # The answer came with 110 tokens, over the agent's 50: the run fails instead of answering.
     assert events[-1].error.code == "RESOURCE_EXHAUSTED"
     assert "max_tokens=50" in events[-1].error.message
+
+
+def example(task: str = "What is the capital of Peru?", tool: str = "country_facts", arguments=None, **fields):
+    item = agents_pb2.AgentExample(task=task, tool=tool, **fields)
+    item.arguments.update({"country": "Peru"} if arguments is None else arguments)
+    return item
+
+
+@pytest.mark.parametrize(
+    ("examples", "message"),
+    [
+        pytest.param([example(tool="weather")], "spec.examples[0].tool 'weather' is not a registered tool this agent may call",
+                     id="unknown tool"),
+        pytest.param([example(), example(tool="calculator", arguments={"expression": "1+1"})],
+                     "spec.examples[1].tool 'calculator' is not a registered tool this agent may call",
+                     id="tool the agent may not call"),
+        pytest.param([example(arguments={"nation": "Peru"})],
+                     "spec.examples[0].arguments does not fit tool 'country_facts': 'country' is a required property",
+                     id="arguments break the schema"),
+        pytest.param([example(arguments={"country": 7})], "spec.examples[0].arguments.country does not fit tool",
+                     id="argument of the wrong type"),
+        pytest.param([example(task=" ")], "spec.examples[0].task is empty", id="no task"),
+        pytest.param([example(task="x" * 501)], "spec.examples[0].task has 501 characters; shorten it to 500",
+                     id="long task"),
+        pytest.param([example(answer="y" * 501)], "spec.examples[0].answer has 501 characters", id="long answer"),
+        pytest.param([example(arguments={"country": "Peru", "note": "z" * 3000})],
+                     "spec.examples[0].arguments is 30", id="huge arguments"),
+        pytest.param([example()] * 9, "spec.examples has 9 examples; at most 8", id="too many"),
+    ],
+)  # fmt: skip
+async def test_a_bad_example_is_invalid_and_names_the_field(config, examples, message) -> None:
+    async with planner(config) as p:
+        error = await refused(create(p, definition=spec(tools=["country_facts"], examples=examples)))
+
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+    assert len(error.details()) < 600
+
+
+async def test_an_agents_examples_are_kept_and_shown_to_the_model_before_the_built_in_ones(config) -> None:
+    observation = {"capital": "Lima", "country": "Peru"}
+    shown = example(answer="The capital of Peru is Lima.")
+    shown.observation.struct_value.update(observation)
+    definition = spec(
+        tools=["country_facts"], examples=[shown, example("Where is Chile?", arguments={"country": "Chile"})]
+    )
+    async with planner(config, [answer("Paris.")]) as p:
+        created = await create(p, definition=definition)
+        events = await run(p, "tutor")
+
+    assert list(created.spec.examples) == list(definition.examples)
+    system = p.llm.requests[0]["messages"][0]["content"]
+    expected = "\n".join(
+        [
+            "User: What is the capital of Peru?",
+            'Assistant: {"tool": "country_facts", "arguments": {"country": "Peru"}}',
+            'Observation: {"capital": "Lima", "country": "Peru"}',
+            "The question was: What is the capital of Peru?",
+            'Assistant: {"final_answer": "The capital of Peru is Lima."}',
+            "",
+            "User: Where is Chile?",
+            'Assistant: {"tool": "country_facts", "arguments": {"country": "Chile"}}',
+            "",
+        ]
+    )
+    assert expected in system
+    # The agent's own examples come before the built-in one of the same tool.
+    assert system.index("Where is Chile?") < system.index("Which currency is used in Sweden?")
+    assert events[-1].final_answer.answer == "Paris."

@@ -288,6 +288,10 @@ def test_without_tools_the_guided_model_may_answer_freely() -> None:
         ("result", "What is 17 * 23?", True),  # generic keys answer whatever was asked of the tool
         ("value", "Write a haiku about the sea.", True),
         ("time", "Write a haiku about the sea.", False),
+        ("datetime", "What time is it in Tokyo?", True),  # mcp-server-time's key
+        ("datetime", "东京现在几点？", True),
+        ("datetime", "Write a haiku about the sea.", False),
+        ("day_of_week", "What day is it in Paris?", True),
         ("utc_offset", "Write a haiku about the sea.", False),
         ("id", "What is the id?", False),  # key parts shorter than 3 letters never match
     ],

@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -46,7 +47,7 @@ class AgentBudget(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., max_tokens: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AgentSpec(_message.Message):
-    __slots__ = ("instructions", "model", "tools", "approval_required", "policy", "budget", "sampling", "history_turns")
+    __slots__ = ("instructions", "model", "tools", "approval_required", "policy", "budget", "sampling", "history_turns", "examples")
     INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +56,7 @@ class AgentSpec(_message.Message):
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TURNS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     instructions: str
     model: str
     tools: _containers.RepeatedScalarFieldContainer[str]
@@ -63,7 +65,22 @@ class AgentSpec(_message.Message):
     budget: AgentBudget
     sampling: AgentSampling
     history_turns: int
-    def __init__(self, instructions: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., approval_required: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[AgentBudget, _Mapping]] = ..., sampling: _Optional[_Union[AgentSampling, _Mapping]] = ..., history_turns: _Optional[int] = ...) -> None: ...
+    examples: _containers.RepeatedCompositeFieldContainer[AgentExample]
+    def __init__(self, instructions: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., approval_required: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[AgentBudget, _Mapping]] = ..., sampling: _Optional[_Union[AgentSampling, _Mapping]] = ..., history_turns: _Optional[int] = ..., examples: _Optional[_Iterable[_Union[AgentExample, _Mapping]]] = ...) -> None: ...
+
+class AgentExample(_message.Message):
+    __slots__ = ("task", "tool", "arguments", "observation", "answer")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TOOL_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    tool: str
+    arguments: _struct_pb2.Struct
+    observation: _struct_pb2.Value
+    answer: str
+    def __init__(self, task: _Optional[str] = ..., tool: _Optional[str] = ..., arguments: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., observation: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., answer: _Optional[str] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("name", "version", "spec", "create_time", "builtin")

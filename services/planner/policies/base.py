@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from services.planner.state import RunSnapshot, StepRecord
-from services.planner.types import ToolSpec
+from services.planner.types import AgentExample, ToolSpec
 
 DEFAULT_MAX_PARALLEL_TOOL_CALLS = 4
 DEFAULT_MAX_PLAN_STEPS = 5
@@ -72,10 +72,12 @@ Decision = CallTools | Answer | Note | NewPlan
 
 @dataclass
 class Context:
-    """What a policy sees besides the state: the agent's instructions and the tools it may call this run."""
+    """What a policy sees besides the state: the agent's instructions, the tools it may call this run and the
+    agent's worked examples."""
 
     instructions: str
     tools: Sequence[ToolSpec] = field(default_factory=list)
+    examples: Sequence[AgentExample] = ()
 
 
 class Policy(ABC):

@@ -57,7 +57,9 @@ class GuidedPolicy(Policy):
 
     def request(self, state: RunSnapshot, context: Context) -> ModelRequest:
         steps = [Step(record.action, _observation(record)) for record in state.steps]
-        messages = build_messages(context.tools, state.history, state.task, steps, context.instructions)
+        messages = build_messages(
+            context.tools, state.history, state.task, steps, context.instructions, context.examples
+        )
         return ModelRequest(messages, action_schema(self._options(state, context.tools)))
 
     def _options(self, state: RunSnapshot, tools: list[ToolSpec] | Any) -> list[dict[str, Any]]:

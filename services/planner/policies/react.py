@@ -32,8 +32,12 @@ Tools (name: description; arguments as JSON Schema):
 
 
 def tool_catalogue(context: Context) -> str:
-    """Every tool with its full description and argument schema: a capable model reads them as they are."""
+    """Every tool with its full description and argument schema: a capable model reads them as they are; then the
+    agent's examples as task -> call."""
     lines = [f"- {t.name}: {t.description.strip()} {dumps(t.input_schema)}" for t in context.tools]
+    if context.examples:
+        lines.append("\nExample calls:")
+        lines += [f"- {e.task} -> {dumps({'tool': e.tool, 'arguments': e.arguments})}" for e in context.examples]
     return "\n".join(lines) or "(none)"
 
 
