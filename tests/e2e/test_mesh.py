@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from mcp.client.session import ClientSession
+from mcp.client.streamable_http import streamable_http_client
 
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
@@ -79,6 +81,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     env["MESHPILOT_DATA_DIR"] = str(data_dir)
     for name, port in ports.items():
         env[f"MESHPILOT_{name.upper()}__SERVER__PORT"] = str(port)
+    env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())
     # A file, not a pipe: tests read what `up` printed while it still runs (restart messages).
     output_path = data_dir / "up.out"
     with open(output_path, "w") as output_file:
@@ -257,3 +260,14 @@ def test_runs_in_flight_survive_a_killed_service(mesh: Mesh, service: str, when:
     kinds = [event.WhichOneof("event") for event in events]
     assert kinds[-1] == "final_answer", f"{kinds}: {events[-1]}"
     assert "Paris" in events[-1].final_answer.answer
+
+
+async def test_the_tools_service_serves_its_tools_over_mcp(mesh: Mesh) -> None:
+    """Any MCP client reaches MeshPilot's tools: the SDK's client against the tools service that `up` started."""
+    url = f"http://127.0.0.1:{mesh.env['MESHPILOT_TOOLS__MCP_ENDPOINT__PORT']}/mcp"
+    async with streamable_http_client(url) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        listed = await session.list_tools()
+        result = await session.call_tool("calculator", {"expression": "6 * 7"})
+    assert {"calculator", "country_facts", "current_time"} <= {tool.name for tool in listed.tools}
+    assert not result.is_error and result.structured_content == {"result": 42}

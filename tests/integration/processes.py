@@ -24,6 +24,7 @@ class ServiceProcesses:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
         self.env["MESHPILOT_DATA_DIR"] = str(data_dir)
         self.env.update({f"MESHPILOT_{name.upper()}__SERVER__PORT": str(port) for name, port in self.ports.items()})
+        self.env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())
         self.env.update(env or {})
         self.names = names
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
