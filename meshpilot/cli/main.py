@@ -1,5 +1,5 @@
 """Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`,
-`tools`."""
+`tools`, `keys`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import typer
 
 from meshpilot.cli.agents import agents_app
 from meshpilot.cli.ask import AskError, run_ask
+from meshpilot.cli.keys import keys_app
 from meshpilot.cli.mesh import SERVICES, run_mesh
-from meshpilot.cli.options import ConfigOption, PlannerOption, load_config, planner_target
+from meshpilot.cli.options import CREDENTIALS, ConfigOption, PlannerOption, load_config, planner_target
 from meshpilot.cli.runs import approve, reject, runs_app
 from meshpilot.cli.tools import tools_app
 from services.triton.cli import triton_app, trtllm_app
@@ -23,11 +24,28 @@ app = typer.Typer(
     help="MeshPilot: a gRPC mesh of planner, tools, knowledge and inference services.", no_args_is_help=True
 )
 
+
+@app.callback()
+def _options(
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="MESHPILOT_API_KEY",
+            help="The planner's API key (`meshpilot keys create`), when its authentication is on.",
+            show_envvar=True,
+        ),
+    ] = None,
+) -> None:
+    CREDENTIALS.api_key = api_key
+
+
 app.add_typer(triton_app, name="triton", help="Triton model repositories: write one, or serve the CPU twin.")
 app.add_typer(trtllm_app, name="trtllm", help="Build TensorRT-LLM engines (needs the trtllm extra and a GPU).")
 app.add_typer(agents_app, name="agents")
 app.add_typer(runs_app, name="runs")
 app.add_typer(tools_app, name="tools")
+app.add_typer(keys_app, name="keys")
 
 
 @app.command()

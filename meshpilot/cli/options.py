@@ -23,6 +23,15 @@ PlannerOption = Annotated[str | None, typer.Option(help="Planner address HOST:PO
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
 
 
+class _Credentials:
+    """The API key of this invocation (--api-key or $MESHPILOT_API_KEY), sent to the planner as a bearer token."""
+
+    api_key: str | None = None
+
+
+CREDENTIALS = _Credentials()
+
+
 def fail(message: str, code: int) -> NoReturn:
     """Prints ``error: message`` on stderr and exits with ``code`` (2: the command line is wrong; 1: the call failed)."""
     typer.echo(f"error: {message}", err=True)
@@ -47,7 +56,11 @@ def planner_target(planner: str | None, config_path: Path | None) -> str:
 
 def rpc_error_message(error: grpc.aio.AioRpcError) -> str:
     """``CODE: details``, with a hint to start the mesh when the planner cannot be reached."""
-    hint = " (is the mesh up? run `meshpilot up`)" if error.code() == grpc.StatusCode.UNAVAILABLE else ""
+    hints = {
+        grpc.StatusCode.UNAVAILABLE: " (is the mesh up? run `meshpilot up`)",
+        grpc.StatusCode.UNAUTHENTICATED: " (pass --api-key or set MESHPILOT_API_KEY)",
+    }
+    hint = hints.get(error.code(), "")
     return f"{error.code().name}: {error.details() or ''}{hint}"
 
 
@@ -56,7 +69,7 @@ def call_service(target: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) 
     from services.common import create_channel
 
     async def on_channel() -> T:
-        async with create_channel(target) as channel:
+        async with create_channel(target, api_key=CREDENTIALS.api_key) as channel:
             return await call(channel)
 
     try:

@@ -39,10 +39,34 @@ SERVICE_CONFIG = {
 }
 
 
-def create_channel(target: str) -> grpc.aio.Channel:
-    """An insecure aio channel to ``target`` (host:port or dns:///name:port) with the mesh's retry policy."""
+class _Bearer:
+    """Sends ``authorization: Bearer <token>`` with every call (an API key or a JWT for the planner)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._metadata)
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined]
+
+
+# Two classes: grpc.aio files an interceptor under the first kind it is an instance of, never both.
+class _BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_token(client_call_details), request)
+
+
+def create_channel(target: str, *, api_key: str | None = None) -> grpc.aio.Channel:
+    """An insecure aio channel to ``target`` (host:port or dns:///name:port) with the mesh's retry policy; with
+    ``api_key`` every call carries it as a bearer token (what the planner asks for when authentication is on)."""
     return grpc.aio.insecure_channel(
         target,
+        interceptors=[_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None,
         options=[
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),

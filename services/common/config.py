@@ -299,6 +299,38 @@ class ApprovalConfig(_Section):
     )
 
 
+class AuthConfig(_Section):
+    """Who may call the planner (the mesh's front door): API keys as bearer tokens, or JWTs checked against a JWKS."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Require a bearer token on every planner call (health excepted). None: required whenever the "
+        "planner binds a non-loopback address, so a local `meshpilot up` runs without keys.",
+    )
+    keys_path: Path | None = Field(
+        None, description="SQLite file of the API keys (hashed); defaults to <data_dir>/keys.db. `meshpilot keys`."
+    )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="How long a checked key is trusted before the store is read again "
+        "(a revocation takes effect within this).",
+    )
+    jwks_file: Path | None = Field(
+        None, description="JSON Web Key Set whose keys sign accepted JWTs; unset accepts API keys only."
+    )
+    jwt_issuer: str | None = Field(None, description="Required `iss` of a JWT (set it with jwks_file).")
+    jwt_audience: str | None = Field(None, description="Required `aud` of a JWT (set it with jwks_file).")
+    tenant_claim: str = Field("tenant", min_length=1, description="The JWT claim that names the tenant.")
+
+    @model_validator(mode="after")
+    def _jwt_complete(self) -> AuthConfig:
+        if self.jwks_file is not None and (not self.jwt_issuer or not self.jwt_audience):
+            raise ValueError("jwks_file needs jwt_issuer and jwt_audience: a JWT is accepted only for this mesh")
+        return self
+
+
 class MeshConfig(BaseSettings):
     """Configuration of the whole mesh; every service reads its own section and the targets of the others."""
 
@@ -311,6 +343,7 @@ class MeshConfig(BaseSettings):
     knowledge: KnowledgeConfig = KnowledgeConfig()
     inference: InferenceConfig = InferenceConfig()
     approvals: ApprovalConfig = ApprovalConfig()
+    auth: AuthConfig = AuthConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -334,6 +367,8 @@ class MeshConfig(BaseSettings):
             self.tools.db_path = self.data_dir / "tools.db"
         if self.approvals.key_file is None:
             self.approvals.key_file = self.data_dir / "approval.key"
+        if self.auth.keys_path is None:
+            self.auth.keys_path = self.data_dir / "keys.db"
         return self
 
 
