@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # A status message travels in a header (grpc-message, percent-encoded): clients refuse one over 16 KiB, so an error
 # quoting megabytes of input reached its caller as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit".
 # 2000 UTF-8 bytes stay under gRPC's 8 KiB soft limit even when every byte is percent-encoded.
-MAX_MESSAGE_BYTES = 2000
+MAX_STATUS_MESSAGE_BYTES = 2000
 # An echoed id, name or label longer than this is cut: enough to recognise it, never a document.
 MAX_QUOTED_CHARS = 64
 
@@ -31,7 +31,7 @@ def quoted(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
     return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
-def bounded(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+def bounded(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     """``message`` cut in the middle to at most ``limit`` UTF-8 bytes: its start says what failed and its end what
     to change, so both are kept."""
     data = message.encode()

@@ -38,7 +38,8 @@ class MeshServer:
 
     Health starts NOT_SERVING and turns SERVING only when ``set_serving()`` is called (after the model or store has
     loaded); ``stop()`` turns it NOT_SERVING before draining. Services add their own collectors to ``registry``; it is
-    served at /metrics from ``start()`` on (``metrics_port`` tells where).
+    served at /metrics from ``start()`` on (``metrics_port`` tells where). ``max_request_bytes`` refuses larger
+    requests with RESOURCE_EXHAUSTED before they are read (responses may always be up to MAX_MESSAGE_BYTES).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class MeshServer:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         registry: CollectorRegistry | None = None,
+        max_request_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.config = config
         self.bindings = list(bindings)
@@ -59,7 +61,7 @@ class MeshServer:
             # Metrics outermost, so they count the status codes the error mapping chose.
             interceptors=[MetricsInterceptor(self.rpc_metrics), ErrorMappingInterceptor(), *interceptors],
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_request_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
             ],

@@ -8,10 +8,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.common.errors import InvalidArgumentError
+from services.common.errors import InvalidArgumentError, quoted
 from services.knowledge.model import EntityMatch, local_name
 
 DEFAULT_LOOKUP_LIMIT = 10
+# The longest name in the graph (cities included) has 59 characters; a longer label matches nothing, and normalising
+# megabytes of text costs seconds of a thread.
+MAX_LABEL_CHARS = 500
 # Ties between equally good matches go to the entity an agent most likely means: "Georgia" is first the country.
 _TYPE_RANK = {"Country": 0, "Currency": 1, "Region": 2, "Subregion": 3, "State": 4, "City": 5}
 
@@ -86,7 +89,7 @@ class LabelIndex:
             if wanted == class_iri or wanted.casefold() == local_name(class_iri).casefold():
                 return class_iri
         raise InvalidArgumentError(
-            f"unknown type {type_!r}; use one of {', '.join(self.class_names())} (a local name or the class IRI), "
+            f"unknown type {quoted(type_)}; use one of {', '.join(self.class_names())} (a local name or the class IRI), "
             "or leave type empty"
         )
 
@@ -98,9 +101,13 @@ class LabelIndex:
             raise InvalidArgumentError(f"limit must be positive (or 0 for {DEFAULT_LOOKUP_LIMIT}), got {limit}")
         if not label.strip():
             raise InvalidArgumentError('label is empty; send a name such as "France", "japan" or "日本"')
+        if len(label) > MAX_LABEL_CHARS:
+            raise InvalidArgumentError(
+                f'label has {len(label)} characters; send a name of at most {MAX_LABEL_CHARS} (such as "France")'
+            )
         query = normalise(label)
         if not query:
-            raise InvalidArgumentError(f"label {label!r} has no letters or digits to match; send a name")
+            raise InvalidArgumentError(f"label {quoted(label)} has no letters or digits to match; send a name")
         class_iri = self._resolve_class(type_) if type_ and type_.strip() else None
 
         best: dict[str, tuple[float, str]] = {}

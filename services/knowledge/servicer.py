@@ -78,12 +78,9 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
     ) -> knowledge_pb2.QueryResponse:
         # A zero Duration is what many clients send for "unset"; negative ones are refused by the store.
         timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 0.0
-        timeout = timeout or None
-        remaining = context.time_remaining()
-        # The caller's own deadline bounds the work too: nobody waits for an answer past it.
-        if remaining is not None and (timeout is None or remaining < timeout):
-            timeout = max(remaining, 0.001)
-        result = await self.store.query(request.sparql, limit=_limit(request.limit), timeout=timeout)
+        result = await self.store.query(
+            request.sparql, limit=_limit(request.limit), timeout=timeout or None, time_left=context.time_remaining()
+        )
         return query_result_to_proto(result)
 
     async def LookupEntities(
@@ -96,6 +93,9 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         self, request: knowledge_pb2.GetEntityRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.Entity:
         entity = await self.store.get_entity(
-            request.iri, limit=_limit(request.limit), include_incoming=request.include_incoming
+            request.iri,
+            limit=_limit(request.limit),
+            include_incoming=request.include_incoming,
+            time_left=context.time_remaining(),
         )
         return entity_to_proto(entity)

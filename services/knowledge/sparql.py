@@ -23,6 +23,10 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 _SERVICE = re.compile(r"(?<![?$:\w-])SERVICE(?![\w:-])", re.IGNORECASE)
 _POSITION = re.compile(r"error at (\d+):(\d+)")
 _MAX_PARSER_MESSAGE = 300
+# Ten times the longest query an agent has written here; the checks below scan the text on the event loop.
+MAX_SPARQL_CHARS = 100_000
+# The line an error points at is shown at most this wide, around the column.
+_MAX_SHOWN_LINE = 120
 # The parser lists expected character ranges such as ['A' ..= 'Z' | ...]; they tell a caller nothing.
 _CHAR_CLASS = re.compile(r"\['[^\]]*\]")
 
@@ -44,6 +48,11 @@ def check_read_only_query(sparql: str) -> None:
     callers make this service fetch arbitrary URLs). Syntax is left to the parser."""
     if not sparql.strip():
         raise InvalidArgumentError("sparql is empty; send a SELECT, ASK, CONSTRUCT or DESCRIBE query")
+    if len(sparql) > MAX_SPARQL_CHARS:
+        raise InvalidArgumentError(
+            f"sparql has {len(sparql)} characters; send a query of at most {MAX_SPARQL_CHARS} (bind values with "
+            "FILTER or VALUES on fewer terms, or split it)"
+        )
     skeleton = _blank_opaque(sparql)
     body = skeleton[_PROLOGUE.match(skeleton).end() :]  # type: ignore[union-attr]
     first = _FIRST_WORD.match(body)
@@ -73,5 +82,14 @@ def syntax_error_message(sparql: str, parser_message: str) -> str:
         if line_no > len(lines) or (line_no == len(lines) and column > len(lines[-1])):
             text += " (at the end of the query)"
         elif line_no >= 1:
-            text += f" (line {line_no}: {lines[line_no - 1].strip()!r})"
+            text += f" (line {line_no}: {_excerpt(lines[line_no - 1], column)!r})"
     return text + "; fix the query and send it again"
+
+
+def _excerpt(line: str, column: int) -> str:
+    """The line stripped, or the _MAX_SHOWN_LINE characters around ``column`` (1-based) of a longer one."""
+    if len(line.strip()) <= _MAX_SHOWN_LINE:
+        return line.strip()
+    start = max(min(column - 1 - _MAX_SHOWN_LINE // 2, len(line) - _MAX_SHOWN_LINE), 0)
+    end = start + _MAX_SHOWN_LINE
+    return ("..." if start else "") + line[start:end] + ("..." if end < len(line) else "")

@@ -19,7 +19,13 @@ from typing import Any
 from pyoxigraph import NamedNode, RdfFormat, Store
 
 from services.common.config import KnowledgeConfig
-from services.common.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError
+from services.common.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    quoted,
+)
 from services.knowledge.dataset import NAMESPACE, PREFIX, DatasetSpec, write_ntriples
 from services.knowledge.labels import LabelIndex
 from services.knowledge.model import EntityFacts, EntityMatch, QueryResult
@@ -40,6 +46,8 @@ SELECT ?s ?text WHERE {
 }"""
 _ENGLISH_QUERY = 'SELECT ?s ?label WHERE { ?s rdfs:label ?label FILTER(langMatches(lang(?label), "en")) }'
 _TYPES_QUERY = "SELECT ?s ?class WHERE { ?s a ?class }"
+# The graph's IRIs have at most 62 characters; a longer one names nothing here.
+MAX_IRI_CHARS = 1000
 
 
 class GraphStore(abc.ABC):
@@ -50,7 +58,9 @@ class GraphStore(abc.ABC):
     input (malformed or updating SPARQL, empty label or IRI, unknown type), NotFoundError for an unknown entity,
     DeadlineExceededError when a query overruns its time budget (the work is stopped, not abandoned),
     ResourceExhaustedError when the store is too busy, UnavailableError before ``start()`` has finished.
-    ``limit``/``timeout`` of None select the store's defaults; values above its maxima are capped.
+    ``limit``/``timeout`` of None select the store's defaults; values above its maxima are capped. ``time_left`` is
+    how long the caller still waits (its gRPC deadline), None for no deadline: no work runs past it, and it never
+    lengthens the budget (a caller with a 30 s deadline and no timeout gets the default).
 
     A query over its budget is DEADLINE_EXCEEDED rather than RESOURCE_EXHAUSTED: the fault is this query's cost, the
     same query will fail again on an idle service, and the fix is the caller's (a more selective query or a longer
@@ -64,7 +74,9 @@ class GraphStore(abc.ABC):
         """Releases the store's resources."""
 
     @abc.abstractmethod
-    async def query(self, sparql: str, *, limit: int | None = None, timeout: float | None = None) -> QueryResult:
+    async def query(
+        self, sparql: str, *, limit: int | None = None, timeout: float | None = None, time_left: float | None = None
+    ) -> QueryResult:
         """Runs a SELECT, ASK, CONSTRUCT or DESCRIBE query; at most ``limit`` rows or triples, ``truncated`` set
         when more existed."""
 
@@ -74,7 +86,9 @@ class GraphStore(abc.ABC):
         ``type`` keeps only entities of that class (local name such as "Country", or class IRI)."""
 
     @abc.abstractmethod
-    async def get_entity(self, iri: str, *, limit: int | None = None, include_incoming: bool = False) -> EntityFacts:
+    async def get_entity(
+        self, iri: str, *, limit: int | None = None, include_incoming: bool = False, time_left: float | None = None
+    ) -> EntityFacts:
         """The entity's outgoing edges (and incoming ones if asked), objects labelled in English."""
 
 
@@ -248,12 +262,14 @@ class OxigraphStore(GraphStore):
             raise UnavailableError("the knowledge store is still loading; retry when the service reports SERVING")
         return self._index
 
-    def _budget(self, timeout: float | None) -> float:
+    def _budget(self, timeout: float | None, time_left: float | None) -> float:
         if timeout is None:
-            return min(self.default_timeout, self.max_timeout)
-        if timeout <= 0:
+            budget = min(self.default_timeout, self.max_timeout)
+        elif timeout <= 0:
             raise InvalidArgumentError(f"timeout must be positive, got {timeout:g}s; leave it unset for the default")
-        return min(timeout, self.max_timeout)
+        else:
+            budget = min(timeout, self.max_timeout)
+        return budget if time_left is None else max(min(budget, time_left), 0.001)
 
     def _row_limit(self, limit: int | None) -> int:
         if limit is None or limit == 0:
@@ -277,11 +293,13 @@ class OxigraphStore(GraphStore):
         finally:
             self._in_flight.release()
 
-    async def query(self, sparql: str, *, limit: int | None = None, timeout: float | None = None) -> QueryResult:
+    async def query(
+        self, sparql: str, *, limit: int | None = None, timeout: float | None = None, time_left: float | None = None
+    ) -> QueryResult:
         check_read_only_query(sparql)
         request = QueryRequest(sparql, self._row_limit(limit))
         try:
-            return await self._run(request, self._budget(timeout))
+            return await self._run(request, self._budget(timeout, time_left))
         except QuerySyntaxError as e:
             raise InvalidArgumentError(syntax_error_message(sparql, str(e))) from None
 
@@ -291,9 +309,12 @@ class OxigraphStore(GraphStore):
             limit = self.max_limit
         return await asyncio.to_thread(index.lookup, label, type, limit)
 
-    async def get_entity(self, iri: str, *, limit: int | None = None, include_incoming: bool = False) -> EntityFacts:
+    async def get_entity(
+        self, iri: str, *, limit: int | None = None, include_incoming: bool = False, time_left: float | None = None
+    ) -> EntityFacts:
         iri = expand_iri(iri)
-        entity = await self._run(EntityRequest(iri, self._row_limit(limit), include_incoming), self._budget(None))
+        request = EntityRequest(iri, self._row_limit(limit), include_incoming)
+        entity = await self._run(request, self._budget(None, time_left))
         if entity is None:
             raise NotFoundError(
                 f'no entity <{iri}> in the knowledge graph; find IRIs with LookupEntities (e.g. label "France")'
@@ -306,6 +327,10 @@ def expand_iri(iri: str) -> str:
     text = iri.strip()
     if not text:
         raise InvalidArgumentError(f'iri is empty; send an entity IRI such as "{NAMESPACE}country/FR"')
+    if len(text) > MAX_IRI_CHARS:
+        raise InvalidArgumentError(
+            f'iri has {len(text)} characters; send an entity IRI of at most {MAX_IRI_CHARS} such as "{NAMESPACE}country/FR"'
+        )
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
     if text.startswith(f"{PREFIX}:"):
@@ -314,7 +339,7 @@ def expand_iri(iri: str) -> str:
         NamedNode(text)
     except ValueError as e:
         raise InvalidArgumentError(
-            f'iri {iri!r} is not a valid IRI ({e}); send an absolute IRI such as "{NAMESPACE}country/FR" '
+            f'iri {quoted(iri)} is not a valid IRI ({e}); send an absolute IRI such as "{NAMESPACE}country/FR" '
             "(LookupEntities finds the IRI of a name)"
         ) from None
     return text

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import MeshServer, NotFoundError, ServerConfig, create_channel
-from services.common.errors import MAX_MESSAGE_BYTES, bounded, quoted
+from services.common.errors import MAX_STATUS_MESSAGE_BYTES, bounded, quoted
 from services.common.server import ServiceBinding
 
 EXECUTE = "/meshpilot.tools.v1.ToolsService/ExecuteTool"
@@ -163,7 +163,7 @@ async def test_an_error_quoting_megabytes_is_cut_and_keeps_its_start_and_end(mes
         await tools_pb2_grpc.ToolsServiceStub(channel).ExecuteTool(tools_pb2.ExecuteToolRequest(), timeout=5)
     details = caught.value.details()
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND, details[:200]
-    assert len(details.encode()) <= MAX_MESSAGE_BYTES
+    assert len(details.encode()) <= MAX_STATUS_MESSAGE_BYTES
     assert details.startswith("no tool named 日")
     assert details.endswith("; call ListTools for the registered names")
 
@@ -191,5 +191,5 @@ def test_quoted_cuts_long_values_and_says_how_long() -> None:
 @pytest.mark.parametrize("text", ["short", "x" * 5000, "é" * 5000, "日" * 3000 + "end"])
 def test_bounded_fits_the_byte_limit_and_never_splits_a_character(text: str) -> None:
     cut = bounded(text)
-    assert len(cut.encode()) <= MAX_MESSAGE_BYTES
+    assert len(cut.encode()) <= MAX_STATUS_MESSAGE_BYTES
     assert cut == text or (cut.startswith(text[:10]) and cut.endswith(text[-3:]) and " [...] " in cut)

@@ -35,21 +35,24 @@ class RecordingStore(GraphStore):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict]] = []
+        self.time_left: list[float | None] = []
         self.may_start = asyncio.Event()
 
     async def start(self) -> None:
         await self.may_start.wait()
 
-    async def query(self, sparql, *, limit=None, timeout=None) -> QueryResult:
+    async def query(self, sparql, *, limit=None, timeout=None, time_left=None) -> QueryResult:
         self.calls.append(("query", {"sparql": sparql, "limit": limit, "timeout": timeout}))
+        self.time_left.append(time_left)
         return QueryResult(boolean=True)
 
     async def lookup(self, label, *, type=None, limit=None) -> list[EntityMatch]:
         self.calls.append(("lookup", {"label": label, "type": type, "limit": limit}))
         return [EntityMatch(MP + "country/FR", "France", ("Country",), "法国", 1.0)]
 
-    async def get_entity(self, iri, *, limit=None, include_incoming=False) -> EntityFacts:
+    async def get_entity(self, iri, *, limit=None, include_incoming=False, time_left=None) -> EntityFacts:
         self.calls.append(("get_entity", {"iri": iri, "limit": limit, "include_incoming": include_incoming}))
+        self.time_left.append(time_left)
         return EntityFacts(iri, "France", ["Country"], [], truncated=False)
 
 
@@ -164,11 +167,15 @@ async def test_zero_means_default_and_durations_become_seconds(recorded) -> None
     ]
 
 
-async def test_the_callers_deadline_bounds_the_query_timeout(recorded) -> None:
+async def test_the_callers_deadline_is_passed_as_time_left(recorded) -> None:
     fake, stub = recorded
     await stub.Query(knowledge_pb2.QueryRequest(sparql="ASK {}", timeout=Duration(seconds=30)), timeout=2)
-    timeout = fake.calls[-1][1]["timeout"]
-    assert 0 < timeout < 3, "the 2s call deadline wins over the 30s query timeout"
+    await stub.GetEntity(knowledge_pb2.GetEntityRequest(iri=MP + "country/FR"), timeout=3)
+    await stub.Query(knowledge_pb2.QueryRequest(sparql="ASK {}"))
+    assert fake.calls[0][1]["timeout"] == 30, "the query's own timeout is passed as it is"
+    assert 0 < fake.time_left[0] < 2.1
+    assert 2 < fake.time_left[1] < 3.1
+    assert fake.time_left[2] is None, "no deadline, no limit"
 
 
 @pytest.mark.parametrize(
