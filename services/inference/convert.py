@@ -75,13 +75,19 @@ def constraint_of(proto: inference_pb2.OutputConstraint) -> Constraint | None:
 
 
 def to_generation_request(
-    request: inference_pb2.GenerateRequest, *, default_max_tokens: int, request_id: str
+    request: inference_pb2.GenerateRequest, *, default_max_tokens: int, request_id: str, context_length: int
 ) -> GenerationRequest:
-    """Validates a GenerateRequest and converts it; raises InvalidArgumentError saying what to change."""
+    """Validates a GenerateRequest for a model of ``context_length`` tokens and converts it; raises
+    InvalidArgumentError saying what to change."""
     prompt, messages = input_of(request)
     if request.max_tokens < 0:
         raise InvalidArgumentError(
             f"max_tokens must be >= 0 (0 selects the default {default_max_tokens}), got {request.max_tokens}"
+        )
+    if request.max_tokens > context_length:
+        raise InvalidArgumentError(
+            f"max_tokens must be at most {context_length}, the model's context (prompt and output together), "
+            f"got {request.max_tokens}"
         )
     for i, stop in enumerate(request.stop):
         if not stop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 
@@ -12,8 +13,20 @@ import grpc
 from inference_core import Engine, EngineClosedError, EngineError, InvalidRequestError, QueueFullError
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import InvalidArgumentError, MeshError, NotFoundError, ResourceExhaustedError, UnavailableError
+from services.common.errors import quoted
 from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
 from services.inference.metrics import InferenceMetrics
+
+# xgrammar prefixes its parser errors with a time and its C++ source file ("[02:05:17]
+# /project/cpp/regex_converter.cc:94: Regex parsing error..."): noise to a caller, and a look at our internals.
+_SOURCE_LOCATION = re.compile(
+    r"(?:\[\d{2}:\d{2}:\d{2}\]\s*)?(?:[\w.-]*/)+[\w.-]+\.(?:cc|cpp|cxx|c|h|hpp|cu|py):\d+:?\s*"
+)
+
+
+def public_message(error: BaseException) -> str:
+    """An engine error's message as a client sees it: without source file locations."""
+    return _SOURCE_LOCATION.sub("", str(error))
 
 
 @contextlib.contextmanager
@@ -22,14 +35,14 @@ def engine_errors() -> Iterator[None]:
     try:
         yield
     except InvalidRequestError as e:
-        raise InvalidArgumentError(str(e)) from e
+        raise InvalidArgumentError(public_message(e)) from e
     except QueueFullError as e:
-        raise ResourceExhaustedError(str(e)) from e
+        raise ResourceExhaustedError(public_message(e)) from e
     except EngineClosedError as e:
-        raise UnavailableError(str(e)) from e
+        raise UnavailableError(public_message(e)) from e
     except EngineError as e:
         # The engine's own account of a failure (e.g. a Triton server's message): INTERNAL, but with what it said.
-        raise MeshError(str(e)) from e
+        raise MeshError(public_message(e)) from e
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -71,7 +84,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         model_id = model or self._default_id
         engine = self._engines.get(model_id)
         if engine is None:
-            raise NotFoundError(f"model '{model}' is not served; ListModels shows: {', '.join(self._engines)}")
+            raise NotFoundError(f"model {quoted(model)} is not served; ListModels shows: {', '.join(self._engines)}")
         if not engine.is_ready:
             raise UnavailableError(
                 f"model '{model_id}' is not ready (loading or shutting down); retry when health reports SERVING"
@@ -82,8 +95,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         model_id, engine = self._engine_for(request.model)
+        with engine_errors():
+            context_length = engine.info.context_length
         generation = to_generation_request(
-            request, default_max_tokens=self._default_max_tokens, request_id=uuid.uuid4().hex
+            request,
+            default_max_tokens=self._default_max_tokens,
+            request_id=uuid.uuid4().hex,
+            context_length=context_length,
         )
         stream = engine.generate(generation)
         tracker = self._metrics.track(model_id) if self._metrics else None
