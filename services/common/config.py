@@ -6,12 +6,15 @@ e.g. ``MESHPILOT_INFERENCE__PORT=6000`` or ``MESHPILOT_PLANNER__MAX_STEPS=8``.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "MESHPILOT_CONFIG"
@@ -262,6 +265,77 @@ class ToolsConfig(_Section):
         return self
 
 
+class GuardrailsConfig(_Section):
+    """What the planner redacts before the model, the journal or a client sees it: tool results, the model's output
+    and final answers (services/planner/guardrails.py)."""
+
+    enabled: bool = Field(True, description="Redact secrets; off shows tool results to the model as they came.")
+    redact_patterns: list[str] = Field(
+        [
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)",
+            r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+            r"\b(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{22,})",
+            r"\bsk[-_][A-Za-z0-9_-]{20,}",
+            r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+            r"\bAIza[0-9A-Za-z_-]{35}",
+            r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",
+            r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)",
+            r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:(?P<secret>[^/\s@]+)@",
+            r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|secret[_-]?key|access[_-]?token"
+            r"|auth[_-]?token|client[_-]?secret)\b[\"']?\s*(?:[:=]|\bis\b)\s*[\"']?(?P<secret>[^\s\"',;&]{4,})",
+        ],
+        description="Regular expressions (Python re) of secrets in text: a match is replaced, or only its group named "
+        "'secret' when it has one (so 'password: [redacted]' keeps the key). Defaults: private key blocks, AWS, "
+        "GitHub, sk-, Slack and Google API keys, JWTs, bearer tokens, passwords in URLs, 'password: ...' pairs.",
+    )
+    redact_keys: list[str] = Field(
+        [r"pass(?:word|wd)", r"secret", r"api[_-]?key", r"(?:access|auth|refresh|bearer)[_-]?token",
+         r"private[_-]?key", r"credential"],
+        description="Regular expressions searched (ignoring case) in the keys of JSON tool results: every value under "
+        "a matching key is replaced whatever it looks like.",
+    )  # fmt: skip
+    canary_env_names: list[str] = Field(
+        ["*SECRET*", "*TOKEN*", "*_KEY", "*PASSWORD*", "*PASSWD*", "*CREDENTIAL*", "MESHPILOT_CANARY*"],
+        description="Shell-style patterns (ignoring case) of environment variable names whose values are secrets: the "
+        "planner reads them once at start and redacts each value (and its base64) wherever it appears.",
+    )
+    min_canary_chars: int = Field(
+        8, ge=1, description="Shorter values of those variables are not redacted (a 'KEY=1' would blank every 1)."
+    )
+    replacement: str = Field("[redacted]", min_length=1, description="What a redacted secret is replaced with.")
+
+    @field_validator("redact_patterns", "redact_keys")
+    @classmethod
+    def _compilable(cls, patterns: list[str], info: Any) -> list[str]:
+        for index, pattern in enumerate(patterns):
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    f"{info.field_name}[{index}] {pattern!r} is not a regular expression ({e}); fix or remove it"
+                ) from e
+            if compiled.search("") is not None:
+                raise ValueError(
+                    f"{info.field_name}[{index}] {pattern!r} matches the empty string, so it would redact "
+                    "everywhere; make it match at least one character"
+                )
+        return patterns
+
+    def canary_values(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """The values of the variables of ``environ`` (default: this process's environment) that canary_env_names
+        name, at least min_canary_chars long."""
+        environ = os.environ if environ is None else environ
+        names = [pattern.upper() for pattern in self.canary_env_names]
+        return sorted(
+            {
+                value
+                for name, value in environ.items()
+                if len(value) >= self.min_canary_chars
+                and any(fnmatch.fnmatchcase(name.upper(), pattern) for pattern in names)
+            }
+        )
+
+
 class PlannerConfig(_Section):
     """The planner service and its agent loop."""
 
@@ -284,6 +358,7 @@ class PlannerConfig(_Section):
         description="Narrow each step's action schema (tool first, then a grounded answer): what makes a 135M model "
         "reliable. Turn off for larger models to let every step call any tool or answer freely.",
     )
+    guardrails: GuardrailsConfig = GuardrailsConfig()
 
 
 class ApprovalConfig(_Section):

@@ -21,6 +21,7 @@ from services.common import (
 )
 from services.common.approval import ApprovalSigner
 from services.planner.agents import AgentDefinition
+from services.planner.guardrails import Redactor
 from services.planner.journal import RunJournal
 from services.planner.policies import Answer, CallTools, Context, NewPlan, Note, Policy
 from services.planner.state import CallRecord, CallStatus, Phase, RunSnapshot, StepRecord
@@ -101,12 +102,14 @@ class ToolClient(Protocol):
 
 @dataclass
 class ExecutorDeps:
-    """What every executor of a planner shares."""
+    """What every executor of a planner shares. ``redactor`` defaults to the default guardrails over this process's
+    environment, read once when the deps are made (planner.guardrails configures it: ``Redactor.from_config``)."""
 
     llm: LLMClient
     tools: ToolClient
     signer: ApprovalSigner
     step_max_tokens: int
+    redactor: Redactor = field(default_factory=Redactor.default)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -130,6 +133,10 @@ class RunExecutor:
     - tool calls are journaled with idempotency keys before they run, and run again after a crash under the same key
       (the tools service returns the first outcome);
     - calls that need approval park the run (WAITING_FOR_APPROVAL, no time charged) until ``decide``.
+
+    Secrets (``deps.redactor``) are taken out where text enters the run, before anything is journaled: tool outcomes
+    (so the model, the guided policy's facts, the journal and watchers see them redacted), the model's output (its
+    actions, arguments and answers) and failure messages.
     """
 
     journal: RunJournal
@@ -205,6 +212,7 @@ class RunExecutor:
 
     async def _fail(self, failure: Failed) -> RunState:
         state = RunState.CANCELLED if failure.code == "CANCELLED" else RunState.FAILED
+        failure = Failed(failure.code, self.deps.redactor.text(failure.message))
         async with self.journal.lock:
             self.snapshot.phase = Phase.DONE
             await self._commit([failure], state)
@@ -244,10 +252,13 @@ class RunExecutor:
                 sampling=definition.sampling,
             )
         )
+        # A secret the model read despite the redaction of tool results (or guessed) goes no further: not into the
+        # journal, not into a tool's arguments, not into the answer.
+        text = self.deps.redactor.action(generation.text)
         async with self.journal.lock:
             step = snapshot.step
             snapshot.usage += generation.usage
-            events: list[AgentEvent] = [ModelOutput(step, generation.text, generation.usage, generation.timings)]
+            events: list[AgentEvent] = [ModelOutput(step, text, generation.usage, generation.timings)]
             if snapshot.usage.total_tokens > snapshot.budget.max_tokens:
                 snapshot.phase = Phase.DONE
                 events.append(
@@ -259,25 +270,24 @@ class RunExecutor:
                 )
                 await self._commit(events, RunState.FAILED)
                 return RunState.FAILED
-            decision = self.policy.on_output(snapshot, context, generation.text)
+            decision = self.policy.on_output(snapshot, context, text)
             match decision:
-                case Answer(text):
+                case Answer(answer):
+                    answer = self.deps.redactor.text(answer)
                     snapshot.phase = Phase.DONE
-                    events.append(Finished(text, snapshot.usage, self._active()))
-                    await self._commit(events, RunState.SUCCEEDED, answer=text)
+                    events.append(Finished(answer, snapshot.usage, self._active()))
+                    await self._commit(events, RunState.SUCCEEDED, answer=answer)
                     return RunState.SUCCEEDED
-                case Note(text):
-                    snapshot.steps.append(StepRecord(step, generation.text, note=text))
+                case Note(note):
+                    snapshot.steps.append(StepRecord(step, text, note=note))
                     snapshot.phase = Phase.NEXT_STEP
                 case NewPlan(steps, revision):
                     plan = "\n".join(f"{i}. {s}" for i, s in enumerate(steps, start=1))
-                    snapshot.steps.append(
-                        StepRecord(step, generation.text, note=f"Plan (revision {revision}):\n{plan}")
-                    )
+                    snapshot.steps.append(StepRecord(step, text, note=f"Plan (revision {revision}):\n{plan}"))
                     events.append(PlanMade(step, revision, steps))
                     snapshot.phase = Phase.NEXT_STEP
                 case CallTools(calls):
-                    events += self._journal_calls(step, generation.text, calls, context)
+                    events += self._journal_calls(step, text, calls, context)
                     snapshot.phase = Phase.RUN_TOOLS
             await self._commit(events)
             return None
@@ -365,6 +375,8 @@ class RunExecutor:
                 )
             except _OBSERVED_ERRORS as e:
                 outcome = ToolOutcome(error=str(e), duration_s=self.deps.clock() - began)
+        # Before anything keeps it: the model, the guided policy's facts, the journal and watchers see the same text.
+        outcome = self.deps.redactor.outcome(outcome)
         async with self.journal.lock:
             call.status = CallStatus.DONE
             call.result, call.error = outcome.result, outcome.error

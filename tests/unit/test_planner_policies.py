@@ -9,6 +9,7 @@ import pytest
 
 from services.planner import POLICIES
 from services.planner.grounding import Fact, collect_facts
+from services.planner.guardrails import fence_close, fence_open
 from services.planner.policies import (
     Answer,
     CallTools,
@@ -22,6 +23,7 @@ from services.planner.policies import (
     PolicyOptions,
     ReActPolicy,
 )
+from services.planner.policies.base import NONCE_KEY
 from services.planner.policies.guided import MAX_ARGUMENT_CHARS, MAX_LOOKUPS
 from services.planner.prompt import NO_ANSWER, grounded_answer_options, system_prompt
 from services.planner.state import AgentRef, CallRecord, CallStatus, RunSnapshot, StepRecord
@@ -53,8 +55,10 @@ def context(tools: list[ToolSpec] | None = None, instructions: str = "You answer
 def step(
     policy: Policy, state: RunSnapshot, ctx: Context, output: str, outcomes: list[ToolOutcome] | None = None
 ) -> Decision:
-    """One step the way the executor takes it: the model's ``output``, then, for tool calls, their ``outcomes``."""
+    """One step the way the executor takes it: the request, the model's ``output``, then, for tool calls, their
+    ``outcomes``."""
     state.step += 1
+    policy.request(state, ctx)
     decision = policy.on_output(state, ctx, output)
     if isinstance(decision, CallTools):
         outcomes = outcomes or [ToolOutcome(result={})] * len(decision.calls)
@@ -173,8 +177,17 @@ def test_guided_observation_and_the_question_again_follow_each_action() -> None:
     assert messages[-2] == {"role": "assistant", "content": action}
     assert messages[-1]["role"] == "user"
     observation, question = messages[-1]["content"].split("\n")
-    assert json.loads(observation.removeprefix("Observation: ")) == FACTS["France"]
+    assert json.loads(unfenced(observation.removeprefix("Observation: "), state)) == FACTS["France"]
     assert question == f"The question was: {CAPITAL}"
+
+
+def unfenced(text: str, state: RunSnapshot) -> str:
+    """The text inside the run's data fence; AssertionError if ``text`` is not exactly one fenced block."""
+    nonce = state.memory[NONCE_KEY]
+    assert text.startswith(fence_open(nonce)) and text.endswith(fence_close(nonce)), text
+    inner = text[len(fence_open(nonce)) : -len(fence_close(nonce))]
+    assert nonce not in inner
+    return inner
 
 
 def test_guided_error_observation_is_shown_as_an_error() -> None:
@@ -182,7 +195,9 @@ def test_guided_error_observation_is_shown_as_an_error() -> None:
     step(policy, state, ctx, call("country_facts", country="Atlantis"), [FAILED])
 
     observation = policy.request(state, ctx).messages[-1]["content"].split("\n")[0]
-    assert json.loads(observation.removeprefix("Observation: ")) == {"error": "no country named 'Atlantis'"}
+    assert json.loads(unfenced(observation.removeprefix("Observation: "), state)) == {
+        "error": "no country named 'Atlantis'"
+    }
 
 
 def test_facts_that_do_not_answer_the_question_are_not_offered_and_their_tool_is_spent() -> None:
@@ -229,14 +244,15 @@ def test_guided_output_that_is_not_json_becomes_a_note_with_an_error_observation
     error = json.loads(decision.text)["error"]
     assert "not complete JSON" in error
     assert "not complete JSON" in policy.request(state, ctx).messages[-1]["content"]
-    assert state.memory == {"lookups": 1}  # greedy decoding would write it again: it spends a lookup
+    # Greedy decoding would write it again: it spends a lookup.
+    assert state.memory == {"lookups": 1, NONCE_KEY: state.memory[NONCE_KEY]}
 
 
 def test_guided_broken_action_naming_a_tool_spends_it_and_two_end_in_the_honest_answer() -> None:
     policy, state, ctx = GuidedPolicy(), snapshot("Write a haiku about the sea."), context()
     runaway = '{"tool": "calculator", "arguments": {"expression": "1-2-1-2-1-2-1-2'
     step(policy, state, ctx, runaway)
-    assert state.memory == {"lookups": 1, "spent": ["calculator"]}
+    assert state.memory == {"lookups": 1, "spent": ["calculator"], NONCE_KEY: state.memory[NONCE_KEY]}
     offered = [o["properties"]["tool"]["const"] for o in policy.request(state, ctx).json_schema["anyOf"]]
     assert "calculator" not in offered and offered
 
@@ -380,8 +396,11 @@ def test_react_observations_are_shown_by_call_id() -> None:
     assert messages[-2] == {"role": "assistant", "content": output}
     lines = messages[-1]["content"].split("\n")
     assert lines[0] == "Observations:"
-    assert lines[1].startswith('call-1-1 country_facts: {"capital": "Paris"')
-    assert lines[2] == 'call-1-2 country_facts: {"error": "no country named \'Atlantis\'"}'
+    first, second = (line.split(": ", 1) for line in lines[1:])
+    assert first[0] == "call-1-1 country_facts"
+    assert json.loads(unfenced(first[1], state)) == FACTS["France"]
+    assert second[0] == "call-1-2 country_facts"
+    assert json.loads(unfenced(second[1], state)) == {"error": "no country named 'Atlantis'"}
 
 
 def test_react_final_answer() -> None:

@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from services.planner.guardrails import new_nonce
 from services.planner.state import RunSnapshot, StepRecord
 from services.planner.types import AgentExample, ToolSpec
 
 DEFAULT_MAX_PARALLEL_TOOL_CALLS = 4
 DEFAULT_MAX_PLAN_STEPS = 5
 DEFAULT_MAX_REPLANS = 2
+# The key of the run's data-fence nonce in ``state.memory`` (every policy fences tool output with it).
+NONCE_KEY = "data_nonce"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,15 @@ class Policy(ABC):
     def on_results(self, state: RunSnapshot, context: Context, step: StepRecord) -> None:
         """Every call of ``step`` has its outcome; update ``state.memory`` (the transcript already holds them)."""
         return None
+
+
+def data_nonce(state: RunSnapshot) -> str:
+    """The run's nonce for fencing tool output (services.planner.guardrails.fence): made on first use and kept in
+    ``state.memory``, so a run's prompts stay alike from step to step (the model's prefix cache) and across a resume."""
+    nonce = state.memory.get(NONCE_KEY)
+    if not isinstance(nonce, str) or not nonce:
+        nonce = state.memory[NONCE_KEY] = new_nonce()
+    return nonce
 
 
 def parse_json_object(text: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from services.planner.policies.base import (
     ModelRequest,
     Note,
     Policy,
+    data_nonce,
     parse_json_object,
 )
 from services.planner.prompt import (
@@ -22,6 +23,7 @@ from services.planner.prompt import (
     Step,
     action_schema,
     build_messages,
+    fenced_observation,
     free_answer_option,
     grounded_answer_options,
     observation_text,
@@ -50,13 +52,15 @@ class GuidedPolicy(Policy):
       attempts the answer is "I could not find the answer.";
     - string arguments are capped at MAX_ARGUMENT_CHARS.
 
-    Memory: ``facts`` (answering facts so far), ``spent`` (tools not offered again), ``lookups`` (calls made).
+    Memory: ``facts`` (answering facts so far), ``spent`` (tools not offered again), ``lookups`` (calls made),
+    ``data_nonce`` (the fence of tool output).
     """
 
     name = "guided"
 
     def request(self, state: RunSnapshot, context: Context) -> ModelRequest:
-        steps = [Step(record.action, _observation(record)) for record in state.steps]
+        nonce = data_nonce(state)
+        steps = [Step(record.action, _observation(record, nonce)) for record in state.steps]
         messages = build_messages(
             context.tools, state.history, state.task, steps, context.instructions, context.examples
         )
@@ -105,7 +109,7 @@ class GuidedPolicy(Policy):
                 memory.setdefault("spent", []).append(call.tool)
 
 
-def _observation(record: StepRecord) -> str:
+def _observation(record: StepRecord, nonce: str) -> str:
     if record.note is not None:
         return record.note
-    return "; ".join(observation_text(call.observation) for call in record.calls)
+    return "; ".join(fenced_observation(call.observation, nonce) for call in record.calls)

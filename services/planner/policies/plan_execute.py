@@ -17,7 +17,7 @@ from services.planner.policies.base import (
     parse_tool_calls,
 )
 from services.planner.policies.react import tool_calls_schema, tool_catalogue, transcript_messages
-from services.planner.prompt import observation_text
+from services.planner.prompt import UNTRUSTED_DATA, observation_text
 from services.planner.state import RunSnapshot, StepRecord
 
 MAX_PLAN_STEP_CHARS = 200
@@ -27,6 +27,7 @@ PLAN_PROMPT = """{instructions}
 You work in two phases. First write a plan: a short list of steps that together answer the task. Then carry the plan
 out one step at a time: for each step call the tools it needs (up to {limit} at once; they run at the same time) or
 state its result. Reply with one JSON object and nothing else.
+{untrusted}
 
 Tools (name: description; arguments as JSON Schema):
 {tools}"""
@@ -52,8 +53,9 @@ class PlanExecutePolicy(Policy):
     def request(self, state: RunSnapshot, context: Context) -> ModelRequest:
         limit = self.options.max_parallel_tool_calls
         system = PLAN_PROMPT.format(
-            instructions=context.instructions.strip(), limit=limit, tools=tool_catalogue(context)
-        )
+            instructions=context.instructions.strip(), limit=limit, untrusted=UNTRUSTED_DATA,
+            tools=tool_catalogue(context),
+        )  # fmt: skip
         phase = self._phase(state)
         memory = state.memory
         schema: dict[str, Any]

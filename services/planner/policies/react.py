@@ -12,10 +12,11 @@ from services.planner.policies.base import (
     ModelRequest,
     Note,
     Policy,
+    data_nonce,
     parse_json_object,
     parse_tool_calls,
 )
-from services.planner.prompt import dumps, observation_text, tool_call_options
+from services.planner.prompt import UNTRUSTED_DATA, dumps, fenced_observation, observation_text, tool_call_options
 from services.planner.state import RunSnapshot, StepRecord
 
 MAX_THOUGHT_CHARS = 600
@@ -26,6 +27,7 @@ Think step by step. Reply with one JSON object and nothing else:
 {{"thought": "<your reasoning>", "tool_calls": [{{"tool": "<name>", "arguments": {{...}}}}, ...]}} to call tools
 (up to {limit}; they run at the same time, so ask for every independent lookup in one step), or
 {{"thought": "<your reasoning>", "final_answer": "<the answer>"}} when the observations hold the answer.
+{untrusted}
 
 Tools (name: description; arguments as JSON Schema):
 {tools}"""
@@ -42,21 +44,23 @@ def tool_catalogue(context: Context) -> str:
 
 
 def transcript_messages(state: RunSnapshot) -> list[dict[str, str]]:
-    """Earlier turns, the task, then each step's output and what came of it (observations by call id)."""
+    """Earlier turns, the task, then each step's output and what came of it (observations by call id, fenced)."""
+    nonce = data_nonce(state)
     messages: list[dict[str, str]] = []
     for turn in state.history:
         messages += [{"role": "user", "content": turn.task}, {"role": "assistant", "content": turn.answer}]
     messages.append({"role": "user", "content": state.task})
     for record in state.steps:
         messages.append({"role": "assistant", "content": record.action})
-        messages.append({"role": "user", "content": step_observations(record)})
+        messages.append({"role": "user", "content": step_observations(record, nonce)})
     return messages
 
 
-def step_observations(record: StepRecord) -> str:
+def step_observations(record: StepRecord, nonce: str) -> str:
+    """A step's note (the planner's own words), or each call's observation fenced as tool data."""
     if record.note is not None:
         return record.note
-    lines = [f"{c.call_id} {c.tool}: {observation_text(c.observation)}" for c in record.calls]
+    lines = [f"{c.call_id} {c.tool}: {fenced_observation(c.observation, nonce)}" for c in record.calls]
     return "Observations:\n" + "\n".join(lines)
 
 
@@ -78,8 +82,9 @@ class ReActPolicy(Policy):
     def request(self, state: RunSnapshot, context: Context) -> ModelRequest:
         limit = self.options.max_parallel_tool_calls
         system = REACT_PROMPT.format(
-            instructions=context.instructions.strip(), limit=limit, tools=tool_catalogue(context)
-        )
+            instructions=context.instructions.strip(), limit=limit, untrusted=UNTRUSTED_DATA,
+            tools=tool_catalogue(context),
+        )  # fmt: skip
         thought = {"type": "string", "maxLength": MAX_THOUGHT_CHARS}
         answer = {
             "type": "object",
