@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
+FUZZ_BUDGET ?= 200
+FUZZ_ARGS ?=
 
-.PHONY: install run test test-fast lint format protos check-protos buf clean bench-inference bench-triton triton-cpu
+.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton triton-cpu injection
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -29,6 +31,9 @@ test: install $(BUF) ## all three tiers: unit, integration (real processes), end
 
 test-fast: install ## unit tests only
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+fuzz: install ## FUZZ_BUDGET fuzzed calls per RPC against the real services (make test runs a small in-process budget)
+	$(PY) -m tests.fuzz --budget $(FUZZ_BUDGET) $(FUZZ_ARGS)
 
 protos: install ## regenerate meshpilot/*/v1 from protos/
 	$(PY) scripts/gen_protos.py
@@ -55,6 +60,9 @@ bench-inference: install ## agent-shaped load on the inference service vs HF gen
 bench-triton: install ## the Triton path under load: tritonclient direct vs through the inference service (docs/bench/triton.*)
 	bash scripts/triton_cpu.sh --install-only
 	$(PY) benchmarks/triton_bench.py $(BENCH_ARGS)
+
+injection: install ## the prompt-injection suite: hostile tool outputs through real processes on the default model (docs/bench/injection.md)
+	$(PY) -m tests.integration.test_injection --out docs/bench/injection.md $(INJECTION_ARGS)
 
 triton-cpu: install ## a real tritonserver serving the CPU twin of the TensorRT-LLM repository (Ctrl-C stops it)
 	bash scripts/triton_cpu.sh $(TRITON_ARGS)

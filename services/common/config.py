@@ -281,7 +281,7 @@ class GuardrailsConfig(_Section):
             r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",
             r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)",
             r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:(?P<secret>[^/\s@]+)@",
-            r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|secret[_-]?key|access[_-]?token"
+            r"(?i)(?<![a-z0-9])(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|secret[_-]?key|access[_-]?token"
             r"|auth[_-]?token|client[_-]?secret)\b[\"']?\s*(?:[:=]|\bis\b)\s*[\"']?(?P<secret>[^\s\"',;&]{4,})",
         ],
         description="Regular expressions (Python re) of secrets in text: a match is replaced, or only its group named "

@@ -54,6 +54,7 @@ def test_default_patterns_redact_keys_and_tokens(redactor: Redactor, kind: str) 
     [
         ("password: hunter22", f"password: {REDACTED}"),
         ("my password is hunter22", f"my password is {REDACTED}"),
+        ("db_password=Tr0ub4dor-3xyz", f"db_password={REDACTED}"),
         ('{"api_key": "abcd1234efgh"}', f'{{"api_key": "{REDACTED}"}}'),
         ("Authorization: Bearer abcdefghijklmnop1234", f"Authorization: Bearer {REDACTED}"),
         ("postgres://app:s3cr3t-pw@db:5432/main", f"postgres://app:{REDACTED}@db:5432/main"),
