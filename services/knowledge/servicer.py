@@ -77,7 +77,8 @@ class KnowledgeServicer(knowledge_pb2_grpc.KnowledgeServiceServicer):
         self, request: knowledge_pb2.QueryRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.QueryResponse:
         # A zero Duration is what many clients send for "unset"; negative ones are refused by the store.
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 0.0
+        # ToNanoseconds, not ToTimedelta: a Duration beyond timedelta's range (any int64 seconds on the wire) overflowed.
+        timeout = request.timeout.ToNanoseconds() / 1e9 if request.HasField("timeout") else 0.0
         result = await self.store.query(
             request.sparql, limit=_limit(request.limit), timeout=timeout or None, time_left=context.time_remaining()
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.common import KnowledgeConfig, MeshConfig, ServerConfig, create_channel
@@ -108,6 +109,18 @@ async def test_a_query_without_a_timeout_gets_the_default_budget_not_the_callers
 async def test_a_shorter_caller_deadline_still_bounds_the_work(store, stub) -> None:
     error = await _refused(stub.Query(pb.QueryRequest(sparql=ENDLESS), timeout=1))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize("seconds", [-(2**63), -1])
+async def test_a_negative_query_timeout_is_invalid_argument(stub, seconds: int) -> None:
+    error = await _refused(stub.Query(pb.QueryRequest(sparql="ASK {}", timeout=Duration(seconds=seconds))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "timeout must be positive" in error.details()
+
+
+async def test_a_query_timeout_beyond_any_clock_is_capped(stub) -> None:
+    reply = await stub.Query(pb.QueryRequest(sparql="ASK { ?s ?p ?o }", timeout=Duration(seconds=2**63 - 1)))
+    assert reply.boolean
 
 
 async def test_a_request_over_the_size_limit_is_refused_before_it_is_read(stub) -> None:
