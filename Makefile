@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
+FUZZ_BUDGET ?= 200
+FUZZ_ARGS ?=
 
-.PHONY: install run test test-fast lint format protos check-protos buf clean bench-inference bench-triton triton-cpu injection
+.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton triton-cpu injection
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -29,6 +31,9 @@ test: install $(BUF) ## all three tiers: unit, integration (real processes), end
 
 test-fast: install ## unit tests only
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+fuzz: install ## FUZZ_BUDGET fuzzed calls per RPC against the real services (make test runs a small in-process budget)
+	$(PY) -m tests.fuzz --budget $(FUZZ_BUDGET) $(FUZZ_ARGS)
 
 protos: install ## regenerate meshpilot/*/v1 from protos/
 	$(PY) scripts/gen_protos.py
