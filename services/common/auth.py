@@ -204,7 +204,8 @@ class JwtVerifier:
         return Principal(tenant, f"jwt:{str(claims.get('sub', ''))[:64]}")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address to bind) is a loopback address or localhost."""
     host = host.strip("[]")
     if host == "localhost":
         return True
@@ -218,7 +219,7 @@ def auth_required(config: MeshConfig) -> bool:
     """auth.enabled, or (unset) whether the planner binds a non-loopback address."""
     if config.auth.enabled is not None:
         return config.auth.enabled
-    return not _is_loopback(config.planner.server.host)
+    return not is_loopback(config.planner.server.host)
 
 
 class Authenticator:

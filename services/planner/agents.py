@@ -14,7 +14,7 @@ from jsonschema.exceptions import best_match
 from services.common import InvalidArgumentError, NotFoundError, PlannerConfig
 from services.planner.policies import POLICIES, PolicyOptions
 from services.planner.prompt import DEFAULT_INSTRUCTIONS
-from services.planner.store import AgentRecord, RunStore, shown
+from services.planner.store import DEFAULT_TENANT, AgentRecord, RunStore, shown
 from services.planner.types import AgentExample, Budget, Sampling, ToolSpec
 
 DEFAULT_AGENT = "default"
@@ -222,8 +222,9 @@ def check_definition(
 
 
 class AgentCatalog:
-    """The agents of this planner: the built-in default plus those stored. Definitions are checked against the tools
-    and models the mesh serves right now (``list_tools`` / ``list_models``), so a typo fails at creation, not mid-run."""
+    """The agents of this planner: the built-in default (every tenant's) plus those each tenant stored. Definitions
+    are checked against the tools and models the mesh serves right now (``list_tools`` / ``list_models``), so a typo
+    fails at creation, not mid-run. ``tenant`` is the caller's: another tenant's agents are NOT_FOUND."""
 
     def __init__(
         self,
@@ -244,15 +245,15 @@ class AgentCatalog:
         models = await self._list_models() if definition.model else []
         return check_definition(name, definition, await self._list_tools(), models)
 
-    async def create(self, name: str, definition: AgentDefinition) -> Agent:
+    async def create(self, name: str, definition: AgentDefinition, *, tenant: str = DEFAULT_TENANT) -> Agent:
         definition = await self._checked(name, definition)
-        return _agent(await self.store.add_agent_version(name, definition.to_dict(), new=True))
+        return _agent(await self.store.add_agent_version(name, definition.to_dict(), new=True, tenant=tenant))
 
-    async def update(self, name: str, definition: AgentDefinition) -> Agent:
+    async def update(self, name: str, definition: AgentDefinition, *, tenant: str = DEFAULT_TENANT) -> Agent:
         definition = await self._checked(name, definition)
-        return _agent(await self.store.add_agent_version(name, definition.to_dict(), new=False))
+        return _agent(await self.store.add_agent_version(name, definition.to_dict(), new=False, tenant=tenant))
 
-    async def get(self, name: str, version: int = 0) -> Agent:
+    async def get(self, name: str, version: int = 0, *, tenant: str = DEFAULT_TENANT) -> Agent:
         """The agent (0: its latest version); the empty name is the built-in agent."""
         if version < 0:
             raise InvalidArgumentError(f"version is {version}; use 1, 2, ... or 0 for the latest")
@@ -260,15 +261,15 @@ class AgentCatalog:
             if version not in (0, self.builtin.version):
                 raise NotFoundError(f"the built-in agent has only version {self.builtin.version}")
             return self.builtin
-        return _agent(await self.store.get_agent(name, version))
+        return _agent(await self.store.get_agent(name, version, tenant=tenant))
 
-    async def list(self) -> list[Agent]:
-        return [self.builtin, *(_agent(record) for record in await self.store.list_agents())]
+    async def list(self, *, tenant: str = DEFAULT_TENANT) -> list[Agent]:
+        return [self.builtin, *(_agent(record) for record in await self.store.list_agents(tenant=tenant))]
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
         if name == self.builtin.name:
             raise InvalidArgumentError("the built-in agent cannot be deleted")
-        await self.store.delete_agent(name)
+        await self.store.delete_agent(name, tenant=tenant)
 
 
 def _number(value: float) -> str:

@@ -15,7 +15,7 @@ from services.planner.executor import ExecutorDeps, RunExecutor
 from services.planner.journal import EventBus, RunJournal
 from services.planner.policies import POLICIES
 from services.planner.state import AgentRef, RunSnapshot
-from services.planner.store import RunRecord, RunState, RunStore, shown
+from services.planner.store import DEFAULT_TENANT, RunRecord, RunState, RunStore, shown
 from services.planner.types import Budget, Failed
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,25 @@ class RunManager:
         self._tasks: dict[str, asyncio.Task[RunState]] = {}
 
     async def start(
-        self, session_id: str, task: str, *, agent: str = "", agent_version: int = 0, budget: Budget | None = None
+        self,
+        session_id: str,
+        task: str,
+        *,
+        agent: str = "",
+        agent_version: int = 0,
+        budget: Budget | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> str:
-        """Starts ``task`` with the agent (the built-in one if empty) in ``session_id`` (new if empty); its run id.
-
-        NotFoundError for an unknown agent, version or session. ``budget`` defaults to the agent's."""
-        chosen = await self.catalog.get(agent, agent_version)
+        """Starts ``task`` with the tenant's agent (the built-in one if empty) in the tenant's ``session_id`` (new if
+        empty); its run id. NotFoundError for an unknown agent, version or session. ``budget`` defaults to the
+        agent's."""
+        chosen = await self.catalog.get(agent, agent_version, tenant=tenant)
         definition = chosen.definition
         history_turns = self.history_turns if definition.history_turns is None else definition.history_turns
         if session_id:
-            session = await self.store.get_session(session_id, last_turns=history_turns)
+            session = await self.store.get_session(session_id, last_turns=history_turns, tenant=tenant)
         else:
-            session = await self.store.create_session()
+            session = await self.store.create_session(tenant=tenant)
         snapshot = RunSnapshot(
             run_id=uuid.uuid4().hex,
             session_id=session.session_id,
@@ -62,7 +69,7 @@ class RunManager:
         # The run and its first snapshot in one transaction: a planner that dies right after still resumes it.
         await self.store.create_run(
             session.session_id, task, agent=chosen.name, agent_version=chosen.version, run_id=snapshot.run_id,
-            snapshot=snapshot.to_json(),
+            snapshot=snapshot.to_json(), tenant=tenant,
         )  # fmt: skip
         self._drive(self._executor(snapshot))
         return snapshot.run_id
@@ -131,10 +138,12 @@ class RunManager:
             [Failed("ABORTED", "the planner stopped during this run; run the task again")], RunState.FAILED
         )
 
-    async def cancel(self, run_id: str, reason: str = "the run was cancelled by CancelRun") -> RunRecord:
-        """Ends a run that has not ended with CANCELLED and waits until that is journaled; an ended run is returned
-        as it is. NotFoundError for an unknown run."""
-        record = await self.store.get_run(run_id, with_events=False)
+    async def cancel(
+        self, run_id: str, reason: str = "the run was cancelled by CancelRun", *, tenant: str = DEFAULT_TENANT
+    ) -> RunRecord:
+        """Ends a run of the tenant that has not ended with CANCELLED and waits until that is journaled; an ended run
+        is returned as it is. NotFoundError for an unknown run."""
+        record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
         if not record.state.ended:
             task = self._tasks.get(run_id)
             if task is not None and not task.done():
@@ -144,31 +153,40 @@ class RunManager:
             else:
                 await self._loaded(record).cancel_parked(reason)
                 self._executors.pop(run_id, None)
-        return await self.store.get_run(run_id)
+        return await self.store.get_run(run_id, tenant=tenant)
 
     async def decide(
-        self, run_id: str, call_id: str, *, approved: bool, arguments: dict[str, Any] | None = None, comment: str = ""
+        self,
+        run_id: str,
+        call_id: str,
+        *,
+        approved: bool,
+        arguments: dict[str, Any] | None = None,
+        comment: str = "",
+        tenant: str = DEFAULT_TENANT,
     ) -> RunRecord:
-        """Approves or rejects a call that waits for approval and drives the run on. NotFoundError for an unknown run
-        or call, FailedPreconditionError for a run that ended or a call that is not waiting."""
-        record = await self.store.get_run(run_id, with_events=False)
+        """Approves or rejects a call of the tenant's run that waits for approval and drives the run on. NotFoundError
+        for an unknown run or call, FailedPreconditionError for a run that ended or a call that is not waiting."""
+        record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
         if record.state.ended:
             raise FailedPreconditionError(f"run {run_id} has ended ({record.state.value}); nothing waits for approval")
         executor = self._loaded(record)
         await executor.decide(call_id, approved, arguments, comment)
         if not self._driving(run_id):
             self._drive(executor)
-        return await self.store.get_run(run_id)
+        return await self.store.get_run(run_id, tenant=tenant)
 
-    async def watch(self, run_id: str, after_sequence: int = 0) -> AsyncIterator[planner_pb2.RunEvent]:
-        """The run's events after ``after_sequence`` from the journal, then live ones, each once, until its last
-        event. NotFoundError for an unknown run; OutOfRangeError for a sequence beyond the run's last event."""
+    async def watch(
+        self, run_id: str, after_sequence: int = 0, *, tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[planner_pb2.RunEvent]:
+        """The tenant's run's events after ``after_sequence`` from the journal, then live ones, each once, until its
+        last event. NotFoundError for an unknown run; OutOfRangeError for a sequence beyond the run's last event."""
         if after_sequence < 0:
             raise InvalidArgumentError(f"after_sequence is {after_sequence}; use 0 or the last sequence you received")
         # Subscribe before reading the journal: an event committed after the read arrives on the queue.
         queue = self.bus.subscribe(run_id)
         try:
-            record = await self.store.get_run(run_id, with_events=False)
+            record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
             if after_sequence > record.last_sequence:
                 raise OutOfRangeError(
                     f"after_sequence {after_sequence} is beyond run {shown(run_id)}'s last event "

@@ -12,6 +12,14 @@ from google.protobuf import empty_pb2
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
 from services.common import InvalidArgumentError, MeshConfig, MeshServer, create_channel, serve
 from services.common.approval import ApprovalSigner, load_or_create_key
+from services.common.auth import (
+    ApiKeyStore,
+    Authenticator,
+    AuthInterceptor,
+    auth_required,
+    current_principal,
+    is_loopback,
+)
 from services.common.json_values import message_to_json
 from services.common.server import ServiceBinding
 from services.planner.agents import AgentCatalog
@@ -38,33 +46,47 @@ MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 
 
+def _tenant() -> str:
+    """The caller's tenant (set by the AuthInterceptor; the default tenant when authentication is off)."""
+    return current_principal().tenant
+
+
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
-    """Sessions and runs over gRPC. Run and WatchRun stream events only after they are journaled."""
+    """Sessions and runs over gRPC, each call on the caller's tenant's records only (another tenant's are NOT_FOUND).
+    Run and WatchRun stream events only after they are journaled."""
 
     def __init__(
-        self, config: MeshConfig, runs: RunManager, store: RunStore, channels: list[grpc.aio.Channel] | None = None
+        self,
+        config: MeshConfig,
+        runs: RunManager,
+        store: RunStore,
+        channels: list[grpc.aio.Channel] | None = None,
+        keys: ApiKeyStore | None = None,
     ) -> None:
         self.config = config
         self.runs = runs
         self.store = store
         self.channels = channels or []
+        self.keys = keys
 
     async def close(self) -> None:
-        """Stops driving runs (they resume in the next planner), then closes the store and this planner's channels."""
+        """Stops driving runs (they resume in the next planner), then closes the stores and this planner's channels."""
         await self.runs.close()
         await self.store.close()
+        if self.keys is not None:
+            self.keys.close()
         for channel in self.channels:
             await channel.close()
 
     async def CreateSession(
         self, request: planner_pb2.CreateSessionRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Session:
-        return session_to_proto(await self.store.create_session())
+        return session_to_proto(await self.store.create_session(tenant=_tenant()))
 
     async def GetSession(
         self, request: planner_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Session:
-        return session_to_proto(await self.store.get_session(request.session_id))
+        return session_to_proto(await self.store.get_session(request.session_id, tenant=_tenant()))
 
     async def Run(
         self, request: planner_pb2.RunRequest, context: grpc.aio.ServicerContext
@@ -72,23 +94,24 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         task = validate_task(request.task)
         if request.agent_version < 0:
             raise InvalidArgumentError(f"agent_version is {request.agent_version}; use 1, 2, ... or 0 for the latest")
-        agent = await self.runs.catalog.get(request.agent, request.agent_version)
+        tenant = _tenant()
+        agent = await self.runs.catalog.get(request.agent, request.agent_version, tenant=tenant)
         budget = budget_from_proto(request.budget, self.runs.budget_of(agent.definition))
         run_id = await self.runs.start(
-            request.session_id, task, agent=agent.name, agent_version=agent.version, budget=budget
+            request.session_id, task, agent=agent.name, agent_version=agent.version, budget=budget, tenant=tenant
         )
         # The run goes on if this stream breaks: WatchRun(run_id, last sequence) picks it up again.
-        async for event in self.runs.watch(run_id):
+        async for event in self.runs.watch(run_id, tenant=tenant):
             yield event
 
     async def WatchRun(
         self, request: planner_pb2.WatchRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[planner_pb2.RunEvent]:
-        async for event in self.runs.watch(request.run_id, request.after_sequence):
+        async for event in self.runs.watch(request.run_id, request.after_sequence, tenant=_tenant()):
             yield event
 
     async def GetRun(self, request: planner_pb2.GetRunRequest, context: grpc.aio.ServicerContext) -> planner_pb2.Run:
-        return run_to_proto(await self.store.get_run(request.run_id))
+        return run_to_proto(await self.store.get_run(request.run_id, tenant=_tenant()))
 
     async def ListRuns(
         self, request: planner_pb2.ListRunsRequest, context: grpc.aio.ServicerContext
@@ -104,13 +127,14 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             agent=request.agent,
             session_id=request.session_id,
             limit=request.page_size or DEFAULT_PAGE_SIZE,
+            tenant=_tenant(),
         )
         return planner_pb2.ListRunsResponse(runs=[run_to_proto(run) for run in runs])
 
     async def CancelRun(
         self, request: planner_pb2.CancelRunRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Run:
-        return run_to_proto(await self.runs.cancel(request.run_id))
+        return run_to_proto(await self.runs.cancel(request.run_id, tenant=_tenant()))
 
     async def ApproveToolCall(
         self, request: planner_pb2.ApproveToolCallRequest, context: grpc.aio.ServicerContext
@@ -123,6 +147,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 approved=True,
                 arguments=arguments,
                 comment=validate_comment(request.comment, "comment"),
+                tenant=_tenant(),
             )
         )
 
@@ -131,7 +156,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     ) -> planner_pb2.Run:
         return run_to_proto(
             await self.runs.decide(
-                request.run_id, request.call_id, approved=False, comment=validate_comment(request.reason, "reason")
+                request.run_id,
+                request.call_id,
+                approved=False,
+                comment=validate_comment(request.reason, "reason"),
+                tenant=_tenant(),
             )
         )
 
@@ -145,27 +174,30 @@ class AgentServicer(agents_pb2_grpc.AgentServiceServicer):
     async def CreateAgent(
         self, request: agents_pb2.CreateAgentRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.Agent:
-        return agent_to_proto(await self.catalog.create(request.name, definition_from_proto(request.spec)))
+        definition = definition_from_proto(request.spec)
+        return agent_to_proto(await self.catalog.create(request.name, definition, tenant=_tenant()))
 
     async def GetAgent(
         self, request: agents_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.Agent:
-        return agent_to_proto(await self.catalog.get(request.name, request.version))
+        return agent_to_proto(await self.catalog.get(request.name, request.version, tenant=_tenant()))
 
     async def ListAgents(
         self, request: agents_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.ListAgentsResponse:
-        return agents_pb2.ListAgentsResponse(agents=[agent_to_proto(agent) for agent in await self.catalog.list()])
+        agents = await self.catalog.list(tenant=_tenant())
+        return agents_pb2.ListAgentsResponse(agents=[agent_to_proto(agent) for agent in agents])
 
     async def UpdateAgent(
         self, request: agents_pb2.UpdateAgentRequest, context: grpc.aio.ServicerContext
     ) -> agents_pb2.Agent:
-        return agent_to_proto(await self.catalog.update(request.name, definition_from_proto(request.spec)))
+        definition = definition_from_proto(request.spec)
+        return agent_to_proto(await self.catalog.update(request.name, definition, tenant=_tenant()))
 
     async def DeleteAgent(
         self, request: agents_pb2.DeleteAgentRequest, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        await self.catalog.delete(request.name)
+        await self.catalog.delete(request.name, tenant=_tenant())
         return empty_pb2.Empty()
 
 
@@ -177,6 +209,7 @@ def create_server(
     signer: ApprovalSigner | None = None,
 ) -> MeshServer:
     """The planner server; without ``llm``/``tools`` it dials the inference and tools services named in ``config``.
+    Callers authenticate with API keys or JWTs when ``auth_required(config)``; every call is audited.
 
     The PlannerServicer is ``server.bindings[0].servicer``; ``await servicer.close()`` after the server stopped.
     """
@@ -197,7 +230,14 @@ def create_server(
     catalog = AgentCatalog(store, planner, tools.list_tools, llm.list_models)
     deps = ExecutorDeps(llm, tools, signer, step_max_tokens=planner.step_max_tokens)
     runs = RunManager(store, catalog, deps, history_turns=planner.history_turns)
-    servicer = PlannerServicer(config, runs, store, channels)
+    keys = authenticator = None
+    if auth_required(config):
+        assert config.auth.keys_path is not None  # filled in by MeshConfig
+        keys = ApiKeyStore(config.auth.keys_path)
+        authenticator = Authenticator(config.auth, keys)
+    servicer = PlannerServicer(config, runs, store, channels, keys)
+    # Reflection stays open on loopback (a developer's grpcurl); elsewhere it needs a key like everything else.
+    auth = AuthInterceptor(authenticator, open_reflection=is_loopback(planner.server.host))
     return MeshServer(
         planner.server,
         [
@@ -206,6 +246,7 @@ def create_server(
                 AGENT_SERVICE_NAME, AgentServicer(catalog), agents_pb2_grpc.add_AgentServiceServicer_to_server
             ),
         ],
+        interceptors=[auth],
     )
 
 

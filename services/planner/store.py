@@ -67,7 +67,27 @@ MIGRATIONS: tuple[str, ...] = (
     """
     UPDATE runs SET last_sequence = (SELECT COALESCE(MAX(sequence), 0) FROM events WHERE events.run_id = runs.run_id);
     """,
+    # Tenants: everything made before them belongs to the default tenant (a mesh without authentication).
+    """
+    ALTER TABLE sessions ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE runs ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX runs_by_tenant ON runs(tenant, create_time);
+    CREATE TABLE agents_by_tenant (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        create_time REAL NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, name, version)
+    );
+    INSERT INTO agents_by_tenant SELECT 'default', name, version, spec, create_time, deleted FROM agents;
+    DROP TABLE agents;
+    ALTER TABLE agents_by_tenant RENAME TO agents;
+    """,
 )
+# The tenant of records made without one (a mesh without authentication, and everything older than tenants).
+DEFAULT_TENANT = "default"
 # Ids are echoed in error messages; one longer than this is cut so an error never carries megabytes of input.
 _MAX_ID_CHARS = 64
 
@@ -96,6 +116,7 @@ class SessionRecord:
     session_id: str
     create_time: float
     turns: list[Turn] = field(default_factory=list)
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,7 @@ class RunRecord:
     last_sequence: int = 0
     snapshot: str | None = None
     events: list[bytes] = field(default_factory=list)
+    tenant: str = DEFAULT_TENANT
 
 
 @dataclass(frozen=True)
@@ -129,14 +151,14 @@ class AgentRecord:
 
 _RUN_COLUMNS = (
     "run_id, session_id, task, state, answer, prompt_tokens, completion_tokens, total_tokens, cached_prompt_tokens, "
-    "create_time, end_time, agent, agent_version, last_sequence, snapshot"
+    "create_time, end_time, agent, agent_version, last_sequence, snapshot, tenant"
 )
 
 
 def _run(row: Sequence[Any], events: list[bytes]) -> RunRecord:
     return RunRecord(
         row[0], row[1], row[2], RunState(row[3]), row[4], Usage(*row[5:9]), row[9], row[10], row[11], row[12],
-        row[13], row[14], events,
+        row[13], row[14], events, row[15],
     )  # fmt: skip
 
 
@@ -145,7 +167,7 @@ class RunStore:
 
     Every method is a coroutine that runs its SQL on one dedicated thread, so the event loop never blocks on disk and
     the connection is only used by the thread that opened it. Each method is one transaction. Unknown ids raise
-    NotFoundError.
+    NotFoundError, and so do ids of another tenant's records: a caller cannot even learn that they exist.
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -161,18 +183,25 @@ class RunStore:
 
     # Sessions
 
-    async def create_session(self) -> SessionRecord:
-        session = SessionRecord(session_id=uuid.uuid4().hex, create_time=time.time())
+    async def create_session(self, *, tenant: str = DEFAULT_TENANT) -> SessionRecord:
+        session = SessionRecord(session_id=uuid.uuid4().hex, create_time=time.time(), tenant=tenant)
         await self._call(
-            lambda c: c.execute("INSERT INTO sessions VALUES (?, ?)", (session.session_id, session.create_time))
+            lambda c: c.execute(
+                "INSERT INTO sessions (session_id, create_time, tenant) VALUES (?, ?, ?)",
+                (session.session_id, session.create_time, tenant),
+            )
         )
         return session
 
-    async def get_session(self, session_id: str, *, last_turns: int | None = None) -> SessionRecord:
+    async def get_session(
+        self, session_id: str, *, last_turns: int | None = None, tenant: str = DEFAULT_TENANT
+    ) -> SessionRecord:
         """The session with its succeeded runs as turns, oldest first (only the last ``last_turns`` if given)."""
 
         def get(c: sqlite3.Connection) -> SessionRecord:
-            row = c.execute("SELECT create_time FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+            row = c.execute(
+                "SELECT create_time FROM sessions WHERE session_id = ? AND tenant = ?", (session_id, tenant)
+            ).fetchone()
             if row is None:
                 raise NotFoundError(f"session {shown(session_id)} does not exist; create one or leave session_id empty")
             rows = c.execute(
@@ -181,7 +210,7 @@ class RunStore:
                 (session_id, RunState.SUCCEEDED.value, -1 if last_turns is None else last_turns),
             ).fetchall()
             turns = [Turn(task=task, answer=answer, run_id=run_id) for run_id, task, answer in reversed(rows)]
-            return SessionRecord(session_id, row[0], turns)
+            return SessionRecord(session_id, row[0], turns, tenant)
 
         return await self._call(get)
 
@@ -196,17 +225,28 @@ class RunStore:
         agent_version: int = 1,
         run_id: str = "",
         snapshot: str | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> RunRecord:
         """A new RUNNING run without events, with its first snapshot if given (else with its first ``commit``)."""
         run = RunRecord(
             run_id or uuid.uuid4().hex, session_id, task, RunState.RUNNING, "", Usage(), time.time(), None, agent,
-            agent_version, snapshot=snapshot,
+            agent_version, snapshot=snapshot, tenant=tenant,
         )  # fmt: skip
         await self._call(
             lambda c: c.execute(
-                "INSERT INTO runs (run_id, session_id, task, state, create_time, agent, agent_version, snapshot) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run.run_id, session_id, task, run.state.value, run.create_time, agent, agent_version, snapshot),
+                "INSERT INTO runs (run_id, session_id, task, state, create_time, agent, agent_version, snapshot, "
+                "tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.run_id,
+                    session_id,
+                    task,
+                    run.state.value,
+                    run.create_time,
+                    agent,
+                    agent_version,
+                    snapshot,
+                    tenant,
+                ),
             )
         )
         return run
@@ -243,9 +283,13 @@ class RunStore:
 
         await self._call(commit)
 
-    async def get_run(self, run_id: str, *, with_events: bool = True) -> RunRecord:
+    async def get_run(self, run_id: str, *, with_events: bool = True, tenant: str | None = DEFAULT_TENANT) -> RunRecord:
+        """The run, of ``tenant`` (None: of any tenant, for the planner's own bookkeeping)."""
+
         def get(c: sqlite3.Connection) -> RunRecord:
             row = c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is not None and tenant is not None and row[15] != tenant:
+                row = None
             if row is None:
                 raise NotFoundError(f"run {shown(run_id)} does not exist; use the run_id from a Run event")
             events = []
@@ -266,16 +310,23 @@ class RunStore:
         )
 
     async def list_runs(
-        self, *, state: RunState | None = None, agent: str = "", session_id: str = "", limit: int = 50
+        self,
+        *,
+        state: RunState | None = None,
+        agent: str = "",
+        session_id: str = "",
+        limit: int = 50,
+        tenant: str = DEFAULT_TENANT,
     ) -> list[RunRecord]:
-        """Runs newest first, filtered by whichever of state, agent and session are given; without events."""
-        where, params = [], []
+        """The tenant's runs newest first, filtered by whichever of state, agent and session are given; no events."""
+        where, params = ["tenant = ?"], [tenant]
         for column, value in (("state", state.value if state else ""), ("agent", agent), ("session_id", session_id)):
             if value:
                 where.append(f"{column} = ?")
                 params.append(value)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        query = f"SELECT {_RUN_COLUMNS} FROM runs {clause} ORDER BY create_time DESC, rowid DESC LIMIT ?"
+        query = (
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE {' AND '.join(where)} ORDER BY create_time DESC, rowid DESC LIMIT ?"
+        )
         return await self._call(lambda c: [_run(row, []) for row in c.execute(query, (*params, limit))])
 
     async def runs_in_state(self, state: RunState) -> list[RunRecord]:
@@ -285,13 +336,16 @@ class RunStore:
 
     # Agents
 
-    async def add_agent_version(self, name: str, spec: dict[str, Any], *, new: bool) -> AgentRecord:
+    async def add_agent_version(
+        self, name: str, spec: dict[str, Any], *, new: bool, tenant: str = DEFAULT_TENANT
+    ) -> AgentRecord:
         """Stores ``spec`` as the next version of ``name``: version 1 if ``new`` (ALREADY_EXISTS if the name is taken),
         else the latest + 1 (NOT_FOUND if there is no such agent)."""
 
         def add(c: sqlite3.Connection) -> AgentRecord:
             row = c.execute(
-                "SELECT version, deleted FROM agents WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+                "SELECT version, deleted FROM agents WHERE tenant = ? AND name = ? ORDER BY version DESC LIMIT 1",
+                (tenant, name),
             ).fetchone()
             latest, live = (row[0], not row[1]) if row else (None, False)
             if new and live:
@@ -301,22 +355,22 @@ class RunStore:
             version = (latest or 0) + 1
             record = AgentRecord(name, version, spec, time.time())
             c.execute(
-                "INSERT INTO agents (name, version, spec, create_time) VALUES (?, ?, ?, ?)",
-                (name, version, json.dumps(spec, ensure_ascii=False), record.create_time),
+                "INSERT INTO agents (tenant, name, version, spec, create_time) VALUES (?, ?, ?, ?, ?)",
+                (tenant, name, version, json.dumps(spec, ensure_ascii=False), record.create_time),
             )
             return record
 
         return await self._call(add)
 
-    async def get_agent(self, name: str, version: int = 0) -> AgentRecord:
-        """The given version (0: the latest) of a live agent; NotFoundError otherwise."""
+    async def get_agent(self, name: str, version: int = 0, *, tenant: str = DEFAULT_TENANT) -> AgentRecord:
+        """The given version (0: the latest) of a live agent of the tenant; NotFoundError otherwise."""
 
         def get(c: sqlite3.Connection) -> AgentRecord:
-            query = "SELECT name, version, spec, create_time FROM agents WHERE name = ? AND deleted = 0"
+            query = "SELECT name, version, spec, create_time FROM agents WHERE tenant = ? AND name = ? AND deleted = 0"
             row = (
-                c.execute(query + " AND version = ?", (name, version)).fetchone()
+                c.execute(query + " AND version = ?", (tenant, name, version)).fetchone()
                 if version
-                else c.execute(query + " ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+                else c.execute(query + " ORDER BY version DESC LIMIT 1", (tenant, name)).fetchone()
             )
             if row is None:
                 which = f"version {version} of agent {shown(name)}" if version else f"agent {shown(name)}"
@@ -325,21 +379,25 @@ class RunStore:
 
         return await self._call(get)
 
-    async def list_agents(self) -> list[AgentRecord]:
-        """The latest version of every live agent, by name."""
+    async def list_agents(self, *, tenant: str = DEFAULT_TENANT) -> list[AgentRecord]:
+        """The latest version of every live agent of the tenant, by name."""
         query = (
             "SELECT a.name, a.version, a.spec, a.create_time FROM agents a JOIN (SELECT name, MAX(version) AS v "
-            "FROM agents WHERE deleted = 0 GROUP BY name) l ON a.name = l.name AND a.version = l.v ORDER BY a.name"
+            "FROM agents WHERE tenant = ? AND deleted = 0 GROUP BY name) l ON a.name = l.name AND a.version = l.v "
+            "WHERE a.tenant = ? ORDER BY a.name"
         )
         return await self._call(
-            lambda c: [AgentRecord(n, v, json.loads(s), t) for n, v, s, t in c.execute(query).fetchall()]
+            lambda c: [
+                AgentRecord(n, v, json.loads(s), t) for n, v, s, t in c.execute(query, (tenant, tenant)).fetchall()
+            ]
         )
 
-    async def delete_agent(self, name: str) -> None:
+    async def delete_agent(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
         """Marks every version deleted (runs keep naming the version they ran); NotFoundError if there is none."""
 
         def delete(c: sqlite3.Connection) -> None:
-            if c.execute("UPDATE agents SET deleted = 1 WHERE name = ? AND deleted = 0", (name,)).rowcount == 0:
+            query = "UPDATE agents SET deleted = 1 WHERE tenant = ? AND name = ? AND deleted = 0"
+            if c.execute(query, (tenant, name)).rowcount == 0:
                 raise NotFoundError(f"agent {shown(name)} does not exist")
 
         await self._call(delete)

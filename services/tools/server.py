@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import MeshConfig, MeshServer, serve
 from services.common.approval import ApprovalSigner, load_or_create_key
+from services.common.auth import is_loopback
 from services.common.server import ServiceBinding
 from services.tools.builtin import KnowledgeClient, builtin_tools
 from services.tools.executor import ToolExecutor
@@ -65,13 +65,7 @@ def allows_registered_commands(config: MeshConfig) -> bool:
     """tools.allow_registered_commands, or (unset) whether the tools service binds only a loopback address."""
     if config.tools.allow_registered_commands is not None:
         return config.tools.allow_registered_commands
-    host = config.tools.server.host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(config.tools.server.host)
 
 
 class ToolsService:

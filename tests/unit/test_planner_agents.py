@@ -349,20 +349,15 @@ async def test_an_agents_examples_are_kept_and_shown_to_the_model_before_the_bui
 
     assert list(created.spec.examples) == list(definition.examples)
     system = p.llm.requests[0]["messages"][0]["content"]
-    expected = "\n".join(
-        [
-            "User: What is the capital of Peru?",
-            'Assistant: {"tool": "country_facts", "arguments": {"country": "Peru"}}',
-            'Observation: {"capital": "Lima", "country": "Peru"}',
-            "The question was: What is the capital of Peru?",
-            'Assistant: {"final_answer": "The capital of Peru is Lima."}',
-            "",
-            "User: Where is Chile?",
-            'Assistant: {"tool": "country_facts", "arguments": {"country": "Chile"}}',
-            "",
-        ]
+    peru = system.index(
+        'User: What is the capital of Peru?\nAssistant: {"tool": "country_facts", "arguments": {"country": "Peru"}}'
     )
-    assert expected in system
+    observed = system.index('{"capital": "Lima", "country": "Peru"}', peru)
+    answered = system.index('Assistant: {"final_answer": "The capital of Peru is Lima."}', observed)
+    chile = system.index(
+        'User: Where is Chile?\nAssistant: {"tool": "country_facts", "arguments": {"country": "Chile"}}\n\n'
+    )
+    assert peru < observed < answered < chile
     # The agent's own examples come before the built-in one of the same tool.
     assert system.index("Where is Chile?") < system.index("Which currency is used in Sweden?")
     assert events[-1].final_answer.answer == "Paris."

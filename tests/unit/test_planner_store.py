@@ -338,3 +338,49 @@ async def test_error_messages_cut_a_huge_id(store) -> None:
             await call()
         assert len(str(info.value)) < 200
         assert "x" * 64 + "..." in str(info.value)
+
+
+async def test_a_database_of_version_3_keeps_its_agents_and_runs_in_the_default_tenant(tmp_path) -> None:
+    path = tmp_path / "planner.db"
+    with sqlite3.connect(path) as conn:
+        for number, script in enumerate(MIGRATIONS[:3], start=1):
+            conn.executescript(script)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("INSERT INTO sessions VALUES ('s1', 1.0)")
+        conn.execute(
+            "INSERT INTO runs (run_id, session_id, task, state, create_time) VALUES ('r1', 's1', 't', 'SUCCEEDED', 1.0)"
+        )
+        conn.execute("INSERT INTO agents VALUES ('tutor', 1, '{}', 1.0, 0)")
+    store = RunStore(path)
+    try:
+        assert (await store.get_run("r1")).tenant == "default"
+        assert (await store.get_session("s1")).session_id == "s1"
+        assert (await store.get_agent("tutor")).version == 1
+        with pytest.raises(NotFoundError):
+            await store.get_run("r1", tenant="acme")
+    finally:
+        await store.close()
+
+
+async def test_tenants_see_only_their_own_sessions_runs_and_agents(store) -> None:
+    session = await store.create_session(tenant="acme")
+    run = await store.create_run(session.session_id, "acme's secret task", tenant="acme")
+    await store.add_agent_version("tutor", {"v": "acme"}, new=True, tenant="acme")
+    await store.add_agent_version("tutor", {"v": "globex"}, new=True, tenant="globex")  # same name, own agent
+
+    assert (await store.get_run(run.run_id, tenant="acme")).task == "acme's secret task"
+    assert (await store.get_run(run.run_id, tenant=None)).tenant == "acme"
+    for call in (
+        store.get_run(run.run_id, tenant="globex"),
+        store.get_session(session.session_id, tenant="globex"),
+        store.delete_agent("tutor", tenant="initech"),
+        store.get_agent("tutor", tenant="initech"),
+    ):
+        with pytest.raises(NotFoundError):
+            await call
+    assert [r.run_id for r in await store.list_runs(tenant="acme")] == [run.run_id]
+    assert await store.list_runs(tenant="globex") == []
+    assert (await store.get_agent("tutor", tenant="globex")).spec == {"v": "globex"}
+    assert [a.spec for a in await store.list_agents(tenant="acme")] == [{"v": "acme"}]
+    await store.delete_agent("tutor", tenant="globex")
+    assert (await store.get_agent("tutor", tenant="acme")).spec == {"v": "acme"}
