@@ -280,7 +280,7 @@ class GuardrailsConfig(_Section):
             r"\bAIza[0-9A-Za-z_-]{35}",
             r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",
             r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)",
-            r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:(?P<secret>[^/\s@]+)@",
+            r"\b[A-Za-z][A-Za-z0-9+.-]{0,30}://[^/\s:@]+:(?P<secret>[^/\s@]+)@",
             r"(?i)(?<![a-z0-9])(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|secret[_-]?key|access[_-]?token"
             r"|auth[_-]?token|client[_-]?secret)\b[\"']?\s*(?:[:=]|\bis\b)\s*[\"']?(?P<secret>[^\s\"',;&]{4,})",
         ],
@@ -336,6 +336,28 @@ class GuardrailsConfig(_Section):
         )
 
 
+class QuotaLimits(_Section):
+    """Limits of one tenant; None is unlimited."""
+
+    max_concurrent_runs: int | None = Field(
+        None, ge=1, description="Runs of the tenant going at once (approval waits count)."
+    )
+    requests_per_minute: int | None = Field(None, ge=1, description="Planner calls per minute (a token bucket).")
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=1,
+        description="Model tokens (prompt + completion) per minute over all its runs; past it new runs "
+        "wait for the window to free up (RESOURCE_EXHAUSTED with a retry delay).",
+    )
+
+
+class QuotaConfig(_Section):
+    """Per-tenant quotas of the planner: ``default`` for every tenant, ``tenants`` to override one by name."""
+
+    default: QuotaLimits = QuotaLimits()
+    tenants: dict[str, QuotaLimits] = Field(default_factory=dict, description="Limits by tenant name.")
+
+
 class PlannerConfig(_Section):
     """The planner service and its agent loop."""
 
@@ -359,6 +381,7 @@ class PlannerConfig(_Section):
         "reliable. Turn off for larger models to let every step call any tool or answer freely.",
     )
     guardrails: GuardrailsConfig = GuardrailsConfig()
+    quotas: QuotaConfig = QuotaConfig()
 
 
 class ApprovalConfig(_Section):

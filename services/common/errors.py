@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +201,21 @@ def _key(key: object) -> str:
     return key if isinstance(key, str) and key.isidentifier() and len(key) <= MAX_QUOTED_CHARS else quoted(str(key))
 
 
+def _retry_info(exc: MeshError, seconds: float) -> tuple[tuple[str, bytes], ...]:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(seconds * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=exc.code.value[0], message=bounded(str(exc)), details=[detail])
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, MeshError):
+        retry_after = getattr(exc, "retry_after_seconds", None)
+        if retry_after is not None:
+            # google.rpc.RetryInfo in the status details: when the call would pass (quotas, overload).
+            await context.abort(exc.code, bounded(str(exc)), trailing_metadata=_retry_info(exc, retry_after))
         await context.abort(exc.code, bounded(str(exc)))
     chosen = context.code()
     if isinstance(chosen, grpc.StatusCode) and chosen is not grpc.StatusCode.OK:

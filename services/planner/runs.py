@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -10,10 +11,12 @@ from typing import Any
 
 from meshpilot.planner.v1 import planner_pb2
 from services.common import FailedPreconditionError, InvalidArgumentError, OutOfRangeError
+from services.common.config import QuotaConfig
 from services.planner.agents import AgentCatalog, AgentDefinition
 from services.planner.executor import ExecutorDeps, RunExecutor
 from services.planner.journal import EventBus, RunJournal
 from services.planner.policies import POLICIES
+from services.planner.quotas import ChargedLLM, TenantQuotas
 from services.planner.state import AgentRef, RunSnapshot
 from services.planner.store import DEFAULT_TENANT, RunRecord, RunState, RunStore, shown
 from services.planner.types import Budget, Failed
@@ -29,11 +32,20 @@ class RunManager:
     is resumed from its journal when a planner starts (``resume``). ``close`` stops the tasks without journaling
     anything, so the runs continue in the next planner."""
 
-    def __init__(self, store: RunStore, catalog: AgentCatalog, deps: ExecutorDeps, *, history_turns: int) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        catalog: AgentCatalog,
+        deps: ExecutorDeps,
+        *,
+        history_turns: int,
+        quotas: TenantQuotas | None = None,
+    ) -> None:
         self.store = store
         self.catalog = catalog
         self.deps = deps
         self.history_turns = history_turns
+        self.quotas = quotas or TenantQuotas(QuotaConfig())
         self.bus = EventBus()
         self._executors: dict[str, RunExecutor] = {}
         self._tasks: dict[str, asyncio.Task[RunState]] = {}
@@ -52,6 +64,7 @@ class RunManager:
         empty); its run id. NotFoundError for an unknown agent, version or session. ``budget`` defaults to the
         agent's."""
         chosen = await self.catalog.get(agent, agent_version, tenant=tenant)
+        self.quotas.admit_run(tenant, await self.store.count_active_runs(tenant=tenant))
         definition = chosen.definition
         history_turns = self.history_turns if definition.history_turns is None else definition.history_turns
         if session_id:
@@ -71,16 +84,18 @@ class RunManager:
             session.session_id, task, agent=chosen.name, agent_version=chosen.version, run_id=snapshot.run_id,
             snapshot=snapshot.to_json(), tenant=tenant,
         )  # fmt: skip
-        self._drive(self._executor(snapshot))
+        self._drive(self._executor(snapshot, tenant))
         return snapshot.run_id
 
     def budget_of(self, definition: AgentDefinition) -> Budget:
         return definition.budget(self.catalog.defaults)
 
-    def _executor(self, snapshot: RunSnapshot) -> RunExecutor:
+    def _executor(self, snapshot: RunSnapshot, tenant: str) -> RunExecutor:
         definition = AgentDefinition.from_dict(snapshot.agent.spec)
         policy = POLICIES[definition.policy](definition.policy_options)
-        executor = RunExecutor(RunJournal(self.store, self.bus, snapshot), definition, policy, self.deps)
+        # The run's model calls are charged to its tenant.
+        deps = dataclasses.replace(self.deps, llm=ChargedLLM(self.deps.llm, tenant, self.quotas))
+        executor = RunExecutor(RunJournal(self.store, self.bus, snapshot), definition, policy, deps)
         self._executors[snapshot.run_id] = executor
         return executor
 
@@ -89,7 +104,7 @@ class RunManager:
         if executor is None:
             if record.snapshot is None:
                 raise FailedPreconditionError(f"run {record.run_id} was made by an older planner and cannot continue")
-            executor = self._executor(RunSnapshot.from_json(record.snapshot))
+            executor = self._executor(RunSnapshot.from_json(record.snapshot), record.tenant)
         return executor
 
     def _drive(self, executor: RunExecutor) -> None:

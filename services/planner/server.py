@@ -4,10 +4,12 @@ its factory and its main."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import empty_pb2
+from prometheus_client import CollectorRegistry
 
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
 from services.common import InvalidArgumentError, MeshConfig, MeshServer, create_channel, serve
@@ -35,6 +37,7 @@ from services.planner.convert import (
     validate_task,
 )
 from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
+from services.planner.quotas import QuotaInterceptor, TenantQuotas
 from services.planner.runs import RunManager
 from services.planner.store import RunStore
 
@@ -43,6 +46,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
 AGENT_SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 MAX_PAGE_SIZE = 500
+DEFAULT_USAGE_WINDOW_SECONDS = 3600
+MAX_USAGE_WINDOW_SECONDS = 30 * 86_400
 DEFAULT_PAGE_SIZE = 50
 
 
@@ -151,6 +156,31 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             )
         )
 
+    async def GetUsage(
+        self, request: planner_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> planner_pb2.Usage:
+        if not 0 <= request.window_seconds <= MAX_USAGE_WINDOW_SECONDS:
+            raise InvalidArgumentError(
+                f"window_seconds is {request.window_seconds}; use 1 to {MAX_USAGE_WINDOW_SECONDS}, or 0 for an hour"
+            )
+        tenant = _tenant()
+        window = request.window_seconds or DEFAULT_USAGE_WINDOW_SECONDS
+        runs, usage = await self.store.usage_since(time.time() - window, tenant=tenant)
+        limits = self.runs.quotas.limits(tenant)
+        return planner_pb2.Usage(
+            tenant=tenant,
+            window_seconds=window,
+            runs=runs,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            active_runs=await self.store.count_active_runs(tenant=tenant),
+            max_concurrent_runs=limits.max_concurrent_runs or 0,
+            requests_per_minute=limits.requests_per_minute or 0,
+            tokens_per_minute=limits.tokens_per_minute or 0,
+            tokens_last_minute=self.runs.quotas.tokens_last_minute(tenant),
+        )
+
     async def RejectToolCall(
         self, request: planner_pb2.RejectToolCallRequest, context: grpc.aio.ServicerContext
     ) -> planner_pb2.Run:
@@ -229,7 +259,9 @@ def create_server(
         )
     catalog = AgentCatalog(store, planner, tools.list_tools, llm.list_models)
     deps = ExecutorDeps(llm, tools, signer, step_max_tokens=planner.step_max_tokens)
-    runs = RunManager(store, catalog, deps, history_turns=planner.history_turns)
+    metrics = CollectorRegistry()
+    quotas = TenantQuotas(planner.quotas, metrics)
+    runs = RunManager(store, catalog, deps, history_turns=planner.history_turns, quotas=quotas)
     keys = authenticator = None
     if auth_required(config):
         assert config.auth.keys_path is not None  # filled in by MeshConfig
@@ -246,7 +278,9 @@ def create_server(
                 AGENT_SERVICE_NAME, AgentServicer(catalog), agents_pb2_grpc.add_AgentServiceServicer_to_server
             ),
         ],
-        interceptors=[auth],
+        # Inside the authentication: the call-rate quota is the authenticated tenant's.
+        interceptors=[auth, QuotaInterceptor(quotas)],
+        registry=metrics,
     )
 
 

@@ -329,6 +329,22 @@ class RunStore:
         )
         return await self._call(lambda c: [_run(row, []) for row in c.execute(query, (*params, limit))])
 
+    async def count_active_runs(self, *, tenant: str) -> int:
+        """The tenant's runs that have not ended (running or waiting for approval)."""
+        query = "SELECT COUNT(*) FROM runs WHERE tenant = ? AND state IN (?, ?)"
+        params = (tenant, RunState.RUNNING.value, RunState.WAITING_FOR_APPROVAL.value)
+        return await self._call(lambda c: int(c.execute(query, params).fetchone()[0]))
+
+    async def usage_since(self, since: float, *, tenant: str) -> tuple[int, Usage]:
+        """How many runs the tenant started since ``since`` (epoch seconds), and their tokens."""
+        query = (
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(total_tokens), 0), COALESCE(SUM(cached_prompt_tokens), 0) FROM runs "
+            "WHERE tenant = ? AND create_time >= ?"
+        )
+        row = await self._call(lambda c: c.execute(query, (tenant, since)).fetchone())
+        return int(row[0]), Usage(*map(int, row[1:]))
+
     async def runs_in_state(self, state: RunState) -> list[RunRecord]:
         """Every run in ``state`` with its snapshot, oldest first (what a starting planner resumes)."""
         query = f"SELECT {_RUN_COLUMNS} FROM runs WHERE state = ? ORDER BY create_time"

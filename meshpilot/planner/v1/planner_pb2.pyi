@@ -309,3 +309,35 @@ class RejectToolCallRequest(_message.Message):
     call_id: str
     reason: str
     def __init__(self, run_id: _Optional[str] = ..., call_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ("window_seconds",)
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    window_seconds: int
+    def __init__(self, window_seconds: _Optional[int] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("tenant", "window_seconds", "runs", "prompt_tokens", "completion_tokens", "total_tokens", "active_runs", "max_concurrent_runs", "requests_per_minute", "tokens_per_minute", "tokens_last_minute")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RUNS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    window_seconds: int
+    runs: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    active_runs: int
+    max_concurrent_runs: int
+    requests_per_minute: int
+    tokens_per_minute: int
+    tokens_last_minute: int
+    def __init__(self, tenant: _Optional[str] = ..., window_seconds: _Optional[int] = ..., runs: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., active_runs: _Optional[int] = ..., max_concurrent_runs: _Optional[int] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., tokens_last_minute: _Optional[int] = ...) -> None: ...

@@ -80,6 +80,11 @@ class PlannerServiceStub:
                 request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RejectToolCallRequest.SerializeToString,
                 response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/meshpilot.planner.v1.PlannerService/GetUsage',
+                request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Usage.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -149,6 +154,13 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """The caller's tenant's usage over a recent window and its quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +208,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.RejectToolCall,
                     request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RejectToolCallRequest.FromString,
                     response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetUsageRequest.FromString,
+                    response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Usage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +459,33 @@ class PlannerService:
             '/meshpilot.planner.v1.PlannerService/RejectToolCall',
             meshpilot_dot_planner_dot_v1_dot_planner__pb2.RejectToolCallRequest.SerializeToString,
             meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.planner.v1.PlannerService/GetUsage',
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetUsageRequest.SerializeToString,
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.Usage.FromString,
             options,
             channel_credentials,
             insecure,
