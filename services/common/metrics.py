@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from services.common.errors import rewrap_handler
 
@@ -95,12 +98,39 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 class MetricsEndpoint:
-    """Serves a registry at http://host:port/metrics on a daemon thread (port 0 picks a free one)."""
+    """Serves a registry at http://host:port/metrics on a daemon thread (port 0 picks a free one).
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+    With ``authorize`` a scrape must send ``Authorization: Bearer <token>`` that it accepts (Prometheus:
+    ``authorization: {credentials: ...}`` in the scrape config), else 401 with nothing of the metrics.
+    """
+
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, authorize: Callable[[str], bool] | None = None
+    ) -> None:
+        app = make_wsgi_app(registry)
+        if authorize is not None:
+            app = _bearer_only(app, authorize)
+        self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.port = int(self._server.server_port)
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _bearer_only(app: Any, authorize: Callable[[str], bool]) -> Any:
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        scheme, _, token = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        if scheme.lower() == "bearer" and token.strip() and authorize(token.strip()):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+        return [b"send Authorization: Bearer <API key> to read the metrics\n"]
+
+    return guarded

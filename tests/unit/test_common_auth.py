@@ -250,3 +250,27 @@ def test_keys_cli_creates_lists_and_revokes(tmp_path: Path) -> None:
     bad = runner.invoke(app, ["keys", "create", "--tenant", "Bad Tenant", "-c", str(config)])
     assert bad.exit_code == 2 and "must be lowercase letters" in bad.output
     store.close()
+
+
+def test_metrics_with_an_authorizer_need_a_bearer_token_it_accepts() -> None:
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from services.common.metrics import MetricsEndpoint
+
+    registry = CollectorRegistry()
+    Counter("meshpilot_probe", "A metric to find.", registry=registry).inc()
+    endpoint = MetricsEndpoint("127.0.0.1", 0, registry, authorize=lambda token: token == "good")
+    url = f"http://127.0.0.1:{endpoint.port}/metrics"
+    try:
+        for headers in ({}, {"Authorization": "Bearer bad"}, {"Authorization": "Basic good"}):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+            assert refused.value.code == 401
+            assert b"meshpilot_probe" not in refused.value.read()
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer good"})) as ok:
+            assert b"meshpilot_probe_total 1.0" in ok.read()
+    finally:
+        endpoint.close()
