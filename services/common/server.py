@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,13 +17,80 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from services.common.config import ServerConfig
-from services.common.errors import ErrorMappingInterceptor
+from services.common.errors import ErrorMappingInterceptor, rewrap_handler
 from services.common.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
 
 log = logging.getLogger(__name__)
 
 # 64 MiB: tool results and knowledge-graph answers can exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# glibc keeps what a call freed (gRPC's buffers, a tokenizer's work on a long prompt) in its arenas: twelve CountTokens
+# calls with 1M-character prompts left the inference service's RSS 300 MB higher for good. After a request this large
+# the heap is trimmed, which hands that memory back.
+TRIM_AFTER_REQUEST_BYTES = 256 * 1024
+
+
+def _find_malloc_trim() -> Callable[[], object] | None:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim this way
+        return None
+    return lambda: trim(0)
+
+
+MALLOC_TRIM = _find_malloc_trim()
+
+
+class HeapTrimInterceptor(grpc.aio.ServerInterceptor):
+    """Trims the C heap (``trim``, glibc's malloc_trim by default) after each call whose request had at least
+    ``threshold`` bytes, off the event loop."""
+
+    def __init__(
+        self, threshold: int = TRIM_AFTER_REQUEST_BYTES, trim: Callable[[], object] | None = MALLOC_TRIM
+    ) -> None:
+        self.threshold = threshold
+        self.trim = trim
+        # Set by the request deserializer, which gRPC runs in the call's own task before the handler.
+        self._request_bytes: ContextVar[int] = ContextVar("request_bytes", default=0)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if self.trim is None or handler is None or handler.request_deserializer is None:
+            return handler
+        deserializer = handler.request_deserializer
+
+        def measured(data: bytes) -> Any:
+            self._request_bytes.set(len(data))
+            return deserializer(data)
+
+        def wrap_unary(behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]) -> Any:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    return await behavior(request, context)
+                finally:
+                    await self._after_call()
+
+            return wrapper
+
+        def wrap_stream(behavior: Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]) -> Any:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    await self._after_call()
+
+            return wrapper
+
+        return rewrap_handler(handler, wrap_unary, wrap_stream, request_deserializer=measured)
+
+    async def _after_call(self) -> None:
+        if self._request_bytes.get() >= self.threshold and self.trim is not None:
+            await asyncio.to_thread(self.trim)
 
 
 @dataclass(frozen=True)
@@ -59,7 +128,12 @@ class MeshServer:
         self._metrics_endpoint: MetricsEndpoint | None = None
         self.server = grpc.aio.server(
             # Metrics outermost, so they count the status codes the error mapping chose.
-            interceptors=[MetricsInterceptor(self.rpc_metrics), ErrorMappingInterceptor(), *interceptors],
+            interceptors=[
+                MetricsInterceptor(self.rpc_metrics),
+                HeapTrimInterceptor(),
+                ErrorMappingInterceptor(),
+                *interceptors,
+            ],
             options=[
                 ("grpc.max_receive_message_length", max_request_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="meshpilot-fuzz-") as data_dir:
         mesh = ServiceProcesses(Path(data_dir), SERVICES, env=FUZZ_SETTINGS)
         print(f"starting {', '.join(SERVICES)} (logs in {data_dir}) ...", flush=True)
-        mesh.start_all()
-        before = {name: rss_mb(mesh.processes[name].pid) for name in SERVICES}
-        started = time.monotonic()
-        print(f"fuzzing every method with {args.budget} calls, seed {seed}", flush=True)
         try:
+            mesh.start_all()
+            before = {name: rss_mb(mesh.processes[name].pid) for name in SERVICES}
+            started = time.monotonic()
+            print(f"fuzzing every method with {args.budget} calls, seed {seed}", flush=True)
             campaign = asyncio.run(_campaign(mesh, args.budget, seed, args.timeout))
             after = {name: rss_mb(mesh.processes[name].pid) for name in SERVICES}
         finally:

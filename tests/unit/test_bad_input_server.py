@@ -14,7 +14,7 @@ from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import MeshServer, NotFoundError, ServerConfig, create_channel
 from services.common.errors import MAX_STATUS_MESSAGE_BYTES, bounded, quoted
-from services.common.server import ServiceBinding
+from services.common.server import HeapTrimInterceptor, ServiceBinding
 
 EXECUTE = "/meshpilot.tools.v1.ToolsService/ExecuteTool"
 GENERATE = "/meshpilot.inference.v1.InferenceService/Generate"
@@ -40,8 +40,17 @@ class EchoInference(inference_pb2_grpc.InferenceServiceServicer):
         yield inference_pb2.GenerateResponse(text=request.prompt)
 
 
+TRIM_THRESHOLD = 10_000
+
+
 @pytest.fixture
-async def mesh():
+def trims() -> list[int]:
+    """One entry per heap trim the server's HeapTrimInterceptor made."""
+    return []
+
+
+@pytest.fixture
+async def mesh(trims: list[int]):
     tools = RecordingTools()
     server = MeshServer(
         ServerConfig(port=0, metrics=False),
@@ -57,6 +66,7 @@ async def mesh():
                 inference_pb2_grpc.add_InferenceServiceServicer_to_server,
             ),
         ],
+        interceptors=[HeapTrimInterceptor(TRIM_THRESHOLD, lambda: trims.append(1))],
     )
     await server.start()
     await server.set_serving()
@@ -193,3 +203,19 @@ def test_bounded_fits_the_byte_limit_and_never_splits_a_character(text: str) -> 
     cut = bounded(text)
     assert len(cut.encode()) <= MAX_STATUS_MESSAGE_BYTES
     assert cut == text or (cut.startswith(text[:10]) and cut.endswith(text[-3:]) and " [...] " in cut)
+
+
+async def test_the_heap_is_trimmed_after_a_large_request_only(mesh, trims: list[int]) -> None:
+    tools, channel = mesh
+    stub = tools_pb2_grpc.ToolsServiceStub(channel)
+    await stub.ExecuteTool(tools_pb2.ExecuteToolRequest(name="small"), timeout=5)
+    assert trims == []
+    await stub.ExecuteTool(tools_pb2.ExecuteToolRequest(name="x" * TRIM_THRESHOLD), timeout=5)
+    assert trims == [1]
+    tools.error = NotFoundError("no such tool")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.ExecuteTool(tools_pb2.ExecuteToolRequest(name="y" * TRIM_THRESHOLD), timeout=5)
+    assert trims == [1, 1], "a failed call is trimmed after too"
+    generate = inference_pb2_grpc.InferenceServiceStub(channel).Generate
+    [r async for r in generate(inference_pb2.GenerateRequest(prompt="z" * TRIM_THRESHOLD), timeout=5)]
+    assert trims == [1, 1, 1], "and a stream"
