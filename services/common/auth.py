@@ -9,6 +9,7 @@ and writes one audit line per call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -20,7 +21,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,21 @@ _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("meshpilo
 def current_principal() -> Principal:
     """The caller of the RPC being handled (ANONYMOUS outside an authenticated call or with authentication off)."""
     return _principal.get()
+
+
+# The tenant a service's outgoing calls act for (the planner's model calls for a run): the inference service shares
+# its capacity between tenants by it. Internal metadata, trusted only between the mesh's own services.
+TENANT_METADATA = "x-meshpilot-tenant"
+
+
+@contextlib.contextmanager
+def acting_as(tenant: str) -> Iterator[None]:
+    """Makes ``tenant`` the current principal's tenant for the calls made inside (in this task)."""
+    token = _principal.set(Principal(tenant))
+    try:
+        yield
+    finally:
+        _principal.reset(token)
 
 
 @dataclass(frozen=True)

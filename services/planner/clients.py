@@ -10,6 +10,7 @@ import grpc
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import rpc_error_to_mesh_error
+from services.common.auth import TENANT_METADATA, current_principal
 from services.common.json_values import message_to_json
 from services.planner.convert import duration, json_to_struct, timings_from_proto, usage_from_proto
 from services.planner.types import GREEDY, Generation, Sampling, ToolOutcome, ToolSpec
@@ -49,7 +50,8 @@ class InferenceLLMClient:
         parts: list[str] = []
         last = inference_pb2.GenerateResponse()
         try:
-            async for response in self._stub.Generate(request, timeout=timeout):
+            metadata = ((TENANT_METADATA, current_principal().tenant),)
+            async for response in self._stub.Generate(request, timeout=timeout, metadata=metadata):
                 parts.append(response.text)
                 last = response
         except grpc.aio.AioRpcError as e:

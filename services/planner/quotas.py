@@ -18,7 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from services.common import ResourceExhaustedError
-from services.common.auth import OPEN_SERVICES, REFLECTION_SERVICES, current_principal
+from services.common.auth import OPEN_SERVICES, REFLECTION_SERVICES, acting_as, current_principal
 from services.common.config import QuotaConfig, QuotaLimits
 from services.planner.types import Generation, Sampling, Usage
 
@@ -123,7 +123,8 @@ class TenantQuotas:
 
 
 class ChargedLLM:
-    """An LLM client that charges every generation's tokens to ``tenant`` (the run's) in ``quotas``."""
+    """An LLM client that charges every generation's tokens to ``tenant`` (the run's) in ``quotas``, and makes its
+    calls on the tenant's behalf (``acting_as``: the inference client sends the tenant along)."""
 
     def __init__(self, llm: Any, tenant: str, quotas: TenantQuotas) -> None:
         self._llm = llm
@@ -141,9 +142,10 @@ class ChargedLLM:
         sampling: Sampling | None = None,
     ) -> Generation:
         extra = {"sampling": sampling} if sampling is not None else {}
-        generation: Generation = await self._llm.generate(
-            messages, json_schema, max_tokens, timeout=timeout, model=model, **extra
-        )
+        with acting_as(self.tenant):  # the inference service shares its capacity between tenants by it
+            generation: Generation = await self._llm.generate(
+                messages, json_schema, max_tokens, timeout=timeout, model=model, **extra
+            )
         self._quotas.charge(self.tenant, generation.usage)
         return generation
 

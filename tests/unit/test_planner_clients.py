@@ -18,6 +18,7 @@ from services.common import (
     UnavailableError,
     create_channel,
 )
+from services.common.auth import acting_as
 from services.planner import InferenceLLMClient, ToolSpec, ToolsServiceClient, Usage
 from tests.conftest import free_port
 
@@ -26,10 +27,12 @@ class RecordingInference(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[inference_pb2.GenerateRequest] = []
         self.time_remaining: float | None = None
+        self.tenants: list[str | None] = []
 
     async def Generate(self, request, context):
         self.requests.append(request)
         self.time_remaining = context.time_remaining()
+        self.tenants.append(dict(context.invocation_metadata()).get("x-meshpilot-tenant"))
         if request.max_tokens == 1:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full; retry later")
         for piece in ('{"final_answer": ', '"Paris"}'):
@@ -100,6 +103,15 @@ async def test_generate_sends_a_greedy_constrained_chat_and_joins_the_stream(ser
     assert request.sampling.HasField("temperature") and request.sampling.temperature == 0.0
     assert request.constraint.json_schema == json.dumps(schema)  # key order kept: it is the order of the output
     assert 0 < inference.time_remaining <= 30.5  # gRPC rounds deadlines: seen 30.095 for timeout=30
+
+
+async def test_generate_says_which_tenant_it_acts_for(servers) -> None:
+    llm, inference, _, _ = servers
+    await llm.generate([{"role": "user", "content": "Hi"}], {}, 8, timeout=30)
+    with acting_as("acme"):
+        await llm.generate([{"role": "user", "content": "Hi"}], {}, 8, timeout=30)
+
+    assert inference.tenants == ["default", "acme"]
 
 
 async def test_generate_refusal_keeps_its_code(servers) -> None:
