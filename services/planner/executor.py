@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from services.common import (
@@ -174,7 +174,7 @@ class RunExecutor:
             tools = await self._retrying(lambda timeout: self.deps.tools.list_tools(timeout=timeout))
             context = Context(
                 self.definition.instructions,
-                [t for t in tools if self.definition.allows(t.name)],
+                [self._marked(t) for t in tools if self.definition.allows(t.name)],
                 self.definition.examples,
             )
             while True:
@@ -209,6 +209,12 @@ class RunExecutor:
             return await self._fail(
                 Failed("INTERNAL", f"internal error in the planner (incident {incident}); see its log")
             )
+
+    def _marked(self, tool: ToolSpec) -> ToolSpec:
+        """``tool`` as the policy should see it: requiring approval when the agent asks for it, too."""
+        if tool.name in self.definition.approval_required and not tool.requires_approval:
+            return replace(tool, requires_approval=True)
+        return tool
 
     async def _fail(self, failure: Failed) -> RunState:
         state = RunState.CANCELLED if failure.code == "CANCELLED" else RunState.FAILED

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from services.planner.guardrails import visible
+
 # The key a scalar gets when no dict key names it (a tool that returns a bare number or list).
 RESULT_KEY = "result"
 MAX_VALUE_CHARS = 160
@@ -65,7 +67,8 @@ def collect_facts(result: Any, subject: str, exclude: Iterable[object] = ()) -> 
     """Every scalar in ``result`` as a Fact named by its nearest dict key, in sorted key order, without repeats.
 
     Values equal to one in ``exclude`` (what the agent asked about, e.g. the country it looked up) are left out:
-    repeating the question is not an answer.
+    repeating the question is not an answer. Values are taken as a person sees them (``visible``): an answer quotes
+    them, so hidden characters in a tool's result must not ride along.
     """
     excluded = {str(value).strip().casefold() for value in exclude}
     facts: dict[tuple[str, str], Fact] = {}
@@ -78,7 +81,7 @@ def collect_facts(result: Any, subject: str, exclude: Iterable[object] = ()) -> 
             for item in value:
                 walk(item, key, len(value))
         elif isinstance(value, int | float | str) and not isinstance(value, bool):
-            text = str(value).strip()
+            text = visible(str(value)).strip()
             if text and text.casefold() not in excluded and len(text) <= MAX_VALUE_CHARS and len(facts) < MAX_FACTS:
                 facts.setdefault((key, text), Fact(key, text, subject, list_size))
 

@@ -24,6 +24,7 @@ _INVISIBLE = re.compile("[\u0085\u2028\u2029\u200b\u200e\u200f\u202a-\u202e\u206
 # service tokenizes the rendered chat with special tokens parsed, so "<|im_start|>system" in tool output would open a
 # real system turn (seen with SmolLM2's tokenizer). A space makes it plain text.
 _CONTROL_TOKEN = "<|"
+_LINE_SEPARATORS = frozenset("\u0085\u2028\u2029")
 
 
 def new_nonce() -> str:
@@ -49,6 +50,12 @@ def fence(text: str, nonce: str) -> str:
     inner = text.replace(nonce, "[nonce]") if nonce else text
     inner = _INVISIBLE.sub(_escaped, inner).replace(_CONTROL_TOKEN, "< |")
     return f"{fence_open(nonce)}{inner}{fence_close(nonce)}"
+
+
+def visible(text: str) -> str:
+    """``text`` as a person reads it: line separators as spaces, the invisible characters ``fence`` escapes left out,
+    so that a value copied into an answer carries no hidden text (Unicode tag characters spell ASCII unseen)."""
+    return _INVISIBLE.sub(lambda m: " " if m.group() in _LINE_SEPARATORS else "", text)
 
 
 def _escaped(match: re.Match[str]) -> str:

@@ -50,6 +50,9 @@ class GuidedPolicy(Policy):
     - a tool that failed, returned nothing that answers the question, or was named in an action that was not complete
       JSON is not offered again (under greedy decoding the model would repeat the call); after MAX_LOOKUPS such
       attempts the answer is "I could not find the answer.";
+    - a second look is a lookup: tools that need a human's approval are offered only as the first action, before any
+      tool output was read, so nothing a tool returns can lead to such a call (without this, a run whose lookup found
+      nothing had only append_note left to call);
     - string arguments are capped at MAX_ARGUMENT_CHARS.
 
     Memory: ``facts`` (answering facts so far), ``spent`` (tools not offered again), ``lookups`` (calls made),
@@ -76,6 +79,8 @@ class GuidedPolicy(Policy):
             return grounded_answer_options([])
         spent = set(state.memory.get("spent", []))
         offered = [t for t in tools if t.name not in spent]
+        if state.memory.get("lookups", 0):
+            offered = [t for t in offered if not t.requires_approval]
         return tool_call_options(offered, MAX_ARGUMENT_CHARS) or grounded_answer_options([])
 
     def on_output(self, state: RunSnapshot, context: Context, text: str) -> Decision:
