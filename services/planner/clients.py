@@ -50,8 +50,7 @@ class InferenceLLMClient:
         parts: list[str] = []
         last = inference_pb2.GenerateResponse()
         try:
-            metadata = ((TENANT_METADATA, current_principal().tenant),)
-            async for response in self._stub.Generate(request, timeout=timeout, metadata=metadata):
+            async for response in self._stub.Generate(request, timeout=timeout, metadata=_tenant_metadata()):
                 parts.append(response.text)
                 last = response
         except grpc.aio.AioRpcError as e:
@@ -68,15 +67,23 @@ class InferenceLLMClient:
         return [model.id for model in response.models]
 
 
+def _tenant_metadata() -> tuple[tuple[str, str], ...]:
+    """Whom a call acts for: the tenant of the RPC being handled, or the run's (``acting_as``)."""
+    return ((TENANT_METADATA, current_principal().tenant),)
+
+
 class ToolsServiceClient:
-    """The tools service as the planner's ToolClient: NOT_FOUND and INVALID_ARGUMENT surface as those MeshErrors."""
+    """The tools service as the planner's ToolClient: NOT_FOUND and INVALID_ARGUMENT surface as those MeshErrors.
+    Calls carry the tenant they act for: a tenant sees and runs the tools of its own sources, and everyone's."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = tools_pb2_grpc.ToolsServiceStub(channel)
 
     async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
         try:
-            response = await self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout or LOOKUP_TIMEOUT_S)
+            response = await self._stub.ListTools(
+                tools_pb2.ListToolsRequest(), timeout=timeout or LOOKUP_TIMEOUT_S, metadata=_tenant_metadata()
+            )
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "tools") from e
         return [
@@ -111,7 +118,7 @@ class ToolsServiceClient:
         if timeout is not None:
             request.timeout.CopyFrom(duration(timeout))
         try:
-            response = await self._stub.ExecuteTool(request, timeout=timeout)
+            response = await self._stub.ExecuteTool(request, timeout=timeout, metadata=_tenant_metadata())
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "tools") from e
         seconds = response.duration.ToNanoseconds() / 1e9

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 from services.common import ResourceExhaustedError
 from services.common.auth import OPEN_SERVICES, REFLECTION_SERVICES, acting_as, current_principal
 from services.common.config import QuotaConfig, QuotaLimits
-from services.planner.types import Generation, Sampling, Usage
+from services.planner.types import Generation, Sampling, ToolOutcome, ToolSpec, Usage
 
 WINDOW_SECONDS = 60.0
 
@@ -151,6 +151,24 @@ class ChargedLLM:
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
         result: list[str] = await self._llm.list_models(timeout=timeout)
+        return result
+
+
+class TenantTools:
+    """A tool client whose calls act for ``tenant`` (the run's): the tools service shows it the tenant's tools."""
+
+    def __init__(self, tools: Any, tenant: str) -> None:
+        self._tools = tools
+        self.tenant = tenant
+
+    async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
+        with acting_as(self.tenant):
+            result: list[ToolSpec] = await self._tools.list_tools(timeout=timeout)
+        return result
+
+    async def execute(self, call_id: str, name: str, arguments: dict[str, Any], **options: Any) -> ToolOutcome:
+        with acting_as(self.tenant):
+            result: ToolOutcome = await self._tools.execute(call_id, name, arguments, **options)
         return result
 
 

@@ -16,7 +16,7 @@ from services.planner.agents import AgentCatalog, AgentDefinition
 from services.planner.executor import ExecutorDeps, RunExecutor
 from services.planner.journal import EventBus, RunJournal
 from services.planner.policies import POLICIES
-from services.planner.quotas import ChargedLLM, TenantQuotas
+from services.planner.quotas import ChargedLLM, TenantQuotas, TenantTools
 from services.planner.state import AgentRef, RunSnapshot
 from services.planner.store import DEFAULT_TENANT, RunRecord, RunState, RunStore, shown
 from services.planner.types import Budget, Failed
@@ -93,8 +93,10 @@ class RunManager:
     def _executor(self, snapshot: RunSnapshot, tenant: str) -> RunExecutor:
         definition = AgentDefinition.from_dict(snapshot.agent.spec)
         policy = POLICIES[definition.policy](definition.policy_options)
-        # The run's model calls are charged to its tenant.
-        deps = dataclasses.replace(self.deps, llm=ChargedLLM(self.deps.llm, tenant, self.quotas))
+        # The run's model calls are charged to its tenant, and its tool calls see the tenant's tools.
+        deps = dataclasses.replace(
+            self.deps, llm=ChargedLLM(self.deps.llm, tenant, self.quotas), tools=TenantTools(self.deps.tools, tenant)
+        )
         executor = RunExecutor(RunJournal(self.store, self.bus, snapshot), definition, policy, deps)
         self._executors[snapshot.run_id] = executor
         return executor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ class ToolCall:
     timeout_seconds: float | None = None
     idempotency_key: str = ""
     approval_token: str = ""
+    tenant: str = "default"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class ToolExecutor:
         signer: ApprovalSigner,
         approval_required: Iterable[str] = (),
         sources: Iterable[str] = (),
+        scoped: Callable[[str], ToolRegistry | None] = lambda tenant: None,
     ) -> None:
         marked = list(approval_required)
         declared = set(sources)
@@ -96,18 +98,28 @@ class ToolExecutor:
         self.store = store
         self.signer = signer
         self._marked = set(marked)
+        self._scoped = scoped
         self._running: dict[str, _Running] = {}
 
-    def tools(self) -> list[Tool]:
-        """The registered tools, ``requires_approval`` set for those the configuration marks too."""
+    def tools(self, tenant: str = "default") -> list[Tool]:
+        """The tools ``tenant`` may call (every tenant's, then its own sources'), ``requires_approval`` set for those
+        the configuration marks too."""
+        scoped = self._scoped(tenant)
+        tools = self.registry.list() + (scoped.list() if scoped is not None else [])
         return [
             dataclasses.replace(tool, requires_approval=True) if self._marked_for_approval(tool.name) else tool
-            for tool in self.registry.list()
+            for tool in tools
         ]
 
-    def requires_approval(self, name: str) -> bool:
-        """Whether the registered tool ``name`` runs only with an approval token; NotFoundError if there is none."""
-        return self.registry.get(name).requires_approval or self._marked_for_approval(name)
+    def registry_for(self, tenant: str, name: str) -> ToolRegistry:
+        """The registry that holds the tool ``name`` for ``tenant``: its own sources' first, then everyone's."""
+        scoped = self._scoped(tenant)
+        return scoped if scoped is not None and name in scoped else self.registry
+
+    def requires_approval(self, name: str, tenant: str = "default") -> bool:
+        """Whether the tool ``name`` runs only with an approval token; NotFoundError if the tenant has none."""
+        tool = self.registry_for(tenant, name).get(name)
+        return tool.requires_approval or self._marked_for_approval(name)
 
     def _marked_for_approval(self, name: str) -> bool:
         source, dot, _ = name.partition(".")
@@ -120,14 +132,15 @@ class ToolExecutor:
             raise InvalidArgumentError(
                 f"idempotency_key is {len(key)} characters long; use at most {MAX_KEY_CHARS} (a UUID fits)"
             )
-        tool, arguments = self.registry.validate(call.name, call.arguments)
-        limit = self.registry.effective_timeout(tool, call.timeout_seconds)
-        if self.requires_approval(tool.name):
+        registry = self.registry_for(call.tenant, call.name)
+        tool, arguments = registry.validate(call.name, call.arguments)
+        limit = registry.effective_timeout(tool, call.timeout_seconds)
+        if tool.requires_approval or self._marked_for_approval(tool.name):
             self.signer.verify(
                 call.approval_token, run_id=call.run_id, call_id=call.call_id, tool=tool.name, arguments=arguments
             )
         if not key:
-            return Execution(await self.registry.run(tool, arguments, limit))
+            return Execution(await registry.run(tool, arguments, limit))
         return await self._execute_keyed(key, tool, arguments, limit)
 
     async def _execute_keyed(self, key: str, tool: Tool, arguments: dict[str, Any], limit: float) -> Execution:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
@@ -43,7 +44,11 @@ def default_registry(config: MeshConfig, knowledge: KnowledgeClient | None) -> T
     return registry
 
 
-def create_executor(config: MeshConfig, registry: ToolRegistry) -> ToolExecutor:
+def create_executor(
+    config: MeshConfig,
+    registry: ToolRegistry,
+    scoped: Callable[[str], ToolRegistry | None] = lambda tenant: None,
+) -> ToolExecutor:
     """The executor over ``registry`` with config's outcome store, approval key (created if missing) and markings.
 
     Raises ConfigError when tools.approval_required names a tool that is neither registered nor of a declared source.
@@ -58,6 +63,7 @@ def create_executor(config: MeshConfig, registry: ToolRegistry) -> ToolExecutor:
         signer=signer,
         approval_required=config.tools.approval_required,
         sources=[server.name for server in config.tools.mcp_servers] + [api.name for api in config.tools.openapi],
+        scoped=scoped,
     )
 
 
@@ -85,13 +91,13 @@ class ToolsService:
         assert config.tools.db_path is not None  # filled in by MeshConfig
         self.knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
         registry = registry if registry is not None else default_registry(config, self.knowledge)
-        self.executor = create_executor(config, registry)
         self.sources = ToolSources(
             config.tools,
             registry,
             SourceStore(config.tools.db_path),
             allow_commands=allows_registered_commands(config),
         )
+        self.executor = create_executor(config, registry, scoped=self.sources.scoped)
         endpoint = config.tools.mcp_endpoint
         self.mcp_endpoint = McpEndpoint(self.executor, endpoint) if endpoint.enabled else None
         servicer = ToolsServicer(self.executor, self.sources)

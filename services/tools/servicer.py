@@ -9,10 +9,20 @@ from google.protobuf import json_format, struct_pb2
 
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import FailedPreconditionError, InvalidArgumentError
+from services.common.auth import TENANT_METADATA, TENANT_PATTERN
 from services.common.config import McpServerConfig
 from services.tools.executor import Execution, ToolCall, ToolExecutor
 from services.tools.registry import Tool, ToolErrorKind
-from services.tools.sources import OpenApiSpec, Origin, SourceInfo, SourceSpec, SourceState, ToolSources, validated
+from services.tools.sources import (
+    DEFAULT_TENANT,
+    OpenApiSpec,
+    Origin,
+    SourceInfo,
+    SourceSpec,
+    SourceState,
+    ToolSources,
+    validated,
+)
 
 _ERROR_KINDS = {
     ToolErrorKind.FAILED: tools_pb2.ToolError.KIND_FAILED,
@@ -51,7 +61,15 @@ def request_timeout(request: tools_pb2.ExecuteToolRequest) -> float | None:
     return seconds if seconds != 0 else None
 
 
-def call_from_proto(request: tools_pb2.ExecuteToolRequest) -> ToolCall:
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The tenant a call acts for (the planner sends its run's), "default" when it names none or none valid."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_METADATA and isinstance(value, str) and TENANT_PATTERN.match(value):
+            return value
+    return DEFAULT_TENANT
+
+
+def call_from_proto(request: tools_pb2.ExecuteToolRequest, tenant: str = DEFAULT_TENANT) -> ToolCall:
     arguments: dict[str, Any] = json_format.MessageToDict(request.arguments) if request.HasField("arguments") else {}
     return ToolCall(
         name=request.name,
@@ -61,6 +79,7 @@ def call_from_proto(request: tools_pb2.ExecuteToolRequest) -> ToolCall:
         timeout_seconds=request_timeout(request),
         idempotency_key=request.idempotency_key,
         approval_token=request.approval_token,
+        tenant=tenant,
     )
 
 
@@ -138,12 +157,13 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
     async def ListTools(
         self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ListToolsResponse:
-        return tools_pb2.ListToolsResponse(tools=[tool_to_proto(tool) for tool in self.executor.tools()])
+        tools = self.executor.tools(tenant_of(context))
+        return tools_pb2.ListToolsResponse(tools=[tool_to_proto(tool) for tool in tools])
 
     async def ExecuteTool(
         self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ExecuteToolResponse:
-        execution = await self.executor.execute(call_from_proto(request))
+        execution = await self.executor.execute(call_from_proto(request, tenant_of(context)))
         return execution_to_proto(request.call_id, execution)
 
     def _sources(self) -> ToolSources:
@@ -155,17 +175,17 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
         self, request: tools_pb2.RegisterToolSourceRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ToolSource:
         sources = self._sources()
-        info = await sources.register(spec_from_proto(request.source))
+        info = await sources.register(spec_from_proto(request.source), tenant_of(context))
         return source_to_proto(info)
 
     async def ListToolSources(
         self, request: tools_pb2.ListToolSourcesRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ListToolSourcesResponse:
-        sources = self.sources.list_sources() if self.sources is not None else []
+        sources = self.sources.list_sources(tenant_of(context)) if self.sources is not None else []
         return tools_pb2.ListToolSourcesResponse(sources=[source_to_proto(info) for info in sources])
 
     async def UnregisterToolSource(
         self, request: tools_pb2.UnregisterToolSourceRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.UnregisterToolSourceResponse:
-        await self._sources().unregister(request.name)
+        await self._sources().unregister(request.name, tenant_of(context))
         return tools_pb2.UnregisterToolSourceResponse()

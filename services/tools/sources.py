@@ -44,7 +44,23 @@ MIGRATIONS = (
         created_at REAL NOT NULL
     );
     """,
+    # Sources belong to the tenant that registered them; those from before tenants to the default one.
+    """
+    CREATE TABLE tool_sources_by_tenant (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (tenant, name)
+    );
+    INSERT INTO tool_sources_by_tenant SELECT 'default', name, kind, spec, created_at FROM tool_sources;
+    DROP TABLE tool_sources;
+    ALTER TABLE tool_sources_by_tenant RENAME TO tool_sources;
+    """,
 )
+# The tenant of calls and registrations that name none (a mesh without authentication).
+DEFAULT_TENANT = "default"
 _MAX_MESSAGE_CHARS = 500
 
 M = TypeVar("M", bound=BaseModel)
@@ -117,27 +133,31 @@ def _shorten(text: str, limit: int = _MAX_MESSAGE_CHARS) -> str:
 
 
 class SourceStore:
-    """Runtime-registered sources by name, in the tools database (a table next to the idempotency outcomes)."""
+    """Runtime-registered sources by tenant and name, in the tools database (next to the idempotency outcomes)."""
 
     def __init__(self, path: Path | str) -> None:
         self._db = SqliteThread(path, lambda conn: migrate(conn, MIGRATIONS), name="tools-sources")
 
-    async def put(self, spec: SourceSpec) -> None:
+    async def put(self, tenant: str, spec: SourceSpec) -> None:
         kind = "mcp" if isinstance(spec, McpServerConfig) else "openapi"
-        row = (spec.name, kind, spec.model_dump_json(), time.time())
-        await self._db.call(lambda c: c.execute("INSERT INTO tool_sources VALUES (?, ?, ?, ?)", row))
+        row = (tenant, spec.name, kind, spec.model_dump_json(), time.time())
+        await self._db.call(lambda c: c.execute("INSERT INTO tool_sources VALUES (?, ?, ?, ?, ?)", row))
 
-    async def delete(self, name: str) -> None:
-        await self._db.call(lambda c: c.execute("DELETE FROM tool_sources WHERE name = ?", (name,)))
+    async def delete(self, tenant: str, name: str) -> None:
+        query = "DELETE FROM tool_sources WHERE tenant = ? AND name = ?"
+        await self._db.call(lambda c: c.execute(query, (tenant, name)))
 
-    async def all(self) -> list[SourceSpec]:
-        def read(c: sqlite3.Connection) -> list[tuple[str, str]]:
-            return c.execute("SELECT kind, spec FROM tool_sources ORDER BY created_at").fetchall()
+    async def all(self) -> list[tuple[str, SourceSpec]]:
+        """Every stored source with its tenant, oldest first."""
 
-        specs: list[SourceSpec] = []
-        for kind, text in await self._db.call(read):
+        def read(c: sqlite3.Connection) -> list[tuple[str, str, str]]:
+            return c.execute("SELECT tenant, kind, spec FROM tool_sources ORDER BY created_at").fetchall()
+
+        specs: list[tuple[str, SourceSpec]] = []
+        for tenant, kind, text in await self._db.call(read):
             data = json.loads(text)
-            specs.append(McpServerConfig.model_validate(data) if kind == "mcp" else OpenApiSpec.model_validate(data))
+            spec = McpServerConfig.model_validate(data) if kind == "mcp" else OpenApiSpec.model_validate(data)
+            specs.append((tenant, spec))
         return specs
 
     async def close(self) -> None:
@@ -150,12 +170,31 @@ class _OpenApiEntry:
     error: str | None = None
 
 
+class _Scope:
+    """The sources of one scope and the registry their tools go into: the configuration's (with the built-ins, seen
+    by every tenant) or one tenant's (registered through the API, seen by that tenant only)."""
+
+    def __init__(self, registry: ToolRegistry) -> None:
+        self.registry = registry
+        self.mcp = McpToolset([], registry)
+        self.openapi: dict[str, _OpenApiEntry] = {}
+        self.origins: dict[str, tuple[SourceSpec, Origin]] = {}
+
+    async def close(self) -> None:
+        await self.mcp.close()
+        await asyncio.gather(*(e.source.close() for e in self.openapi.values() if e.source is not None))
+
+
 class ToolSources:
-    """The MCP servers and OpenAPI documents whose tools ``registry`` offers.
+    """The MCP servers and OpenAPI documents whose tools the tools service offers.
+
+    Those of the configuration go into ``registry`` (next to the built-ins) and every tenant sees them; those
+    registered through the API belong to the tenant that registered them, in a registry of its own (``scoped``),
+    seen and callable by that tenant only, so two tenants may each have a source of one name.
 
     ``start`` adds the configured sources, then those registered earlier (kept in ``store``); MCP servers connect in
     the background. A configured OpenAPI document that cannot be used stops the service (ConfigError); a stored one
-    that no longer loads is shown as failed. ``register`` and ``unregister`` change the sources at runtime.
+    that no longer loads is shown as failed. ``register`` and ``unregister`` change a tenant's sources at runtime.
     ``allow_commands``: whether ``register`` may start stdio MCP servers.
     """
 
@@ -166,117 +205,138 @@ class ToolSources:
         self.allow_commands = allow_commands
         self._config = config
         self._store = store
-        self._mcp = McpToolset([], registry)
-        self._openapi: dict[str, _OpenApiEntry] = {}
-        self._origins: dict[str, tuple[SourceSpec, Origin]] = {}
+        self._global = _Scope(registry)
+        self._tenants: dict[str, _Scope] = {}
+        self._started = False
         self._lock = asyncio.Lock()
+
+    def scoped(self, tenant: str) -> ToolRegistry | None:
+        """The registry of the tenant's own sources' tools, if it registered any."""
+        scope = self._tenants.get(tenant)
+        return scope.registry if scope is not None else None
+
+    def _scope(self, tenant: str) -> _Scope:
+        scope = self._tenants.get(tenant)
+        if scope is None:
+            registry = ToolRegistry(
+                default_timeout_seconds=self.registry.default_timeout_seconds,
+                max_timeout_seconds=self.registry.max_timeout_seconds,
+            )
+            scope = self._tenants[tenant] = _Scope(registry)
+        return scope
 
     async def start(self) -> None:
         for server in self._config.mcp_servers:
-            self._add_mcp(server, Origin.CONFIG)
+            self._add_mcp(self._global, server, Origin.CONFIG)
         for document in self._config.openapi:
             spec = OpenApiSpec.from_config(document)
             try:
-                await self._add_openapi(spec, Origin.CONFIG)
+                await self._add_openapi(self._global, spec, Origin.CONFIG)
             except (OpenApiError, ToolDefinitionError) as e:
                 raise ConfigError(f"tools.openapi {spec.name!r}: {_shorten(str(e))}") from e
-        for stored in await self._store.all():
-            if stored.name in self._origins:
+        for tenant, stored in await self._store.all():
+            scope = self._scope(tenant)
+            if stored.name in self._global.origins:
                 log.warning("tool source %r is declared in the configuration; its registration is ignored", stored.name)
                 continue
             if isinstance(stored, McpServerConfig):
-                self._add_mcp(stored, Origin.API)
+                self._add_mcp(scope, stored, Origin.API)
                 continue
             try:
-                await self._add_openapi(stored, Origin.API)
+                await self._add_openapi(scope, stored, Origin.API)
             except (OpenApiError, ToolDefinitionError) as e:
-                log.warning("registered OpenAPI source %r no longer loads: %s", stored.name, e)
-                self._openapi[stored.name] = _OpenApiEntry(None, _shorten(str(e)))
-                self._origins[stored.name] = (stored, Origin.API)
-        await self._mcp.start()
+                log.warning("registered OpenAPI source %r of tenant %r no longer loads: %s", stored.name, tenant, e)
+                scope.openapi[stored.name] = _OpenApiEntry(None, _shorten(str(e)))
+                scope.origins[stored.name] = (stored, Origin.API)
+        self._started = True
+        for scope in (self._global, *self._tenants.values()):
+            await scope.mcp.start()
 
     async def wait_connected(self) -> None:
         """Returns once every MCP server has listed its tools or failed its first attempt."""
-        await self._mcp.wait_attempted()
+        await asyncio.gather(*(scope.mcp.wait_attempted() for scope in (self._global, *self._tenants.values())))
 
     async def close(self) -> None:
         try:
-            await self._mcp.close()
-            await asyncio.gather(*(e.source.close() for e in self._openapi.values() if e.source is not None))
+            await asyncio.gather(*(scope.close() for scope in (self._global, *self._tenants.values())))
         finally:
             await self._store.close()
 
-    def list_sources(self) -> list[SourceInfo]:
-        return [self._info(name) for name in self._origins]
+    def list_sources(self, tenant: str = DEFAULT_TENANT) -> list[SourceInfo]:
+        """The configuration's sources, then the tenant's."""
+        scopes = [self._global, *([self._tenants[tenant]] if tenant in self._tenants else [])]
+        return [_info(scope, name) for scope in scopes for name in scope.origins]
 
-    def get(self, name: str) -> SourceInfo:
-        if name not in self._origins:
-            raise NotFoundError(f"no tool source named {_shorten(repr(name), 80)}; {self._known()}")
-        return self._info(name)
-
-    async def register(self, spec: SourceSpec) -> SourceInfo:
-        """Adds ``spec`` and keeps it; see RegisterToolSource in tools.proto for what raises."""
+    async def register(self, spec: SourceSpec, tenant: str = DEFAULT_TENANT) -> SourceInfo:
+        """Adds ``spec`` to the tenant's sources and keeps it; see RegisterToolSource in tools.proto for what raises."""
         async with self._lock:
-            if spec.name in self._origins:
-                origin = self._origins[spec.name][1]
-                where = "in the configuration" if origin is Origin.CONFIG else "through the API"
+            if spec.name in self._global.origins:
                 raise AlreadyExistsError(
-                    f"a tool source named {spec.name!r} is already registered ({where}); unregister it first or "
-                    "pick another name"
+                    f"a tool source named {spec.name!r} is declared in the configuration; pick another name"
+                )
+            scope = self._scope(tenant)
+            await scope.mcp.start()  # a new tenant's toolset: connections added from now on start at once
+            if spec.name in scope.origins:
+                raise AlreadyExistsError(
+                    f"a tool source named {spec.name!r} is already registered; unregister it first or pick another name"
                 )
             if isinstance(spec, McpServerConfig):
-                await self._register_mcp(spec)
+                await self._register_mcp(scope, spec)
             else:
                 try:
-                    await self._add_openapi(spec, Origin.API)
+                    await self._add_openapi(scope, spec, Origin.API)
                 except ToolNameTakenError as e:
                     raise AlreadyExistsError(f"source.openapi: {_shorten(str(e))}") from e
                 except (OpenApiError, ToolDefinitionError) as e:
                     raise InvalidArgumentError(f"source.openapi: {_shorten(str(e))}") from e
             try:
-                await self._store.put(spec)
+                await self._store.put(tenant, spec)
             except BaseException:
-                await self._drop(spec.name)
+                await _drop(scope, spec.name)
                 raise
-            log.info("tool source %r registered: %s", spec.name, ", ".join(self._info(spec.name).tools))
-            return self._info(spec.name)
+            info = _info(scope, spec.name)
+            log.info("tool source %r of tenant %r registered: %s", spec.name, tenant, ", ".join(info.tools))
+            return info
 
-    async def unregister(self, name: str) -> None:
+    async def unregister(self, name: str, tenant: str = DEFAULT_TENANT) -> None:
         async with self._lock:
-            _, origin = self._origins.get(name, (None, None))
-            if origin is None:
-                raise NotFoundError(f"no tool source named {_shorten(repr(name), 80)}; {self._known()}")
-            if origin is Origin.CONFIG:
+            if name in self._global.origins:
                 raise FailedPreconditionError(
                     f"tool source {name!r} is declared in the configuration; remove it from tools.mcp_servers or "
                     "tools.openapi and restart the tools service"
                 )
-            await self._store.delete(name)
-            await self._drop(name)
-            log.info("tool source %r unregistered", name)
+            scope = self._tenants.get(tenant)
+            if scope is None or name not in scope.origins:
+                known = ", ".join(source.spec.name for source in self.list_sources(tenant)) or "none"
+                raise NotFoundError(f"no tool source named {_shorten(repr(name), 80)}; tool sources: {known}")
+            await self._store.delete(tenant, name)
+            await _drop(scope, name)
+            log.info("tool source %r of tenant %r unregistered", name, tenant)
 
-    async def _register_mcp(self, spec: McpServerConfig) -> None:
+    async def _register_mcp(self, scope: _Scope, spec: McpServerConfig) -> None:
         if spec.command is not None and not self.allow_commands:
             raise PermissionDeniedError(
                 "this tools service does not start registered stdio MCP servers (a command run on its host): "
                 "register a url instead, declare the server in tools.mcp_servers, or set "
                 "tools.allow_registered_commands"
             )
-        connection = self._add_mcp(spec, Origin.API)
+        connection = self._add_mcp(scope, spec, Origin.API)
         await asyncio.wait_for(connection.attempted.wait(), CONNECT_TIMEOUT_SECONDS + 5)
         if connection.error is not None:
-            await self._drop(spec.name)
+            await _drop(scope, spec.name)
             raise FailedPreconditionError(
                 f"MCP server {spec.name!r} could not be reached: {connection.error}; nothing was registered"
             )
-        if not self._mcp.tool_names(connection):
+        if not scope.mcp.tool_names(connection):
             log.warning("MCP server %r was registered but offers no tool the registry accepts", spec.name)
 
-    def _add_mcp(self, spec: McpServerConfig, origin: Origin) -> McpServerConnection:
-        self._origins[spec.name] = (spec, origin)
-        return self._mcp.add(spec)
+    @staticmethod
+    def _add_mcp(scope: _Scope, spec: McpServerConfig, origin: Origin) -> McpServerConnection:
+        scope.origins[spec.name] = (spec, origin)
+        return scope.mcp.add(spec)
 
-    async def _add_openapi(self, spec: OpenApiSpec, origin: Origin) -> None:
+    @staticmethod
+    async def _add_openapi(scope: _Scope, spec: OpenApiSpec, origin: Origin) -> None:
         """Builds the source and registers its tools, all or none; OpenApiError or ToolDefinitionError otherwise."""
         source = OpenApiSource(
             spec.name,
@@ -293,43 +353,43 @@ class ToolSources:
                 operation = tool.name.partition(".")[2]
                 if "*" in marked or operation in marked:
                     tool = dataclasses.replace(tool, requires_approval=True)
-                self.registry.register(tool)
+                scope.registry.register(tool)
                 registered.append(tool.name)
         except ToolDefinitionError:
             for name in registered:
-                self.registry.unregister(name)
+                scope.registry.unregister(name)
             await source.close()
             raise
-        self._openapi[spec.name] = _OpenApiEntry(source)
-        self._origins[spec.name] = (spec, origin)
+        scope.openapi[spec.name] = _OpenApiEntry(source)
+        scope.origins[spec.name] = (spec, origin)
 
-    async def _drop(self, name: str) -> None:
-        spec, _ = self._origins.pop(name)
-        if isinstance(spec, McpServerConfig):
-            await self._mcp.remove(name)
-            return
-        entry = self._openapi.pop(name)
-        for tool in self._openapi_tools(name):
-            self.registry.unregister(tool)
-        if entry.source is not None:
-            await entry.source.close()
 
-    def _openapi_tools(self, name: str) -> list[str]:
-        return [tool.name for tool in self.registry.list() if tool.name.startswith(f"{name}.")]
+async def _drop(scope: _Scope, name: str) -> None:
+    spec, _ = scope.origins.pop(name)
+    if isinstance(spec, McpServerConfig):
+        await scope.mcp.remove(name)
+        return
+    entry = scope.openapi.pop(name)
+    for tool in _openapi_tools(scope, name):
+        scope.registry.unregister(tool)
+    if entry.source is not None:
+        await entry.source.close()
 
-    def _info(self, name: str) -> SourceInfo:
-        spec, origin = self._origins[name]
-        if isinstance(spec, McpServerConfig):
-            connection = self._mcp.connections[name]
-            tools = self._mcp.tool_names(connection)
-            if connection.error is not None:
-                return SourceInfo(spec, origin, SourceState.FAILED, connection.error, tools)
-            state = SourceState.READY if connection.attempted.is_set() else SourceState.CONNECTING
-            return SourceInfo(spec, origin, state, None, tools)
-        entry = self._openapi[name]
-        if entry.source is None:
-            return SourceInfo(spec, origin, SourceState.FAILED, entry.error)
-        return SourceInfo(spec, origin, SourceState.READY, None, self._openapi_tools(name))
 
-    def _known(self) -> str:
-        return f"tool sources: {', '.join(self._origins) or 'none'}"
+def _openapi_tools(scope: _Scope, name: str) -> list[str]:
+    return [tool.name for tool in scope.registry.list() if tool.name.startswith(f"{name}.")]
+
+
+def _info(scope: _Scope, name: str) -> SourceInfo:
+    spec, origin = scope.origins[name]
+    if isinstance(spec, McpServerConfig):
+        connection = scope.mcp.connections[name]
+        tools = scope.mcp.tool_names(connection)
+        if connection.error is not None:
+            return SourceInfo(spec, origin, SourceState.FAILED, connection.error, tools)
+        state = SourceState.READY if connection.attempted.is_set() else SourceState.CONNECTING
+        return SourceInfo(spec, origin, state, None, tools)
+    entry = scope.openapi[name]
+    if entry.source is None:
+        return SourceInfo(spec, origin, SourceState.FAILED, entry.error)
+    return SourceInfo(spec, origin, SourceState.READY, None, _openapi_tools(scope, name))

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
 from services.common import load_config
 from services.common.approval import ApprovalSigner
-from services.common.auth import ApiKeyStore
+from services.common.auth import ApiKeyStore, current_principal
 from services.common.clients import create_channel
 from services.planner.types import ToolSpec
 from tests.unit.planner_fakes import COUNTRY_FACTS, FakeTools, Planner, ScriptedLLM, answer, call
@@ -155,3 +155,29 @@ async def test_with_authentication_off_everything_is_the_default_tenants(tmp_pat
         ran = await planner.run()
         stored = await planner.servicer.store.get_run(ran[0].run_id, tenant="default")
     assert stored.tenant == "default"
+
+
+class TenantRecordingTools(FakeTools):
+    """Records the tenant each tools call acts for (what the tools service reads from the metadata)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tenants: list[tuple[str, str]] = []
+
+    async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
+        self.tenants.append(("list", current_principal().tenant))
+        return await super().list_tools(timeout=timeout)
+
+    async def execute(self, call_id, name, arguments, **options):
+        self.tenants.append(("execute", current_principal().tenant))
+        return await super().execute(call_id, name, arguments, **options)
+
+
+async def test_a_runs_tool_calls_act_for_its_tenant(config) -> None:
+    tools = TenantRecordingTools()
+    llm = ScriptedLLM([call("country_facts", country="France"), answer("Paris.")])
+    async with Planner(config, llm, tools) as planner, tenants(planner, "acme") as (acme,):
+        finished = await events(acme.runs.Run(planner_pb2.RunRequest(task="What is the capital of France?")))
+    assert finished[-1].final_answer.answer == "Paris."
+    assert ("execute", "acme") in tools.tenants
+    assert {tenant for _, tenant in tools.tenants} == {"acme"}

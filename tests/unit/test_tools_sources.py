@@ -325,3 +325,67 @@ async def test_an_openapi_name_in_use_is_already_exists(tmp_path: Path, counter_
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await register(stub, openapi_source(counter_document))
         assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def as_tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    return (("x-meshpilot-tenant", tenant),)
+
+
+async def test_a_tenants_sources_are_its_own(tmp_path: Path, counter_document: str) -> None:
+    acme, globex = as_tenant("acme"), as_tenant("globex")
+    async with tools_service(config(tmp_path, mcp_servers=[TIME_CONFIG])) as stub:
+        request = tools_pb2.RegisterToolSourceRequest(source=openapi_source(counter_document))
+        await stub.RegisterToolSource(request, metadata=acme)
+        # Another tenant may use the name; the configuration's names are everyone's.
+        await stub.RegisterToolSource(request, metadata=globex)
+        with pytest.raises(grpc.aio.AioRpcError) as taken:
+            await stub.RegisterToolSource(
+                tools_pb2.RegisterToolSourceRequest(source=time_source("time")), metadata=acme, timeout=60
+            )
+        assert taken.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        await stub.UnregisterToolSource(tools_pb2.UnregisterToolSourceRequest(name="counter"), metadata=globex)
+
+        async def names(metadata: Any) -> list[str]:
+            listed = await stub.ListTools(tools_pb2.ListToolsRequest(), metadata=metadata)
+            return [tool.name for tool in listed.tools]
+
+        assert "counter.count_letters" in await names(acme)
+        assert "counter.count_letters" not in await names(globex)
+        assert "counter.count_letters" not in await names(())  # the default tenant
+        listed = await stub.ListToolSources(tools_pb2.ListToolSourcesRequest(), metadata=globex)
+        assert [source.name for source in listed.sources] == ["time"]
+        request = tools_pb2.ExecuteToolRequest(call_id="c", name="counter.count_letters")
+        request.arguments.update({"word": "abc"})
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await stub.ExecuteTool(request, metadata=globex)
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await stub.UnregisterToolSource(tools_pb2.UnregisterToolSourceRequest(name="counter"), metadata=globex)
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        counted = await stub.ExecuteTool(request, metadata=acme)
+        assert json_format.MessageToDict(counted.result)["letters"] == 3
+    async with tools_service(config(tmp_path)) as stub:
+        listed = await stub.ListToolSources(tools_pb2.ListToolSourcesRequest(), metadata=acme)
+        assert [source.name for source in listed.sources] == ["counter"]
+        assert await stub.ListToolSources(tools_pb2.ListToolSourcesRequest(), metadata=globex) == (
+            tools_pb2.ListToolSourcesResponse()
+        )
+
+
+async def test_sources_registered_before_tenants_belong_to_the_default_tenant(tmp_path: Path) -> None:
+    import sqlite3
+
+    from services.tools.sources import MIGRATIONS, SourceStore
+
+    path = tmp_path / "tools.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("PRAGMA user_version = 1")
+        spec = '{"name": "web", "url": "http://127.0.0.1:9/mcp"}'
+        conn.execute("INSERT INTO tool_sources VALUES ('web', 'mcp', ?, 1.0)", (spec,))
+    store = SourceStore(path)
+    try:
+        [(tenant, stored)] = await store.all()
+    finally:
+        await store.close()
+    assert (tenant, stored.name, stored.url) == ("default", "web", "http://127.0.0.1:9/mcp")
