@@ -11,7 +11,15 @@ import grpc
 from google.protobuf import empty_pb2
 from prometheus_client import CollectorRegistry
 
-from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
+from meshpilot.planner.v1 import (
+    agents_pb2,
+    agents_pb2_grpc,
+    planner_pb2,
+    planner_pb2_grpc,
+    tool_sources_pb2,
+    tool_sources_pb2_grpc,
+)
+from meshpilot.tools.v1 import tools_pb2_grpc
 from services.common import InvalidArgumentError, MeshConfig, MeshServer, create_channel, serve
 from services.common.approval import ApprovalSigner, load_or_create_key
 from services.common.auth import (
@@ -24,6 +32,7 @@ from services.common.auth import (
 )
 from services.common.json_values import message_to_json
 from services.common.server import ServiceBinding
+from services.common.tls import server_tls, tls_identity
 from services.planner.agents import AgentCatalog
 from services.planner.clients import InferenceLLMClient, ToolsServiceClient
 from services.planner.convert import (
@@ -40,11 +49,13 @@ from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
 from services.planner.quotas import QuotaInterceptor, TenantQuotas
 from services.planner.runs import RunManager
 from services.planner.store import RunStore
+from services.planner.tool_sources import ToolSourceServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_name
 AGENT_SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+TOOL_SOURCE_SERVICE_NAME = tool_sources_pb2.DESCRIPTOR.services_by_name["ToolSourceService"].full_name
 MAX_PAGE_SIZE = 500
 DEFAULT_USAGE_WINDOW_SECONDS = 3600
 MAX_USAGE_WINDOW_SECONDS = 30 * 86_400
@@ -246,11 +257,14 @@ def create_server(
     planner = config.planner
     store = store or RunStore(planner.db_path or config.data_dir / "planner.db")
     channels = []
+    tls = tls_identity(config, "planner")
     if llm is None:
-        channels.append(create_channel(config.inference.server.target()))
+        channels.append(create_channel(config.inference.server.target(), tls=tls, server="inference"))
         llm = InferenceLLMClient(channels[-1])
+    # The tools service: the agents' tool calls (unless ``tools`` is given) and ToolSourceService's forwarding.
+    channels.append(create_channel(config.tools.server.target(), tls=tls, server="tools"))
+    tools_stub = tools_pb2_grpc.ToolsServiceStub(channels[-1])
     if tools is None:
-        channels.append(create_channel(config.tools.server.target()))
         tools = ToolsServiceClient(channels[-1])
     if signer is None:
         assert config.approvals.key_file is not None  # filled in by MeshConfig
@@ -277,10 +291,17 @@ def create_server(
             ServiceBinding(
                 AGENT_SERVICE_NAME, AgentServicer(catalog), agents_pb2_grpc.add_AgentServiceServicer_to_server
             ),
+            ServiceBinding(
+                TOOL_SOURCE_SERVICE_NAME,
+                ToolSourceServicer(tools_stub),
+                tool_sources_pb2_grpc.add_ToolSourceServiceServicer_to_server,
+            ),
         ],
         # Inside the authentication: the call-rate quota is the authenticated tenant's.
         interceptors=[auth, QuotaInterceptor(quotas)],
         registry=metrics,
+        tls=server_tls(config, "planner"),
+        metrics_authorize=(lambda token: authenticator.authenticate(token) is not None) if authenticator else None,
     )
 
 
