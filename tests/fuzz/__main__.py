@@ -103,12 +103,27 @@ def main(argv: list[str] | None = None) -> int:
         print("PROBLEM:", problem)
     if args.out is not None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        settings = ", ".join(f"{k}={v}" for k, v in FUZZ_SETTINGS.items())
         args.out.write_text(
-            f"# Fuzzing the mesh (`make fuzz`)\n\nRun {stamp}: `python -m tests.fuzz --budget {args.budget} "
-            f"--seed {seed}` against the four services as processes, with the planner's and inference's token "
-            f"budgets small ({', '.join(f'{k}={v}' for k, v in FUZZ_SETTINGS.items())}). A call breaks a rule when "
-            f"it ends UNKNOWN or INTERNAL, or its message is over {MAX_DETAILS_CHARS} characters.\n\n{report}\n\n"
-            f"Calls that broke a rule: {len(problems)}.\n"
+            f"""# Fuzzing the mesh (`make fuzz`)
+
+`make fuzz FUZZ_BUDGET=N` starts the four services as processes (`meshpilot serve`, the real model and store) and
+sends N fuzzed requests to every method of every service found in the descriptors of `meshpilot/*/v1` (and to the
+stock health and reflection services): plausible requests built from hints, one field set to a hostile value,
+strings of 100 KB to 1 MB, NaN and ±Infinity in doubles and in Struct/Value, extreme integers and Durations, and
+random, bit-flipped, truncated, over-nested or non-UTF-8 bytes sent as the raw request (`tests/fuzz/fuzzer.py`).
+A call breaks a rule when it ends UNKNOWN or INTERNAL, or its message is over {MAX_DETAILS_CHARS} characters (a message
+that copies input comes back as RESOURCE_EXHAUSTED about metadata size, which breaks the rule too); afterwards every
+service must be SERVING and its RSS within {args.max_rss_growth_mb:g} MB of where it started. `make test` runs the same
+fuzzer with 40 calls per method against the mesh in-process (`tests/fuzz/test_fuzz.py`).
+
+Run {stamp}: `python -m tests.fuzz --budget {args.budget} --seed {seed}`, with small step and token budgets so that a
+valid Run or Generate ends in seconds on a CPU ({settings}).
+
+{report}
+
+Rules broken: {len(problems)}.
+"""
         )
     return 1 if problems else 0
 
