@@ -18,6 +18,7 @@ from meshpilot.cli.mesh import SERVICES, run_mesh
 from meshpilot.cli.options import CREDENTIALS, ConfigOption, PlannerOption, load_config, planner_target
 from meshpilot.cli.runs import approve, reject, runs_app
 from meshpilot.cli.tools import tools_app
+from services.common.config import ConfigError
 from services.triton.cli import triton_app, trtllm_app
 
 app = typer.Typer(
@@ -64,7 +65,11 @@ def serve(
         stream=sys.stderr,
     )
     module = importlib.import_module(f"services.{service}")
-    asyncio.run(module.main(cfg))
+    try:
+        asyncio.run(module.main(cfg))
+    except ConfigError as e:  # found at start (a store that does not connect, a file that cannot be read)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -365,6 +365,11 @@ class PlannerConfig(_Section):
     db_path: Path | None = Field(
         None, description="SQLite file for sessions and runs; defaults to <data_dir>/planner.db."
     )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL DSN (postgresql://user:password@host:5432/db) shared by planner replicas; unset keeps "
+        "the embedded SQLite file. Give it as a secret (MESHPILOT_PLANNER__DATABASE_URL), not in the YAML.",
+    )
     max_steps: int = Field(6, ge=1, description="Default step budget of a run.")
     max_tokens: int = Field(16_384, ge=1, description="Default token budget of a run (prompt + completion, all steps).")
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default wall-clock budget of a run.")
@@ -382,6 +387,13 @@ class PlannerConfig(_Section):
     )
     guardrails: GuardrailsConfig = GuardrailsConfig()
     quotas: QuotaConfig = QuotaConfig()
+
+    @model_validator(mode="after")
+    def _postgres_url(self) -> PlannerConfig:
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            # The value is not echoed: it may hold a password.
+            raise ValueError("database_url must be a PostgreSQL URL: postgresql://user:password@host:5432/database")
+        return self
 
 
 class ApprovalConfig(_Section):

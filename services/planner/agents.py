@@ -14,7 +14,7 @@ from jsonschema.exceptions import best_match
 from services.common import InvalidArgumentError, NotFoundError, PlannerConfig
 from services.planner.policies import POLICIES, PolicyOptions
 from services.planner.prompt import DEFAULT_INSTRUCTIONS
-from services.planner.store import DEFAULT_TENANT, AgentRecord, RunStore, shown
+from services.planner.store import DEFAULT_TENANT, AgentRecord, JournalStore, shown
 from services.planner.types import AgentExample, Budget, Sampling, ToolSpec
 
 DEFAULT_AGENT = "default"
@@ -228,7 +228,7 @@ class AgentCatalog:
 
     def __init__(
         self,
-        store: RunStore,
+        store: JournalStore,
         defaults: PlannerConfig,
         list_tools: Callable[[], Awaitable[list[ToolSpec]]],
         list_models: Callable[[], Awaitable[list[str]]],

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from meshpilot.planner.v1 import planner_pb2
 from services.planner.convert import run_event
 from services.planner.state import RunSnapshot
-from services.planner.store import RunState, RunStore
+from services.planner.store import JournalStore, RunState
 from services.planner.types import AgentEvent
 
 
@@ -42,7 +42,7 @@ class RunJournal:
     stored snapshot always matches the events before it. A commit that was started finishes even if the caller is
     cancelled meanwhile: an event is never journaled without being published, nor half-applied."""
 
-    def __init__(self, store: RunStore, bus: EventBus, snapshot: RunSnapshot) -> None:
+    def __init__(self, store: JournalStore, bus: EventBus, snapshot: RunSnapshot) -> None:
         self.store = store
         self.bus = bus
         self.snapshot = snapshot

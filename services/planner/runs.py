@@ -18,7 +18,7 @@ from services.planner.journal import EventBus, RunJournal
 from services.planner.policies import POLICIES
 from services.planner.quotas import ChargedLLM, TenantQuotas, TenantTools
 from services.planner.state import AgentRef, RunSnapshot
-from services.planner.store import DEFAULT_TENANT, RunRecord, RunState, RunStore, shown
+from services.planner.store import DEFAULT_TENANT, JournalStore, RunRecord, RunState, shown
 from services.planner.types import Budget, Failed
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class RunManager:
 
     def __init__(
         self,
-        store: RunStore,
+        store: JournalStore,
         catalog: AgentCatalog,
         deps: ExecutorDeps,
         *,

@@ -46,9 +46,10 @@ from services.planner.convert import (
     validate_task,
 )
 from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
+from services.planner.pg_store import PostgresRunStore
 from services.planner.quotas import QuotaInterceptor, TenantQuotas
 from services.planner.runs import RunManager
-from services.planner.store import RunStore
+from services.planner.store import JournalStore, RunStore
 from services.planner.tool_sources import ToolSourceServicer
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         self,
         config: MeshConfig,
         runs: RunManager,
-        store: RunStore,
+        store: JournalStore,
         channels: list[grpc.aio.Channel] | None = None,
         keys: ApiKeyStore | None = None,
     ) -> None:
@@ -246,7 +247,7 @@ def create_server(
     config: MeshConfig,
     llm: LLMClient | None = None,
     tools: ToolClient | None = None,
-    store: RunStore | None = None,
+    store: JournalStore | None = None,
     signer: ApprovalSigner | None = None,
 ) -> MeshServer:
     """The planner server; without ``llm``/``tools`` it dials the inference and tools services named in ``config``.
@@ -255,7 +256,14 @@ def create_server(
     The PlannerServicer is ``server.bindings[0].servicer``; ``await servicer.close()`` after the server stopped.
     """
     planner = config.planner
-    store = store or RunStore(planner.db_path or config.data_dir / "planner.db")
+    if store is None:
+        # PostgreSQL when a DSN is configured (replicas share it), else the embedded SQLite file; opened in main.
+        database_url = planner.database_url
+        store = (
+            PostgresRunStore(database_url)
+            if database_url
+            else RunStore(planner.db_path or config.data_dir / "planner.db")
+        )
     channels = []
     tls = tls_identity(config, "planner")
     if llm is None:
@@ -310,6 +318,7 @@ async def main(config: MeshConfig) -> None:
     stops are left as journaled, for the next planner to resume."""
     server = create_server(config)
     servicer: PlannerServicer = server.bindings[0].servicer
+    await servicer.store.open()  # a DSN that does not connect stops the planner here, naming the setting
 
     async def startup() -> None:
         if resumed := await servicer.runs.resume():

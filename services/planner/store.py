@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from services.common import AlreadyExistsError, NotFoundError
 from services.common.sqlite import SqliteThread, migrate
@@ -92,6 +92,11 @@ DEFAULT_TENANT = "default"
 _MAX_ID_CHARS = 64
 
 
+class JournalConflictError(Exception):
+    """A commit repeated a sequence already journaled for its run (two writers of one run: a bug or a lost lease);
+    nothing of the commit was stored."""
+
+
 def shown(value: str) -> str:
     """``value`` quoted for an error message, cut to a readable length."""
     return repr(value if len(value) <= _MAX_ID_CHARS else value[:_MAX_ID_CHARS] + "...")
@@ -162,6 +167,59 @@ def _run(row: Sequence[Any], events: list[bytes]) -> RunRecord:
     )  # fmt: skip
 
 
+class JournalStore(Protocol):
+    """What the planner needs of its journal: RunStore (SQLite, embedded) and PostgresRunStore (shared by replicas)
+    both provide it, with the same records, errors and atomicity. ``open`` before use, ``close`` after."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def create_session(self, *, tenant: str = ...) -> SessionRecord: ...
+    async def get_session(
+        self, session_id: str, *, last_turns: int | None = ..., tenant: str = ...
+    ) -> SessionRecord: ...
+    async def create_run(
+        self,
+        session_id: str,
+        task: str,
+        *,
+        agent: str = ...,
+        agent_version: int = ...,
+        run_id: str = ...,
+        snapshot: str | None = ...,
+        tenant: str = ...,
+    ) -> RunRecord: ...
+    async def commit(
+        self,
+        run_id: str,
+        events: Sequence[tuple[int, bytes]],
+        *,
+        snapshot: str,
+        state: RunState,
+        usage: Usage,
+        answer: str = ...,
+    ) -> None: ...
+    async def get_run(self, run_id: str, *, with_events: bool = ..., tenant: str | None = ...) -> RunRecord: ...
+    async def events_after(self, run_id: str, after_sequence: int) -> list[tuple[int, bytes]]: ...
+    async def list_runs(
+        self,
+        *,
+        state: RunState | None = ...,
+        agent: str = ...,
+        session_id: str = ...,
+        limit: int = ...,
+        tenant: str = ...,
+    ) -> list[RunRecord]: ...
+    async def count_active_runs(self, *, tenant: str) -> int: ...
+    async def usage_since(self, since: float, *, tenant: str) -> tuple[int, Usage]: ...
+    async def runs_in_state(self, state: RunState) -> list[RunRecord]: ...
+    async def add_agent_version(
+        self, name: str, spec: dict[str, Any], *, new: bool, tenant: str = ...
+    ) -> AgentRecord: ...
+    async def get_agent(self, name: str, version: int = ..., *, tenant: str = ...) -> AgentRecord: ...
+    async def list_agents(self, *, tenant: str = ...) -> list[AgentRecord]: ...
+    async def delete_agent(self, name: str, *, tenant: str = ...) -> None: ...
+
+
 class RunStore:
     """Sessions, agents, runs and their event journal in one SQLite file (WAL), created with its parent directory.
 
@@ -176,6 +234,9 @@ class RunStore:
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._db.call(fn)
+
+    async def open(self) -> None:
+        """Nothing to do: the file is opened (and migrated) on first use."""
 
     async def close(self) -> None:
         """Closes the connection; the store must not be used afterwards."""
@@ -263,11 +324,14 @@ class RunStore:
     ) -> None:
         """One transition, atomically: the new events (sequence, serialized), the run's snapshot and its state.
 
-        A sequence already journaled raises sqlite3.IntegrityError and nothing of the transition is stored.
+        A sequence already journaled raises JournalConflictError and nothing of the transition is stored.
         """
 
         def commit(c: sqlite3.Connection) -> None:
-            c.executemany("INSERT INTO events VALUES (?, ?, ?)", [(run_id, seq, data) for seq, data in events])
+            try:
+                c.executemany("INSERT INTO events VALUES (?, ?, ?)", [(run_id, seq, data) for seq, data in events])
+            except sqlite3.IntegrityError as e:
+                raise JournalConflictError(f"run {shown(run_id)}: a sequence of this commit is journaled") from e
             last = max((seq for seq, _ in events), default=None)
             cursor = c.execute(
                 "UPDATE runs SET state = ?, answer = ?, prompt_tokens = ?, completion_tokens = ?, total_tokens = ?, "

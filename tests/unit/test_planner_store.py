@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Sequence
 
 import grpc
 import pytest
 
-from services.common import AlreadyExistsError, NotFoundError
+from services.common import AlreadyExistsError, ConfigError, NotFoundError
 from services.planner import RunState, RunStore, Usage
-from services.planner.store import MIGRATIONS, RunRecord
+from services.planner.pg_store import MIGRATIONS as PG_MIGRATIONS
+from services.planner.pg_store import PostgresRunStore
+from services.planner.store import MIGRATIONS, JournalConflictError, RunRecord
+from tests.postgres import fresh_schema, needs_postgres
 
 NO_USAGE = Usage()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=needs_postgres)])
+async def store(request, tmp_path):
+    """Each test of the journal's behaviour runs on both stores: SQLite (embedded) and PostgreSQL (replicas)."""
+    if request.param == "sqlite":
+        store = RunStore(tmp_path / "nested" / "dir" / "planner.db")
+        yield store
+        await store.close()
+        return
+    with fresh_schema() as dsn:
+        store = PostgresRunStore(dsn)
+        await store.open()
+        yield store
+        await store.close()
+
+
 @pytest.fixture
-async def store(tmp_path):
+async def sqlite_store(tmp_path):
     store = RunStore(tmp_path / "nested" / "dir" / "planner.db")
     yield store
     await store.close()
@@ -44,7 +63,8 @@ def ids(runs: list[RunRecord]) -> list[str]:
     return [run.run_id for run in runs]
 
 
-async def test_creates_the_file_and_its_parent_directory_in_wal_mode(store) -> None:
+async def test_creates_the_file_and_its_parent_directory_in_wal_mode(sqlite_store) -> None:
+    store = sqlite_store
     await store.create_session()
 
     assert store.path.exists()
@@ -118,7 +138,7 @@ async def test_a_commit_with_a_journaled_sequence_stores_nothing_of_its_transiti
     run = await new_run(store)
     await transition(store, run.run_id, [(1, b"a"), (2, b"b")], snapshot="before")
 
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(JournalConflictError):
         await transition(
             store, run.run_id, [(3, b"c"), (2, b"again")], state=RunState.SUCCEEDED, snapshot="after", answer="x",
             usage=Usage(1, 1, 2),
@@ -222,7 +242,8 @@ async def test_a_database_of_the_previous_schema_is_migrated_on_open(tmp_path) -
     conn.close()
 
 
-async def test_a_second_store_on_the_same_file_sees_everything(store) -> None:
+async def test_a_second_store_on_the_same_file_sees_everything(sqlite_store) -> None:
+    store = sqlite_store
     session = await store.create_session()
     run = await store.create_run(session.session_id, "task")
     await transition(store, run.run_id, [(1, b"e")], snapshot="s")
@@ -384,3 +405,37 @@ async def test_tenants_see_only_their_own_sessions_runs_and_agents(store) -> Non
     assert [a.spec for a in await store.list_agents(tenant="acme")] == [{"v": "acme"}]
     await store.delete_agent("tutor", tenant="globex")
     assert (await store.get_agent("tutor", tenant="acme")).spec == {"v": "acme"}
+
+
+@needs_postgres
+async def test_postgres_replicas_starting_together_migrate_once_and_share_everything() -> None:
+    with fresh_schema() as dsn:
+        first, second = PostgresRunStore(dsn), PostgresRunStore(dsn)
+        await asyncio.gather(first.open(), second.open())
+        try:
+            assert await first.schema_version() == await second.schema_version() == len(PG_MIGRATIONS)
+            session = await first.create_session(tenant="acme")
+            run = await first.create_run(session.session_id, "task", tenant="acme")
+            await transition(first, run.run_id, [(1, b"e")], snapshot="s")
+            assert (await second.get_run(run.run_id, tenant="acme")).events == [b"e"]
+            with pytest.raises(JournalConflictError):
+                await transition(second, run.run_id, [(1, b"again")])
+            # Versions of one agent made on two replicas at once are numbered without a gap or a clash.
+            await first.add_agent_version("tutor", {"v": 0}, new=True)
+            await asyncio.gather(
+                *(store.add_agent_version("tutor", {"v": n}, new=False) for n, store in enumerate([first, second] * 3))
+            )
+            assert (await second.get_agent("tutor")).version == 7
+        finally:
+            await first.close()
+            await second.close()
+
+
+@pytest.mark.parametrize(
+    "dsn", ["postgresql://postgres@127.0.0.1:1/test", "postgresql://nobody@127.0.0.1:5432/no_such_database"]
+)
+async def test_a_postgres_that_does_not_answer_is_a_config_error_naming_the_setting(dsn: str) -> None:
+    store = PostgresRunStore(dsn)
+    with pytest.raises(ConfigError, match=r"^planner\.database_url: cannot connect to PostgreSQL") as raised:
+        await store.open(timeout=3)
+    assert "password" not in str(raised.value)
