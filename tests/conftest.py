@@ -15,9 +15,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serving(target: str) -> bool:
-    """Whether the gRPC health service at ``target`` answers SERVING (within 2 s)."""
-    with grpc.insecure_channel(target) as channel:
+def serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
+    """Whether the gRPC health service at ``target`` answers SERVING (within 2 s); over TLS with ``credentials``."""
+    with grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
         except grpc.RpcError:

@@ -74,7 +74,7 @@ async def run_ask(
     began = time.monotonic()
     deadline = began + timeout + STREAM_GRACE_S if timeout > 0 else None
     try:
-        async with create_channel(target, api_key=CREDENTIALS.api_key) as channel:
+        async with create_channel(target, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls) as channel:
             stub = planner_pb2_grpc.PlannerServiceStub(channel)
             follower = RunFollower(
                 stub,

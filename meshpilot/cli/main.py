@@ -1,5 +1,5 @@
 """Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`,
-`tools`, `keys`."""
+`tools`, `keys`, `certs`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import typer
 
 from meshpilot.cli.agents import agents_app
 from meshpilot.cli.ask import AskError, run_ask
+from meshpilot.cli.certs import certs_app
 from meshpilot.cli.keys import keys_app
 from meshpilot.cli.mesh import SERVICES, run_mesh
 from meshpilot.cli.options import CREDENTIALS, ConfigOption, PlannerOption, load_config, planner_target
@@ -47,6 +48,7 @@ app.add_typer(agents_app, name="agents")
 app.add_typer(runs_app, name="runs")
 app.add_typer(tools_app, name="tools")
 app.add_typer(keys_app, name="keys")
+app.add_typer(certs_app, name="certs")
 
 
 @app.command()

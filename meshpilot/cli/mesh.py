@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -17,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from meshpilot.cli.supervisor import ChildProcess, MeshSupervisor, RestartPolicy, ServiceProcess, Spawn, tail
-from services.common import MeshConfig
+from services.common import ConfigError, MeshConfig
+from services.common.tls import CLIENT_IDENTITY, TlsIdentity, tls_identity
 
 # Start order does not matter (clients connect lazily); stop order does: front door first, so no new work arrives.
 SERVICES = ("knowledge", "inference", "tools", "planner")
@@ -28,10 +30,14 @@ STATUS_FILE = "mesh.json"
 console = Console(stderr=True)
 
 
-async def wait_serving(target: str, *, timeout: float, process: ChildProcess | None = None) -> bool:
-    """Polls the gRPC health service at ``target`` until SERVING; False on timeout or if ``process`` exits."""
+async def wait_serving(
+    target: str, *, timeout: float, process: ChildProcess | None = None, tls: TlsIdentity | None = None
+) -> bool:
+    """Polls the gRPC health service at ``target`` until SERVING; False on timeout or if ``process`` exits. With
+    ``tls`` it calls over mutual TLS (health answers any certificate of the mesh)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
+    channel = grpc.aio.secure_channel(target, tls.channel_credentials()) if tls else grpc.aio.insecure_channel(target)
+    async with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.returncode is not None:
@@ -78,9 +84,15 @@ async def run_mesh(
 ) -> int:
     """Starts the mesh, restarts services that exit (``policy``), and blocks until SIGINT/SIGTERM (0; 130 while still
     starting) or until a service does not start or fails for good (1); all are stopped in STOP_ORDER before it returns.
+    With tls.enabled it probes health with the CLI's `client` certificate (2 when that cannot be read).
 
     ``startup_timeout`` bounds the first start of the mesh and each restart of a service.
     """
+    try:
+        probe = functools.partial(wait_serving, tls=tls_identity(cfg, CLIENT_IDENTITY))
+    except ConfigError as e:
+        console.print(f"[red]error:[/] {e}", highlight=False)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +102,7 @@ async def run_mesh(
     supervisor = MeshSupervisor(
         await _start(cfg, spawn),
         spawn=spawn,
-        probe=wait_serving,
+        probe=probe,
         startup_timeout=startup_timeout,
         policy=policy or RestartPolicy(),
         console=console,
@@ -101,7 +113,7 @@ async def run_mesh(
     grace = max(getattr(cfg, p.name).server.grace_seconds for p in processes)
     try:
         with console.status("starting knowledge, inference, tools and planner ..."):
-            checks = [wait_serving(p.target, timeout=startup_timeout, process=p.process) for p in processes]
+            checks = [probe(p.target, timeout=startup_timeout, process=p.process) for p in processes]
             waiting = asyncio.ensure_future(asyncio.gather(*checks))
             stopped = asyncio.ensure_future(stop.wait())
             pending: set[asyncio.Future[Any]] = {waiting, stopped}

@@ -24,9 +24,11 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout i
 
 
 class _Credentials:
-    """The API key of this invocation (--api-key or $MESHPILOT_API_KEY), sent to the planner as a bearer token."""
+    """The API key of this invocation (--api-key or $MESHPILOT_API_KEY), sent to the planner as a bearer token, and
+    the `client` certificate the CLI presents when the config turns TLS on (read by ``service_target``)."""
 
     api_key: str | None = None
+    tls: Any = None  # TlsIdentity | None
 
 
 CREDENTIALS = _Credentials()
@@ -49,9 +51,23 @@ def load_config(config_path: Path | None) -> Any:  # -> MeshConfig; imported laz
         fail(str(e), 2)
 
 
+def service_target(service: str, flag: str | None, config_path: Path | None) -> str:
+    """The ``service`` to dial: ``flag`` (--planner, --tools) when given, else the config's target of it. With
+    tls.enabled, ``call_service`` presents the `client` certificate; a missing one exits 2 naming the file."""
+    from services.common import ConfigError
+    from services.common.tls import CLIENT_IDENTITY, tls_identity
+
+    cfg = load_config(config_path)
+    try:
+        CREDENTIALS.tls = tls_identity(cfg, CLIENT_IDENTITY)
+    except ConfigError as e:
+        fail(str(e), 2)
+    return flag or getattr(cfg, service).server.target()
+
+
 def planner_target(planner: str | None, config_path: Path | None) -> str:
     """The planner to dial: ``--planner`` when given, else the config's planner server target."""
-    return planner or load_config(config_path).planner.server.target()
+    return service_target("planner", planner, config_path)
 
 
 def rpc_error_message(error: grpc.aio.AioRpcError) -> str:
@@ -69,7 +85,7 @@ def call_service(target: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) 
     from services.common import create_channel
 
     async def on_channel() -> T:
-        async with create_channel(target, api_key=CREDENTIALS.api_key) as channel:
+        async with create_channel(target, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls) as channel:
             return await call(channel)
 
     try:

@@ -13,7 +13,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from meshpilot.cli.options import UNARY_TIMEOUT_S, ConfigOption, JsonOption, call_service, fail, load_config
+from meshpilot.cli.options import UNARY_TIMEOUT_S, ConfigOption, JsonOption, call_service, fail, service_target
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 
 tools_app = typer.Typer(
@@ -41,7 +41,7 @@ _ORIGINS = {tools_pb2.ToolSource.ORIGIN_CONFIG: "config", tools_pb2.ToolSource.O
 
 
 def _target(tools: str | None, config: Path | None) -> str:
-    return tools or load_config(config).tools.server.target()
+    return service_target("tools", tools, config)
 
 
 def _stub(channel: grpc.aio.Channel) -> tools_pb2_grpc.ToolsServiceStub:

@@ -1,4 +1,5 @@
-"""Client channels with the mesh's call policy: retries on UNAVAILABLE in the service config, round-robin balancing."""
+"""Client channels with the mesh's call policy: retries on UNAVAILABLE in the service config, round-robin balancing,
+mutual TLS when the mesh runs with it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.common.server import MAX_MESSAGE_BYTES
+from services.common.tls import TlsIdentity
 
 # Retrying only UNAVAILABLE is safe: the call never reached a handler. Streaming calls are retried only until the
 # first response arrives (gRPC's rule), so a retried Generate never duplicates text.
@@ -61,23 +63,32 @@ class _BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._with_token(client_call_details), request)
 
 
-def create_channel(target: str, *, api_key: str | None = None) -> grpc.aio.Channel:
-    """An insecure aio channel to ``target`` (host:port or dns:///name:port) with the mesh's retry policy; with
-    ``api_key`` every call carries it as a bearer token (what the planner asks for when authentication is on)."""
-    return grpc.aio.insecure_channel(
-        target,
-        interceptors=[_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None,
-        options=[
-            ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
-            ("grpc.enable_retries", 1),
-            # A restarted peer is dialled again within a second or two (gRPC's default backoff grows to 120 s, so a
-            # service back after a long outage would stay unreached, and every call fail fast, for minutes).
-            ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
+def create_channel(
+    target: str, *, api_key: str | None = None, tls: TlsIdentity | None = None, server: str | None = None
+) -> grpc.aio.Channel:
+    """An aio channel to ``target`` (host:port or dns:///name:port) with the mesh's retry policy; with ``api_key``
+    every call carries it as a bearer token (what the planner asks for when authentication is on).
+
+    Plaintext without ``tls``. With it the channel presents ``tls``'s certificate and trusts only the mesh CA; the
+    server's certificate must name ``server`` (a service: every mesh certificate has its name as a DNS SAN, so the
+    planner reaching 127.0.0.1 checks that it is inference it reached), else the target's host as usual.
+    """
+    options = [
+        ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
+        # A restarted peer is dialled again within a second or two (gRPC's default backoff grows to 120 s, so a
+        # service back after a long outage would stay unreached, and every call fail fast, for minutes).
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    interceptors = [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None
+    if tls is None:
+        return grpc.aio.insecure_channel(target, interceptors=interceptors, options=options)
+    if server is not None:
+        options.append(("grpc.ssl_target_name_override", server))
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), interceptors=interceptors, options=options)
 
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[MeshError]] = {

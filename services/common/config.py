@@ -441,6 +441,68 @@ class AuthConfig(_Section):
         return self
 
 
+# Who may call whom when TLS is on: the mesh's call graph (the planner is the front door, called by clients).
+DEFAULT_ALLOWED_CALLERS = {"inference": ["planner"], "tools": ["planner"], "knowledge": ["tools"]}
+_IDENTITY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+class TlsConfig(_Section):
+    """Mutual TLS between the services: each presents ``<cert_dir>/<service>.crt`` and checks its peer against the mesh
+    CA; an internal service accepts only callers named in allowed_callers. `meshpilot certs init` writes the files."""
+
+    enabled: bool = Field(
+        False,
+        description="Serve and call over TLS; plaintext calls fail. Off: plaintext everywhere (a local `meshpilot up`).",
+    )
+    cert_dir: Path | None = Field(
+        None,
+        description="Directory of <service>.crt and <service>.key (planner, tools, knowledge, inference; client for the "
+        "CLI); defaults to <data_dir>/certs.",
+    )
+    ca_file: Path | None = Field(
+        None, description="The mesh CA's certificate (PEM), the only issuer trusted; defaults to <cert_dir>/ca.crt."
+    )
+    allowed_callers: dict[str, list[str]] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="For each internal service (inference, tools, knowledge), the identities (spiffe://meshpilot/<name> "
+        "in the caller's certificate) it accepts; health and reflection answer any certificate of the mesh CA. Add "
+        "'client' to tools to let `meshpilot tools` call it directly.",
+    )
+    health_port_offset: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="Also serve gRPC health alone, in plaintext, on the service's port + this (a free port when the "
+        "port is 0): for Kubernetes gRPC probes, which cannot present a certificate. None: health over TLS only.",
+    )
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _known_services(cls, allowed: dict[str, list[str]]) -> dict[str, list[str]]:
+        for service, callers in allowed.items():
+            if service not in DEFAULT_ALLOWED_CALLERS:
+                raise ValueError(
+                    f"{service[:64]!r} is not an internal service; use inference, tools or knowledge (the planner is "
+                    "the front door: its callers authenticate with API keys)"
+                )
+            for caller in callers:
+                if not _IDENTITY.match(caller):
+                    raise ValueError(
+                        f"{service}: caller {caller[:64]!r} must be an identity name such as planner or client "
+                        "(lowercase letters, digits and '-')"
+                    )
+        # A service left out keeps its default callers.
+        return {**{service: list(callers) for service, callers in DEFAULT_ALLOWED_CALLERS.items()}, **allowed}
+
+    def directory(self, data_dir: Path) -> Path:
+        """Where the certificates are: cert_dir, else <data_dir>/certs."""
+        return self.cert_dir if self.cert_dir is not None else data_dir / "certs"
+
+    def ca_path(self, data_dir: Path) -> Path:
+        return self.ca_file if self.ca_file is not None else self.directory(data_dir) / "ca.crt"
+
+
 class MeshConfig(BaseSettings):
     """Configuration of the whole mesh; every service reads its own section and the targets of the others."""
 
@@ -454,6 +516,7 @@ class MeshConfig(BaseSettings):
     inference: InferenceConfig = InferenceConfig()
     approvals: ApprovalConfig = ApprovalConfig()
     auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from services.common.config import ServerConfig
 from services.common.errors import ErrorMappingInterceptor, rewrap_handler
 from services.common.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
+from services.common.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ class MeshServer:
     loaded); ``stop()`` turns it NOT_SERVING before draining. Services add their own collectors to ``registry``; it is
     served at /metrics from ``start()`` on (``metrics_port`` tells where). ``max_request_bytes`` refuses larger
     requests with RESOURCE_EXHAUSTED before they are read (responses may always be up to MAX_MESSAGE_BYTES).
+
+    With ``tls`` the port serves TLS only (a plaintext call fails in the handshake) and, for an internal service,
+    only callers whose certificate ``tls`` allows; with ``tls.health_port_offset`` health alone is also served in
+    plaintext on port + offset (``health_port``). With ``metrics_authorize`` a scrape of /metrics needs a bearer
+    token it accepts.
     """
 
     def __init__(
@@ -119,6 +125,8 @@ class MeshServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         registry: CollectorRegistry | None = None,
         max_request_bytes: int = MAX_MESSAGE_BYTES,
+        tls: ServerTls | None = None,
+        metrics_authorize: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.bindings = list(bindings)
@@ -126,12 +134,15 @@ class MeshServer:
         self.rpc_metrics = RpcMetrics(self.registry)
         self.metrics_port: int | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self._metrics_authorize = metrics_authorize
+        caller_check = tls.interceptor() if tls is not None else None
         self.server = grpc.aio.server(
             # Metrics outermost, so they count the status codes the error mapping chose.
             interceptors=[
                 MetricsInterceptor(self.rpc_metrics),
                 HeapTrimInterceptor(),
                 ErrorMappingInterceptor(),
+                *([caller_check] if caller_check is not None else []),
                 *interceptors,
             ],
             options=[
@@ -148,9 +159,23 @@ class MeshServer:
         reflection.enable_server_reflection(
             [*(b.full_name for b in self.bindings), health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        bind = f"{config.host}:{config.port}"
+        self.port = (
+            self.server.add_secure_port(bind, tls.server_credentials())
+            if tls is not None
+            else self.server.add_insecure_port(bind)
+        )
         if self.port == 0:
-            raise OSError(f"could not bind {config.host}:{config.port}; is another process using the port?")
+            raise OSError(f"could not bind {bind}; is another process using the port?")
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        if tls is not None and tls.health_port_offset is not None:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_bind = f"{config.host}:{config.port + tls.health_port_offset if config.port else 0}"
+            self.health_port = self._health_server.add_insecure_port(health_bind)
+            if self.health_port == 0:
+                raise OSError(f"could not bind {health_bind} (health); is another process using the port?")
 
     @property
     def address(self) -> str:
@@ -160,9 +185,11 @@ class MeshServer:
     async def start(self) -> None:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         if self.config.metrics:
             self._metrics_endpoint = MetricsEndpoint(
-                self.config.host, self.config.resolved_metrics_port(), self.registry
+                self.config.host, self.config.resolved_metrics_port(), self.registry, authorize=self._metrics_authorize
             )
             self.metrics_port = self._metrics_endpoint.port
 
@@ -174,6 +201,9 @@ class MeshServer:
         """NOT_SERVING first (so balancers stop sending), then let in-flight calls finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        if self._health_server is not None:
+            # After the drain: probes read NOT_SERVING until the service is gone.
+            await self._health_server.stop(0)
         if self._metrics_endpoint is not None:
             # shutdown() waits for the HTTP server's next poll (up to 0.5 s): not on the event loop.
             await asyncio.to_thread(self._metrics_endpoint.close)

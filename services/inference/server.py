@@ -8,6 +8,7 @@ from inference_core import BatchingConfig, Engine, TorchEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import ConfigError, MeshConfig, MeshServer, serve
 from services.common.server import ServiceBinding
+from services.common.tls import server_tls
 from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import InferenceServicer
 
@@ -71,7 +72,7 @@ def create_server(config: MeshConfig, engine: Engine | None = None) -> MeshServe
         metrics=InferenceMetrics(registry, {model_id: engine}),
     )
     binding = ServiceBinding(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)
-    return MeshServer(config.inference.server, [binding], registry=registry)
+    return MeshServer(config.inference.server, [binding], registry=registry, tls=server_tls(config, "inference"))
 
 
 def servicer_of(server: MeshServer) -> InferenceServicer:

@@ -8,6 +8,7 @@ import time
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.common.config import MeshConfig
 from services.common.server import MeshServer, ServiceBinding, serve
+from services.common.tls import server_tls
 from services.knowledge.servicer import KnowledgeServicer
 from services.knowledge.store import GraphStore, OxigraphStore
 
@@ -29,7 +30,9 @@ def create_server(config: MeshConfig, store: GraphStore | None = None) -> MeshSe
     store = store if store is not None else OxigraphStore.from_config(config.knowledge)
     servicer = KnowledgeServicer(store)
     binding = ServiceBinding(SERVICE_NAME, servicer, knowledge_pb2_grpc.add_KnowledgeServiceServicer_to_server)
-    return MeshServer(config.knowledge.server, [binding], max_request_bytes=MAX_REQUEST_BYTES)
+    return MeshServer(
+        config.knowledge.server, [binding], max_request_bytes=MAX_REQUEST_BYTES, tls=server_tls(config, "knowledge")
+    )
 
 
 async def main(config: MeshConfig) -> None:

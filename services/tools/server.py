@@ -12,6 +12,7 @@ from services.common import MeshConfig, MeshServer, serve
 from services.common.approval import ApprovalSigner, load_or_create_key
 from services.common.auth import is_loopback
 from services.common.server import ServiceBinding
+from services.common.tls import server_tls, tls_identity
 from services.tools.builtin import KnowledgeClient, builtin_tools
 from services.tools.executor import ToolExecutor
 from services.tools.idempotency import OutcomeStore
@@ -89,7 +90,9 @@ class ToolsService:
         knowledge_stub: knowledge_pb2_grpc.KnowledgeServiceStub | None = None,
     ) -> None:
         assert config.tools.db_path is not None  # filled in by MeshConfig
-        self.knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
+        self.knowledge = KnowledgeClient(
+            config.knowledge.server.target(), stub=knowledge_stub, tls=tls_identity(config, "tools")
+        )
         registry = registry if registry is not None else default_registry(config, self.knowledge)
         self.sources = ToolSources(
             config.tools,
@@ -102,7 +105,7 @@ class ToolsService:
         self.mcp_endpoint = McpEndpoint(self.executor, endpoint) if endpoint.enabled else None
         servicer = ToolsServicer(self.executor, self.sources)
         binding = ServiceBinding(SERVICE_NAME, servicer, tools_pb2_grpc.add_ToolsServiceServicer_to_server)
-        self.server = MeshServer(config.tools.server, [binding])
+        self.server = MeshServer(config.tools.server, [binding], tls=server_tls(config, "tools"))
 
     async def startup(self) -> None:
         """Opens the knowledge channel, adds the tool sources and starts the MCP endpoint. MCP servers connect in the
@@ -150,10 +153,12 @@ def create_server(
     """The gRPC server alone (not started), serving ``registry`` or the built-in tools, without tool sources or the
     MCP endpoint (RegisterToolSource: FAILED_PRECONDITION); ``ToolsService`` has them all. Raises ConfigError when
     tools.approval_required names an unknown tool."""
-    knowledge = KnowledgeClient(config.knowledge.server.target(), stub=knowledge_stub)
+    knowledge = KnowledgeClient(
+        config.knowledge.server.target(), stub=knowledge_stub, tls=tls_identity(config, "tools")
+    )
     executor = create_executor(config, registry if registry is not None else default_registry(config, knowledge))
     binding = ServiceBinding(SERVICE_NAME, ToolsServicer(executor), tools_pb2_grpc.add_ToolsServiceServicer_to_server)
-    return MeshServer(config.tools.server, [binding])
+    return MeshServer(config.tools.server, [binding], tls=server_tls(config, "tools"))
 
 
 async def main(config: MeshConfig) -> None:

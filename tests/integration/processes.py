@@ -10,15 +10,24 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
+
 from tests.conftest import free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServiceProcesses:
-    """Services of one mesh sharing ``data_dir``, each on its own free port; ``env`` adds MESHPILOT_* settings."""
+    """Services of one mesh sharing ``data_dir``, each on its own free port; ``env`` adds MESHPILOT_* settings.
+    ``credentials``: health is checked over TLS with them (for services that run with tls.enabled)."""
 
-    def __init__(self, data_dir: Path, names: tuple[str, ...], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        names: tuple[str, ...],
+        env: dict[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.ports = {name: free_port() for name in ("knowledge", "inference", "tools", "planner")}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
@@ -27,6 +36,7 @@ class ServiceProcesses:
         self.env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())
         self.env.update(env or {})
         self.names = names
+        self.credentials = credentials
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def target(self, name: str) -> str:
@@ -45,7 +55,7 @@ class ServiceProcesses:
 
     def wait_serving(self, *names: str, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        while not all(serving(self.target(name)) for name in names):
+        while not all(serving(self.target(name), self.credentials) for name in names):
             exited = [name for name in names if self.processes[name].poll() is not None]
             assert not exited, f"{exited} exited early; logs in {self.data_dir}"
             assert time.monotonic() < deadline, f"{names} were not SERVING within {timeout:g}s; logs in {self.data_dir}"

@@ -10,6 +10,7 @@ import grpc
 
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.common import create_channel
+from services.common.tls import TlsIdentity
 from services.tools.registry import ToolFailure
 
 log = logging.getLogger(__name__)
@@ -25,17 +26,24 @@ TYPE_PREFERENCE = ("Country", "State", "Currency", "Region", "Subregion", "City"
 
 
 class KnowledgeClient:
-    """The knowledge service for the tools: an injected stub (tests), or a channel to ``target``.
+    """The knowledge service for the tools: an injected stub (tests), or a channel to ``target`` (mutual TLS as
+    ``tls``, the tools service's identity, when given).
 
     The channel is opened by ``open()`` (the service's startup) or else by the first call, and closed by ``close()``.
 
     Every call raises ToolFailure with a message for the agent when the service refuses or cannot be reached.
     """
 
-    def __init__(self, target: str | None = None, stub: knowledge_pb2_grpc.KnowledgeServiceStub | None = None) -> None:
+    def __init__(
+        self,
+        target: str | None = None,
+        stub: knowledge_pb2_grpc.KnowledgeServiceStub | None = None,
+        tls: TlsIdentity | None = None,
+    ) -> None:
         if target is None and stub is None:
             raise ValueError("KnowledgeClient needs a target or a stub")
         self.target = target
+        self._tls = tls
         self._stub = stub
         self._channel: grpc.aio.Channel | None = None
         self._closed = False
@@ -54,7 +62,7 @@ class KnowledgeClient:
 
     def _connect(self) -> None:
         if self._stub is None and self.target is not None:
-            self._channel = create_channel(self.target)
+            self._channel = create_channel(self.target, tls=self._tls, server="knowledge")
             self._stub = knowledge_pb2_grpc.KnowledgeServiceStub(self._channel)
 
     def _require_stub(self) -> knowledge_pb2_grpc.KnowledgeServiceStub:
