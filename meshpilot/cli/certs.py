@@ -40,7 +40,12 @@ class CertificateExistsError(Exception):
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MeshPilot"), x509.NameAttribute(NameOID.COMMON_NAME, common_name)])  # fmt: skip
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MeshPilot"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _alt_names(identity: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
@@ -77,13 +82,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def issue_mesh_certificates(
-    directory: Path, *, hosts: Sequence[str] = (), days: int = DEFAULT_DAYS, force: bool = False
+    directory: Path,
+    *,
+    hosts: Sequence[str] = (),
+    days: int = DEFAULT_DAYS,
+    force: bool = False,
+    now: datetime.datetime | None = None,
 ) -> list[IssuedFile]:
     """Writes a CA (ca.crt, ca.key) and, signed by it, <name>.crt and <name>.key for each service and the client:
     EC P-256 keys (mode 0600), certificates valid ``days`` (the CA ten years) naming ``spiffe://meshpilot/<name>``.
     Service certificates also name <name>, <name>.meshpilot, localhost, 127.0.0.1 and ``hosts``.
 
-    Raises CertificateExistsError when ``directory`` holds a CA already, unless ``force``.
+    ``now``: when they are issued (tests issue certificates that have expired). Raises CertificateExistsError when ``directory`` holds a CA already, unless ``force``.
     """
     ca_cert_path, ca_key_path = directory / "ca.crt", directory / "ca.key"
     existing = [path for path in (ca_cert_path, ca_key_path) if path.exists()]
@@ -93,7 +103,7 @@ def issue_mesh_certificates(
             "issue a new CA and new certificates for every service (then restart them all)"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
+    now = now or datetime.datetime.now(datetime.UTC)
     # An hour back: a peer whose clock is a little behind still accepts the certificates at once.
     not_before = now - datetime.timedelta(hours=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -116,9 +126,10 @@ def issue_mesh_certificates(
     issued = [IssuedFile("CA certificate", ca_cert_path), IssuedFile("CA key", ca_key_path)]
     for identity in (*SERVICES, CLIENT_IDENTITY):
         key = ec.generate_private_key(ec.SECP256R1())
-        usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if identity == CLIENT_IDENTITY else [
-            ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH  # services serve and call
-        ]  # fmt: skip
+        # Services serve and call; the client only calls.
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if identity != CLIENT_IDENTITY:
+            usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(identity))

@@ -130,30 +130,29 @@ def _check_pair(name: str, cert_path: Path, certificate: bytes, key_path: Path, 
             f"tls.cert_dir: {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; issue a new one "
             "(`meshpilot certs init --force` issues every certificate anew)"
         )
-    if identity_uri(name) not in certificate_identities(cert, full=True):
+    if identity_uri(name) not in certificate_uris(cert):
         raise ConfigError(
             f"tls.cert_dir: {cert_path} does not name {identity_uri(name)} (a URI SAN); it is not {name}'s certificate"
         )
 
 
-def certificate_identities(cert: x509.Certificate, *, full: bool = False) -> list[str]:
-    """The mesh identities a certificate names: its spiffe://meshpilot/<name> URI SANs (``full``: whole URIs)."""
+def certificate_uris(cert: x509.Certificate) -> list[str]:
+    """The URI SANs of a certificate (where a mesh certificate names its identity)."""
     try:
-        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier
-        )
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    return [uri if full else uri.removeprefix(IDENTITY_PREFIX) for uri in uris if uri.startswith(IDENTITY_PREFIX)]
+    return names.get_values_for_type(x509.UniformResourceIdentifier)
 
 
 def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The caller's identity: the <name> of the one spiffe://meshpilot/<name> URI in its verified certificate (None
     without a certificate, or with no such URI, or several)."""
     properties = context.auth_context()
+    # The URI SANs; without that property, every SAN (a DNS name or an address never starts with spiffe://).
     uris = properties.get("peer_uri") or properties.get("x509_subject_alternative_name") or []
-    names = [uri.decode(errors="replace").removeprefix(IDENTITY_PREFIX) for uri in uris]
-    names = [name for name, uri in zip(names, uris, strict=True) if uri.startswith(IDENTITY_PREFIX.encode())]
+    prefix = IDENTITY_PREFIX.encode()
+    names = [uri[len(prefix) :].decode(errors="replace") for uri in uris if uri.startswith(prefix)]
     return names[0] if len(names) == 1 else None
 
 

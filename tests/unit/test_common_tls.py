@@ -4,6 +4,7 @@ client certificate at the planner, and the planner's metrics behind its API keys
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
 import json
 import shutil
@@ -193,6 +194,8 @@ def _replace(directory: Path, name: str, source: str, *, key: bool = True, cert:
         (lambda d: (d / "ca.crt").unlink(), "tls.ca_file: cannot read {dir}/ca.crt"),
         (lambda d: (d / "inference.key").write_text("not a key"), "{dir}/inference.key is not an unencrypted PEM"),
         (lambda d: (d / "inference.crt").write_text("not a cert"), "{dir}/inference.crt is not a PEM certificate"),
+        (lambda d: (d / "ca.crt").write_text("not a cert"), "tls.ca_file: {dir}/ca.crt is not a PEM certificate"),
+        (lambda d: _replace(d, "inference", "expired"), "{dir}/inference.crt expired on"),
         (lambda d: _replace(d, "inference", "tools", cert=False), "{dir}/inference.key is not the key of"),
         (lambda d: _replace(d, "inference", "tools"), "{dir}/inference.crt does not name spiffe://meshpilot/inference"),
     ],
@@ -200,6 +203,11 @@ def _replace(directory: Path, name: str, source: str, *, key: bool = True, cert:
 def test_a_missing_or_wrong_file_fails_at_start_naming_it(tmp_path: Path, damage, message: str) -> None:
     issue_mesh_certificates(tmp_path / "source")
     shutil.copytree(tmp_path / "source", tmp_path / "certs")
+    issue_mesh_certificates(
+        tmp_path / "old", days=1, now=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3)
+    )
+    for suffix in ("crt", "key"):
+        shutil.copy(tmp_path / "old" / f"inference.{suffix}", tmp_path / "source" / f"expired.{suffix}")
     damage(tmp_path / "certs")
     with pytest.raises(ConfigError) as error:
         server_tls(tls_config(tmp_path / "certs"), "inference")
@@ -310,6 +318,13 @@ async def test_health_alone_is_served_in_plaintext_on_the_offset_port(inference:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await _models(channel)
     assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_meshpilot_up_probes_health_with_the_client_certificate(inference: MeshServer, certs: Path) -> None:
+    from meshpilot.cli.mesh import wait_serving
+
+    assert await wait_serving(inference.address, timeout=5, tls=identity(certs, "client"))
+    assert not await wait_serving(inference.address, timeout=1)
 
 
 async def test_a_client_streaming_method_is_checked_too(certs: Path) -> None:
@@ -448,10 +463,3 @@ async def test_the_planners_metrics_stay_open_without_authentication(tmp_path: P
     finally:
         await server.stop(0)
         await server.bindings[0].servicer.close()
-
-
-async def test_meshpilot_up_probes_health_with_the_client_certificate(inference: MeshServer, certs: Path) -> None:
-    from meshpilot.cli.mesh import wait_serving
-
-    assert await wait_serving(inference.address, timeout=5, tls=identity(certs, "client"))
-    assert not await wait_serving(inference.address, timeout=1)
