@@ -1,9 +1,12 @@
-"""`meshpilot tools ...`: list and call the tools service's tools, and add or remove tool sources (MCP servers,
-OpenAPI documents) at runtime. For people debugging tools: it dials the tools service directly."""
+"""`meshpilot tools ...`: list and call the tools, and add or remove tool sources (MCP servers, OpenAPI documents)
+at runtime. Sources and the list go through the planner's ToolSourceService (the front door: the API key's tenant
+owns what it registers); with --tools they go to the tools service directly (an operator's debugging, the default
+tenant). `call` always dials the tools service: it runs a tool outside any agent run."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +16,17 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from meshpilot.cli.options import UNARY_TIMEOUT_S, ConfigOption, JsonOption, call_service, fail, service_target
+from meshpilot.cli.options import (
+    UNARY_TIMEOUT_S,
+    ConfigOption,
+    JsonOption,
+    PlannerOption,
+    call_service,
+    fail,
+    planner_target,
+    service_target,
+)
+from meshpilot.planner.v1 import tool_sources_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 
 tools_app = typer.Typer(
@@ -22,6 +35,12 @@ tools_app = typer.Typer(
 
 ToolsOption = Annotated[
     str | None, typer.Option("--tools", help="Tools service address HOST:PORT (default from config).")
+]
+DirectOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tools", help="Talk to the tools service at HOST:PORT directly instead of through the planner (operators)."
+    ),
 ]
 SourceName = Annotated[str, typer.Argument(help="The source's name, the prefix of its tools (e.g. time).")]
 HeaderOption = Annotated[list[str] | None, typer.Option("--header", help="An HTTP header KEY=VALUE (repeatable).")]
@@ -48,6 +67,15 @@ def _stub(channel: grpc.aio.Channel) -> tools_pb2_grpc.ToolsServiceStub:
     return tools_pb2_grpc.ToolsServiceStub(channel)
 
 
+def _route(
+    planner: str | None, tools: str | None, config: Path | None
+) -> tuple[str, Callable[[grpc.aio.Channel], Any]]:
+    """Where source and listing calls go, and the stub that makes them (both services share the methods)."""
+    if tools:
+        return service_target("tools", tools, config), tools_pb2_grpc.ToolsServiceStub
+    return planner_target(planner, config), tool_sources_pb2_grpc.ToolSourceServiceStub
+
+
 def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for value in values or []:
@@ -68,10 +96,16 @@ def _first_line(text: str, width: int = 80) -> str:
 
 
 @tools_app.command("list")
-def list_tools(json_output: JsonOption = False, tools: ToolsOption = None, config: ConfigOption = None) -> None:
+def list_tools(
+    json_output: JsonOption = False,
+    planner: PlannerOption = None,
+    tools: DirectOption = None,
+    config: ConfigOption = None,
+) -> None:
     """List the tools with the first line of their descriptions (--json: with their input schemas)."""
+    target, stub = _route(planner, tools, config)
     response = call_service(
-        _target(tools, config), lambda ch: _stub(ch).ListTools(tools_pb2.ListToolsRequest(), timeout=UNARY_TIMEOUT_S)
+        target, lambda ch: stub(ch).ListTools(tools_pb2.ListToolsRequest(), timeout=UNARY_TIMEOUT_S)
     )
     if json_output:
         typer.echo(json.dumps([_json(tool) for tool in response.tools], ensure_ascii=False))
@@ -123,10 +157,13 @@ def call(
     typer.echo(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def _register(target: str, source: tools_pb2.ToolSource, json_output: bool) -> None:
+def _register(
+    route: tuple[str, Callable[[grpc.aio.Channel], Any]], source: tools_pb2.ToolSource, json_output: bool
+) -> None:
+    target, stub = route
     request = tools_pb2.RegisterToolSourceRequest(source=source)
     # An MCP server gets up to 30 s to start and list its tools.
-    registered = call_service(target, lambda ch: _stub(ch).RegisterToolSource(request, timeout=UNARY_TIMEOUT_S + 15))
+    registered = call_service(target, lambda ch: stub(ch).RegisterToolSource(request, timeout=UNARY_TIMEOUT_S + 20))
     if json_output:
         typer.echo(json.dumps(_json(registered), ensure_ascii=False))
         return
@@ -158,7 +195,8 @@ def add_mcp(
     timeout: TimeoutOption = 0,
     approval_required: ApprovalOption = None,
     json_output: JsonOption = False,
-    tools: ToolsOption = None,
+    planner: PlannerOption = None,
+    tools: DirectOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Register an MCP server: `add-mcp time -- python -m mcp_server_time` or `add-mcp web --url URL`."""
@@ -172,7 +210,7 @@ def add_mcp(
     else:
         source.mcp.url = url or ""
     source.mcp.headers.update(_pairs(header, "--header"))
-    _register(_target(tools, config), source, json_output)
+    _register(_route(planner, tools, config), source, json_output)
 
 
 @tools_app.command("add-openapi")
@@ -187,7 +225,8 @@ def add_openapi(
     timeout: TimeoutOption = 0,
     approval_required: ApprovalOption = None,
     json_output: JsonOption = False,
-    tools: ToolsOption = None,
+    planner: PlannerOption = None,
+    tools: DirectOption = None,
     config: ConfigOption = None,
 ) -> None:
     """Register an HTTP API: each operation of DOCUMENT becomes the tool NAME.<operation>."""
@@ -200,15 +239,20 @@ def add_openapi(
     source.openapi.base_url = base_url or ""
     source.openapi.headers.update(_pairs(header, "--header"))
     source.openapi.max_response_bytes = max_response_bytes
-    _register(_target(tools, config), source, json_output)
+    _register(_route(planner, tools, config), source, json_output)
 
 
 @tools_app.command()
-def sources(json_output: JsonOption = False, tools: ToolsOption = None, config: ConfigOption = None) -> None:
+def sources(
+    json_output: JsonOption = False,
+    planner: PlannerOption = None,
+    tools: DirectOption = None,
+    config: ConfigOption = None,
+) -> None:
     """List the tool sources (configured and registered) with their state and tools."""
+    target, stub = _route(planner, tools, config)
     response = call_service(
-        _target(tools, config),
-        lambda ch: _stub(ch).ListToolSources(tools_pb2.ListToolSourcesRequest(), timeout=UNARY_TIMEOUT_S),
+        target, lambda ch: stub(ch).ListToolSources(tools_pb2.ListToolSourcesRequest(), timeout=UNARY_TIMEOUT_S)
     )
     if json_output:
         typer.echo(json.dumps([_json(source) for source in response.sources], ensure_ascii=False))
@@ -226,8 +270,11 @@ def sources(json_output: JsonOption = False, tools: ToolsOption = None, config: 
 
 
 @tools_app.command()
-def remove(name: SourceName, tools: ToolsOption = None, config: ConfigOption = None) -> None:
+def remove(
+    name: SourceName, planner: PlannerOption = None, tools: DirectOption = None, config: ConfigOption = None
+) -> None:
     """Unregister a source added with add-mcp or add-openapi, and its tools."""
     request = tools_pb2.UnregisterToolSourceRequest(name=name)
-    call_service(_target(tools, config), lambda ch: _stub(ch).UnregisterToolSource(request, timeout=UNARY_TIMEOUT_S))
+    target, stub = _route(planner, tools, config)
+    call_service(target, lambda ch: stub(ch).UnregisterToolSource(request, timeout=UNARY_TIMEOUT_S))
     typer.echo(f"removed {name}")

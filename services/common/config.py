@@ -370,6 +370,13 @@ class PlannerConfig(_Section):
         description="PostgreSQL DSN (postgresql://user:password@host:5432/db) shared by planner replicas; unset keeps "
         "the embedded SQLite file. Give it as a secret (MESHPILOT_PLANNER__DATABASE_URL), not in the YAML.",
     )
+    lease_seconds: float = Field(
+        15.0,
+        ge=1,
+        le=600,
+        description="With database_url: how long a replica owns the runs it drives without renewing (every third of "
+        "it); a replica that dies has its runs taken over by another this long after its last renewal.",
+    )
     max_steps: int = Field(6, ge=1, description="Default step budget of a run.")
     max_tokens: int = Field(16_384, ge=1, description="Default token budget of a run (prompt + completion, all steps).")
     run_timeout_seconds: float = Field(300.0, gt=0, description="Default wall-clock budget of a run.")

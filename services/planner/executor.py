@@ -25,7 +25,7 @@ from services.planner.guardrails import Redactor
 from services.planner.journal import RunJournal
 from services.planner.policies import Answer, CallTools, Context, NewPlan, Note, Policy
 from services.planner.state import CallRecord, CallStatus, Phase, RunSnapshot, StepRecord
-from services.planner.store import RunState
+from services.planner.store import LeaseLostError, RunState
 from services.planner.types import (
     GREEDY,
     AgentEvent,
@@ -203,6 +203,8 @@ class RunExecutor:
         except MeshError as e:
             # A dependency refused the run's request (bad model id, overload ...): the run ends with its code.
             return await self._fail(Failed(e.code.name, str(e)))
+        except LeaseLostError:
+            raise  # another replica drives the run now: stop without a word in its journal
         except Exception:
             incident = uuid.uuid4().hex[:12]
             log.exception("run %s failed (incident %s)", self.snapshot.run_id, incident)

@@ -14,17 +14,18 @@ from services.planner.types import AgentEvent
 
 class EventBus:
     """Live events by run id for the watchers of this process. A watcher subscribes before it reads the journal and
-    skips sequences it has seen, so journal + bus give every event once, with no gap."""
+    skips sequences it has seen, so journal + bus give every event once, with no gap. ``poke`` tells watchers that
+    the journal changed without handing them the events (another replica committed them): they read it again."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, set[asyncio.Queue[planner_pb2.RunEvent]]] = {}
+        self._queues: dict[str, set[asyncio.Queue[planner_pb2.RunEvent | None]]] = {}
 
-    def subscribe(self, run_id: str) -> asyncio.Queue[planner_pb2.RunEvent]:
-        queue: asyncio.Queue[planner_pb2.RunEvent] = asyncio.Queue()
+    def subscribe(self, run_id: str) -> asyncio.Queue[planner_pb2.RunEvent | None]:
+        queue: asyncio.Queue[planner_pb2.RunEvent | None] = asyncio.Queue()
         self._queues.setdefault(run_id, set()).add(queue)
         return queue
 
-    def unsubscribe(self, run_id: str, queue: asyncio.Queue[planner_pb2.RunEvent]) -> None:
+    def unsubscribe(self, run_id: str, queue: asyncio.Queue[planner_pb2.RunEvent | None]) -> None:
         queues = self._queues.get(run_id)
         if queues is not None:
             queues.discard(queue)
@@ -35,6 +36,10 @@ class EventBus:
         for queue in self._queues.get(run_id, ()):
             for event in events:
                 queue.put_nowait(event)
+
+    def poke(self, run_id: str) -> None:
+        for queue in self._queues.get(run_id, ()):
+            queue.put_nowait(None)
 
 
 class RunJournal:

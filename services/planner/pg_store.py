@@ -3,7 +3,11 @@ planner replicas (psycopg 3, an async connection pool). Chosen by ``planner.data
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +23,7 @@ from services.planner.store import (
     DEFAULT_TENANT,
     AgentRecord,
     JournalConflictError,
+    LeaseLostError,
     RunRecord,
     RunState,
     SessionRecord,
@@ -27,6 +32,7 @@ from services.planner.store import (
 from services.planner.types import Turn, Usage
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Each entry moves the schema from version i to i + 1 (the row in meshpilot_schema); replicas starting together take
 # an advisory lock, so exactly one of them runs a migration.
@@ -75,7 +81,16 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tenant, name, version)
     );
     """,
+    # Leases: the replica driving a run owns it until lease_until; another takes it over once that has passed.
+    """
+    ALTER TABLE runs ADD COLUMN owner TEXT;
+    ALTER TABLE runs ADD COLUMN lease_until DOUBLE PRECISION;
+    CREATE INDEX runs_by_lease ON runs(state, lease_until);
+    """,
 )
+# Commits are announced on this channel (payload: the run id), so watchers on every replica read them.
+NOTIFY_CHANNEL = "meshpilot_runs"
+_LISTEN_RETRY_SECONDS = 1.0
 _MIGRATION_LOCK = 0x6D657368  # "mesh": pg_advisory_xact_lock key of the schema migrations
 _RUN_COLUMNS = (
     "run_id, session_id, task, state, answer, prompt_tokens, completion_tokens, total_tokens, cached_prompt_tokens, "
@@ -95,11 +110,24 @@ class PostgresRunStore:
 
     ``open`` (awaited before use) connects the pool and brings the schema up to date; a DSN that does not connect
     raises ConfigError naming ``planner.database_url``. Every method is one transaction.
+
+    Replicas: a RUNNING run is owned by the replica (``owner``) that drives it, until ``lease_until``. Creating a
+    run and every commit take or renew the lease; a commit to a run whose live lease is another's raises
+    LeaseLostError and stores nothing. ``claim_runs`` takes the RUNNING runs whose lease has expired (a replica died)
+    and ``renew_leases`` keeps this replica's. A run waiting for approval is nobody's: the replica that records
+    the decision takes it. Each commit is announced with NOTIFY; ``on_commit`` callbacks hear every replica's.
     """
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 8) -> None:
+    def __init__(
+        self, dsn: str, *, owner: str = "", lease_seconds: float = 15.0, min_size: int = 1, max_size: int = 8
+    ) -> None:
         self.dsn = dsn
+        self.owner = owner or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.lease_seconds = lease_seconds
         self._pool = AsyncConnectionPool(dsn, min_size=min_size, max_size=max_size, open=False)
+        self._callbacks: list[Callable[[str], None]] = []
+        self._listener: asyncio.Task[None] | None = None
+        self._opened = False
 
     async def open(self, timeout: float = 10.0) -> None:
         try:
@@ -111,9 +139,36 @@ class PostgresRunStore:
             await self._pool.close()
             raise ConfigError(f"planner.database_url: cannot connect to PostgreSQL ({_reason(e)})") from e
         await self._migrate()
+        self._opened = True
+        self._listen_if_heard()
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
         await self._pool.close()
+
+    def on_commit(self, callback: Callable[[str], None]) -> None:
+        """Calls ``callback(run_id)`` for every commit of any replica (this one's included), from a LISTEN
+        connection that reconnects after a failure (watchers poll the journal meanwhile)."""
+        self._callbacks.append(callback)
+        self._listen_if_heard()
+
+    def _listen_if_heard(self) -> None:
+        if self._opened and self._callbacks and self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="planner-journal-listen")
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                async with await AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    async for notification in conn.notifies():
+                        for callback in self._callbacks:
+                            callback(notification.payload)
+            except psycopg.Error as e:
+                log.warning("journal notifications interrupted (%s); listening again", _reason(e))
+            await asyncio.sleep(_LISTEN_RETRY_SECONDS)
 
     async def _call(self, fn: Callable[[AsyncConnection[Any]], Awaitable[T]]) -> T:
         async with self._pool.connection() as conn, conn.transaction():
@@ -189,7 +244,7 @@ class PostgresRunStore:
         await self._call(
             lambda c: c.execute(
                 "INSERT INTO runs (run_id, session_id, task, state, create_time, agent, agent_version, snapshot, "
-                "tenant) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                "tenant, owner, lease_until) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     run.run_id,
                     session_id,
@@ -200,6 +255,8 @@ class PostgresRunStore:
                     agent_version,
                     snapshot,
                     tenant,
+                    self.owner,
+                    run.create_time + self.lease_seconds,
                 ),
             )
         )
@@ -228,17 +285,25 @@ class PostgresRunStore:
                 except psycopg.errors.ForeignKeyViolation as e:
                     raise NotFoundError(f"run {shown(run_id)} does not exist") from e
             last = max((seq for seq, _ in events), default=0)
+            now = time.time()
+            # A running run stays (or becomes) this replica's; a parked or ended one is nobody's.
+            owner, lease = (self.owner, now + self.lease_seconds) if state is RunState.RUNNING else (None, None)
             cursor = await c.execute(
                 "UPDATE runs SET state = %s, answer = %s, prompt_tokens = %s, completion_tokens = %s, "
                 "total_tokens = %s, cached_prompt_tokens = %s, end_time = %s, snapshot = %s, "
-                "last_sequence = GREATEST(last_sequence, %s) WHERE run_id = %s",
+                "last_sequence = GREATEST(last_sequence, %s), owner = %s, lease_until = %s "
+                "WHERE run_id = %s AND (owner IS NULL OR owner = %s OR lease_until < %s)",
                 (
                     state.value, answer, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
-                    usage.cached_prompt_tokens, time.time() if state.ended else None, snapshot, last, run_id,
+                    usage.cached_prompt_tokens, now if state.ended else None, snapshot, last, owner, lease, run_id,
+                    self.owner, now,
                 ),
             )  # fmt: skip
             if cursor.rowcount == 0:
+                if await _fetchone(c, "SELECT 1 FROM runs WHERE run_id = %s", (run_id,)) is not None:
+                    raise LeaseLostError(f"run {shown(run_id)} is driven by another planner replica now")
                 raise NotFoundError(f"run {shown(run_id)} does not exist")
+            await c.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, run_id))
 
         await self._call(commit)
 
@@ -300,6 +365,31 @@ class PostgresRunStore:
         row = await self._call(lambda c: _fetchone(c, query, (tenant, since)))
         assert row is not None
         return int(row[0]), Usage(*map(int, row[1:]))
+
+    async def claim_runs(self) -> list[RunRecord]:
+        """Takes the RUNNING runs that nobody holds a live lease on (their replica died or stopped), oldest first;
+        two replicas claiming at once never take the same run."""
+        now = time.time()
+        query = (
+            "UPDATE runs SET owner = %s, lease_until = %s WHERE run_id IN (SELECT run_id FROM runs WHERE state = %s "
+            "AND (owner IS NULL OR lease_until < %s) ORDER BY create_time FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {_RUN_COLUMNS}"
+        )
+        params = (self.owner, now + self.lease_seconds, RunState.RUNNING.value, now)
+        runs = await self._call(lambda c: _runs(c, query, params))
+        return sorted(runs, key=lambda run: run.create_time)
+
+    async def renew_leases(self, run_ids: Sequence[str]) -> set[str]:
+        """Extends this replica's leases on ``run_ids``; the ids it still holds (the others were taken over)."""
+        if not run_ids:
+            return set()
+        query = "UPDATE runs SET lease_until = %s WHERE run_id = ANY(%s) AND owner = %s AND state = %s RETURNING run_id"
+        params = (time.time() + self.lease_seconds, list(run_ids), self.owner, RunState.RUNNING.value)
+
+        async def renew(c: AsyncConnection[Any]) -> set[str]:
+            return {row[0] for row in await (await c.execute(query, params)).fetchall()}
+
+        return await self._call(renew)
 
     async def runs_in_state(self, state: RunState) -> list[RunRecord]:
         query = f"SELECT {_RUN_COLUMNS} FROM runs WHERE state = %s ORDER BY create_time, ordinal"

@@ -18,12 +18,14 @@ from services.planner.journal import EventBus, RunJournal
 from services.planner.policies import POLICIES
 from services.planner.quotas import ChargedLLM, TenantQuotas, TenantTools
 from services.planner.state import AgentRef, RunSnapshot
-from services.planner.store import DEFAULT_TENANT, JournalStore, RunRecord, RunState, shown
+from services.planner.store import DEFAULT_TENANT, JournalStore, LeaseLostError, RunRecord, RunState, shown
 from services.planner.types import Budget, Failed
 
 log = logging.getLogger(__name__)
 
 _TERMINAL = ("final_answer", "error")
+# A watcher reads the journal at least this often while it waits (what bounds a lost cross-replica notification).
+JOURNAL_POLL_SECONDS = 5.0
 
 
 class RunManager:
@@ -47,6 +49,9 @@ class RunManager:
         self.history_turns = history_turns
         self.quotas = quotas or TenantQuotas(QuotaConfig())
         self.bus = EventBus()
+        # Commits of other replicas (PostgreSQL) wake this process's watchers, which then read the journal.
+        store.on_commit(self.bus.poke)
+        self._maintenance: asyncio.Task[None] | None = None
         self._executors: dict[str, RunExecutor] = {}
         self._tasks: dict[str, asyncio.Task[RunState]] = {}
 
@@ -124,7 +129,11 @@ class RunManager:
                 if not (parked and finished.result() is RunState.WAITING_FOR_APPROVAL):
                     self._executors.pop(run_id, None)
             if not finished.cancelled() and (error := finished.exception()) is not None:
-                log.error("run %s stopped on an unexpected error", run_id, exc_info=error)
+                if isinstance(error, LeaseLostError):
+                    self._executors.pop(run_id, None)
+                    log.warning("run %s is driven by another replica now; this one stopped driving it", run_id)
+                else:
+                    log.error("run %s stopped on an unexpected error", run_id, exc_info=error)
 
         task.add_done_callback(done)
 
@@ -136,7 +145,7 @@ class RunManager:
         """Continues every run a previous planner left RUNNING from its last journaled state; returns how many.
 
         Runs journaled by a planner without snapshots end with ABORTED (they cannot be continued)."""
-        records = await self.store.runs_in_state(RunState.RUNNING)
+        records = await self.store.claim_runs()
         for record in records:
             if record.run_id in self._executors:
                 continue
@@ -219,18 +228,60 @@ class RunManager:
             if record.state.ended:
                 return
             while True:
-                event = await queue.get()
-                if event.sequence <= last:
-                    continue
-                yield event
-                last = event.sequence
-                if event.WhichOneof("event") in _TERMINAL:
-                    return
+                try:
+                    item = await asyncio.wait_for(queue.get(), JOURNAL_POLL_SECONDS)
+                except TimeoutError:
+                    item = None  # a missed notification cannot stall a watcher for longer than this
+                # None: the journal changed elsewhere (another replica drives the run); read what is new.
+                fresh = (
+                    [planner_pb2.RunEvent.FromString(data) for _, data in await self.store.events_after(run_id, last)]
+                    if item is None
+                    else [item]
+                )
+                for event in fresh:
+                    if event.sequence <= last:
+                        continue
+                    yield event
+                    last = event.sequence
+                    if event.WhichOneof("event") in _TERMINAL:
+                        return
         finally:
             self.bus.unsubscribe(run_id, queue)
 
+    def maintain(self, interval: float) -> None:
+        """Every ``interval`` seconds: renews the leases of the runs this replica drives (stopping, without a word in
+        the journal, those another replica took over) and takes over RUNNING runs whose lease expired (their replica
+        died). For a store shared by replicas; ``close`` stops it."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    await self._maintain_once()
+                except Exception:
+                    log.exception("lease upkeep failed; retrying in %gs", interval)
+
+        if self._maintenance is None:
+            self._maintenance = asyncio.create_task(loop(), name="planner-leases")
+
+    async def _maintain_once(self) -> None:
+        driving = [run_id for run_id, task in self._tasks.items() if not task.done()]
+        held = await self.store.renew_leases(driving)
+        for run_id in driving:
+            if run_id not in held and (task := self._tasks.get(run_id)) is not None:
+                log.warning("run %s was taken over by another replica; this one stops driving it", run_id)
+                task.cancel()  # no cancel_reason: nothing is journaled
+                await asyncio.wait([task])
+                self._executors.pop(run_id, None)
+        if taken := await self.resume():
+            log.warning("took over %d runs whose replica stopped renewing their leases", taken)
+
     async def close(self) -> None:
         """Stops driving every run without journaling anything: the next planner resumes them where they are."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            await asyncio.gather(self._maintenance, return_exceptions=True)
+            self._maintenance = None
         tasks = [task for task in self._tasks.values() if not task.done()]
         for task in tasks:
             task.cancel()

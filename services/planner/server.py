@@ -260,7 +260,7 @@ def create_server(
         # PostgreSQL when a DSN is configured (replicas share it), else the embedded SQLite file; opened in main.
         database_url = planner.database_url
         store = (
-            PostgresRunStore(database_url)
+            PostgresRunStore(database_url, lease_seconds=planner.lease_seconds)
             if database_url
             else RunStore(planner.db_path or config.data_dir / "planner.db")
         )
@@ -323,5 +323,8 @@ async def main(config: MeshConfig) -> None:
     async def startup() -> None:
         if resumed := await servicer.runs.resume():
             log.warning("resuming %d runs a previous planner left unfinished", resumed)
+        if config.planner.database_url:
+            # Replicas share the journal: keep this one's leases and take over the runs of one that died.
+            servicer.runs.maintain(config.planner.lease_seconds / 3)
 
     await serve(server, startup=startup, shutdown=servicer.close)

@@ -92,6 +92,11 @@ DEFAULT_TENANT = "default"
 _MAX_ID_CHARS = 64
 
 
+class LeaseLostError(Exception):
+    """Another planner replica took the run over (this one's lease expired): this replica stops driving it and
+    nothing of the commit was stored."""
+
+
 class JournalConflictError(Exception):
     """A commit repeated a sequence already journaled for its run (two writers of one run: a bug or a lost lease);
     nothing of the commit was stored."""
@@ -218,6 +223,9 @@ class JournalStore(Protocol):
     async def get_agent(self, name: str, version: int = ..., *, tenant: str = ...) -> AgentRecord: ...
     async def list_agents(self, *, tenant: str = ...) -> list[AgentRecord]: ...
     async def delete_agent(self, name: str, *, tenant: str = ...) -> None: ...
+    def on_commit(self, callback: Callable[[str], None]) -> None: ...
+    async def claim_runs(self) -> list[RunRecord]: ...
+    async def renew_leases(self, run_ids: Sequence[str]) -> set[str]: ...
 
 
 class RunStore:
@@ -408,6 +416,16 @@ class RunStore:
         )
         row = await self._call(lambda c: c.execute(query, (tenant, since)).fetchone())
         return int(row[0]), Usage(*map(int, row[1:]))
+
+    def on_commit(self, callback: Callable[[str], None]) -> None:
+        """Nothing to hear: one planner process owns an SQLite journal, and its EventBus sees every commit."""
+
+    async def claim_runs(self) -> list[RunRecord]:
+        """Every RUNNING run (one process owns an SQLite journal: no leases, nothing to take over)."""
+        return await self.runs_in_state(RunState.RUNNING)
+
+    async def renew_leases(self, run_ids: Sequence[str]) -> set[str]:
+        return set(run_ids)
 
     async def runs_in_state(self, state: RunState) -> list[RunRecord]:
         """Every run in ``state`` with its snapshot, oldest first (what a starting planner resumes)."""

@@ -171,6 +171,7 @@ class Planner:
     async def _start(self) -> None:
         self.server = create_server(self.config, llm=self.llm, tools=self.tools, signer=self.signer)
         self.servicer = self.server.bindings[0].servicer
+        await self.servicer.store.open()
         await self.server.start()
         await self.servicer.runs.resume()
         await self.server.set_serving()
