@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 
-.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton triton-cpu injection
+.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton triton-cpu injection k8s-check
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -66,6 +66,9 @@ injection: install ## the prompt-injection suite: hostile tool outputs through r
 
 triton-cpu: install ## a real tritonserver serving the CPU twin of the TensorRT-LLM repository (Ctrl-C stops it)
 	bash scripts/triton_cpu.sh $(TRITON_ARGS)
+
+k8s-check: install ## render deploy/k8s's overlays (kubectl from PyPI) and check schemas (1.37), probes, security, network policies
+	$(PY) scripts/k8s_check.py $(K8S_CHECK_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format .
