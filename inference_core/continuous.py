@@ -4,7 +4,9 @@ One loop thread owns the model. Each iteration is one *step*, one pass over the 
 
 1. aborted sequences end;
 2. if no admission is under way, waiting sequences are admitted while slots are free and their prompts (after the
-   longest cached prefix is restored into their slot) fit this step's prefill budget;
+   longest cached prefix is restored into their slot) fit this step's prefill budget. The waiting queue's policy picks
+   who is next and may hand a running slot over to another tenant (see inference_core.admission.FairQueue): the row
+   it takes goes back to the front of its tenant's line and resumes later from the prefix cache;
 3. the step computes a decode token for every running sequence *and* up to ``prefill_chunk_tokens`` prompt tokens of
    the admitting ones (first come, first served), so a long prompt never stalls running streams for more than a chunk
    and short prompts ride along with the decode at little extra cost;
@@ -19,11 +21,12 @@ share is handed to the runner, which attends to it once for the whole batch (see
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
-from inference_core.admission import AdmissionQueue
+from inference_core.admission import AdmissionQueue, FairQueue, FifoQueue, WaitingQueue
 from inference_core.errors import EngineError, InvalidRequestError
 from inference_core.kv_cache import PrefixCache, SlotKVCache, common_prefix_length
 from inference_core.llama import Chunk, LlamaRunner
@@ -53,6 +56,18 @@ class BatchingConfig:
     """Draft tokens per greedy row (prompt lookup, see inference_core.speculation); 0 switches speculation off. Drafts
     only fill a step up to ``max_batch_size`` tokens, where a decode step is bound by reading the weights, not by
     arithmetic, so they cost little; a full batch does not speculate."""
+    fair_share: bool = True
+    """Share the queue and the slots between tenants (FairQueue); False serves everyone first come, first served."""
+    max_queue_per_tenant: int = 16
+    """With fair_share: sequences of one tenant waiting beyond this are refused with QueueFullError."""
+    tenant_weights: dict[str, int] = field(default_factory=dict)
+    """With fair_share: a tenant's share of turns and slots relative to others (1 when not listed)."""
+
+    def waiting_queue(self) -> WaitingQueue:
+        """The waiting queue these settings describe."""
+        if not self.fair_share:
+            return FifoQueue(self.max_queue)
+        return FairQueue(self.max_queue, self.max_queue_per_tenant, self.tenant_weights)
 
 
 @dataclass
@@ -70,6 +85,9 @@ class EngineStats:
     steps: int = 0
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
+    preemptions: int = 0
+    waiting_by_tenant: dict[str, int] = field(default_factory=dict)
+    slots_by_tenant: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -78,7 +96,9 @@ class _Row:
     slot: int
     length: int = 0  # positions filled in its slot
     last_token: int = -1
-    prompt: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)  # what admission computes: the prompt, plus output when resumed
+    resumed: bool = False  # preempted earlier: its next token is chosen already
+    joined: int = 0  # order of joining the running rows
 
     @property
     def to_prefill(self) -> int:
@@ -89,7 +109,7 @@ class ContinuousBatchScheduler(AdmissionQueue):
     """Batches every running sequence; admission, abort and close: see AdmissionQueue."""
 
     def __init__(self, runner: LlamaRunner, config: BatchingConfig) -> None:
-        super().__init__(config.max_queue, "inference-batch-loop")
+        super().__init__(config.waiting_queue(), "inference-batch-loop")
         self._runner = runner
         self.config = config
         shape = runner.kv_shape()
@@ -103,6 +123,8 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._steps = 0
         self._drafted = 0
         self._accepted = 0
+        self._joins = 0
+        self._preemptions = 0
 
     @property
     def kv_bytes(self) -> int:
@@ -127,6 +149,9 @@ class ContinuousBatchScheduler(AdmissionQueue):
                 steps=self._steps,
                 draft_tokens=self._drafted,
                 accepted_draft_tokens=self._accepted,
+                preemptions=self._preemptions,
+                waiting_by_tenant=self._waiting.waiting_by_tenant(),
+                slots_by_tenant=self._held(),
             )
 
     def submit(self, seq: Sequence) -> None:
@@ -181,13 +206,20 @@ class ContinuousBatchScheduler(AdmissionQueue):
         for row, chunk, row_logits in zip(self._admitting, prompts, prompt_logits, strict=False):
             row.length += len(chunk.tokens)
             if row.to_prefill == 0:
-                if self.prefix is not None:
-                    self.prefix.insert(row.prompt, self.slots, row.slot)
-                self._append(row, row_logits)
+                if row.resumed:
+                    # Its next token was chosen before it was preempted: these logits go unused.
+                    row.last_token = row.seq.output_ids[-1]
+                else:
+                    if self.prefix is not None:
+                        self.prefix.insert(row.prompt, self.slots, row.slot)
+                    self._append(row, row_logits)
                 joined.append(row)
         with self._cv:
             # Rows complete in arrival order (the budget goes first come, first served), so the ones that joined sit
             # right after the running rows and the running rows stay packed.
+            for row in joined:
+                self._joins += 1
+                row.joined = self._joins
             self._running += joined
             del self._admitting[: len(joined)]
             finished = [row for row in self._running if row.seq.finished]
@@ -229,20 +261,56 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._generated += 1
 
     def _admit(self) -> None:
-        """Admits waiting sequences while slots are free and the prompts admitted so far fit one step's budget."""
+        """Admits waiting sequences, in the order the waiting queue's policy gives, while the prompts admitted so far
+        fit one step's budget: into free slots, or into a slot the policy takes from another tenant."""
         planned = 0
+        preempted = False
         while planned < self.config.prefill_chunk_tokens:
             with self._cv:
-                if not self._waiting or len(self._running) + len(self._admitting) >= self.config.max_batch_size:
-                    return
-                seq = self._waiting.popleft()
-                row = _Row(seq=seq, slot=len(self._running) + len(self._admitting), prompt=seq.prompt_ids)
+                held = self._held()
+                tenant = self._waiting.next_tenant(held)
+                if tenant is None:
+                    break
+                if len(self._running) + len(self._admitting) >= self.config.max_batch_size:
+                    victim = self._waiting.tenant_to_preempt(tenant, held)
+                    if victim is None or not self._preempt(victim):
+                        break
+                    preempted = True
+                seq = self._waiting.pop(tenant)
+                resumed = bool(seq.output_ids)
+                # A resumed row's slot is rebuilt from its prompt and all its output but the last token, which the
+                # next decode step feeds as usual.
+                tokens = [*seq.prompt_ids, *seq.output_ids[:-1]] if resumed else seq.prompt_ids
+                row = _Row(seq=seq, slot=len(self._running) + len(self._admitting), prompt=tokens, resumed=resumed)
                 self._admitting.append(row)
             seq.mark_started()
             if self.prefix is not None:
                 row.length = self.prefix.restore(self.prefix.lookup(row.prompt), self.slots, row.slot)
-            seq.cached_prompt_tokens = row.length
+            if not resumed:
+                seq.cached_prompt_tokens = row.length
             planned += row.to_prefill
+        if preempted:
+            self._shared = self._common_prefix()
+
+    def _held(self) -> dict[str, int]:
+        """Slots held per tenant (running and admitting rows)."""
+        return dict(Counter(row.seq.tenant for row in [*self._running, *self._admitting]))
+
+    def _preempt(self, tenant: str) -> bool:
+        """Sends ``tenant``'s most recently joined running row back to the front of its line (caller holds the lock).
+        Its KV goes into the prefix cache first, so when admitted again it restores its prompt and output so far and
+        computes only the last partial block; without a prefix cache it computes them all again. False when the
+        tenant has no running row (only rows still admitting)."""
+        rows = [row for row in self._running if row.seq.tenant == tenant]
+        if not rows:
+            return False
+        row = max(rows, key=lambda row: row.joined)
+        if self.prefix is not None:
+            self.prefix.insert([*row.seq.prompt_ids, *row.seq.output_ids[:-1]], self.slots, row.slot)
+        self._drop([row])
+        self._waiting.requeue(row.seq)
+        self._preemptions += 1
+        return True
 
     def _plan_chunks(self) -> list[Chunk]:
         budget = self.config.prefill_chunk_tokens
@@ -270,14 +338,18 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._shared = self._common_prefix()
 
     def _remove(self, rows: list[_Row]) -> None:
-        """Drops ``rows`` (running or admitting; caller holds the lock and then updates the shared prefix) and repacks
-        the slots: running rows left in slots past the new batch size move into the holes, then the admitting rows
-        move down behind them in order."""
+        """Drops the rows of finished sequences (running or admitting; caller holds the lock and then updates the
+        shared prefix) and forgets their sequences."""
+        for row in rows:
+            self._forget(row.seq)
+        self._drop(rows)
+
+    def _drop(self, rows: list[_Row]) -> None:
+        """Takes ``rows`` out of the batch and repacks the slots: running rows left in slots past the new batch size
+        move into the holes, then the admitting rows move down behind them in order."""
         if not rows:
             return
         gone = {id(row) for row in rows}
-        for row in rows:
-            self._forget(row.seq)
         self._running = [row for row in self._running if id(row) not in gone]
         self._admitting = [row for row in self._admitting if id(row) not in gone]
         batch = len(self._running)

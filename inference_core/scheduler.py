@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from inference_core.admission import AdmissionQueue
+from inference_core.admission import AdmissionQueue, FifoQueue, WaitingQueue
 from inference_core.errors import EngineError
 from inference_core.model_runner import TorchModelRunner
 from inference_core.sequence import Sequence
@@ -17,10 +17,11 @@ log = logging.getLogger(__name__)
 
 class SerialScheduler(AdmissionQueue):
     """Runs admitted sequences one at a time, to completion, on its own thread (so the asyncio loop never waits on
-    torch). Admission, abort and close: see AdmissionQueue."""
+    torch). Admission, abort and close: see AdmissionQueue. ``waiting`` orders the queue (first come, first served by
+    default; a FairQueue takes tenants in turn)."""
 
-    def __init__(self, runner: TorchModelRunner, max_queue: int) -> None:
-        super().__init__(max_queue, "inference-engine-loop")
+    def __init__(self, runner: TorchModelRunner, max_queue: int, waiting: WaitingQueue | None = None) -> None:
+        super().__init__(FifoQueue(max_queue) if waiting is None else waiting, "inference-engine-loop")
         self._runner = runner
 
     def _warm_up(self) -> None:
@@ -31,9 +32,9 @@ class SerialScheduler(AdmissionQueue):
             with self._cv:
                 while not self._waiting and not self._closed:
                     self._cv.wait()
-                if not self._waiting:
+                seq = self._waiting.pop_next()
+                if seq is None:
                     return
-                seq = self._waiting.popleft()
             try:
                 self._run(seq)
             except Exception as e:

@@ -14,7 +14,7 @@ from inference_core.sampling import RowSampler
 from inference_core.speculation import NgramProposer
 from inference_core.stop_strings import StopStringMatcher
 from inference_core.structured import RowConstraint
-from inference_core.types import FinishReason, GenerationChunk, Timings, Usage
+from inference_core.types import DEFAULT_TENANT, FinishReason, GenerationChunk, Timings, Usage
 
 ChunkSink = Callable[[GenerationChunk | EngineError], None]
 
@@ -38,8 +38,10 @@ class Sequence:
         eos_token_ids: frozenset[int],
         sink: ChunkSink,
         arrival: float,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
         self.request_id = request_id
+        self.tenant = tenant
         self.prompt_ids = prompt_ids
         self.max_new_tokens = max_new_tokens
         self.sampler = sampler
@@ -62,7 +64,9 @@ class Sequence:
         self._proposer = NgramProposer(prompt_ids) if sampler.params.is_greedy else None
 
     def mark_started(self) -> None:
-        self._started = time.perf_counter()
+        """Records when the sequence first got a slot (a preempted sequence that gets one again keeps the first)."""
+        if self._started is None:
+            self._started = time.perf_counter()
 
     def select_token(self, logits: torch.Tensor) -> int:
         """Chooses the next token from this sequence's logits row (masked in place by the grammar, if any)."""

@@ -9,6 +9,9 @@ from typing import Literal
 
 ConstraintKind = Literal["json_schema", "regex", "ebnf"]
 
+DEFAULT_TENANT = "default"
+"""The tenant of a request that names none: with one tenant, the engine serves requests as they come."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -48,6 +51,8 @@ class GenerationRequest:
 
     max_tokens caps generated tokens (>= 1); generation also ends at the model's context length.
     stop: generation ends before the first occurrence of any of these strings, which are never streamed.
+    tenant: whom the request is served for; the scheduler shares queue places and batch slots between tenants
+        (see inference_core.admission). The caller validates it (the inference service takes a tenant name).
     """
 
     prompt: str | None = None
@@ -57,6 +62,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     constraint: Constraint | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tenant: str = DEFAULT_TENANT
 
 
 class FinishReason(enum.Enum):

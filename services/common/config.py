@@ -92,8 +92,32 @@ class InferenceConfig(_Section):
     speculative_tokens: int = Field(
         4, ge=0, description="Prompt-lookup draft tokens per greedy request and step; 0 disables speculation."
     )
+    fair_share: bool = Field(
+        True,
+        description="Share the queue and the batch between tenants (x-meshpilot-tenant metadata): a line per tenant "
+        "served in turn, and a running slot handed over to a tenant holding fewer. False: first come, first served.",
+    )
+    max_queue_per_tenant: int = Field(
+        16,
+        ge=1,
+        description="With fair_share: one tenant's requests waiting beyond this are refused (RESOURCE_EXHAUSTED).",
+    )
+    tenant_weights: dict[str, int] = Field(
+        default_factory=dict,
+        description="With fair_share: a tenant's share of turns and slots relative to others (default 1), e.g. {gold: 2}.",
+    )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (backend: triton).")
     triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _weights_of_tenants(cls, weights: dict[str, int]) -> dict[str, int]:
+        for tenant, weight in weights.items():
+            if not re.match(r"^[a-z][a-z0-9-]{0,62}$", tenant):
+                raise ValueError(f"{tenant[:64]!r} is not a tenant name (lowercase letters, digits and '-')")
+            if weight < 1:
+                raise ValueError(f"the weight of {tenant!r} is {weight}; use a whole number >= 1")
+        return weights
 
 
 class KnowledgeConfig(_Section):

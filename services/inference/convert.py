@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from inference_core import (
     Constraint,
@@ -15,6 +16,7 @@ from inference_core import (
 from meshpilot.common.v1 import common_pb2
 from meshpilot.inference.v1 import inference_pb2
 from services.common import InvalidArgumentError
+from services.common.auth import DEFAULT_TENANT, TENANT_METADATA, TENANT_PATTERN
 
 _CONSTRAINT_KINDS = {"json_schema": "json_schema", "regex": "regex", "ebnf_grammar": "ebnf"}
 _FINISH_REASONS = {
@@ -23,6 +25,15 @@ _FINISH_REASONS = {
     FinishReason.STOP_STRING: inference_pb2.FINISH_REASON_STOP_STRING,
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
 }
+
+
+def tenant_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The tenant a call is served for: its x-meshpilot-tenant metadata (the planner sends the tenant of the run it
+    acts for) when that is a tenant name, else "default"."""
+    for key, value in metadata or ():
+        if key == TENANT_METADATA and isinstance(value, str) and TENANT_PATTERN.match(value):
+            return value
+    return DEFAULT_TENANT
 
 
 def input_of(
@@ -75,10 +86,15 @@ def constraint_of(proto: inference_pb2.OutputConstraint) -> Constraint | None:
 
 
 def to_generation_request(
-    request: inference_pb2.GenerateRequest, *, default_max_tokens: int, request_id: str, context_length: int
+    request: inference_pb2.GenerateRequest,
+    *,
+    default_max_tokens: int,
+    request_id: str,
+    context_length: int,
+    tenant: str = DEFAULT_TENANT,
 ) -> GenerationRequest:
-    """Validates a GenerateRequest for a model of ``context_length`` tokens and converts it; raises
-    InvalidArgumentError saying what to change."""
+    """Validates a GenerateRequest for a model of ``context_length`` tokens and converts it, served for ``tenant``;
+    raises InvalidArgumentError saying what to change."""
     prompt, messages = input_of(request)
     if request.max_tokens < 0:
         raise InvalidArgumentError(
@@ -100,6 +116,7 @@ def to_generation_request(
         sampling=sampling_of(request.sampling),
         stop=list(request.stop),
         constraint=constraint_of(request.constraint) if request.HasField("constraint") else None,
+        tenant=tenant,
     )
 
 

@@ -13,6 +13,27 @@ from inference_core import Engine, GenerationChunk
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+# Any caller can name a tenant, so counters keep at most this many tenant labels; later tenants share OTHER_TENANT
+# (not a valid tenant name, so it never mixes with a real one). Gauges list only tenants with requests in the engine
+# now, which max_queue and max_batch_size bound.
+MAX_TENANT_LABELS = 32
+OTHER_TENANT = "_other"
+
+
+class TenantLabels:
+    """Tenant names as label values: the first ``limit`` distinct tenants as themselves, any later one as OTHER_TENANT."""
+
+    def __init__(self, limit: int = MAX_TENANT_LABELS) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, tenant: str) -> str:
+        if tenant in self._seen:
+            return tenant
+        if len(self._seen) < self._limit:
+            self._seen.add(tenant)
+            return tenant
+        return OTHER_TENANT
 
 
 class EngineCollector(Collector):
@@ -61,6 +82,19 @@ class EngineCollector(Collector):
             "Draft tokens the model confirmed (each one a token generated without a step of its own).",
             labels=["model"],
         )
+        preemptions = CounterMetricFamily(
+            "meshpilot_engine_preemptions",
+            "Running requests that gave their slot to another tenant's (they resume later from the prefix cache).",
+            labels=["model"],
+        )
+        tenant_waiting = GaugeMetricFamily(
+            "meshpilot_engine_tenant_queue_depth",
+            "Requests waiting for a slot, per tenant with any.",
+            labels=["model", "tenant"],
+        )
+        tenant_slots = GaugeMetricFamily(
+            "meshpilot_engine_tenant_running", "Slots held per tenant with any.", labels=["model", "tenant"]
+        )
         for model_id, engine in self._engines.items():
             stats_of = getattr(engine, "stats", None)
             if stats_of is None:
@@ -78,12 +112,18 @@ class EngineCollector(Collector):
             steps.add_metric([model_id], stats.steps)
             drafted.add_metric([model_id], stats.draft_tokens)
             accepted.add_metric([model_id], stats.accepted_draft_tokens)
+            preemptions.add_metric([model_id], stats.preemptions)
+            for tenant, count in stats.waiting_by_tenant.items():
+                tenant_waiting.add_metric([model_id, tenant], count)
+            for tenant, count in stats.slots_by_tenant.items():
+                tenant_slots.add_metric([model_id, tenant], count)
         yield from gauges.values()
-        yield from (tokens, steps, drafted, accepted)
+        yield from (tenant_waiting, tenant_slots, tokens, steps, drafted, accepted, preemptions)
 
 
 class InferenceMetrics:
-    """Per-request latency and volume: TTFT and inter-token histograms, output tokens, requests by finish reason."""
+    """Per-request latency and volume: TTFT and inter-token histograms, output tokens, requests by finish reason,
+    and requests refused for want of a queue place, per tenant."""
 
     def __init__(self, registry: CollectorRegistry, engines: Mapping[str, Engine]) -> None:
         registry.register(EngineCollector(engines))
@@ -110,6 +150,16 @@ class InferenceMetrics:
             ["model", "finish_reason"],
             registry=registry,
         )
+        self._refused = Counter(
+            "meshpilot_inference_refused",
+            "Generate calls refused with RESOURCE_EXHAUSTED (the engine queue, or the tenant's part of it, was full).",
+            ["model", "tenant"],
+            registry=registry,
+        )
+        self._tenant_label = TenantLabels()
+
+    def refused(self, model_id: str, tenant: str) -> None:
+        self._refused.labels(model_id, self._tenant_label(tenant)).inc()
 
     def track(self, model_id: str) -> RequestTracker:
         return RequestTracker(self, model_id)

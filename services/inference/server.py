@@ -38,6 +38,9 @@ def create_engine(config: MeshConfig) -> Engine:
             prefill_chunk_tokens=section.prefill_chunk_tokens,
             speculative_tokens=section.speculative_tokens,
             max_queue=section.max_queue,
+            fair_share=section.fair_share,
+            max_queue_per_tenant=section.max_queue_per_tenant,
+            tenant_weights=dict(section.tenant_weights),
         ),
     )
 

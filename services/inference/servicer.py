@@ -14,7 +14,7 @@ from inference_core import Engine, EngineClosedError, EngineError, InvalidReques
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import InvalidArgumentError, MeshError, NotFoundError, ResourceExhaustedError, UnavailableError
 from services.common.errors import quoted
-from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
+from services.inference.convert import input_of, tenant_of, to_generate_response, to_generation_request, to_model
 from services.inference.metrics import InferenceMetrics
 
 # xgrammar prefixes its parser errors with a time and its C++ source file ("[02:05:17]
@@ -49,7 +49,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Serves ``engines`` (the first is the default model), keyed by their ``info.id``.
 
     Engines are started by ``start_engines()`` (the server's startup hook) and shut down by ``shutdown_engines()``.
-    A Generate whose client cancels or disconnects aborts its engine request.
+    A Generate whose client cancels or disconnects aborts its engine request. A Generate is served for the tenant its
+    x-meshpilot-tenant metadata names (see convert.tenant_of); engines share their capacity between tenants.
     """
 
     def __init__(
@@ -97,11 +98,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         model_id, engine = self._engine_for(request.model)
         with engine_errors():
             context_length = engine.info.context_length
+        tenant = tenant_of(context.invocation_metadata())
         generation = to_generation_request(
             request,
             default_max_tokens=self._default_max_tokens,
             request_id=uuid.uuid4().hex,
             context_length=context_length,
+            tenant=tenant,
         )
         stream = engine.generate(generation)
         tracker = self._metrics.track(model_id) if self._metrics else None
@@ -111,6 +114,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     if tracker is not None:
                         tracker.observe(chunk)
                     yield to_generate_response(chunk, model_id)
+        except ResourceExhaustedError:
+            if self._metrics is not None:
+                self._metrics.refused(model_id, tenant)
+            raise
         finally:
             # Reached on client cancel too (the handler task is cancelled): closing the stream aborts the request.
             await stream.aclose()  # type: ignore[attr-defined]
