@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 
-.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton triton-cpu injection k8s-check
+.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share triton-cpu injection k8s-check
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -60,6 +60,9 @@ bench-inference: install ## agent-shaped load on the inference service vs HF gen
 bench-triton: install ## the Triton path under load: tritonclient direct vs through the inference service (docs/bench/triton.*)
 	bash scripts/triton_cpu.sh --install-only
 	$(PY) benchmarks/triton_bench.py $(BENCH_ARGS)
+
+bench-fair-share: install ## a tenant's TTFT alone and while another floods, fair share vs first come first served (docs/bench/fair_share.md)
+	$(PY) benchmarks/fair_share_bench.py $(BENCH_ARGS)
 
 injection: install ## the prompt-injection suite: hostile tool outputs through real processes on the default model (docs/bench/injection.md)
 	$(PY) -m tests.integration.test_injection --out docs/bench/injection.md $(INJECTION_ARGS)
