@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
+
+from prometheus_client import Histogram
 
 from meshpilot.planner.v1 import planner_pb2
 from services.planner.convert import run_event
@@ -47,11 +50,14 @@ class RunJournal:
     stored snapshot always matches the events before it. A commit that was started finishes even if the caller is
     cancelled meanwhile: an event is never journaled without being published, nor half-applied."""
 
-    def __init__(self, store: JournalStore, bus: EventBus, snapshot: RunSnapshot) -> None:
+    def __init__(
+        self, store: JournalStore, bus: EventBus, snapshot: RunSnapshot, commit_seconds: Histogram | None = None
+    ) -> None:
         self.store = store
         self.bus = bus
         self.snapshot = snapshot
         self.lock = asyncio.Lock()
+        self._commit_seconds = commit_seconds
 
     async def commit(
         self, events: Sequence[AgentEvent] = (), state: RunState = RunState.RUNNING, answer: str = ""
@@ -72,6 +78,7 @@ class RunJournal:
             for sequence, event in enumerate(events, start=first)
         ]
         snapshot.sequence += len(protos)
+        started = time.perf_counter()
         try:
             await self.store.commit(
                 snapshot.run_id,
@@ -84,4 +91,6 @@ class RunJournal:
         except BaseException:
             snapshot.sequence = first - 1
             raise
+        if self._commit_seconds is not None:
+            self._commit_seconds.observe(time.perf_counter() - started)
         self.bus.publish(snapshot.run_id, protos)

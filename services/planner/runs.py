@@ -9,6 +9,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Histogram
+
 from meshpilot.planner.v1 import planner_pb2
 from services.common import FailedPreconditionError, InvalidArgumentError, OutOfRangeError
 from services.common.config import QuotaConfig
@@ -42,6 +44,7 @@ class RunManager:
         *,
         history_turns: int,
         quotas: TenantQuotas | None = None,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self.store = store
         self.catalog = catalog
@@ -52,6 +55,12 @@ class RunManager:
         # Commits of other replicas (PostgreSQL) wake this process's watchers, which then read the journal.
         store.on_commit(self.bus.poke)
         self._maintenance: asyncio.Task[None] | None = None
+        self.commit_seconds = Histogram(
+            "meshpilot_journal_commit_seconds",
+            "Time to commit one run transition (events and snapshot) to the journal: what every step waits for.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=metrics,
+        )
         self._executors: dict[str, RunExecutor] = {}
         self._tasks: dict[str, asyncio.Task[RunState]] = {}
 
@@ -102,7 +111,8 @@ class RunManager:
         deps = dataclasses.replace(
             self.deps, llm=ChargedLLM(self.deps.llm, tenant, self.quotas), tools=TenantTools(self.deps.tools, tenant)
         )
-        executor = RunExecutor(RunJournal(self.store, self.bus, snapshot), definition, policy, deps)
+        journal = RunJournal(self.store, self.bus, snapshot, self.commit_seconds)
+        executor = RunExecutor(journal, definition, policy, deps)
         self._executors[snapshot.run_id] = executor
         return executor
 

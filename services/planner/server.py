@@ -283,7 +283,7 @@ def create_server(
     deps = ExecutorDeps(llm, tools, signer, step_max_tokens=planner.step_max_tokens)
     metrics = CollectorRegistry()
     quotas = TenantQuotas(planner.quotas, metrics)
-    runs = RunManager(store, catalog, deps, history_turns=planner.history_turns, quotas=quotas)
+    runs = RunManager(store, catalog, deps, history_turns=planner.history_turns, quotas=quotas, metrics=metrics)
     keys = authenticator = None
     if auth_required(config):
         assert config.auth.keys_path is not None  # filled in by MeshConfig
