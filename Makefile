@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 
-.PHONY: install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share triton-cpu injection k8s-check
+.PHONY: soak-replicas install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share triton-cpu injection k8s-check
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -79,3 +79,6 @@ format: install
 
 clean:
 	rm -rf $(VENV) .tools/node_modules .pytest_cache .mypy_cache .ruff_cache .meshpilot
+
+soak-replicas: install ## two planner replicas on PostgreSQL, one SIGKILLed 10 times over a load of runs (real model)
+	MESHPILOT_REPLICA_KILLS=10 $(PY) -m pytest -s tests/integration/test_planner_replicas.py $(PYTEST_ARGS)

@@ -5,6 +5,7 @@ tool call takes effect twice, and a client watching through the survivor sees ev
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Iterator
 
@@ -19,7 +20,8 @@ from tests.postgres import fresh_schema, needs_postgres
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, needs_postgres]
 
-KILLS = 10
+# `make soak-replicas` runs the acceptance's 10 kills; `make test` a smaller round of the same test.
+KILLS = int(os.environ.get("MESHPILOT_REPLICA_KILLS", "4"))
 IN_FLIGHT = 2
 LEASE_SECONDS = 2
 
@@ -54,7 +56,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service
             first.stop_all()
 
 
-async def test_runs_survive_a_replica_killed_ten_times_and_take_effect_once(replicas) -> None:
+async def test_runs_survive_a_replica_killed_again_and_again_and_take_effect_once(replicas) -> None:
     first, second = replicas
     rng = random.Random(11)
     run_ids: list[str] = []
