@@ -12,10 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
 from tests.fuzz.fuzzer import MethodReport, discover_services, fuzz_method, methods_of
-from tests.fuzz.mesh import HOSTS, health_statuses
-
-# Health and reflection are the same stock services on every server; they are fuzzed on this one.
-STOCK_HOST = "planner"
+from tests.fuzz.mesh import health_statuses, host_of
 
 
 @dataclass
@@ -60,7 +57,7 @@ async def run_campaign(
     campaign = Campaign()
     await seed_hints(channels["planner"], hints)
     for service in discover_services([health_pb2, reflection_pb2]):
-        channel = channels[HOSTS.get(service.full_name, STOCK_HOST)]
+        channel = channels[host_of(service.full_name)]
         for method in methods_of(service):
             report = await fuzz_method(channel, method, budget=budget, seed=seed, hints=hints, timeout=timeout)
             campaign.reports.append(report)

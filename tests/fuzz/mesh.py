@@ -22,14 +22,16 @@ from services.planner import create_server as planner_server
 from services.tools import create_server as tools_server
 
 SERVICES = ("knowledge", "tools", "inference", "planner")
-# gRPC service full name -> the mesh service that hosts it.
-HOSTS = {
-    "meshpilot.knowledge.v1.KnowledgeService": "knowledge",
-    "meshpilot.tools.v1.ToolsService": "tools",
-    "meshpilot.inference.v1.InferenceService": "inference",
-    "meshpilot.planner.v1.PlannerService": "planner",
-    "meshpilot.planner.v1.AgentService": "planner",
-}
+# Health and reflection are the same stock services on every server; they are fuzzed on this one.
+STOCK_HOST = "planner"
+
+
+def host_of(service: str) -> str:
+    """The mesh service that serves the gRPC service named ``service``: meshpilot.<name>.v1.* is <name>'s."""
+    parts = service.split(".")
+    return parts[1] if parts[0] == "meshpilot" and len(parts) == 4 else STOCK_HOST
+
+
 SUBSET = DatasetSpec(countries=frozenset({"FR", "DE", "JP", "CI"}))
 FAKE_ANSWER = json.dumps({"final_answer": "Paris"})
 
