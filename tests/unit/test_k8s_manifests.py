@@ -75,6 +75,13 @@ spec:
     - {}
 """
 LIVENESS_PORT = "livenessProbe:\n            grpc:\n              port: "
+POD_MONITOR = """apiVersion: monitoring.coreos.com/v1
+kind: PodMonitor
+metadata:
+  name: meshpilot
+spec:
+  selector: {}
+"""
 TOOLS_EGRESS_END = """          port: 50053
 ---
 apiVersion: networking.k8s.io/v1
@@ -159,7 +166,7 @@ BROKEN = {
     ),
     "a probe on a port nobody listens on": (
         {"k8s/base/planner.yaml": (LIVENESS_PORT + "50051", LIVENESS_PORT + "50055")},
-        ["container planner: livenessProbe checks port 50055, the service listens on 50051"],
+        ["container planner: livenessProbe checks port 50055, health is served on 50051"],
     ),
     "a service bound to loopback": (
         {"k8s/base/config/mesh.yaml": ("    host: 0.0.0.0\n    port: 50053", "    host: 127.0.0.1\n    port: 50053")},
@@ -169,6 +176,37 @@ BROKEN = {
         {"k8s/base/config/mesh.yaml": ("/etc/meshpilot/approval/approval.key", "/etc/meshpilot/approval.key")},
         ["container tools: approvals.key_file /etc/meshpilot/approval.key is no key of a mounted Secret"],
     ),
+    "a typo in the service a container serves": (
+        {"k8s/base/planner.yaml": ('args: ["planner"]', 'args: ["planer"]')},
+        ["container planner: runs `meshpilot serve planer`"],
+    ),
+    "MESHPILOT_CONFIG naming a file nobody mounts": (
+        {"k8s/base/tools.yaml": ("/etc/meshpilot/config/mesh.yaml", "/etc/meshpilot/mesh.yaml")},
+        ["container tools: MESHPILOT_CONFIG '/etc/meshpilot/mesh.yaml' is not a file of a mounted ConfigMap"],
+    ),
+    "a kind nothing has a schema for": (
+        {"k8s/base/network-policies.yaml": ("---\n", "---\n" + POD_MONITOR + "---\n")},
+        ["PodMonitor/meshpilot: no schema for monitoring.coreos.com/v1 PodMonitor: nothing checks it"],
+    ),
+    "two autoscalers on one Deployment": (
+        {
+            "k8s/base/autoscaling.yaml": (
+                "    name: meshpilot-tools\n  minReplicas: 1",
+                "    name: meshpilot-knowledge\n  minReplicas: 1",
+            )
+        },
+        [
+            "Deployment/meshpilot-knowledge: scaled by HorizontalPodAutoscaler/meshpilot-knowledge and "
+            "HorizontalPodAutoscaler/meshpilot-tools: they would fight"
+        ],
+    ),
+    "an object so broken the other checks cannot read it": (
+        {"k8s/base/autoscaling.yaml": ("    name: meshpilot-knowledge\n  minReplicas: 2", "  minReplicas: 2")},
+        [
+            "HorizontalPodAutoscaler/meshpilot-knowledge: schema (Kubernetes 1.37): spec.scaleTargetRef",
+            "references: not checked: an object above breaks its schema (KeyError",
+        ],
+    ),
     "image of another user": (
         {"docker/Dockerfile": ("USER 10001:10001", "USER 10002:10002")},
         ["container planner: runs as uid 10001, the image's files belong to uid 10002"],
@@ -176,6 +214,18 @@ BROKEN = {
     "image running as root": (
         {"docker/Dockerfile": ("USER 10001:10001\n", "")},
         ["Dockerfile: the final stage runs as root"],
+    ),
+    "a Dockerfile that does not parse": (
+        {"docker/Dockerfile": ('CMD ["planner"]', "RUN <<EOF")},
+        ["Dockerfile: does not parse: unterminated heredoc"],
+    ),
+    "an instruction Docker does not know": (
+        {"docker/Dockerfile": ("WORKDIR /src", "WRKDIR /src")},
+        ["unknown instruction WRKDIR"],
+    ),
+    "an ENTRYPOINT in shell form": (
+        {"docker/Dockerfile": ('ENTRYPOINT ["meshpilot", "serve"]', "ENTRYPOINT meshpilot serve")},
+        ["Dockerfile: the final stage needs an ENTRYPOINT in exec form"],
     ),
     "COPY from a stage that does not exist": (
         {"docker/Dockerfile": ("COPY --from=builder", "COPY --from=bulider")},
