@@ -62,6 +62,10 @@ class ServerConfig(_Section):
         return f"{host}:{self.port}"
 
 
+# host:port, [v6]:port, or dns:///host:port (a name that resolves to the replica).
+_REPLICA_TARGET = re.compile(r"^(?:dns:///)?(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
+
+
 class InferenceConfig(_Section):
     """The inference service and its engine."""
 
@@ -108,6 +112,33 @@ class InferenceConfig(_Section):
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (backend: triton).")
     triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")
+    replicas: list[str] = Field(
+        default_factory=list,
+        description="gRPC targets (host:port or dns:///host:port) of the inference replicas the planner balances "
+        "over; empty means the one at server.target().",
+    )
+    routing: Literal["affinity", "round_robin"] = Field(
+        "affinity",
+        description="affinity: one agent's calls go to one replica while it is healthy and not overloaded (its "
+        "prefix cache stays warm); round_robin: each call to the next replica.",
+    )
+
+    def replica_targets(self) -> list[str]:
+        """The targets clients balance over: ``replicas``, else the single server."""
+        return list(self.replicas) or [self.server.target()]
+
+    @field_validator("replicas")
+    @classmethod
+    def _replica_addresses(cls, replicas: list[str]) -> list[str]:
+        for i, target in enumerate(replicas):
+            match = _REPLICA_TARGET.match(target)
+            if match is None or not 1 <= int(match.group("port")) <= 65535:
+                raise ValueError(
+                    f"inference.replicas[{i}] is {target[:100]!r}; use host:port (port 1-65535) or dns:///host:port"
+                )
+        if len(set(replicas)) != len(replicas):
+            raise ValueError("inference.replicas names a target twice; list each replica once")
+        return replicas
 
     @field_validator("tenant_weights")
     @classmethod

@@ -12,6 +12,7 @@ from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import rpc_error_to_mesh_error
 from services.common.auth import TENANT_METADATA, current_principal
 from services.common.json_values import message_to_json
+from services.common.routing import ReplicaSet, routing_key
 from services.planner.convert import duration, json_to_struct, timings_from_proto, usage_from_proto
 from services.planner.types import GREEDY, Generation, Sampling, ToolOutcome, ToolSpec
 
@@ -20,10 +21,18 @@ LOOKUP_TIMEOUT_S = 10.0
 
 
 class InferenceLLMClient:
-    """Schema-constrained chat completions from the inference service (the planner's LLMClient)."""
+    """Schema-constrained chat completions from the inference service (the planner's LLMClient).
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    Over a ReplicaSet, each Generate is routed by the routing_key in context, else by its tenant, model and system
+    prompt (the prefix every step of one agent shares, so its replica keeps that prefix's KV cached), and a replica
+    that refuses it (UNAVAILABLE, RESOURCE_EXHAUSTED) hands it to the next. A channel is one replica.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel | ReplicaSet) -> None:
+        self.replicas = (
+            channel if isinstance(channel, ReplicaSet) else ReplicaSet({"inference": channel}, watch_health=False)
+        )
+        self._stubs = {id(c): inference_pb2_grpc.InferenceServiceStub(c) for c in self.replicas.channels}
 
     async def generate(
         self,
@@ -47,10 +56,15 @@ class InferenceLLMClient:
             sampling=params,
             constraint=inference_pb2.OutputConstraint(json_schema=json.dumps(json_schema, ensure_ascii=False)),
         )
+        metadata = _tenant_metadata()
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        key = routing_key.get() or f"{metadata[0][1]}\x00{model}\x00{system}"
         parts: list[str] = []
         last = inference_pb2.GenerateResponse()
         try:
-            async for response in self._stub.Generate(request, timeout=timeout, metadata=_tenant_metadata()):
+            async for response in self.replicas.stream(
+                key, lambda channel: self._stubs[id(channel)].Generate(request, timeout=timeout, metadata=metadata)
+            ):
                 parts.append(response.text)
                 last = response
         except grpc.aio.AioRpcError as e:
@@ -58,9 +72,11 @@ class InferenceLLMClient:
         return Generation("".join(parts), usage_from_proto(last.usage), timings_from_proto(last.timings))
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
+        """The models of the first healthy replica (replicas serve the same ones)."""
+        request = inference_pb2.ListModelsRequest()
         try:
-            response = await self._stub.ListModels(
-                inference_pb2.ListModelsRequest(), timeout=timeout or LOOKUP_TIMEOUT_S
+            response = await self.replicas.unary(
+                "", lambda channel: self._stubs[id(channel)].ListModels(request, timeout=timeout or LOOKUP_TIMEOUT_S)
             )
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "inference") from e

@@ -31,6 +31,7 @@ from services.common.auth import (
     is_loopback,
 )
 from services.common.json_values import message_to_json
+from services.common.routing import ReplicaSet
 from services.common.server import ServiceBinding
 from services.common.tls import server_tls, tls_identity
 from services.planner.agents import AgentCatalog
@@ -267,8 +268,12 @@ def create_server(
     channels = []
     tls = tls_identity(config, "planner")
     if llm is None:
-        channels.append(create_channel(config.inference.server.target(), tls=tls, server="inference"))
-        llm = InferenceLLMClient(channels[-1])
+        inference = config.inference
+        replicas = ReplicaSet.connect(
+            inference.replica_targets(), tls=tls, server="inference", policy=inference.routing
+        )
+        channels += replicas.channels  # closed with the others; the replicas' health watches end with them
+        llm = InferenceLLMClient(replicas)
     # The tools service: the agents' tool calls (unless ``tools`` is given) and ToolSourceService's forwarding.
     channels.append(create_channel(config.tools.server.target(), tls=tls, server="tools"))
     tools_stub = tools_pb2_grpc.ToolsServiceStub(channels[-1])
