@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from services.common import AlreadyExistsError, NotFoundError
+from services.common.errors import quoted
 from services.common.sqlite import SqliteThread, migrate
 from services.planner.types import Turn, Usage
 
@@ -104,7 +105,7 @@ class JournalConflictError(Exception):
 
 def shown(value: str) -> str:
     """``value`` quoted for an error message, cut to a readable length."""
-    return repr(value if len(value) <= _MAX_ID_CHARS else value[:_MAX_ID_CHARS] + "...")
+    return quoted(value, _MAX_ID_CHARS)
 
 
 class RunState(enum.Enum):

@@ -18,6 +18,7 @@ import jsonschema
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 
 from services.common import InvalidArgumentError, NotFoundError
+from services.common.errors import quoted
 from services.common.json_values import plain_numbers
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class ToolRegistry:
         tool = self._tools.get(name)
         if tool is None:
             available = ", ".join(self._tools) or "none"
-            raise NotFoundError(f"unknown tool {name!r}; available tools: {available}")
+            raise NotFoundError(f"unknown tool {quoted(name)}; available tools: {available}")
         return tool
 
     def __contains__(self, name: object) -> bool:
