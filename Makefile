@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 
-.PHONY: soak-replicas install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share triton-cpu injection k8s-check
+.PHONY: soak-replicas install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity triton-cpu injection k8s-check
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -63,6 +63,9 @@ bench-triton: install ## the Triton path under load: tritonclient direct vs thro
 
 bench-fair-share: install ## a tenant's TTFT alone and while another floods, fair share vs first come first served (docs/bench/fair_share.md)
 	$(PY) benchmarks/fair_share_bench.py $(BENCH_ARGS)
+
+bench-affinity: install ## 2 inference replicas: prefix-cache hit rate and TTFT, affinity vs round-robin routing (docs/bench/affinity.md)
+	$(PY) benchmarks/affinity_bench.py $(BENCH_ARGS)
 
 injection: install ## the prompt-injection suite: hostile tool outputs through real processes on the default model (docs/bench/injection.md)
 	$(PY) -m tests.integration.test_injection --out docs/bench/injection.md $(INJECTION_ARGS)
