@@ -4,7 +4,8 @@ For each overlay under deploy/k8s/overlays (or those given with --overlay), ever
 
 * against the Kubernetes 1.37 JSON schemas of kubernetes-validate, strict (an unknown field is an error);
   KEDA ScaledObjects against deploy/k8s/checks/keda-scaledobject.schema.yaml, a schema of the ScaledObject fields we
-  use written from KEDA's documented spec (KEDA's CRD is not vendored), the embedded HPA behavior against 1.37's;
+  use written from KEDA's documented spec (KEDA's CRD is not vendored), the embedded HPA behavior against 1.37's,
+  Prometheus trigger queries with promtool when it is installed;
   a kind with neither is an error, so nothing passes unchecked;
 * every container: readiness and liveness probes; runAsNonRoot, a non-zero runAsUser, RuntimeDefault seccomp (pod or
   container level), readOnlyRootFilesystem, no privilege escalation, capabilities dropped (ALL) and none added, no
@@ -31,6 +32,7 @@ import base64
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -196,6 +198,26 @@ def check_scaled_object_schema(obj: Manifest) -> list[Violation]:
         found.append(Violation(ref(obj), f"minReplicaCount {low} is above maxReplicaCount {high}"))
     if "idleReplicaCount" in spec and spec["idleReplicaCount"] >= low:
         found.append(Violation(ref(obj), "idleReplicaCount must be below minReplicaCount"))
+    return found
+
+
+def check_promql(objects: list[Manifest], promtool: str | None) -> list[Violation]:
+    """Each Prometheus trigger's query parses (promtool, from Debian's prometheus package, when installed)."""
+    found = []
+    for obj in objects:
+        if obj["kind"] != "ScaledObject" or promtool is None:
+            continue
+        for index, trigger in enumerate(obj["spec"]["triggers"]):
+            if trigger["type"] != "prometheus" or "query" not in trigger["metadata"]:
+                continue
+            rules = {"groups": [{"name": "keda", "rules": [{"record": "query", "expr": trigger["metadata"]["query"]}]}]}
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+                yaml.safe_dump(rules, file)
+                file.flush()
+                result = subprocess.run([promtool, "check", "rules", file.name], capture_output=True, text=True)
+            if result.returncode != 0:
+                message = " ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
+                found.append(Violation(ref(obj), f"triggers[{index}] query does not parse (promtool): {message}"))
     return found
 
 
@@ -758,12 +780,14 @@ def _mesh_environment(env: dict[str, str]) -> Iterator[None]:
 
 def check_rendered(objects: list[Manifest], image: ImageFacts) -> list[Violation]:
     """Every check on one overlay's objects."""
+    promtool = shutil.which("promtool")
     found = [violation for obj in objects for violation in check_schema(obj)]
     checks = {
         "containers": lambda pods: [v for workload in pods for v in check_containers(workload)],
         "references": lambda pods: check_references(objects, pods),
         "network policies": lambda pods: check_network(objects, pods),
         "MeshPilot containers": lambda pods: check_mesh_containers(objects, pods, image),
+        "PromQL": lambda pods: check_promql(objects, promtool),
     }
     for name, run in checks.items():
         try:
@@ -776,9 +800,11 @@ def check_rendered(objects: list[Manifest], image: ImageFacts) -> list[Violation
 
 
 def check(overlays: list[Path], kubectl: Path, dockerfile_path: Path = DOCKERFILE) -> tuple[list[str], bool]:
-    """Lines to print and whether everything passed; a Dockerfile violation fails every overlay's image checks."""
+    """Lines to print and whether everything passed: the Dockerfile once, then each overlay."""
     lines, ok = [], True
     image_violations, image = check_dockerfile(dockerfile_path)
+    if shutil.which("promtool") is None:
+        lines.append("note: promtool not installed (Debian package prometheus): KEDA queries not parsed")
     for violation in image_violations:
         lines.append(f"FAIL {violation}")
         ok = False

@@ -272,6 +272,15 @@ def test_the_database_url_is_checked_by_the_config_loader(k8s_check, kubectl, tm
     assert "mysql://" not in failures  # the loader does not echo a DSN: it may hold a password
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is not installed")
+def test_a_keda_query_that_does_not_parse_fails(k8s_check, kubectl, tmp_path: Path) -> None:
+    query = 'sum(meshpilot_engine_queue_depth{namespace="meshpilot"})'
+    root = broken_copy(tmp_path, {"k8s/base/autoscaling.yaml": (query, query.removesuffix(")"))})
+    ok, failures = run_check(k8s_check, kubectl, root)
+    assert not ok
+    assert "ScaledObject/meshpilot-inference: triggers[0] query does not parse (promtool)" in failures
+
+
 def test_an_overlay_that_does_not_render_fails(k8s_check, kubectl, tmp_path: Path) -> None:
     root = broken_copy(tmp_path, {"k8s/overlays/cpu/kustomization.yaml": ("../../base", "../../bsae")})
     ok, failures = run_check(k8s_check, kubectl, root)
