@@ -535,7 +535,7 @@ def check_network(objects: list[Manifest], pods: list[Workload]) -> list[Violati
             expected = set()
             if (workload.component, target.component) in MESH_CALLS and "grpc" in target_ports:
                 expected = {target_ports["grpc"]}
-            found += _reach(target.ref, f"{workload.ref}", allowed, expected)
+            found += _reach(target.ref, workload.ref, allowed, expected)
     return found
 
 
