@@ -19,6 +19,7 @@ from meshpilot.cli.mesh import SERVICES, run_mesh
 from meshpilot.cli.options import CREDENTIALS, ConfigOption, PlannerOption, load_config, planner_target
 from meshpilot.cli.runs import approve, reject, runs_app
 from meshpilot.cli.tools import tools_app
+from services.common import tracing
 from services.common.config import ConfigError
 from services.triton.cli import triton_app, trtllm_app
 
@@ -68,6 +69,7 @@ def serve(
     )
     module = importlib.import_module(f"services.{service}")
     try:
+        tracing.configure(service)  # before the service builds its server and channels; off unless OTEL_* ask
         asyncio.run(module.main(cfg))
     except ConfigError as e:  # found at start (a store that does not connect, a file that cannot be read)
         typer.echo(f"error: {e}", err=True)

@@ -7,6 +7,7 @@ import json
 
 import grpc
 
+from services.common import tracing
 from services.common.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -83,12 +84,16 @@ def create_channel(
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    interceptors = [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else None
+    interceptors: list[grpc.aio.ClientInterceptor] = [_BearerUnary(api_key), _BearerStream(api_key)] if api_key else []
+    # The trace context (when this process traces) goes into the metadata of every call, the bearer token's included.
+    interceptors += tracing.client_interceptors()
     if tls is None:
-        return grpc.aio.insecure_channel(target, interceptors=interceptors, options=options)
+        return grpc.aio.insecure_channel(target, interceptors=interceptors or None, options=options)
     if server is not None:
         options.append(("grpc.ssl_target_name_override", server))
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), interceptors=interceptors, options=options)
+    return grpc.aio.secure_channel(
+        target, tls.channel_credentials(), interceptors=interceptors or None, options=options
+    )
 
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[MeshError]] = {

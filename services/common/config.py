@@ -640,3 +640,64 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> MeshConfig:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"invalid configuration: {problems}") from e
     return config
+
+
+# The OpenTelemetry variables that decide whether a service traces, and what it is called. The exporter's own
+# settings (OTEL_EXPORTER_OTLP_*ENDPOINT, _HEADERS, _TIMEOUT, _CERTIFICATE, _COMPRESSION), the batch processor's
+# (OTEL_BSP_*) and the sampler's (OTEL_TRACES_SAMPLER[_ARG]) are read by the OpenTelemetry SDK itself, the standard
+# way; these are read here so that tracing stays off unless asked for.
+OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"
+OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+OTEL_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+OTEL_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
+TRACE_EXPORTERS = ("otlp", "console")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+class TracingSettings(BaseModel):
+    """Whether and how a service exports traces, from the standard OpenTelemetry variables (``tracing_settings``).
+
+    Off by default: unlike the OpenTelemetry default (OTLP to localhost:4317), a service traces only when
+    OTEL_TRACES_EXPORTER names an exporter or an OTLP endpoint is set.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    exporters: tuple[str, ...] = Field((), description="Span exporters (otlp, console); none means tracing is off.")
+    protocol: str = Field("grpc", description="The OTLP transport: grpc (port 4317) or http/protobuf (4318).")
+    service_name: str | None = Field(None, description="service.name of the spans; None: meshpilot-<service>.")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.exporters)
+
+
+def tracing_settings(environ: Mapping[str, str] | None = None) -> TracingSettings:
+    """The tracing ``environ`` (default: this process's environment) asks for; ConfigError naming the variable when
+    it names an exporter or protocol this mesh does not have."""
+    environ = os.environ if environ is None else environ
+    if environ.get(OTEL_SDK_DISABLED, "").strip().lower() == "true":
+        return TracingSettings()
+    named = environ.get(OTEL_TRACES_EXPORTER, "").strip()
+    if named:
+        exporters = tuple(dict.fromkeys(e.strip().lower() for e in named.split(",") if e.strip()))
+        if "none" in exporters:
+            return TracingSettings()
+        unknown = [e for e in exporters if e not in TRACE_EXPORTERS]
+        if unknown:
+            raise ConfigError(
+                f"{OTEL_TRACES_EXPORTER}={named}: {', '.join(unknown)} is not an exporter of this mesh; "
+                f"use {', '.join(TRACE_EXPORTERS)} or none"
+            )
+    else:
+        exporters = ("otlp",) if any(environ.get(name, "").strip() for name in OTEL_ENDPOINTS) else ()
+    protocol_variable = next((name for name in OTEL_PROTOCOLS if environ.get(name, "").strip()), None)
+    protocol = environ[protocol_variable].strip().lower() if protocol_variable else "grpc"
+    if "otlp" in exporters and protocol not in OTLP_PROTOCOLS:
+        raise ConfigError(
+            f"{protocol_variable}={protocol}: the OTLP exporter here speaks {' or '.join(OTLP_PROTOCOLS)}; use one"
+        )
+    return TracingSettings(
+        exporters=exporters, protocol=protocol, service_name=environ.get(OTEL_SERVICE_NAME, "").strip() or None
+    )

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from services.common import tracing
 from services.common.config import ServerConfig
 from services.common.errors import ErrorMappingInterceptor, rewrap_handler
 from services.common.metrics import MetricsEndpoint, MetricsInterceptor, RpcMetrics
@@ -137,9 +138,11 @@ class MeshServer:
         self._metrics_authorize = metrics_authorize
         caller_check = tls.interceptor() if tls is not None else None
         self.server = grpc.aio.server(
-            # Metrics outermost, so they count the status codes the error mapping chose.
+            # Metrics outermost, so they count the status codes the error mapping chose; the call's span next, so it
+            # records them too (the error mapping aborts through the context the span's interceptor hands down).
             interceptors=[
                 MetricsInterceptor(self.rpc_metrics),
+                *tracing.server_interceptors(),
                 HeapTrimInterceptor(),
                 ErrorMappingInterceptor(),
                 *([caller_check] if caller_check is not None else []),

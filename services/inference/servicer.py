@@ -7,12 +7,28 @@ import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import grpc
 
-from inference_core import Engine, EngineClosedError, EngineError, InvalidRequestError, QueueFullError
+from inference_core import (
+    Engine,
+    EngineClosedError,
+    EngineError,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    QueueFullError,
+)
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common import InvalidArgumentError, MeshError, NotFoundError, ResourceExhaustedError, UnavailableError
+from services.common import (
+    InvalidArgumentError,
+    MeshError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    tracing,
+)
 from services.common.errors import quoted
 from services.inference.convert import input_of, tenant_of, to_generate_response, to_generation_request, to_model
 from services.inference.metrics import InferenceMetrics
@@ -43,6 +59,40 @@ def engine_errors() -> Iterator[None]:
     except EngineError as e:
         # The engine's own account of a failure (e.g. a Triton server's message): INTERNAL, but with what it said.
         raise MeshError(public_message(e)) from e
+
+
+def request_attributes(generation: GenerationRequest, requested: str, model_id: str) -> dict[str, Any]:
+    """A Generate's request as GenAI attributes of its span."""
+    sampling = generation.sampling
+    attributes: dict[str, Any] = {
+        tracing.GEN_AI_OPERATION: "chat" if generation.messages is not None else "text_completion",
+        tracing.GEN_AI_PROVIDER: tracing.PROVIDER,
+        tracing.GEN_AI_REQUEST_MODEL: requested or model_id,
+        tracing.GEN_AI_RESPONSE_MODEL: model_id,
+        tracing.GEN_AI_REQUEST_MAX_TOKENS: generation.max_tokens,
+        tracing.GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
+        tracing.GEN_AI_REQUEST_TOP_P: sampling.top_p,
+        "meshpilot.tenant": generation.tenant,
+    }
+    if sampling.seed is not None:
+        attributes[tracing.GEN_AI_REQUEST_SEED] = sampling.seed
+    return attributes
+
+
+def result_attributes(last: GenerationChunk) -> dict[str, Any]:
+    """A generation's last chunk as GenAI attributes: token counts, time to first token, why it ended."""
+    attributes: dict[str, Any] = {
+        tracing.GEN_AI_FINISH_REASONS: [last.finish_reason.value] if last.finish_reason else []
+    }
+    if last.usage is not None:
+        ttft_ms = last.timings.time_to_first_token_ms if last.timings is not None else 0.0
+        usage = last.usage
+        attributes.update(
+            tracing.usage_attributes(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens, ttft_ms)
+        )
+    if last.timings is not None:
+        attributes["meshpilot.queue_ms"] = last.timings.queue_ms
+    return attributes
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -108,11 +158,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
         stream = engine.generate(generation)
         tracker = self._metrics.track(model_id) if self._metrics else None
+        span = tracing.current_span()  # the call's (MeshServer's tracing interceptor), or a no-op one
+        if span.is_recording():
+            span.set_attributes(request_attributes(generation, request.model, model_id))
         try:
             with engine_errors():
                 async for chunk in stream:
                     if tracker is not None:
                         tracker.observe(chunk)
+                    if chunk.finish_reason is not None and span.is_recording():
+                        span.set_attributes(result_attributes(chunk))
                     yield to_generate_response(chunk, model_id)
         except ResourceExhaustedError:
             if self._metrics is not None:

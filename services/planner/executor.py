@@ -24,8 +24,9 @@ from services.planner.agents import AgentDefinition
 from services.planner.guardrails import Redactor
 from services.planner.journal import RunJournal
 from services.planner.policies import Answer, CallTools, Context, NewPlan, Note, Policy
+from services.planner.run_spans import RunSpans
 from services.planner.state import CallRecord, CallStatus, Phase, RunSnapshot, StepRecord
-from services.planner.store import LeaseLostError, RunState
+from services.planner.store import DEFAULT_TENANT, LeaseLostError, RunState
 from services.planner.types import (
     GREEDY,
     AgentEvent,
@@ -143,10 +144,15 @@ class RunExecutor:
     definition: AgentDefinition
     policy: Policy
     deps: ExecutorDeps
+    tenant: str = DEFAULT_TENANT
     cancel_reason: str = ""
     _running: set[str] = field(default_factory=set)
     _resumed_at: float = 0.0
     _active_before: float = 0.0
+    _spans: RunSpans = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._spans = RunSpans(self.journal.snapshot, self.tenant)
 
     @property
     def snapshot(self) -> RunSnapshot:
@@ -168,7 +174,13 @@ class RunExecutor:
         """Advances the run until it ends (its final state) or waits for approval (WAITING_FOR_APPROVAL).
 
         Cancelling the task with ``cancel_reason`` set ends the run CANCELLED; without it (the planner shutting
-        down) the run stays as journaled, to be resumed."""
+        down) the run stays as journaled, to be resumed. Traced as a ``run`` span (services.planner.run_spans)."""
+        with self._spans.run() as span:
+            state = await self._drive()
+            span.set_attribute("meshpilot.run.state", state.value)
+            return state
+
+    async def _drive(self) -> RunState:
         self._resumed_at, self._active_before = self.deps.clock(), self.snapshot.active_seconds
         try:
             tools = await self._retrying(lambda timeout: self.deps.tools.list_tools(timeout=timeout))
@@ -182,10 +194,14 @@ class RunExecutor:
                 if phase is Phase.NEXT_STEP:
                     await self._next_step()
                 elif phase is Phase.ASK_MODEL:
-                    if (ended := await self._ask_model(context)) is not None:
+                    with self._spans.step(self.snapshot.step):
+                        ended = await self._ask_model(context)
+                    if ended is not None:
                         return ended
                 elif phase is Phase.RUN_TOOLS:
-                    if await self._run_tools(context):
+                    with self._spans.step(self.snapshot.step):
+                        parked = await self._run_tools(context)
+                    if parked:
                         return RunState.WAITING_FOR_APPROVAL
                     async with self.journal.lock:
                         self.policy.on_results(self.snapshot, context, self.snapshot.steps[-1])
@@ -250,16 +266,19 @@ class RunExecutor:
         """Asks the model for this step and journals what it decided; the run's final state if that ended it."""
         snapshot, definition = self.snapshot, self.definition
         request = self.policy.request(snapshot, context)
-        generation = await self._retrying(
-            lambda timeout: self.deps.llm.generate(
-                request.messages,
-                request.json_schema,
-                definition.step_max_tokens or self.deps.step_max_tokens,
-                timeout=timeout,
-                model=definition.model,
-                sampling=definition.sampling,
+        max_tokens = definition.step_max_tokens or self.deps.step_max_tokens
+        with self._spans.model_call(definition.model, max_tokens, definition.sampling) as record:
+            generation = await self._retrying(
+                lambda timeout: self.deps.llm.generate(
+                    request.messages,
+                    request.json_schema,
+                    max_tokens,
+                    timeout=timeout,
+                    model=definition.model,
+                    sampling=definition.sampling,
+                )
             )
-        )
+            record(generation)
         # A secret the model read despite the redaction of tool results (or guessed) goes no further: not into the
         # journal, not into a tool's arguments, not into the answer.
         text = self.deps.redactor.action(generation.text)
@@ -343,7 +362,8 @@ class RunExecutor:
 
             async def bounded(call: CallRecord) -> None:
                 async with limit:
-                    await self._execute(call, allowed)
+                    with self._spans.tool_call(call):
+                        await self._execute(call, allowed)
 
             tasks = [asyncio.ensure_future(bounded(call)) for call in runnable]
             try:

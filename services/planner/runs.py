@@ -112,7 +112,7 @@ class RunManager:
             self.deps, llm=ChargedLLM(self.deps.llm, tenant, self.quotas), tools=TenantTools(self.deps.tools, tenant)
         )
         journal = RunJournal(self.store, self.bus, snapshot, self.commit_seconds)
-        executor = RunExecutor(journal, definition, policy, deps)
+        executor = RunExecutor(journal, definition, policy, deps, tenant=tenant)
         self._executors[snapshot.run_id] = executor
         return executor
 

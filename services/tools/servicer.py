@@ -8,7 +8,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
-from services.common import FailedPreconditionError, InvalidArgumentError
+from services.common import FailedPreconditionError, InvalidArgumentError, tracing
 from services.common.auth import TENANT_METADATA, TENANT_PATTERN
 from services.common.config import McpServerConfig
 from services.tools.executor import Execution, ToolCall, ToolExecutor
@@ -163,7 +163,24 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
     async def ExecuteTool(
         self, request: tools_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ExecuteToolResponse:
+        span = tracing.current_span()  # the call's (MeshServer's tracing interceptor), or a no-op one
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    tracing.GEN_AI_OPERATION: "execute_tool",
+                    tracing.GEN_AI_TOOL_NAME: request.name,
+                    tracing.GEN_AI_TOOL_CALL_ID: request.call_id,
+                    "meshpilot.run.id": request.run_id,
+                }
+            )
         execution = await self.executor.execute(call_from_proto(request, tenant_of(context)))
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "meshpilot.tool.outcome": "ok" if execution.outcome.error is None else "error",
+                    "meshpilot.tool.replayed": execution.replayed,
+                }
+            )
         return execution_to_proto(request.call_id, execution)
 
     def _sources(self) -> ToolSources:
