@@ -17,10 +17,10 @@ keys_app = typer.Typer(help="API keys: who may call the planner, and for which t
 
 
 def _store(config: ConfigOption):  # -> ApiKeyStore; imported lazily like every services module in the CLI
-    from services.common.auth import ApiKeyStore
+    """The planner's key store: its PostgreSQL database when planner.database_url is set, else auth.keys_path."""
+    from services.common.auth import key_store
 
-    path = load_config(config).auth.keys_path
-    return ApiKeyStore(path)
+    return key_store(load_config(config))
 
 
 def _when(seconds: float | None) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 import jwt
+import psycopg
 
 from services.common.config import AuthConfig, ConfigError, MeshConfig
 from services.common.errors import MeshError
@@ -46,6 +47,16 @@ REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflect
 _RESOURCE_FIELDS = ("run_id", "session_id", "name", "agent")
 _MAX_RESOURCE_CHARS = 80
 
+PG_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    create_time DOUBLE PRECISION NOT NULL,
+    revoke_time DOUBLE PRECISION
+)
+"""
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY,
@@ -115,23 +126,42 @@ def _digest(secret: str) -> str:
 
 
 class ApiKeyStore:
-    """API keys in one SQLite file (created on first use, mode 0600). Synchronous: the CLI writes keys, and the
-    interceptor reads one row by primary key (microseconds) behind a short cache."""
+    """API keys in one SQLite file (created on first use, mode 0600), or in PostgreSQL (``postgres``: the planner
+    replicas' shared database). Synchronous: the CLI writes keys, and the interceptor reads one row by primary key
+    behind a short cache (off the event loop)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self._dsn: str | None = None
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Any = None
 
-    def _db(self) -> sqlite3.Connection:
+    @classmethod
+    def postgres(cls, dsn: str) -> ApiKeyStore:
+        store = cls(Path(""))
+        store._dsn = dsn
+        return store
+
+    def _db(self) -> Any:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.touch(mode=0o600, exist_ok=True)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-            self._conn = conn
+            if self._dsn is not None:
+                pg = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+                pg.execute(PG_SCHEMA)
+                self._conn = pg
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.touch(mode=0o600, exist_ok=True)
+                lite = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                lite.execute("PRAGMA journal_mode=WAL")
+                lite.executescript(SCHEMA)
+                self._conn = lite
         return self._conn
+
+    def _execute(self, query: str, params: tuple[Any, ...] = ()) -> Any:
+        """Runs ``query`` (written with ? placeholders) on either database; the cursor."""
+        if self._dsn is not None:
+            query = query.replace("?", "%s")
+        return self._db().execute(query, params)
 
     def create(self, tenant: str, name: str = "") -> tuple[ApiKey, str]:
         """A new key of ``tenant``: its record and the token, which is shown once and never stored."""
@@ -140,7 +170,7 @@ class ApiKeyStore:
         secret = secrets.token_urlsafe(32)
         now = time.time()
         with self._lock:
-            self._db().execute(
+            self._execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)", (key_id, tenant, name[:200], _digest(secret), now)
             )
         return ApiKey(key_id, tenant, name[:200], now, None), f"{KEY_PREFIX}_{key_id}_{secret}"
@@ -148,10 +178,10 @@ class ApiKeyStore:
     def revoke(self, key_id: str) -> bool:
         """Revokes the key; False when there is no such key or it was revoked already."""
         with self._lock:
-            cursor = self._db().execute(
+            cursor = self._execute(
                 "UPDATE api_keys SET revoke_time = ? WHERE key_id = ? AND revoke_time IS NULL", (time.time(), key_id)
             )
-        return cursor.rowcount == 1
+        return bool(cursor.rowcount == 1)
 
     def list(self, tenant: str | None = None) -> list[ApiKey]:
         query = "SELECT key_id, tenant, name, create_time, revoke_time FROM api_keys"
@@ -159,7 +189,7 @@ class ApiKeyStore:
         if tenant is not None:
             query, args = query + " WHERE tenant = ?", (tenant,)
         with self._lock:
-            rows = self._db().execute(query + " ORDER BY create_time", args).fetchall()
+            rows = self._execute(query + " ORDER BY create_time", args).fetchall()
         return [ApiKey(*row) for row in rows]
 
     def verify(self, token: str) -> Principal | None:
@@ -169,11 +199,9 @@ class ApiKeyStore:
             return None
         key_id, secret = match.groups()
         with self._lock:
-            row = (
-                self._db()
-                .execute("SELECT tenant, digest, revoke_time FROM api_keys WHERE key_id = ?", (key_id,))
-                .fetchone()
-            )
+            row = self._execute(
+                "SELECT tenant, digest, revoke_time FROM api_keys WHERE key_id = ?", (key_id,)
+            ).fetchone()
         if row is None or row[2] is not None or not hmac.compare_digest(row[1], _digest(secret)):
             return None
         return Principal(row[0], key_id)
@@ -231,6 +259,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def key_store(config: MeshConfig) -> ApiKeyStore:
+    """Where the planner's API keys live: its PostgreSQL database when it has one (every replica reads the same
+    keys), else auth.keys_path."""
+    if config.planner.database_url:
+        return ApiKeyStore.postgres(config.planner.database_url)
+    assert config.auth.keys_path is not None  # filled in by MeshConfig
+    return ApiKeyStore(config.auth.keys_path)
+
+
 def auth_required(config: MeshConfig) -> bool:
     """auth.enabled, or (unset) whether the planner binds a non-loopback address."""
     if config.auth.enabled is not None:
@@ -248,11 +285,15 @@ class Authenticator:
         self._ttl = config.key_cache_seconds
         self._cache: dict[str, tuple[float, Principal]] = {}
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token checked within the cache time, else None (``authenticate`` reads the store)."""
+        entry = self._cache.get(token)
+        return entry[1] if entry is not None and time.monotonic() - entry[0] < self._ttl else None
+
     def authenticate(self, token: str) -> Principal | None:
         now = time.monotonic()
-        cached = self._cache.get(token)
-        if cached is not None and now - cached[0] < self._ttl:
-            return cached[1]
+        if (cached := self.cached(token)) is not None:
+            return cached
         principal = self.keys.verify(token) if token.startswith(f"{KEY_PREFIX}_") else None
         if principal is None and self._jwt is not None:
             principal = self._jwt.verify(token)
@@ -300,7 +341,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         principal: Principal | None = ANONYMOUS
         if self._authenticator is not None:
             token = bearer_token(handler_call_details.invocation_metadata)
-            principal = self._authenticator.authenticate(token) if token else None
+            principal = None
+            if token:
+                # A cache miss reads the key store (a database round trip for PostgreSQL): off the event loop.
+                principal = self._authenticator.cached(token) or await asyncio.to_thread(
+                    self._authenticator.authenticate, token
+                )
         return _wrapped(handler, method, principal)
 
 

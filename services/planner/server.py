@@ -29,6 +29,7 @@ from services.common.auth import (
     auth_required,
     current_principal,
     is_loopback,
+    key_store,
 )
 from services.common.json_values import message_to_json
 from services.common.routing import ReplicaSet
@@ -291,8 +292,7 @@ def create_server(
     runs = RunManager(store, catalog, deps, history_turns=planner.history_turns, quotas=quotas, metrics=metrics)
     keys = authenticator = None
     if auth_required(config):
-        assert config.auth.keys_path is not None  # filled in by MeshConfig
-        keys = ApiKeyStore(config.auth.keys_path)
+        keys = key_store(config)
         authenticator = Authenticator(config.auth, keys)
     servicer = PlannerServicer(config, runs, store, channels, keys)
     # Reflection stays open on loopback (a developer's grpcurl); elsewhere it needs a key like everything else.

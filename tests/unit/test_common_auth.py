@@ -30,10 +30,12 @@ from services.common.auth import (
     auth_required,
     bearer_token,
     current_principal,
+    key_store,
 )
 from services.common.clients import create_channel
 from services.common.config import AuthConfig, ConfigError
 from services.common.errors import ErrorMappingInterceptor
+from tests.postgres import fresh_schema, needs_postgres
 
 ISSUER, AUDIENCE = "https://idp.example.com", "meshpilot"
 
@@ -274,3 +276,19 @@ def test_metrics_with_an_authorizer_need_a_bearer_token_it_accepts() -> None:
             assert b"meshpilot_probe_total 1.0" in ok.read()
     finally:
         endpoint.close()
+
+
+@needs_postgres
+def test_with_a_database_url_keys_live_in_postgresql_for_every_replica(tmp_path: Path) -> None:
+    with fresh_schema() as dsn:
+        config = load_config(data_dir=str(tmp_path), planner={"database_url": dsn})
+        first, second = key_store(config), key_store(config)
+        try:
+            key, token = first.create("acme", "ci")
+            assert second.verify(token) == Principal("acme", key.key_id)  # another replica reads it
+            assert [k.key_id for k in second.list("acme")] == [key.key_id]
+            assert second.revoke(key.key_id) and first.verify(token) is None
+            assert not (tmp_path / "keys.db").exists()
+        finally:
+            first.close()
+            second.close()
