@@ -91,11 +91,12 @@ class RunSpans:
         attributes: dict[str, Any] = {
             tracing.GEN_AI_OPERATION: "chat",
             tracing.GEN_AI_PROVIDER: tracing.PROVIDER,
-            tracing.GEN_AI_REQUEST_MODEL: model,
             tracing.GEN_AI_REQUEST_MAX_TOKENS: max_tokens,
             tracing.GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
             tracing.GEN_AI_REQUEST_TOP_P: sampling.top_p,
         }
+        if model:  # empty: the inference service's default, which its Generate span names
+            attributes[tracing.GEN_AI_REQUEST_MODEL] = model
         if sampling.seed is not None:
             attributes[tracing.GEN_AI_REQUEST_SEED] = sampling.seed
         name = f"chat {model}" if model else "chat"
