@@ -5,8 +5,9 @@ For each overlay under deploy/k8s/overlays (or those given with --overlay), ever
 * against the Kubernetes 1.37 JSON schemas of kubernetes-validate, strict (an unknown field is an error);
   KEDA ScaledObjects against deploy/k8s/checks/keda-scaledobject.schema.yaml, a schema of the ScaledObject fields we
   use written from KEDA's documented spec (KEDA's CRD is not vendored), the embedded HPA behavior against 1.37's,
-  Prometheus trigger queries with promtool when it is installed;
-  a kind with neither is an error, so nothing passes unchecked;
+  Prometheus trigger queries with promtool when it is installed; cert-manager Certificates and Issuers against
+  deploy/k8s/checks/cert-manager.schema.yaml (likewise ours, not cert-manager's CRD), and their references, durations
+  and the CA Issuers' Secrets; a kind with none of these is an error, so nothing passes unchecked;
 * every container: readiness and liveness probes; runAsNonRoot, a non-zero runAsUser, RuntimeDefault seccomp (pod or
   container level), readOnlyRootFilesystem, no privilege escalation, capabilities dropped (ALL) and none added, no
   privileged mode, CPU and memory requests and a memory limit, an image with a pinned tag;
@@ -16,7 +17,10 @@ For each overlay under deploy/k8s/overlays (or those given with --overlay), ever
 * MeshPilot containers (`meshpilot serve <service>`): the mounted ConfigMap plus the container's MESHPILOT_* variables
   load with services.common.config, the service binds a non-loopback address on the port its probes and Service use,
   other services' addresses name Services of the render, data_dir is writable, the approval key is mounted, and the
-  pod runs as the image's user (deploy/docker/Dockerfile, whose stages, COPY --from and USER are checked too);
+  pod runs as the image's user (deploy/docker/Dockerfile, whose stages, COPY --from and USER are checked too); with
+  tls.enabled: the same on every service, probes on the plaintext health port, <service>.crt/.key and the CA mounted,
+  readable, from the Secret of a Certificate that names the service (spiffe URI, the DNS name callers check, server
+  and client auth), one Issuer for all, and an Ingress speaking TLS to the planner;
 * NetworkPolicies: every pod is isolated for ingress and egress and has a policy of its own, and the calls they allow
   between workloads are exactly MESH_CALLS, on the callee's gRPC port; from outside only the planner's gRPC port (and
   Prometheus in namespace "monitoring" to metrics ports); to outside only DNS (and EXTERNAL_EGRESS).
@@ -31,6 +35,7 @@ import argparse
 import base64
 import contextlib
 import io
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -67,9 +72,13 @@ EXTERNAL_EGRESS = {"planner": {5432}}
 COMPONENT_LABEL = "app.kubernetes.io/component"
 AUTOSCALERS = ("HorizontalPodAutoscaler", "ScaledObject")
 NAMESPACED_KINDS_EXEMPT = {"Namespace", "PersistentVolume", "ClusterRole", "ClusterRoleBinding", "StorageClass"}
+NAMESPACED_KINDS_EXEMPT |= {"ClusterIssuer"}
 
 # Not KEDA's CRD: a schema of the ScaledObject fields we use, written from KEDA's documented spec (see its header).
 KEDA_SCALED_OBJECT = yaml.safe_load((ROOT / "deploy" / "k8s" / "checks" / "keda-scaledobject.schema.yaml").read_text())
+# Not cert-manager's CRD either: the Certificate and Issuer fields we use, from cert-manager's documented spec.
+CERT_MANAGER = yaml.safe_load((ROOT / "deploy" / "k8s" / "checks" / "cert-manager.schema.yaml").read_text())
+CERT_MANAGER_SCHEMAS = {"Certificate": "Certificate", "Issuer": "Issuer", "ClusterIssuer": "Issuer"}
 
 
 Manifest = dict[str, Any]
@@ -169,6 +178,15 @@ def ref(obj: Manifest) -> str:
 def check_schema(obj: Manifest) -> list[Violation]:
     if obj.get("apiVersion") == "keda.sh/v1alpha1" and obj.get("kind") == "ScaledObject":
         return check_scaled_object_schema(obj)
+    if (
+        str(obj.get("apiVersion", "")).partition("/")[0] == "cert-manager.io"
+        and obj.get("kind") in CERT_MANAGER_SCHEMAS
+    ):
+        schema = {**CERT_MANAGER, "$ref": f"#/$defs/{CERT_MANAGER_SCHEMAS[obj['kind']]}"}
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(obj), key=lambda e: _path(e.path))
+        return [
+            Violation(ref(obj), f"schema (cert-manager {obj['kind']}): {_path(e.path)}: {e.message}") for e in errors
+        ]
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as e:
@@ -218,6 +236,77 @@ def check_promql(objects: list[Manifest], promtool: str | None) -> list[Violatio
             if result.returncode != 0:
                 message = " ".join(line.strip() for line in result.stderr.splitlines() if line.strip())
                 found.append(Violation(ref(obj), f"triggers[{index}] query does not parse (promtool): {message}"))
+    return found
+
+
+# --- cert-manager -------------------------------------------------------------------------------------------------------
+
+GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+MIN_CERTIFICATE_SECONDS = 3600  # cert-manager refuses a shorter duration
+KEY_SIZES = {"ECDSA": {256, 384, 521}, "RSA": set(range(2048, 8193))}
+
+
+def certificate_secrets(objects: list[Manifest]) -> dict[str, Manifest]:
+    """The Secrets cert-manager will write (tls.crt, tls.key, ca.crt), by name, and the Certificate writing each."""
+    return {obj["spec"]["secretName"]: obj for obj in objects if obj["kind"] == "Certificate"}
+
+
+def _seconds(duration: str) -> float:
+    """A Go duration (the schema checked its form) in seconds."""
+    total, number = 0.0, ""
+    units = sorted(GO_DURATION_UNITS, key=len, reverse=True)
+    rest = duration
+    while rest:
+        if rest[0].isdigit() or rest[0] == ".":
+            number, rest = number + rest[0], rest[1:]
+            continue
+        unit = next(u for u in units if rest.startswith(u))
+        total, number, rest = total + float(number) * GO_DURATION_UNITS[unit], "", rest[len(unit) :]
+    return total
+
+
+def check_cert_manager(objects: list[Manifest]) -> list[Violation]:
+    """What cert-manager's schema cannot say: references to Issuers and Secrets of the render, durations, keys."""
+    found = []
+    issuers = {
+        (obj["kind"], obj["metadata"]["name"]): obj for obj in objects if obj["kind"] in ("Issuer", "ClusterIssuer")
+    }
+    written = certificate_secrets(objects)
+    secrets = {obj["metadata"]["name"] for obj in objects if obj["kind"] == "Secret"}
+    for obj in objects:
+        where, spec = ref(obj), obj.get("spec", {})
+        if obj["kind"] in ("Issuer", "ClusterIssuer") and "ca" in spec:
+            name = spec["ca"]["secretName"]
+            if name in written and not written[name]["spec"].get("isCA"):
+                found.append(Violation(where, f"signs with Secret/{name}, whose {ref(written[name])} is not isCA"))
+            elif name not in written and name not in secrets:
+                found.append(
+                    Violation(where, f"signs with Secret/{name}, which no Certificate or Secret of the render holds")
+                )
+        if obj["kind"] != "Certificate":
+            continue
+        issuer = (spec["issuerRef"].get("kind", "Issuer"), spec["issuerRef"]["name"])
+        if issuer not in issuers:
+            found.append(Violation(where, f"issuerRef names {'/'.join(issuer)}, which is not in the render"))
+        others = [o for o in objects if o["kind"] == "Certificate" and o["spec"]["secretName"] == spec["secretName"]]
+        if len(others) > 1:
+            found.append(Violation(where, f"Secret/{spec['secretName']} is written by {len(others)} Certificates"))
+        duration = _seconds(spec.get("duration", "2160h"))
+        if duration < MIN_CERTIFICATE_SECONDS:
+            found.append(Violation(where, f"duration {spec['duration']} is below cert-manager's minimum of 1h"))
+        if "renewBefore" in spec and _seconds(spec["renewBefore"]) >= duration:
+            found.append(Violation(where, f"renewBefore {spec['renewBefore']} is not below duration"))
+        for address in spec.get("ipAddresses", []):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                found.append(Violation(where, f"ipAddresses: {address!r} is not an IP address"))
+        key = spec.get("privateKey", {})
+        sizes = KEY_SIZES.get(key.get("algorithm", "RSA"))
+        if "size" in key and sizes is not None and key["size"] not in sizes:
+            found.append(
+                Violation(where, f"privateKey size {key['size']} is not one {key.get('algorithm', 'RSA')} takes")
+            )
     return found
 
 
@@ -320,6 +409,7 @@ def selects(selector: Manifest | None, labels: dict[str, str]) -> bool:
 def check_references(objects: list[Manifest], pods: list[Workload]) -> list[Violation]:
     found = []
     names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+    names |= {("Secret", name) for name in certificate_secrets(objects)}  # cert-manager writes them after apply
     namespaces = [obj["metadata"]["name"] for obj in objects if obj["kind"] == "Namespace"]
     for obj in objects:
         where, kind, spec = ref(obj), obj["kind"], obj.get("spec", {})
@@ -602,12 +692,16 @@ def check_dockerfile(path: Path = DOCKERFILE) -> tuple[list[Violation], ImageFac
 WRITES_DATA = ("planner", "tools", "knowledge")
 SIGNS_APPROVALS = ("planner", "tools")
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "[::1]")
+NGINX_BACKEND_PROTOCOL = "nginx.ingress.kubernetes.io/backend-protocol"
 
 
 def check_mesh_containers(objects: list[Manifest], pods: list[Workload], image: ImageFacts) -> list[Violation]:
     """The config each `meshpilot serve` container would load, against the pod that runs it and the render."""
     data = {(obj["kind"], obj["metadata"]["name"]): _object_data(obj) for obj in objects}
     services = {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == "Service"}
+    certificates = certificate_secrets(objects)
+    tls_on: dict[str, bool] = {}
+    issuers: dict[str, str] = {}  # service -> the issuerRef of its certificate
     found = []
     for workload in pods:
         for container in workload.spec.get("containers", []):
@@ -635,7 +729,14 @@ def check_mesh_containers(objects: list[Manifest], pods: list[Workload], image: 
             found += [
                 Violation(where, p) for p in _config_problems(service, config, container, workload, services, data)
             ]
-    return found
+            tls_on[service] = config.tls.enabled
+            if config.tls.enabled:
+                problems, certificate = _tls_problems(service, config, container, workload, certificates, data)
+                found += [Violation(where, p) for p in problems]
+                if certificate is not None:
+                    issuer = certificate["spec"]["issuerRef"]
+                    issuers[service] = f"{issuer.get('kind', 'Issuer')}/{issuer['name']}"
+    return found + _mesh_tls_problems(objects, tls_on, issuers)
 
 
 def _config_problems(
@@ -661,6 +762,11 @@ def _config_problems(
             continue
         if "grpc" not in spec:
             problems.append(f"{probe} is not gRPC health (grpc.health.v1)")
+        elif offset and spec["grpc"].get("port") == server.port:
+            problems.append(
+                f"{probe} checks port {server.port}, which serves TLS only and kubelet presents no certificate: "
+                f"probe the plaintext health port {health_port} (port + tls.health_port_offset)"
+            )
         elif spec["grpc"].get("port") != health_port:
             problems.append(f"{probe} checks port {spec['grpc'].get('port')}, health is served on {health_port}")
     for other in MESH_SERVICES:
@@ -677,6 +783,113 @@ def _config_problems(
     if service in SIGNS_APPROVALS and not _is_secret_file(workload.spec, container, key_file, data):
         problems.append(f"approvals.key_file {key_file} is no key of a mounted Secret (planner and tools share it)")
     return problems
+
+
+def _tls_problems(
+    service: str, config: Any, container: Manifest, workload: Workload, certificates: dict[str, Manifest], data: Data
+) -> tuple[list[str], Manifest | None]:
+    """With tls.enabled: what stops ``service`` at start or fails its probes and handshakes, and the Certificate whose
+    Secret holds its <service>.crt (None when no Certificate writes it)."""
+    from services.common.tls import identity_uri
+
+    tls, problems = config.tls, []
+    server = getattr(config, service).server
+    if tls.health_port_offset is None:
+        problems.append(
+            "tls is on without tls.health_port_offset: kubelet's gRPC probes present no certificate, so they need "
+            "the plaintext health port (MESHPILOT_TLS__HEALTH_PORT_OFFSET)"
+        )
+    else:
+        health = server.port + tls.health_port_offset
+        port = {p.get("name"): p["containerPort"] for p in container.get("ports", [])}.get("health", health)
+        if port != health:
+            problems.append(f"container port 'health' is {port}, plaintext health is served on {health}")
+    directory = tls.directory(config.data_dir)
+    wanted = {
+        directory / f"{service}.crt": "tls.crt",
+        directory / f"{service}.key": "tls.key",
+        tls.ca_path(config.data_dir): "ca.crt",
+    }
+    fs_group = workload.spec.get("securityContext", {}).get("fsGroup")
+    secrets_of: dict[str, str] = {}
+    for path, key in wanted.items():
+        mounted = _mounted(workload.spec, container, str(path))
+        if mounted is None or "secret" not in mounted[0]:
+            problems.append(
+                f"tls: {path} is no file of a mounted Secret (mount its Certificate's Secret at {directory})"
+            )
+            continue
+        source, item = mounted[0]["secret"], mounted[1]
+        secret = source["secretName"]
+        secrets_of[key] = secret
+        if secret in certificates and item != key:
+            shown = f"key {item}" if item else "not among the items"
+            problems.append(f"tls: {path} is {shown} of Secret/{secret}; its Certificate writes it as {key}")
+        elif secret not in certificates and item not in data.get(("Secret", secret), {}):
+            problems.append(f"tls: {path} is no key of Secret/{secret}, and no Certificate writes that Secret")
+        modes = [i["mode"] for i in source.get("items", []) if i["key"] == item and "mode" in i]
+        mode = modes[0] if modes else source.get("defaultMode", 0o644)
+        if not (mode & 0o004 or (mode & 0o040 and fs_group is not None)):
+            problems.append(
+                f"tls: {path} has mode {mode:#o}, owned by root: the service cannot read it (0440 with the pod's fsGroup)"
+            )
+    if secrets_of.get("tls.crt") != secrets_of.get("tls.key"):
+        problems.append(
+            f"tls: {service}.crt and {service}.key come from different Secrets: the key is not the certificate's"
+        )
+    certificate = certificates.get(secrets_of.get("tls.crt", ""))
+    if certificate is None:
+        return problems, None
+    spec, name = certificate["spec"], ref(certificate)
+    uri = identity_uri(service)
+    if uri not in spec.get("uris", []):
+        problems.append(f"tls: {name} (its {service}.crt) does not name {uri} in uris: {service} stops at start")
+    if service not in spec.get("dnsNames", []):
+        problems.append(
+            f"tls: {name} lacks the DNS name {service}: callers check it (ssl_target_name_override), whichever "
+            "address they dial"
+        )
+    if missing := [u for u in ("server auth", "client auth") if u not in spec.get("usages", [])]:
+        problems.append(f"tls: {name} usages lack {', '.join(missing)} (each service serves and calls)")
+    return problems, certificate
+
+
+def _mesh_tls_problems(objects: list[Manifest], tls_on: dict[str, bool], issuers: dict[str, str]) -> list[Violation]:
+    """TLS the same on every service, their certificates from one CA, and an Ingress that speaks TLS to a TLS planner."""
+    found = []
+    if len(set(tls_on.values())) > 1:
+        on = sorted(s for s, enabled in tls_on.items() if enabled)
+        off = sorted(s for s, enabled in tls_on.items() if not enabled)
+        found.append(
+            Violation(
+                "mesh", f"tls.enabled is on for {on}, off for {off}: TLS and plaintext peers cannot call each other"
+            )
+        )
+    if len(set(issuers.values())) > 1:
+        found.append(
+            Violation(
+                "mesh", f"the services' Certificates come from different issuers {issuers}: each trusts only its CA"
+            )
+        )
+    components = {
+        obj["metadata"]["name"]: obj["spec"].get("selector", {}).get(COMPONENT_LABEL)
+        for obj in objects
+        if obj["kind"] == "Service"
+    }
+    for obj in objects:
+        protocol = obj["metadata"].get("annotations", {}).get(NGINX_BACKEND_PROTOCOL)
+        if obj["kind"] != "Ingress" or protocol is None:
+            continue
+        for rule in obj["spec"].get("rules", []):
+            for path in rule.get("http", {}).get("paths", []):
+                backend = path["backend"].get("service", {}).get("name")
+                if tls_on.get(components.get(backend, "")) and protocol.upper() != "GRPCS":
+                    found.append(
+                        Violation(
+                            ref(obj), f"{NGINX_BACKEND_PROTOCOL} is {protocol}, Service/{backend} serves TLS: GRPCS"
+                        )
+                    )
+    return found
 
 
 def _target_problems(setting: str, target: str, services: dict[str, Manifest], headless: bool) -> list[str]:
@@ -786,6 +999,7 @@ def check_rendered(objects: list[Manifest], image: ImageFacts) -> list[Violation
         "containers": lambda pods: [v for workload in pods for v in check_containers(workload)],
         "references": lambda pods: check_references(objects, pods),
         "network policies": lambda pods: check_network(objects, pods),
+        "cert-manager": lambda pods: check_cert_manager(objects),
         "MeshPilot containers": lambda pods: check_mesh_containers(objects, pods, image),
         "PromQL": lambda pods: check_promql(objects, promtool),
     }

@@ -299,3 +299,93 @@ def test_the_command_exits_non_zero_with_a_line_per_problem(k8s_check, kubectl, 
     passed = subprocess.run(command, capture_output=True, text=True)
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert passed.stdout.rstrip().endswith("k8s-check: passed")
+
+
+# --- mutual TLS: components/mtls through overlays/cpu-mtls ---------------------------------------------------------------
+
+MTLS = "k8s/components/mtls/"
+TLS_MOUNT = "            - name: tls\n              mountPath: /etc/meshpilot/tls\n              readOnly: true\n"
+HEALTH_OFFSET_ENV = '            - name: MESHPILOT_TLS__HEALTH_PORT_OFFSET\n              value: "2000"\n'
+READINESS_PORT = "readinessProbe:\n            grpc:\n              port: "
+
+MTLS_BROKEN = {
+    "a Certificate without the service's spiffe URI": (
+        {MTLS + "certificates.yaml": ('uris: ["spiffe://meshpilot/inference"]', 'uris: ["spiffe://other/inference"]')},
+        ["tls: Certificate/meshpilot-inference-mtls (its inference.crt) does not name spiffe://meshpilot/inference"],
+    ),
+    "a Certificate without the DNS name callers check": (
+        {MTLS + "certificates.yaml": ("    - knowledge\n", "")},
+        ["tls: Certificate/meshpilot-knowledge-mtls lacks the DNS name knowledge: callers check it"],
+    ),
+    "a Certificate without client auth": (
+        {MTLS + "certificates.yaml": ("server auth, client auth]", "server auth]")},
+        ["tls: Certificate/meshpilot-planner-mtls usages lack client auth"],
+    ),
+    "a probe on the TLS port": (
+        {MTLS + "deployments.yaml": (READINESS_PORT + "52052", READINESS_PORT + "50052")},
+        [
+            "container tools: readinessProbe checks port 50052, which serves TLS only and kubelet presents no certificate"
+        ],
+    ),
+    "TLS on without the plaintext health port": (
+        {MTLS + "deployments.yaml": (HEALTH_OFFSET_ENV, "")},
+        ["container planner: tls is on without tls.health_port_offset"],
+    ),
+    "the certificate Secret not mounted at tls.cert_dir": (
+        {MTLS + "deployments.yaml": (TLS_MOUNT, TLS_MOUNT.replace("/etc/meshpilot/tls", "/etc/meshpilot/certs"))},
+        ["container planner: tls: /etc/meshpilot/tls/planner.crt is no file of a mounted Secret"],
+    ),
+    "the key under the wrong name": (
+        {MTLS + "deployments.yaml": ("{key: tls.key, path: planner.key}", "{key: tls.key, path: planner.pem}")},
+        ["tls: /etc/meshpilot/tls/planner.key is not among the items of Secret/meshpilot-planner-mtls"],
+    ),
+    "key files the service cannot read": (
+        {MTLS + "deployments.yaml": ("defaultMode: 0440", "defaultMode: 0400")},
+        ["tls: /etc/meshpilot/tls/planner.key has mode 0o400, owned by root: the service cannot read it"],
+    ),
+    "an Issuer reference to nothing": (
+        {MTLS + "certificates.yaml": ("name: meshpilot-mtls-ca\n", "name: meshpilot-ca\n")},
+        [
+            "Certificate/meshpilot-planner-mtls: issuerRef names Issuer/meshpilot-ca, which is not in the render",
+            "the services' Certificates come from different issuers",
+        ],
+    ),
+    "a CA Issuer without its Secret": (
+        {MTLS + "issuers.yaml": ("  ca:\n    secretName: meshpilot-mtls-ca", "  ca:\n    secretName: mesh-ca")},
+        ["Issuer/meshpilot-mtls-ca: signs with Secret/mesh-ca, which no Certificate or Secret of the render holds"],
+    ),
+    "an unknown cert-manager field": (
+        {MTLS + "certificates.yaml": ("renewBefore: 360h", "renewBefor: 360h")},
+        ["Certificate/meshpilot-planner-mtls: schema (cert-manager Certificate): spec: Additional properties"],
+    ),
+    "renewal after expiry": (
+        {MTLS + "certificates.yaml": ("renewBefore: 360h", "renewBefore: 2200h")},
+        ["Certificate/meshpilot-planner-mtls: renewBefore 2200h is not below duration"],
+    ),
+    "the Ingress speaking plaintext to a TLS planner": (
+        {MTLS + "kustomization.yaml": ("value: GRPCS", "value: GRPC")},
+        ["Ingress/meshpilot-planner: nginx.ingress.kubernetes.io/backend-protocol is GRPC, Service/meshpilot-planner"],
+    ),
+}
+
+
+def test_the_mtls_overlay_turns_tls_on_for_every_service(k8s_check, kubectl) -> None:
+    objects = k8s_check.render(kubectl, ROOT / "deploy" / "k8s" / "overlays" / "cpu-mtls")
+    assert k8s_check.check_rendered(objects, k8s_check.check_dockerfile()[1]) == []
+    certificates = k8s_check.certificate_secrets(objects)
+    for workload in k8s_check.workloads(objects):
+        env = {e["name"]: e.get("value") for e in workload.spec["containers"][0]["env"]}
+        assert env["MESHPILOT_TLS__ENABLED"] == "true", workload.ref
+        secrets = [v["secret"]["secretName"] for v in workload.spec["volumes"] if "secret" in v]
+        assert (
+            f"meshpilot-{workload.component}-mtls" in secrets and f"meshpilot-{workload.component}-mtls" in certificates
+        )
+
+
+@pytest.mark.parametrize("case", sorted(MTLS_BROKEN))
+def test_a_broken_mtls_copy_fails_naming_the_problem(case: str, k8s_check, kubectl, tmp_path: Path) -> None:
+    edits, expected = MTLS_BROKEN[case]
+    ok, failures = run_check(k8s_check, kubectl, broken_copy(tmp_path, edits), "cpu-mtls")
+    assert not ok
+    for line in expected:
+        assert line in failures, f"{line!r} not in:\n{failures}"
