@@ -21,7 +21,8 @@ _W3C = TraceContextTextMapPropagator()
 
 
 class RunSpans:
-    """Makes the spans of one run's drives with ``tracer`` (tracing.tracer(): a no-op one while tracing is off).
+    """Makes the spans of one run's drives with ``tracer`` (default: the mesh's; while tracing is off, none at all:
+    every method then only runs its body).
 
     ``run()`` wraps a drive in a ``run`` span: the first continues the caller's context (the RPC that started the
     run) and its context is kept in the snapshot's memory; later drives are children of that first span (same
@@ -33,12 +34,15 @@ class RunSpans:
     def __init__(self, snapshot: RunSnapshot, tenant: str, tracer: trace.Tracer | None = None) -> None:
         self.snapshot = snapshot
         self.tenant = tenant
-        self.tracer = tracer if tracer is not None else tracing.tracer()
+        self.tracer = tracer if tracer is not None else tracing.tracer() if tracing.enabled() else None
         self._run: trace.Span | None = None
         self._step: tuple[int, trace.Span] | None = None
 
     @contextmanager
     def run(self) -> Iterator[trace.Span]:
+        if self.tracer is None:
+            yield trace.INVALID_SPAN
+            return
         snapshot = self.snapshot
         stored = snapshot.memory.get(TRACE_MEMORY_KEY)
         parent, links = None, []
@@ -71,6 +75,9 @@ class RunSpans:
 
     @contextmanager
     def step(self, step: int) -> Iterator[None]:
+        if self.tracer is None:
+            yield
+            return
         if self._step is None or self._step[0] != step:
             self._end_step()
             parent = trace.set_span_in_context(self._run) if self._run is not None else None
@@ -88,6 +95,9 @@ class RunSpans:
     def model_call(self, model: str, max_tokens: int, sampling: Sampling) -> Iterator[Callable[[Generation], None]]:
         """A ``chat`` span around one model call (its retries included); call the yielded function with what the
         model returned."""
+        if self.tracer is None:
+            yield _ignore
+            return
         attributes: dict[str, Any] = {
             tracing.GEN_AI_OPERATION: "chat",
             tracing.GEN_AI_PROVIDER: tracing.PROVIDER,
@@ -119,6 +129,9 @@ class RunSpans:
     @contextmanager
     def tool_call(self, call: CallRecord) -> Iterator[None]:
         """An ``execute_tool`` span around one tool call; its outcome (ok or error) is read from ``call`` after."""
+        if self.tracer is None:
+            yield
+            return
         attributes: dict[str, Any] = {
             tracing.GEN_AI_OPERATION: "execute_tool",
             tracing.GEN_AI_TOOL_NAME: call.tool,
@@ -139,3 +152,7 @@ def _usage(snapshot: RunSnapshot) -> dict[str, Any]:
         tracing.GEN_AI_OUTPUT_TOKENS: snapshot.usage.completion_tokens,
         "meshpilot.run.steps": snapshot.step,
     }
+
+
+def _ignore(generation: Generation) -> None:
+    pass
