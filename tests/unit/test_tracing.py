@@ -13,8 +13,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from typer.testing import CliRunner
 
 from inference_core.testing import FakeEngine
+from meshpilot.cli.main import app
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.planner.v1 import planner_pb2
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
@@ -91,6 +93,14 @@ def test_an_exporter_or_protocol_we_do_not_have_is_refused_naming_the_variable()
         tracing_settings({"OTEL_TRACES_EXPORTER": "zipkin"})
     with pytest.raises(ConfigError, match=r"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/json: .*grpc or http/protobuf"):
         tracing_settings({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"})
+
+
+def test_meshpilot_serve_stops_at_start_naming_a_bad_otel_variable(tmp_path) -> None:
+    env = {"OTEL_TRACES_EXPORTER": "jaeger", "MESHPILOT_DATA_DIR": str(tmp_path)}
+    result = CliRunner().invoke(app, ["serve", "knowledge"], env=env)
+    assert result.exit_code == 2
+    assert "OTEL_TRACES_EXPORTER=jaeger: jaeger is not an exporter of this mesh" in result.output
+    assert not tracing.enabled()
 
 
 def test_a_service_is_named_meshpilot_service_unless_otel_service_name_says_otherwise() -> None:
