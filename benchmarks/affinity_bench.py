@@ -2,7 +2,7 @@
 
 Two inference services run as real processes (`meshpilot serve inference`, the default model, --threads torch
 threads each). The planner's own client (InferenceLLMClient over a ReplicaSet) drives an agent-shaped load: --agents
-agents, each with its own system prompt of about 400 tokens (instructions, tools, examples: what the planner sends),
+agents, each with its own system prompt of about 470 tokens (instructions, tools, examples: what the planner sends),
 --clients concurrent clients each asking one short question after another of the agent whose turn it is, --tokens
 output tokens, greedy, JSON-constrained like the planner's steps. The same calls run once with routing: affinity and
 once with round_robin, each on freshly started replicas (cold caches). Each replica's prefix cache holds
@@ -44,8 +44,20 @@ QUESTIONS = ["what should I do first", "give me one tip", "what is the usual pri
              "what is a common mistake", "what do experts recommend", "is it safe for children", "where do I start"]  # fmt: skip
 
 
+USAGE = """## Inference replicas
+
+List the replicas in `inference.replicas` (gRPC targets, `host:port` or `dns:///host:port`; a bad one is refused at
+config load, naming `inference.replicas[i]`); empty means the one service at `inference.server`. The planner keeps a
+channel to each (`services/common/routing.py` `ReplicaSet`), watches each one's gRPC health, and routes every model
+call by its tenant, model and system prompt (one agent's prefix) with rendezvous hashing: an agent's calls stay on one
+replica, whose prefix cache keeps its prompt, while that replica is SERVING and has fewer than ceil(1.25 x the
+average) calls in flight; otherwise they go to the next replica in the key's order. A call refused with UNAVAILABLE
+or RESOURCE_EXHAUSTED before any token is tried on the next replica; other errors are final. `inference.routing:
+round_robin` spreads calls in turn instead (the baseline above)."""
+
+
 def system_prompt(domain: str) -> str:
-    """An agent's system prompt of about 400 tokens: instructions, tools and examples of its own domain."""
+    """An agent's system prompt of about 470 tokens: instructions, tools and examples of its own domain."""
     tools = "\n".join(
         f"- {domain}_{verb}: {verb}s {domain} records by id, name or date; returns a JSON object with the fields "
         f"id, name, summary, updated and a list of related {domain} entries."
@@ -150,7 +162,7 @@ def markdown(runs: list[dict], args: argparse.Namespace, uptime: str) -> str:
         f"`make bench-affinity` (benchmarks/affinity_bench.py). Two `meshpilot serve inference` processes (default "
         f"model, {args.threads} torch thread(s) each, prefix cache {args.cache_tokens} tokens each), driven through "
         f"the planner's InferenceLLMClient over a ReplicaSet: {args.agents} agents with distinct system prompts of "
-        f"about 400 tokens, {args.clients} concurrent clients, {args.calls} calls each ({args.clients * args.calls} "
+        f"about 470 tokens, {args.clients} concurrent clients, {args.calls} calls each ({args.clients * args.calls} "
         f"per policy, the same calls for both), short user turns, {args.tokens} output tokens, greedy, "
         f"JSON-constrained. Each policy on freshly started replicas. Hit rate: cached / prompt tokens over all "
         f"calls; TTFT: the engine's, arrival to first token.",
@@ -167,7 +179,7 @@ def markdown(runs: list[dict], args: argparse.Namespace, uptime: str) -> str:
         )
     lines += ["", "Machine load (1-minute load average at the start and end of each run; 2 cores):", ""]
     lines += [f"- {run['policy']}: {', '.join(map(str, run['load_1min']))}" for run in runs]
-    lines += ["", f"`uptime` after the runs: `{uptime}`"]
+    lines += ["", f"`uptime` after the runs: `{uptime}`", "", USAGE]
     return "\n".join(lines) + "\n"
 
 
