@@ -66,6 +66,11 @@ class WaitingQueue(abc.ABC):
         let it wait for a slot to free. The default never preempts."""
         return None
 
+    def favours(self, tenant: str, held: Mapping[str, int]) -> bool:
+        """Whether ``tenant``'s sequence, about to be admitted, should get its first token before the running rows get
+        their next ones (the scheduler then leaves them out of one step). The default never favours."""
+        return False
+
     def pop_next(self) -> Sequence | None:
         """The next sequence regardless of slots (a scheduler that runs one sequence at a time)."""
         tenant = self.next_tenant()
@@ -129,6 +134,8 @@ class FairQueue(WaitingQueue):
     - Slots: a waiting tenant takes a running slot from the tenant holding the most slots per weight when that tenant
       would still hold at least as many per weight afterwards (``tenant_to_preempt``). A newcomer so starts at once
       instead of waiting for a flood's long generations to end, and two tenants never take a slot back and forth.
+    - First token: a sequence of a tenant holding fewer slots per weight than another is favoured (``favours``): the
+      step that completes its prompt leaves the other rows' decode out.
     """
 
     def __init__(self, max_queue: int, max_queue_per_tenant: int, weights: Mapping[str, int] | None = None) -> None:
@@ -219,6 +226,13 @@ class FairQueue(WaitingQueue):
         richest = max(others, key=lambda other: held[other] / self.weight(other))
         after = (held.get(tenant, 0) + 1) / self.weight(tenant)
         return richest if (held[richest] - 1) / self.weight(richest) >= after else None
+
+    def favours(self, tenant: str, held: Mapping[str, int]) -> bool:
+        """True while another tenant would still hold more slots per weight than ``tenant`` with this sequence: a
+        newcomer's first token then costs the flood one decode step instead of waiting for a step of the whole
+        batch."""
+        after = (held.get(tenant, 0) + 1) / self.weight(tenant)
+        return any(other != tenant and slots / self.weight(other) > after for other, slots in held.items())
 
     def _line_of(self, tenant: str) -> deque[Sequence]:
         line = self._lines.get(tenant)

@@ -9,7 +9,9 @@ One loop thread owns the model. Each iteration is one *step*, one pass over the 
    it takes goes back to the front of its tenant's line and resumes later from the prefix cache;
 3. the step computes a decode token for every running sequence *and* up to ``prefill_chunk_tokens`` prompt tokens of
    the admitting ones (first come, first served), so a long prompt never stalls running streams for more than a chunk
-   and short prompts ride along with the decode at little extra cost;
+   and short prompts ride along with the decode at little extra cost. The step that completes the prompt of a
+   sequence the policy favours (a tenant below its share) computes prompts only, so that sequence's first token does
+   not wait for the other tenants' decode; never two such steps in a row;
 4. an admitting sequence whose prompt is complete samples its first token and joins the running rows; finished rows
    leave at once and their slots are reused.
 
@@ -98,6 +100,7 @@ class _Row:
     last_token: int = -1
     prompt: list[int] = field(default_factory=list)  # what admission computes: the prompt, plus output when resumed
     resumed: bool = False  # preempted earlier: its next token is chosen already
+    favoured: bool = False  # its first token goes before the running rows' next ones
     joined: int = 0  # order of joining the running rows
 
     @property
@@ -125,6 +128,7 @@ class ContinuousBatchScheduler(AdmissionQueue):
         self._accepted = 0
         self._joins = 0
         self._preemptions = 0
+        self._prompts_only = False  # the last step decoded no running row
 
     @property
     def kv_bytes(self) -> int:
@@ -181,21 +185,23 @@ class ContinuousBatchScheduler(AdmissionQueue):
         if not self._admitting:
             self._admit()
         prompts = self._plan_chunks()
-        drafts = self._plan_drafts(sum(len(chunk.tokens) for chunk in prompts))
         if not self._running and not prompts:
             return
+        decoding = [] if self._prompts_first(prompts) else self._running
+        drafts = self._plan_drafts(sum(len(chunk.tokens) for chunk in prompts)) if decoding else {}
         logits = self._runner.step(
             self.slots,
-            [row.last_token for row in self._running],
-            [row.length for row in self._running],
+            [row.last_token for row in decoding],
+            [row.length for row in decoding],
             [*prompts, *drafts.values()],
-            self._shared,
+            self._shared if decoding else 0,
         )
         self._steps += 1
-        batch = len(self._running)
+        self._prompts_only = not decoding
+        batch = len(decoding)
         prompt_logits = logits[batch : batch + len(prompts)]
         draft_logits = logits[batch + len(prompts) :]
-        for index, row in enumerate(self._running):
+        for index, row in enumerate(decoding):
             row.length += 1
             self._append(row, logits[index])
             draft = drafts.get(index)
@@ -226,6 +232,16 @@ class ContinuousBatchScheduler(AdmissionQueue):
             self._remove(finished)
         if joined or finished:
             self._shared = self._common_prefix()
+
+    def _prompts_first(self, prompts: list[Chunk]) -> bool:
+        """Whether this step leaves the running rows out: it completes a favoured row's prompt, and the last step did
+        decode (so running rows advance at least every other step, however many favoured rows arrive)."""
+        if not self._running or self._prompts_only:
+            return False
+        return any(
+            row.favoured and chunk.start + len(chunk.tokens) == len(row.prompt)
+            for row, chunk in zip(self._admitting, prompts, strict=False)
+        )
 
     def _plan_drafts(self, prompt_tokens: int) -> dict[int, Chunk]:
         """Drafts for greedy running rows (by row index), while the step holds fewer than max_batch_size tokens."""
@@ -281,7 +297,13 @@ class ContinuousBatchScheduler(AdmissionQueue):
                 # A resumed row's slot is rebuilt from its prompt and all its output but the last token, which the
                 # next decode step feeds as usual.
                 tokens = [*seq.prompt_ids, *seq.output_ids[:-1]] if resumed else seq.prompt_ids
-                row = _Row(seq=seq, slot=len(self._running) + len(self._admitting), prompt=tokens, resumed=resumed)
+                row = _Row(
+                    seq=seq,
+                    slot=len(self._running) + len(self._admitting),
+                    prompt=tokens,
+                    resumed=resumed,
+                    favoured=not resumed and self._waiting.favours(tenant, held),
+                )
                 self._admitting.append(row)
             seq.mark_started()
             if self.prefix is not None:

@@ -118,6 +118,27 @@ def test_a_slot_is_taken_only_from_a_tenant_that_keeps_at_least_the_newcomers_sh
     assert FifoQueue(64).tenant_to_preempt(newcomer, held) is None
 
 
+@pytest.mark.parametrize(
+    ("held", "tenant", "expected"),
+    [
+        ({"a": 8}, "b", True),
+        ({"a": 6, "b": 1}, "b", True),
+        ({"a": 4, "b": 3}, "b", False),  # 4 and 4 with it
+        ({"a": 8}, "a", False),
+        ({}, "a", False),
+        ({"gold": 3}, "b", False),  # gold's weight 3: 1 slot per weight, as b's would be
+        ({"gold": 6}, "b", True),
+        ({"b": 2}, "gold", True),  # one slot is 1/3 per weight for gold
+    ],
+)
+def test_a_tenant_below_the_others_share_is_favoured_for_its_first_token(
+    held: dict[str, int], tenant: str, expected: bool
+) -> None:
+    queue = FairQueue(max_queue=64, max_queue_per_tenant=16, weights={"gold": 3})
+    assert queue.favours(tenant, held) is expected
+    assert FifoQueue(64).favours(tenant, held) is False
+
+
 def test_queue_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="max_queue_per_tenant must be >= 1"):
         FairQueue(max_queue=4, max_queue_per_tenant=0)
@@ -193,7 +214,11 @@ def test_a_newcomer_takes_a_slot_from_a_flood_at_once_and_the_flood_resumes_exac
             assert made.done.wait(30), f"{made.seq.request_id} did not finish"
     finally:
         batcher.close(5)
-    assert first_step_with(runner, newcomer) == submitted_at[0] + 1, "admitted in the step after it arrived"
+    admitted = first_step_with(runner, newcomer)
+    assert admitted == submitted_at[0] + 1, "admitted in the step after it arrived"
+    rows, chunks = runner.steps[admitted - 1]
+    assert rows == 0 and len(chunks) == 1, "its prompt alone: the flood's three rows wait one step"
+    assert runner.steps[admitted][0] == 4, "then all four rows decode"
     assert batcher.stats().preemptions >= 1
     for made in [*flood, newcomer]:
         assert made.output == alone(made.seq.prompt_ids, made.seq.max_new_tokens), made.seq.request_id
