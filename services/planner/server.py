@@ -48,6 +48,7 @@ from services.planner.convert import (
     validate_task,
 )
 from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
+from services.planner.guardrails import Redactor
 from services.planner.pg_store import PostgresRunStore
 from services.planner.quotas import QuotaInterceptor, TenantQuotas
 from services.planner.runs import RunManager
@@ -286,7 +287,9 @@ def create_server(
             load_or_create_key(config.approvals.key_file), ttl_seconds=config.approvals.token_ttl_seconds
         )
     catalog = AgentCatalog(store, planner, tools.list_tools, llm.list_models)
-    deps = ExecutorDeps(llm, tools, signer, step_max_tokens=planner.step_max_tokens)
+    deps = ExecutorDeps(
+        llm, tools, signer, step_max_tokens=planner.step_max_tokens, redactor=Redactor.from_config(planner.guardrails)
+    )
     metrics = CollectorRegistry()
     quotas = TenantQuotas(planner.quotas, metrics)
     runs = RunManager(store, catalog, deps, history_turns=planner.history_turns, quotas=quotas, metrics=metrics)
