@@ -171,7 +171,9 @@ class ToolExecutor:
         stored = await self.store.claim(key, tool.name, digest)
         if stored is not None:
             _check_same_call(key, stored.tool, stored.arguments_digest, tool.name, digest)
-            return Execution(stored.outcome or interrupted_outcome(tool.name, key), replayed=True)
+            if stored.outcome is not None or not tool.idempotent:
+                return Execution(stored.outcome or interrupted_outcome(tool.name, key), replayed=True)
+            # Interrupted, but the tool only reads: run it again under the same key.
         outcome = await self.registry.run(tool, arguments, limit)
         await self.store.record(key, outcome)
         return Execution(outcome)

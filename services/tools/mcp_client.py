@@ -364,6 +364,10 @@ class McpToolset:
                 handler=_McpHandler(connection, listed.name),
                 timeout_seconds=connection.config.timeout_seconds,
                 requires_approval="*" in marked or listed.name in marked,
+                # The server's own hints: a read-only or idempotent tool may run again after a crash.
+                idempotent=bool(
+                    listed.annotations and (listed.annotations.read_only_hint or listed.annotations.idempotent_hint)
+                ),
             )
             try:
                 self.registry.register(tool)

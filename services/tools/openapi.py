@@ -607,6 +607,8 @@ class OpenApiSource:
             input_schema=arguments.schema(),
             handler=_OperationCall(self, method, path, tuple(arguments.inputs), body_media_type),
             timeout_seconds=self.timeout_seconds,
+            # HTTP's safe methods: running one again after a crash does no harm.
+            idempotent=method.lower() in ("get", "head"),
         )
 
     def _add_parameter(self, arguments: _Arguments, resolver: _Resolver, parameter: dict[str, Any]) -> None:

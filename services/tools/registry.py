@@ -91,6 +91,9 @@ class Tool:
     handler: ToolHandler
     timeout_seconds: float | None = None
     requires_approval: bool = False
+    idempotent: bool = False
+    """Running it again with the same arguments does no harm (it only reads): a keyed call interrupted by a crash of
+    the tools service is run again instead of reported as of unknown effect."""
 
 
 def _json_path(path: Iterable[Any]) -> str:

@@ -11,11 +11,12 @@ import pytest
 from meshpilot.tools.v1 import tools_pb2
 from services.common import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.approval import arguments_digest
-from services.tools import OutcomeStore, ToolCall, ToolErrorKind, ToolOutcome
+from services.tools import OutcomeStore, Tool, ToolCall, ToolErrorKind, ToolOutcome, builtin_tools
 from services.tools.builtin.notes import append_note_tool
 from services.tools.idempotency import decode_outcome, encode_outcome
 from services.tools.registry import ToolCallError
 from tests.unit.tools_fakes import (
+    ECHO_SCHEMA,
     CountingHandler,
     eventually,
     execute_request,
@@ -164,6 +165,32 @@ async def test_interrupted_started_call_is_an_error_observation_not_a_rerun(tmp_
     await executor.close()
 
 
+async def test_an_interrupted_call_of_a_tool_that_only_reads_is_run_again_once(tmp_path: Path) -> None:
+    store = OutcomeStore(tmp_path / "tools.db")
+    assert await store.claim("key-1", "echo", arguments_digest({"text": "hi"})) is None
+    await store.close()  # the tools service died while the call ran
+    handler = CountingHandler()
+    reader = Tool("echo", "Echoes; no side effects.", ECHO_SCHEMA, handler, idempotent=True)
+    executor = make_executor(tmp_path / "tools.db", make_registry(reader))
+    first = await executor.execute(keyed())
+    again = await executor.execute(keyed())
+    await executor.close()
+    assert (first.replayed, first.outcome.result) == (False, {"text": "hi", "run": 1})
+    assert (again.replayed, again.outcome.result, handler.calls) == (True, {"text": "hi", "run": 1}, 1)
+
+
+def test_the_read_only_built_ins_are_idempotent_and_append_note_is_not(tmp_path: Path) -> None:
+    tools = {tool.name: tool for tool in builtin_tools(None, notes_dir=tmp_path)}
+    assert {name for name, tool in tools.items() if tool.idempotent} == {
+        "calculator",
+        "current_time",
+        "country_facts",
+        "entity_facts",
+        "sparql_query",
+    } & set(tools)
+    assert not tools["append_note"].idempotent
+
+
 async def test_outcomes_survive_reopening_the_store(tmp_path: Path) -> None:
     handler = CountingHandler()
     registry = make_registry(("echo", handler))
@@ -257,3 +284,15 @@ async def test_client_cancelling_mid_call_over_grpc_still_stores_the_outcome(tmp
     assert retry.WhichOneof("outcome") == "result"
     assert retry.result.struct_value["run"] == 1
     assert retry.error == tools_pb2.ToolError()
+
+
+def test_openapi_get_operations_are_idempotent_and_post_is_not() -> None:
+    from services.tools.openapi import OpenApiSource, parse_document
+
+    document = parse_document(
+        "openapi: 3.1.0\ninfo: {title: t, version: '1'}\nservers: [{url: 'http://127.0.0.1:9'}]\npaths:\n"
+        "  /items:\n    get: {operationId: listItems, responses: {'200': {description: ok}}}\n"
+        "    post: {operationId: addItem, responses: {'201': {description: ok}}}\n"
+    )
+    tools = {tool.name: tool.idempotent for tool in OpenApiSource("shop", document).tools()}
+    assert tools == {"shop.list_items": True, "shop.add_item": False}

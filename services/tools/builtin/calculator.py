@@ -225,4 +225,5 @@ def calculator_tool() -> Tool:
         },
         handler=_calculate,
         timeout_seconds=5.0,
+        idempotent=True,  # no side effects: safe to run again
     )

@@ -104,4 +104,5 @@ def country_facts_tool(client: KnowledgeClient) -> Tool:
         },
         handler=handler,
         timeout_seconds=10.0,
+        idempotent=True,  # no side effects: safe to run again
     )

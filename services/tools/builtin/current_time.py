@@ -94,4 +94,5 @@ def current_time_tool(clock: Clock = lambda: datetime.now(UTC)) -> Tool:
         },
         handler=handler,
         timeout_seconds=2.0,
+        idempotent=True,  # no side effects: safe to run again
     )

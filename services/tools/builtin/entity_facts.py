@@ -72,4 +72,5 @@ def entity_facts_tool(client: KnowledgeClient) -> Tool:
         },
         handler=handler,
         timeout_seconds=10.0,
+        idempotent=True,  # no side effects: safe to run again
     )

@@ -65,4 +65,5 @@ def sparql_query_tool(client: KnowledgeClient) -> Tool:
         },
         handler=handler,
         timeout_seconds=30.0,
+        idempotent=True,  # no side effects: safe to run again
     )
