@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import platform
@@ -39,6 +40,7 @@ TENANT_METADATA = "x-meshpilot-tenant"
 STEADY, FLOOD = "steady", "flood"
 QUESTIONS = ["capital of France", "currency of Japan", "largest city of Brazil", "region of Kenya", "language of Peru"]
 RETRY_AFTER_S = 0.25
+QUANTILES = ("p50", "p90", "p99")
 MODEL_LABEL = 'model="smollm2-135m-instruct"'
 STEPS = f"meshpilot_engine_steps_total{{{MODEL_LABEL}}}"
 
@@ -275,10 +277,9 @@ def summary(tally: Tally) -> dict:
         "calls": tally.calls,
         "refused": tally.refused,
         "timed_out": sum(1 for ttft in tally.ttfts_s if math.isinf(ttft)),
-        "ttft_p50_ms": round(pct(tally.ttfts_s, 50) * 1000, 1),
-        "ttft_p99_ms": round(pct(tally.ttfts_s, 99) * 1000, 1),
-        "engine_ttft_p50_ms": round(pct(tally.engine_ttfts_s, 50) * 1000, 1),
-        "engine_ttft_p99_ms": round(pct(tally.engine_ttfts_s, 99) * 1000, 1),
+        **{f"ttft_{q}_ms": round(pct(tally.ttfts_s, int(q[1:])) * 1000, 1) for q in QUANTILES},
+        **{f"engine_ttft_{q}_ms": round(pct(tally.engine_ttfts_s, int(q[1:])) * 1000, 1) for q in QUANTILES},
+        "ttfts_ms": sorted(round(ttft * 1000) for ttft in tally.ttfts_s if not math.isinf(ttft)),
         "ms_per_step": round(tally.seconds * 1000 / tally.engine_steps, 1) if tally.engine_steps else 0.0,
     }
 
@@ -286,13 +287,13 @@ def summary(tally: Tally) -> dict:
 def pair(summary: dict, key: str, timeout_s: float) -> str:
     return " / ".join(
         f"> {timeout_s * 1000:.0f}" if math.isinf(summary[f"{key}_{q}_ms"]) else f"{summary[f'{key}_{q}_ms']:.0f}"
-        for q in ("p50", "p99")
+        for q in QUANTILES
     )
 
 
 def ratios(run: dict, key: str, timeout_s: float) -> str:
     cells = []
-    for q in ("p50", "p99"):
+    for q in QUANTILES:
         alone, flood = run["alone"][f"{key}_{q}_ms"], run["flood"][f"{key}_{q}_ms"]
         if not alone:
             cells.append("-")
@@ -322,8 +323,8 @@ def markdown(runs: list[dict], args: argparse.Namespace) -> str:
         f"sending the call to its first token; engine TTFT: from the engine's receipt to its first token (the call's "
         f"timings). A steady call without a first token after {timeout:g} s is cancelled and counts as longer.",
         "",
-        "| policy | TTFT measured by | steady alone p50 / p99 (ms) | steady under flood p50 / p99 (ms) "
-        "| ratio p50 / p99 |",
+        "| policy | TTFT measured by | steady alone p50 / p90 / p99 (ms) | steady under flood p50 / p90 / p99 (ms) "
+        "| ratio p50 / p90 / p99 |",
         "|---|---|---|---|---|",
     ]
     for run in runs:
@@ -371,11 +372,14 @@ def main() -> None:
     parser.add_argument("--policies", default="fair,fifo", help="Which runs, in order: fair, fifo or both.")
     parser.add_argument("--port", type=int, default=50164)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "fair_share.md")
+    parser.add_argument("--raw", type=Path, help="Also write every run's numbers, each TTFT too, as JSON here.")
     args = parser.parse_args()
     runs = [asyncio.run(measure(args, fair=policy == "fair")) for policy in args.policies.split(",")]
     report = markdown(runs, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
+    if args.raw:
+        args.raw.write_text(json.dumps(runs, indent=1) + "\n")
     print(report)
 
 

@@ -278,14 +278,18 @@ class ContinuousBatchScheduler(AdmissionQueue):
 
     def _admit(self) -> None:
         """Admits waiting sequences, in the order the waiting queue's policy gives, while the prompts admitted so far
-        fit one step's budget: into free slots, or into a slot the policy takes from another tenant."""
+        fit one step's budget: into free slots, or into a slot the policy takes from another tenant. After a favoured
+        sequence only favoured ones join, so the prompts-only step that gives its first token stays short."""
         planned = 0
-        preempted = False
+        preempted = favoured_in = False
         while planned < self.config.prefill_chunk_tokens:
             with self._cv:
                 held = self._held()
                 tenant = self._waiting.next_tenant(held)
                 if tenant is None:
+                    break
+                favoured = self._waiting.favours(tenant, held)
+                if favoured_in and not favoured:
                     break
                 if len(self._running) + len(self._admitting) >= self.config.max_batch_size:
                     victim = self._waiting.tenant_to_preempt(tenant, held)
@@ -302,8 +306,9 @@ class ContinuousBatchScheduler(AdmissionQueue):
                     slot=len(self._running) + len(self._admitting),
                     prompt=tokens,
                     resumed=resumed,
-                    favoured=not resumed and self._waiting.favours(tenant, held),
+                    favoured=favoured and not resumed,
                 )
+                favoured_in = favoured_in or row.favoured
                 self._admitting.append(row)
             seq.mark_started()
             if self.prefix is not None:

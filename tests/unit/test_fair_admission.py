@@ -248,3 +248,33 @@ def test_first_come_first_served_makes_a_newcomer_wait_behind_the_flood() -> Non
     # The first four run 12 tokens; the two flood requests still waiting go first, then the newcomer.
     assert first_step_with(runner, newcomer) > 12
     assert batcher.stats().preemptions == 0
+
+
+def test_the_step_that_gives_a_newcomer_its_first_token_computes_its_prompt_alone() -> None:
+    runner = HistoryRunner(128)
+    batcher = scheduler(runner, max_batch_size=4, prefill_chunk_tokens=64, max_queue_per_tenant=8)
+    # a0 and a1 end in step 3 and free two slots just as the newcomer arrives; a4 and a5 wait for slots.
+    flood = [request(f"a{i}", "a", [40 + i, 41, 42 + i, 43, 44], new_tokens=3 if i < 2 else 20) for i in range(6)]
+    newcomer = request("b0", "b", [90, 91, 92], new_tokens=5)
+
+    def arrive(step: int) -> None:
+        if step == 3:
+            batcher.submit(newcomer.seq)
+
+    runner.on_step = arrive
+    for made in flood:
+        batcher.submit(made.seq)
+    batcher.start()
+    try:
+        for made in [*flood, newcomer]:
+            assert made.done.wait(30)
+    finally:
+        batcher.close(5)
+    assert first_step_with(runner, newcomer) == 4
+    rows, chunks = runner.steps[3]
+    assert rows == 0 and len(chunks) == 1, "b0's prompt, nothing else"
+    rows, chunks = runner.steps[4]
+    assert rows == 3 and len(chunks) == 1, "then a4 joins while the others decode"
+    assert first_step_with(runner, flood[4]) == 5
+    for made in [*flood, newcomer]:
+        assert made.output == alone(made.seq.prompt_ids, made.seq.max_new_tokens), made.seq.request_id
