@@ -253,4 +253,5 @@ class TorchEngine(Engine):
             eos_token_ids=loaded.eos_token_ids,
             sink=sink,
             arrival=arrival,
+            tenant=request.tenant,  # the fair-share queue serves tenants in turn
         )

@@ -281,3 +281,17 @@ async def test_calls_before_start_say_the_model_is_loading(tiny_dir) -> None:
     assert not engine.is_ready
     with pytest.raises(EngineClosedError, match="still loading"):
         engine.count_tokens(prompt="a")
+
+
+async def test_a_requests_tenant_reaches_the_scheduled_sequence(engine: TorchEngine) -> None:
+    submitted: list[str] = []
+    original = engine._scheduler.submit
+
+    def submit(seq):
+        submitted.append(seq.tenant)
+        return original(seq)
+
+    engine._scheduler.submit = submit  # type: ignore[method-assign]
+    request = GenerationRequest(prompt="hello", max_tokens=2, sampling=GREEDY, tenant="acme")
+    await collect(engine, request)
+    assert submitted == ["acme"]
