@@ -91,6 +91,15 @@ def current_principal() -> Principal:
 TENANT_METADATA = "x-meshpilot-tenant"
 
 
+def tenant_of(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The tenant an internal call acts for: its x-meshpilot-tenant metadata (the planner sends the tenant of the run
+    it acts for) when that is a tenant name, else the default tenant."""
+    for key, value in metadata or ():
+        if key == TENANT_METADATA and isinstance(value, str) and TENANT_PATTERN.match(value):
+            return value
+    return DEFAULT_TENANT
+
+
 @contextlib.contextmanager
 def acting_as(tenant: str) -> Iterator[None]:
     """Makes ``tenant`` the current principal's tenant for the calls made inside (in this task)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 from inference_core import (
     Constraint,
@@ -16,7 +15,7 @@ from inference_core import (
 from meshpilot.common.v1 import common_pb2
 from meshpilot.inference.v1 import inference_pb2
 from services.common import InvalidArgumentError
-from services.common.auth import DEFAULT_TENANT, TENANT_METADATA, TENANT_PATTERN
+from services.common.auth import DEFAULT_TENANT
 
 _CONSTRAINT_KINDS = {"json_schema": "json_schema", "regex": "regex", "ebnf_grammar": "ebnf"}
 _FINISH_REASONS = {
@@ -25,15 +24,6 @@ _FINISH_REASONS = {
     FinishReason.STOP_STRING: inference_pb2.FINISH_REASON_STOP_STRING,
     FinishReason.CANCELLED: inference_pb2.FINISH_REASON_CANCELLED,
 }
-
-
-def tenant_of(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The tenant a call is served for: its x-meshpilot-tenant metadata (the planner sends the tenant of the run it
-    acts for) when that is a tenant name, else "default"."""
-    for key, value in metadata or ():
-        if key == TENANT_METADATA and isinstance(value, str) and TENANT_PATTERN.match(value):
-            return value
-    return DEFAULT_TENANT
 
 
 def input_of(

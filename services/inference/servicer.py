@@ -29,8 +29,9 @@ from services.common import (
     UnavailableError,
     tracing,
 )
+from services.common.auth import tenant_of
 from services.common.errors import quoted
-from services.inference.convert import input_of, tenant_of, to_generate_response, to_generation_request, to_model
+from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
 from services.inference.metrics import InferenceMetrics
 
 # xgrammar prefixes its parser errors with a time and its C++ source file ("[02:05:17]
@@ -100,7 +101,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     Engines are started by ``start_engines()`` (the server's startup hook) and shut down by ``shutdown_engines()``.
     A Generate whose client cancels or disconnects aborts its engine request. A Generate is served for the tenant its
-    x-meshpilot-tenant metadata names (see convert.tenant_of); engines share their capacity between tenants.
+    x-meshpilot-tenant metadata names (see services.common.auth.tenant_of); engines share their capacity between tenants.
     """
 
     def __init__(

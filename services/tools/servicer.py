@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import FailedPreconditionError, InvalidArgumentError, tracing
-from services.common.auth import TENANT_METADATA, TENANT_PATTERN
+from services.common.auth import tenant_of
 from services.common.config import McpServerConfig
 from services.tools.executor import Execution, ToolCall, ToolExecutor
 from services.tools.registry import Tool, ToolErrorKind
@@ -59,14 +59,6 @@ def request_timeout(request: tools_pb2.ExecuteToolRequest) -> float | None:
         return None
     seconds = request.timeout.ToNanoseconds() / 1e9
     return seconds if seconds != 0 else None
-
-
-def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """The tenant a call acts for (the planner sends its run's), "default" when it names none or none valid."""
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_METADATA and isinstance(value, str) and TENANT_PATTERN.match(value):
-            return value
-    return DEFAULT_TENANT
 
 
 def call_from_proto(request: tools_pb2.ExecuteToolRequest, tenant: str = DEFAULT_TENANT) -> ToolCall:
@@ -157,7 +149,7 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
     async def ListTools(
         self, request: tools_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ListToolsResponse:
-        tools = self.executor.tools(tenant_of(context))
+        tools = self.executor.tools(tenant_of(context.invocation_metadata()))
         return tools_pb2.ListToolsResponse(tools=[tool_to_proto(tool) for tool in tools])
 
     async def ExecuteTool(
@@ -173,7 +165,7 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
                     "meshpilot.run.id": request.run_id,
                 }
             )
-        execution = await self.executor.execute(call_from_proto(request, tenant_of(context)))
+        execution = await self.executor.execute(call_from_proto(request, tenant_of(context.invocation_metadata())))
         if span.is_recording():
             span.set_attributes(
                 {
@@ -192,17 +184,19 @@ class ToolsServicer(tools_pb2_grpc.ToolsServiceServicer):
         self, request: tools_pb2.RegisterToolSourceRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ToolSource:
         sources = self._sources()
-        info = await sources.register(spec_from_proto(request.source), tenant_of(context))
+        info = await sources.register(spec_from_proto(request.source), tenant_of(context.invocation_metadata()))
         return source_to_proto(info)
 
     async def ListToolSources(
         self, request: tools_pb2.ListToolSourcesRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.ListToolSourcesResponse:
-        sources = self.sources.list_sources(tenant_of(context)) if self.sources is not None else []
+        sources = (
+            self.sources.list_sources(tenant_of(context.invocation_metadata())) if self.sources is not None else []
+        )
         return tools_pb2.ListToolSourcesResponse(sources=[source_to_proto(info) for info in sources])
 
     async def UnregisterToolSource(
         self, request: tools_pb2.UnregisterToolSourceRequest, context: grpc.aio.ServicerContext
     ) -> tools_pb2.UnregisterToolSourceResponse:
-        await self._sources().unregister(request.name, tenant_of(context))
+        await self._sources().unregister(request.name, tenant_of(context.invocation_metadata()))
         return tools_pb2.UnregisterToolSourceResponse()
