@@ -69,3 +69,24 @@ def test_invalid_environment_value_names_the_field(monkeypatch: pytest.MonkeyPat
 def test_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"planner": {"database_url": "mysql://u:hunter2@h/db"}}, "database_url must be a PostgreSQL URL"),
+        ({"planner": {"lease_seconds": 0}}, "planner.lease_seconds"),
+        (
+            {"planner": {"quotas": {"default": {"requests_per_minute": 0}}}},
+            "planner.quotas.default.requests_per_minute",
+        ),
+        ({"auth": {"key_cache_seconds": -1}}, "auth.key_cache_seconds"),
+        ({"tools": {"mcp_endpoint": {"path": "no-slash"}}}, "tools.mcp_endpoint.path"),
+        ({"tools": {"openapi": [{"name": "Bad", "document": "x.yaml"}]}}, "tools.openapi.0.name"),
+    ],
+)
+def test_new_settings_refuse_nonsense_naming_the_field(overrides: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(**overrides)
+    assert needle in str(raised.value)
+    assert "hunter2" not in str(raised.value) and len(str(raised.value)) < 600
