@@ -1,0 +1,30 @@
+"""What every edge route shares: the gRPC channels the app holds and the caller's credentials to forward.
+
+The app (``services/edge/app.py``) opens one channel per peer at start-up and keeps it on ``app.state``; routes reach
+them through these functions, never through module globals, so tests mount a router on their own app with channels to
+in-process fakes.
+"""
+
+from __future__ import annotations
+
+import grpc
+from fastapi import Request
+
+
+def planner_channel(request: Request) -> grpc.aio.Channel:
+    """The channel to the planner (agents, sessions, runs, approvals). The planner authenticates each call itself."""
+    channel: grpc.aio.Channel = request.app.state.planner_channel
+    return channel
+
+
+def inference_channel(request: Request) -> grpc.aio.Channel:
+    """The channel to the inference service (chat completions, models)."""
+    channel: grpc.aio.Channel = request.app.state.inference_channel
+    return channel
+
+
+def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata that carries the HTTP caller's bearer token to the planner, so the planner's authentication and
+    tenant checks apply to HTTP callers exactly as to gRPC ones."""
+    authorization = request.headers.get("authorization")
+    return (("authorization", authorization),) if authorization else ()
