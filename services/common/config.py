@@ -503,6 +503,35 @@ class AuthConfig(_Section):
         return self
 
 
+class EdgeConfig(_Section):
+    """The HTTP edge: the OpenAI-compatible API, agent runs over server-sent events and the web console, in one process
+    that calls the planner and the inference service."""
+
+    enabled: bool = Field(True, description="Start the edge with `meshpilot up`; false leaves the mesh gRPC-only.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind; on any non-loopback address every route but /healthz needs a bearer token.",
+    )
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 picks a free one (tests).")
+    grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long requests in flight (streams included) may finish."
+    )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Larger request bodies are refused with 413 before they are read whole.",
+    )
+    request_timeout_seconds: float = Field(
+        300.0, gt=0, description="Deadline of the gRPC calls one HTTP request makes (a whole chat completion)."
+    )
+
+    def url(self) -> str:
+        """Where HTTP clients reach the edge (a wildcard address is reached on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "[::]", "::") else self.host
+        return f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{self.port}"
+
+
 # Who may call whom when TLS is on: the mesh's call graph (the planner is the front door, called by clients).
 DEFAULT_ALLOWED_CALLERS = {"inference": ["planner"], "tools": ["planner"], "knowledge": ["tools"]}
 _IDENTITY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
@@ -579,6 +608,7 @@ class MeshConfig(BaseSettings):
     approvals: ApprovalConfig = ApprovalConfig()
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
+    edge: EdgeConfig = EdgeConfig()
 
     @classmethod
     def settings_customise_sources(

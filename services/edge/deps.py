@@ -10,6 +10,8 @@ from __future__ import annotations
 import grpc
 from fastapi import Request
 
+from services.common.auth import ANONYMOUS, TENANT_METADATA, Principal
+
 
 def planner_channel(request: Request) -> grpc.aio.Channel:
     """The channel to the planner (agents, sessions, runs, approvals). The planner authenticates each call itself."""
@@ -28,3 +30,21 @@ def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:
     tenant checks apply to HTTP callers exactly as to gRPC ones."""
     authorization = request.headers.get("authorization")
     return (("authorization", authorization),) if authorization else ()
+
+
+def principal(request: Request) -> Principal:
+    """The HTTP caller, as the app's authentication resolved it (the default tenant when authentication is off)."""
+    found = getattr(request.state, "principal", None)
+    return found if isinstance(found, Principal) else ANONYMOUS
+
+
+def inference_metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata naming the HTTP caller's tenant to the inference service, which shares its capacity between
+    tenants and counts their tokens by it (as it does for the planner's calls on a run's behalf)."""
+    return ((TENANT_METADATA, principal(request).tenant),)
+
+
+def request_timeout(request: Request) -> float:
+    """The deadline, in seconds, of the gRPC calls one HTTP request makes (edge.request_timeout_seconds)."""
+    timeout: float = request.app.state.request_timeout
+    return timeout

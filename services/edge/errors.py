@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from google.rpc import error_details_pb2, status_pb2
@@ -59,11 +59,12 @@ def error_type(status: int) -> str:
     return _TYPE_OF.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
-class OpenAIError(Exception):
+class OpenAIError(HTTPException):
     """An error the edge answers with ``status`` and ``{"error": {"message", "type", "param", "code"}}``.
 
     ``message`` says what to change (bounded to MAX_MESSAGE_BYTES); ``param`` names the request field at fault;
-    ``retry_after`` (seconds) becomes a Retry-After header.
+    ``retry_after`` (seconds) becomes a Retry-After header. An HTTPException, so FastAPI lets it through when it is
+    raised while the body is read (by the edge's size limit) instead of making it a generic 400.
     """
 
     def __init__(
@@ -76,24 +77,19 @@ class OpenAIError(Exception):
         type: str | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status = status
         self.message = bounded(message, MAX_MESSAGE_BYTES)
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
+        super().__init__(status_code=status, detail=self.message, headers=headers)
+        self.status = status
         self.param = param
         self.code = code
         self.type = type or error_type(status)
-        self.retry_after = retry_after
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def headers(self) -> dict[str, str]:
-        if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
-
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+        return JSONResponse(self.body(), status_code=self.status, headers=dict(self.headers or {}))
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> OpenAIError:

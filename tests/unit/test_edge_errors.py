@@ -52,9 +52,9 @@ def test_grpc_statuses_map_to_http_statuses_with_openai_bodies(code: grpc.Status
 
 def test_resource_exhausted_carries_the_retry_info_delay_as_retry_after() -> None:
     error = from_rpc_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "quota", retry_info_metadata(2.2)), "x")
-    assert error.headers() == {"Retry-After": "3"}
+    assert error.headers == {"Retry-After": "3"}
     plain = from_rpc_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"), "x")
-    assert plain.headers() == {"Retry-After": "1"}
+    assert plain.headers == {"Retry-After": "1"}
 
 
 def test_malformed_status_details_give_no_delay() -> None:
