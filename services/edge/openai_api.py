@@ -1,0 +1,178 @@
+"""The OpenAI-compatible API over the inference service: ``POST /v1/chat/completions`` (streamed as server-sent
+events or whole) and ``GET /v1/models``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.edge import deps
+from services.edge.errors import OpenAIError, from_rpc_error
+from services.edge.openai_convert import (
+    ToolMode,
+    chunk,
+    completion_response,
+    new_completion_id,
+    read_output,
+    to_generate_request,
+    tool_call_deltas,
+    usage_of,
+)
+from services.edge.openai_models import ChatCompletionRequest
+
+router = APIRouter()
+
+OWNER = "meshpilot"
+# Proxies (nginx) would otherwise buffer the stream and hold back every token until the end.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _stub(request: Request) -> inference_pb2_grpc.InferenceServiceStub:
+    return inference_pb2_grpc.InferenceServiceStub(deps.inference_channel(request))
+
+
+def _chat_error(error: grpc.aio.AioRpcError) -> OpenAIError:
+    """An inference failure of a chat completion; an unknown model is OpenAI's model_not_found on ``model``."""
+    mapped = from_rpc_error(error, "inference")
+    if error.code() is grpc.StatusCode.NOT_FOUND:
+        mapped.param, mapped.code = "model", "model_not_found"
+    return mapped
+
+
+def _model_object(model: inference_pb2.Model) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": 0, "owned_by": OWNER}
+
+
+async def _list_models(request: Request) -> list[inference_pb2.Model]:
+    try:
+        response = await _stub(request).ListModels(
+            inference_pb2.ListModelsRequest(), timeout=deps.request_timeout(request)
+        )
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e, "inference") from None
+    return list(response.models)
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    """The models the inference service serves, as OpenAI model objects."""
+    return {"object": "list", "data": [_model_object(m) for m in await _list_models(request)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    for model in await _list_models(request):
+        if model.id == model_id:
+            return _model_object(model)
+    raise OpenAIError(
+        404, f"model {model_id[:64]!r} is not served; GET /v1/models lists them", param="model", code="model_not_found"
+    )
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+    """A chat completion from the inference service, for the caller's tenant (fair share and per-tenant token
+    metrics apply). Tool calls and JSON responses are decoded under a JSON Schema constraint, so they always parse
+    and match their schema (unless cut by max_tokens: finish_reason length)."""
+    generate, mode = to_generate_request(body)
+    call = _stub(request).Generate(
+        generate, metadata=deps.inference_metadata(request), timeout=deps.request_timeout(request)
+    )
+    responses = call.__aiter__()
+    try:
+        # The first response is awaited before answering, so a refused request is a 4xx, not a broken stream.
+        first = await anext(responses, None)
+    except grpc.aio.AioRpcError as e:
+        raise _chat_error(e) from None
+    except BaseException:
+        call.cancel()
+        raise
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(call, first, responses, mode, model=body.model, include_usage=include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    parts: list[str] = []
+    last = first or inference_pb2.GenerateResponse()
+    try:
+        if first is not None:
+            parts.append(first.text)
+            async for response in responses:
+                parts.append(response.text)
+                last = response
+    except grpc.aio.AioRpcError as e:
+        raise _chat_error(e) from None
+    finally:
+        call.cancel()
+    completion = read_output("".join(parts), last.finish_reason, mode)
+    return JSONResponse(completion_response(new_completion_id(), last.model or body.model, completion, last.usage))
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _stream(
+    call: Any,
+    first: inference_pb2.GenerateResponse | None,
+    responses: AsyncIterator[inference_pb2.GenerateResponse],
+    mode: ToolMode,
+    *,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's chunks: the role, content deltas as the model writes them (tool calls once whole: they are read from
+    the finished action), the finish reason, the usage chunk when asked for, then ``data: [DONE]``. A failure after
+    the first chunk is an ``error`` event (the HTTP status is sent already)."""
+    completion_id, created = new_completion_id(), int(time.time())
+    model = first.model if first is not None and first.model else model
+
+    def event(delta: dict[str, Any] | None, **kwargs: Any) -> str:
+        return _event(chunk(completion_id, model, created, delta, include_usage=include_usage, **kwargs))
+
+    try:
+        yield event({"role": "assistant", "content": ""})
+        last = first or inference_pb2.GenerateResponse()
+        parts: list[str] = []
+        pending = [first] if first is not None else []
+        try:
+            async for response in _chain(pending, responses):
+                last = response
+                if mode.active:
+                    parts.append(response.text)
+                elif response.text:
+                    yield event({"content": response.text})
+        except grpc.aio.AioRpcError as e:
+            yield _event(_chat_error(e).body())
+            return
+        if mode.active:
+            completion = read_output("".join(parts), last.finish_reason, mode)
+            if completion.tool_calls:
+                yield event({"tool_calls": tool_call_deltas(completion.tool_calls)})
+            elif completion.content:
+                yield event({"content": completion.content})
+            finish = completion.finish_reason
+        else:
+            finish = read_output("", last.finish_reason, mode).finish_reason
+        yield event({}, finish=finish)
+        if include_usage:
+            yield event(None, usage=usage_of(last.usage))
+        yield "data: [DONE]\n\n"
+    finally:
+        # Reached when the client disconnects too: cancelling the call aborts the generation in the engine.
+        call.cancel()
+
+
+async def _chain(
+    pending: list[inference_pb2.GenerateResponse], responses: AsyncIterator[inference_pb2.GenerateResponse]
+) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    for response in pending:
+        yield response
+    async for response in responses:
+        yield response

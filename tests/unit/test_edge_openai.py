@@ -1,0 +1,479 @@
+"""The edge's OpenAI API against an in-process inference service on a scripted FakeEngine: the official openai client,
+raw SSE, tool calls, JSON responses, tenants, authentication, and every error path as an OpenAI-style 4xx."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from inference_core import EngineError, GenerationRequest, QueueFullError
+from inference_core.testing import FakeEngine
+from services.common import MeshConfig, load_config
+from services.common.auth import ApiKeyStore
+from services.edge.app import create_app
+from services.inference import create_server, servicer_of
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> MeshConfig:
+    config = load_config(data_dir=str(tmp_path))
+    config.inference.server.port = 0
+    config.inference.server.metrics = False
+    config.inference.model_id = "fake-model"
+    config.edge.max_request_bytes = 64 * 1024
+    return config
+
+
+class Edge:
+    """An inference server on port 0 over ``engine``, and the edge app over a channel to it, with its lifespan."""
+
+    def __init__(self, engine: FakeEngine, config: MeshConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.server = create_server(config, engine=engine)
+
+    async def __aenter__(self) -> Edge:
+        await self.server.start()
+        await servicer_of(self.server).start_engines()
+        await self.server.set_serving()
+        self.channel = grpc.aio.insecure_channel(self.server.address)
+        self.app = create_app(self.config, inference_channel=self.channel, planner_channel=self.channel)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://edge")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+        await self._lifespan.__aexit__(None, None, None)
+        await self.channel.close()
+        await self.server.stop(0)
+
+    def openai(self, api_key: str = "unused") -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url="http://edge/v1", api_key=api_key, http_client=self.http, max_retries=0)
+
+    async def post(self, body: dict[str, Any], **headers: str) -> httpx.Response:
+        return await self.http.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], **extra}
+
+
+async def sse_events(response: httpx.Response) -> list[str]:
+    lines = response.text.split("\n\n")
+    assert lines[-1] == ""
+    assert all(line.startswith("data: ") for line in lines[:-1])
+    return [line[len("data: ") :] for line in lines[:-1]]
+
+
+async def test_the_openai_client_gets_a_chat_completion_with_usage(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(["Paris is the capital."]), config) as edge:
+        completion = await edge.openai().chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+            temperature=0,
+            seed=7,
+            max_completion_tokens=20,
+        )
+        request = edge.engine.requests[0]
+    assert completion.choices[0].message.content == "Paris is the capital."
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.model == "fake-model"
+    assert completion.usage is not None and completion.usage.completion_tokens == 4
+    assert completion.usage.total_tokens == completion.usage.prompt_tokens + 4
+    assert request.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    assert (request.sampling.temperature, request.sampling.seed, request.max_tokens) == (0, 7, 20)
+    assert request.constraint is None
+    assert request.tenant == "default"
+
+
+async def test_the_openai_client_streams_deltas_then_usage(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(["One two three four."]), config) as edge:
+        stream = await edge.openai().chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "Count"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "One two three four."
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_the_sse_stream_is_openai_s_format_and_ends_with_done(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(["a b"]), config) as edge:
+        response = await edge.post(chat(stream=True))
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = await sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    assert all("usage" not in c for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+
+
+async def test_length_is_the_finish_reason_when_max_tokens_cuts(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(["one two three four five"]), config) as edge:
+        body = (await edge.post(chat(max_tokens=2))).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["choices"][0]["message"]["content"] == "one two"
+
+
+async def test_stop_strings_reach_the_engine_and_cut(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(["one two. three"]), config) as edge:
+        body = (await edge.post(chat(stop="."))).json()
+        assert edge.engine.requests[0].stop == ["."]
+    assert body["choices"][0]["message"]["content"] == "one two"
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def constraint_of(request: GenerationRequest) -> dict[str, Any]:
+    assert request.constraint is not None and request.constraint.kind == "json_schema"
+    return json.loads(request.constraint.value)
+
+
+async def test_a_tool_call_comes_back_as_tool_calls_under_the_tools_schemas(config: MeshConfig) -> None:
+    output = '{"tool": "get_weather", "arguments": {"city": "Paris"}}'
+    async with Edge(FakeEngine([output]), config) as edge:
+        completion = await edge.openai().chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, TIME]
+        )
+        request = edge.engine.requests[0]
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+    options = constraint_of(request)["anyOf"]
+    assert [o["properties"].get("tool", {}).get("const") for o in options] == ["get_weather", "get_time", None]
+    assert options[0]["properties"]["arguments"] == WEATHER["function"]["parameters"]
+    assert "final_answer" in options[2]["properties"]
+    assert request.messages is not None and request.messages[0]["role"] == "system"
+    assert "get_weather" in request.messages[0]["content"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "tools"),
+    [("required", ["get_weather", "get_time"]), ({"type": "function", "function": {"name": "get_time"}}, ["get_time"])],
+)
+async def test_required_and_named_tool_choice_leave_no_answer_option(
+    config: MeshConfig, choice: Any, tools: list[str]
+) -> None:
+    async with Edge(FakeEngine(['{"tool": "get_time", "arguments": {}}']), config) as edge:
+        body = (await edge.post(chat(tools=[WEATHER, TIME], tool_choice=choice))).json()
+        options = constraint_of(edge.engine.requests[0])["anyOf"]
+    assert [o["properties"]["tool"]["const"] for o in options] == tools
+    assert body["choices"][0]["message"]["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
+
+
+async def test_tool_choice_none_is_plain_text(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(["No tools."]), config) as edge:
+        body = (await edge.post(chat(tools=[WEATHER], tool_choice="none"))).json()
+        assert edge.engine.requests[0].constraint is None
+    assert body["choices"][0]["message"]["content"] == "No tools."
+
+
+async def test_an_answer_instead_of_a_call_is_content(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(['{"final_answer": "It is sunny."}']), config) as edge:
+        body = (await edge.post(chat(tools=[WEATHER]))).json()
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "It is sunny.", "refusal": None}
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_a_streamed_tool_call_arrives_whole_with_finish_reason_tool_calls(config: MeshConfig) -> None:
+    output = '{"tool": "get_weather", "arguments": {"city": "Oslo"}}'
+    async with Edge(FakeEngine([output]), config) as edge:
+        stream = await edge.openai().chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Oslo?"}], tools=[WEATHER], stream=True
+        )
+        chunks = [c async for c in stream]
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function is not None
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments or "") == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_tool_history_is_rendered_for_the_model(config: MeshConfig) -> None:
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "clear"}'},
+        {"role": "developer", "content": [{"type": "text", "text": "Answer briefly."}]},
+    ]
+    async with Edge(FakeEngine(['{"final_answer": "Clear."}']), config) as edge:
+        await edge.post({"model": "fake-model", "messages": messages, "tools": [WEATHER]})
+        rendered = edge.engine.requests[0].messages
+    assert rendered is not None
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "tool", "system"]
+    assert json.loads(rendered[2]["content"]) == {"tool": "get_weather", "arguments": {"city": "Paris"}}
+    assert rendered[4]["content"] == "Answer briefly."
+
+
+async def test_json_schema_response_format_constrains_the_output(config: MeshConfig) -> None:
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    async with Edge(FakeEngine(['{"capital": "Paris"}']), config) as edge:
+        completion = await edge.openai().chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": "Capital of France as JSON"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+        )
+        assert constraint_of(edge.engine.requests[0]) == schema
+    assert json.loads(completion.choices[0].message.content or "") == {"capital": "Paris"}
+
+
+async def test_json_object_response_format_asks_for_an_object(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(['{"a": 1}']), config) as edge:
+        await edge.post(chat(response_format={"type": "json_object"}))
+        assert constraint_of(edge.engine.requests[0]) == {"type": "object"}
+
+
+async def test_tools_with_a_json_response_answer_with_the_schema(config: MeshConfig) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    async with Edge(FakeEngine(['{"final_answer": {"n": 3}}']), config) as edge:
+        body = (await edge.post(chat(tools=[WEATHER], response_format=fmt))).json()
+        answer = constraint_of(edge.engine.requests[0])["anyOf"][1]["properties"]["final_answer"]
+    assert answer == schema
+    assert json.loads(body["choices"][0]["message"]["content"]) == {"n": 3}
+
+
+async def test_models_are_listed_from_the_inference_service(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(), config) as edge:
+        models = [m async for m in edge.openai().models.list()]
+        one = await edge.openai().models.retrieve("fake-model")
+        with pytest.raises(openai.NotFoundError) as missing:
+            await edge.openai().models.retrieve("gpt-9")
+    assert [m.id for m in models] == ["fake-model"]
+    assert one.owned_by == "meshpilot"
+    assert missing.value.code == "model_not_found"
+
+
+async def test_healthz(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(), config) as edge:
+        assert (await edge.http.get("/healthz")).json() == {"status": "ok"}
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None, *words: str) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert error["param"] == param
+    for word in words:
+        assert word in error["message"]
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", ("Field required",)),
+        ({"model": "fake-model", "messages": []}, "messages", ("at least 1",)),
+        (chat(messages=[{"role": "wizard", "content": "x"}]), "messages[0].role", ()),
+        (chat(temperature=3), "temperature", ("less than or equal to 2",)),
+        (chat(top_p=0), "top_p", ()),
+        (chat(max_tokens=0), "max_tokens", ()),
+        (chat(seed=-1), "seed", ()),
+        (chat(n=2), "n", ("set n to 1",)),
+        (chat(logprobs=True), "logprobs", ()),
+        (chat(presence_penalty=0.5), "presence_penalty", ()),
+        (chat(stop=["a", "b", "c", "d", "e"]), "stop", ("at most 4",)),
+        (chat(stop=[""]), "stop", ()),
+        (chat(stream_options={"include_usage": True}), "stream_options", ("stream",)),
+        (chat(tool_choice="auto"), "tool_choice", ("tools is empty",)),
+        (chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice", ()),
+        (chat(tools=[WEATHER, WEATHER]), "tools", ("twice",)),
+        (chat(tools=[{"type": "function", "function": {"name": "bad name!"}}]), "tools[0].function.name", ()),
+        (
+            chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]),
+            "tools[0].function.parameters",
+            ("object",),
+        ),
+        (
+            chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format.json_schema",
+            (),
+        ),
+        (chat(response_format={"type": "xml"}), "response_format.type", ()),
+        (
+            chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+            "messages[0].content[0].type",
+            ("text",),
+        ),
+        (
+            chat(
+                messages=[
+                    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}]}
+                ]
+            ),
+            "messages[0].tool_calls[0].function.arguments",
+            ("not JSON",),
+        ),
+    ],
+)
+async def test_bad_requests_are_400_naming_the_field(
+    config: MeshConfig, body: dict[str, Any], param: str, words: tuple[str, ...]
+) -> None:
+    async with Edge(FakeEngine(), config) as edge:
+        response = await edge.post(body)
+        assert edge.engine.requests == []
+    assert_openai_error(response, 400, param, *words)
+
+
+async def test_bodies_that_are_not_json_are_400(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(), config) as edge:
+        response = await edge.http.post(
+            "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+        )
+    assert_openai_error(response, 400, None, "not valid JSON")
+
+
+async def test_oversized_bodies_are_413_by_length_and_while_streaming(config: MeshConfig) -> None:
+    big = chat(messages=[{"role": "user", "content": "x" * 100_000}])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 8192):
+            yield data[i : i + 8192]
+
+    async with Edge(FakeEngine(), config) as edge:
+        by_length = await edge.post(big)
+        streamed = await edge.http.post(
+            "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+    assert_openai_error(by_length, 413, None, "65536")
+    assert_openai_error(streamed, 413, None, "65536")
+    assert "xxxx" not in by_length.text + streamed.text
+
+
+@pytest.mark.parametrize(
+    ("script", "body", "status", "param"),
+    [
+        ([], chat(model="gpt-9"), 404, "model"),
+        ([QueueFullError("the queue is full")], chat(), 429, None),
+        ([EngineError("the backend failed")], chat(), 502, None),
+    ],
+)
+async def test_inference_errors_are_mapped(
+    config: MeshConfig, script: list[Any], body: dict[str, Any], status: int, param: str | None
+) -> None:
+    async with Edge(FakeEngine(script), config) as edge:
+        response = await edge.post(body)
+    assert_openai_error(response, status, param)
+    if status == 429:
+        assert response.headers["retry-after"] == "1"
+
+
+async def test_the_openai_client_raises_its_own_error_types(config: MeshConfig) -> None:
+    async with Edge(FakeEngine([QueueFullError("busy")]), config) as edge:
+        client = edge.openai()
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}], n=3)
+    assert bad.value.param == "n"
+
+
+async def test_an_unavailable_inference_service_is_503(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(), config) as edge:
+        await servicer_of(edge.server).shutdown_engines()
+        response = await edge.post(chat())
+    assert_openai_error(response, 503)
+
+
+async def test_an_unexpected_failure_is_a_500_with_an_incident_and_no_trace(
+    config: MeshConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(_: Any) -> Any:
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr("services.edge.openai_api.to_generate_request", explode)
+    async with Edge(FakeEngine(), config) as edge:
+        edge.http._transport = httpx.ASGITransport(app=edge.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
+        response = await edge.post(chat())
+    assert_openai_error(response, 500, None, "incident")
+    assert "internal detail" not in response.text
+
+
+async def test_unknown_routes_are_openai_404s(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(), config) as edge:
+        response = await edge.http.get("/v1/completions")
+    assert_openai_error(response, 404, None, "/v1/completions")
+
+
+def with_auth(config: MeshConfig) -> str:
+    config.auth.enabled = True
+    assert config.auth.keys_path is not None
+    _, token = ApiKeyStore(config.auth.keys_path).create("acme", "test")
+    return token
+
+
+async def test_with_auth_every_route_but_healthz_needs_a_key_and_the_tenant_reaches_inference(
+    config: MeshConfig,
+) -> None:
+    token = with_auth(config)
+    async with Edge(FakeEngine(["ok"]), config) as edge:
+        missing = await edge.post(chat())
+        wrong = await edge.post(chat(), authorization="Bearer mpk_000000000000_" + "x" * 40)
+        models = await edge.http.get("/v1/models")
+        health = await edge.http.get("/healthz")
+        completion = await edge.openai(token).chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+        tenant = edge.engine.requests[0].tenant
+    for refused in (missing, wrong, models):
+        assert_openai_error(refused, 401, None, "meshpilot keys create")
+        assert refused.headers["www-authenticate"] == "Bearer"
+    assert health.status_code == 200
+    assert completion.choices[0].message.content == "ok"
+    assert tenant == "acme"
+
+
+async def test_the_edge_requires_auth_when_it_binds_beyond_loopback(config: MeshConfig) -> None:
+    config.edge.host = "0.0.0.0"
+    async with Edge(FakeEngine(), config) as edge:
+        response = await edge.post(chat())
+    assert_openai_error(response, 401)
