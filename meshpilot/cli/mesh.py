@@ -1,4 +1,5 @@
-"""`meshpilot up`: the four services as local processes, started together, health-checked, kept up, stopped in order."""
+"""`meshpilot up`: the four services as local processes, started together, health-checked, kept up, stopped in order;
+then the HTTP edge (edge.enabled), health-checked over HTTP."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +20,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
-from meshpilot.cli.supervisor import ChildProcess, MeshSupervisor, RestartPolicy, ServiceProcess, Spawn, tail
+from meshpilot.cli.supervisor import (
+    ChildProcess,
+    HealthProbe,
+    MeshSupervisor,
+    RestartPolicy,
+    ServiceProcess,
+    Spawn,
+    tail,
+)
 from services.common import ConfigError, MeshConfig
 from services.common.tls import CLIENT_IDENTITY, TlsIdentity, tls_identity
 
 # Start order does not matter (clients connect lazily); stop order does: front door first, so no new work arrives.
-SERVICES = ("knowledge", "inference", "tools", "planner")
-STOP_ORDER = ("planner", "tools", "inference", "knowledge")
+GRPC_SERVICES = ("knowledge", "inference", "tools", "planner")
+# The HTTP edge starts once the planner serves (its first callers are then answered), and stops first.
+EDGE = "edge"
+SERVICES = (*GRPC_SERVICES, EDGE)
+STOP_ORDER = (EDGE, "planner", "tools", "inference", "knowledge")
 STATUS_FILE = "mesh.json"
 """Written in the data dir while `up` runs: each service's pid, state and restarts (see meshpilot.cli.supervisor)."""
 
@@ -34,7 +48,10 @@ async def wait_serving(
     target: str, *, timeout: float, process: ChildProcess | None = None, tls: TlsIdentity | None = None
 ) -> bool:
     """Polls the gRPC health service at ``target`` until SERVING; False on timeout or if ``process`` exits. With
-    ``tls`` it calls over mutual TLS (health answers any certificate of the mesh)."""
+    ``tls`` it calls over mutual TLS (health answers any certificate of the mesh). An http:// target (the edge) is
+    polled at /healthz until it answers 200."""
+    if target.startswith("http://"):
+        return await wait_http_healthy(target, timeout=timeout, process=process)
     deadline = time.monotonic() + timeout
     channel = grpc.aio.secure_channel(target, tls.channel_credentials()) if tls else grpc.aio.insecure_channel(target)
     async with channel:
@@ -48,6 +65,34 @@ async def wait_serving(
                     return True
             await asyncio.sleep(0.25)
     return False
+
+
+async def wait_http_healthy(url: str, *, timeout: float, process: ChildProcess | None = None) -> bool:
+    """Polls ``url``/healthz until it answers 200; False on timeout or if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1.0) as response:
+                return bool(response.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    while time.monotonic() < deadline:
+        if process is not None and process.returncode is not None:
+            return False
+        if await asyncio.to_thread(healthy):
+            return True
+        await asyncio.sleep(0.25)
+    return False
+
+
+def _target(cfg: MeshConfig, name: str) -> str:
+    return cfg.edge.url() if name == EDGE else str(getattr(cfg, name).server.target())
+
+
+def _grace(cfg: MeshConfig, name: str) -> float:
+    return cfg.edge.grace_seconds if name == EDGE else float(getattr(cfg, name).server.grace_seconds)
 
 
 def _launcher(cfg: MeshConfig, config_path: Path | None) -> Spawn:
@@ -73,10 +118,7 @@ def _log_path(cfg: MeshConfig, name: str) -> Path:
 
 async def _start(cfg: MeshConfig, spawn: Spawn) -> list[ServiceProcess]:
     (cfg.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-    return [
-        ServiceProcess(name, getattr(cfg, name).server.target(), _log_path(cfg, name), await spawn(name))
-        for name in SERVICES
-    ]
+    return [ServiceProcess(name, _target(cfg, name), _log_path(cfg, name), await spawn(name)) for name in GRPC_SERVICES]
 
 
 async def run_mesh(
@@ -110,7 +152,7 @@ async def run_mesh(
     )
     processes = supervisor.services
     supervisor.write_status()
-    grace = max(getattr(cfg, p.name).server.grace_seconds for p in processes)
+    grace = max(_grace(cfg, name) for name in SERVICES)
     try:
         with console.status("starting knowledge, inference, tools and planner ..."):
             checks = [probe(p.target, timeout=startup_timeout, process=p.process) for p in processes]
@@ -129,6 +171,8 @@ async def run_mesh(
             for p in failed:
                 console.print(f"[red]{p.name} did not become SERVING[/] (log {p.log_path}):\n{tail(p.log_path)}")
             return 1
+        if cfg.edge.enabled and not await _start_edge(cfg, spawn, supervisor, probe, startup_timeout):
+            return 1
         supervisor.mark_serving()
         _print_endpoints(processes, time.monotonic() - began, cfg.data_dir / STATUS_FILE)
         return await supervisor.run_until(stop)
@@ -137,6 +181,22 @@ async def run_mesh(
         await supervisor.stop(STOP_ORDER, grace)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _start_edge(
+    cfg: MeshConfig, spawn: Spawn, supervisor: MeshSupervisor, probe: HealthProbe, startup_timeout: float
+) -> bool:
+    """Starts the edge, supervised like the others; False (reported) when /healthz does not answer in time."""
+    edge = ServiceProcess(EDGE, _target(cfg, EDGE), _log_path(cfg, EDGE), await spawn(EDGE))
+    supervisor.services.append(edge)
+    supervisor.write_status()
+    with console.status(f"starting the edge at {edge.target} ..."):
+        ok = await probe(edge.target, timeout=startup_timeout, process=edge.process)
+    if not ok:
+        console.print(
+            f"[red]edge did not answer {edge.target}/healthz[/] (log {edge.log_path}):\n{tail(edge.log_path)}"
+        )
+    return ok
 
 
 def _print_endpoints(processes: list[ServiceProcess], seconds: float, status_path: Path) -> None:
