@@ -23,18 +23,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, planner_pb2_grpc
-from services.common import MeshConfig
+from services.common import MeshConfig, load_config
 from services.common.errors import bounded, quoted
 from services.common.tls import CLIENT_IDENTITY, TlsIdentity, tls_identity
-from services.edge.deps import call_metadata, planner_channel
+from services.edge.deps import call_metadata, planner_channel, request_timeout
 from services.edge.errors import OpenAIError, bad_request, from_rpc_error
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 
 # A request body is a task and a few settings: a megabyte is far more than any of them needs.
 MAX_BODY_BYTES = 1 << 20
-# Unary calls to the planner; a run itself is not bounded by this (its events arrive on a stream).
-CALL_TIMEOUT_S = 30.0
 HEALTH_TIMEOUT_S = 2.0
 # ListRuns returns the newest runs up to its page_size limit, without a cursor: paging with ?offset= reaches this far.
 MAX_LISTED_RUNS = 500
@@ -123,7 +121,7 @@ async def list_agents(request: Request) -> Response:
     stub = agents_pb2_grpc.AgentServiceStub(planner_channel(request))
     try:
         reply = await stub.ListAgents(
-            agents_pb2.ListAgentsRequest(), metadata=call_metadata(request), timeout=CALL_TIMEOUT_S
+            agents_pb2.ListAgentsRequest(), metadata=call_metadata(request), timeout=request_timeout(request)
         )
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e, "planner") from None
@@ -155,7 +153,9 @@ async def start_run(agent: str, request: Request) -> Response:
                 break
             last = event
         run = await planner.GetRun(
-            planner_pb2.GetRunRequest(run_id=first.run_id), metadata=call_metadata(request), timeout=CALL_TIMEOUT_S
+            planner_pb2.GetRunRequest(run_id=first.run_id),
+            metadata=call_metadata(request),
+            timeout=request_timeout(request),
         )
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e, "planner") from None
@@ -186,7 +186,7 @@ async def list_runs(request: Request) -> Response:
                 page_size=page_size,
             ),
             metadata=call_metadata(request),
-            timeout=CALL_TIMEOUT_S,
+            timeout=request_timeout(request),
         )
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e, "planner") from None
@@ -220,7 +220,7 @@ async def get_run(run_id: str, request: Request) -> Response:
     """One run with all its events and the tool calls waiting for approval."""
     return await _answer(
         _planner(request).GetRun(
-            planner_pb2.GetRunRequest(run_id=run_id), metadata=call_metadata(request), timeout=CALL_TIMEOUT_S
+            planner_pb2.GetRunRequest(run_id=run_id), metadata=call_metadata(request), timeout=request_timeout(request)
         )
     )
 
@@ -239,7 +239,7 @@ async def run_events(run_id: str, request: Request) -> Response:
     try:
         # The run's state first: an unknown run or a sequence beyond its end is an HTTP error, not an empty stream.
         run = await planner.GetRun(
-            planner_pb2.GetRunRequest(run_id=run_id), metadata=call_metadata(request), timeout=CALL_TIMEOUT_S
+            planner_pb2.GetRunRequest(run_id=run_id), metadata=call_metadata(request), timeout=request_timeout(request)
         )
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e, "planner") from None
@@ -285,7 +285,9 @@ async def cancel_run(run_id: str, request: Request) -> Response:
     """Stops a run that has not ended; it ends with an error event CANCELLED."""
     return await _answer(
         _planner(request).CancelRun(
-            planner_pb2.CancelRunRequest(run_id=run_id), metadata=call_metadata(request), timeout=CALL_TIMEOUT_S
+            planner_pb2.CancelRunRequest(run_id=run_id),
+            metadata=call_metadata(request),
+            timeout=request_timeout(request),
         )
     )
 
@@ -296,7 +298,7 @@ async def approve_tool_call(run_id: str, call_id: str, request: Request) -> Resp
     body = await _body(request, ("run_id", "call_id"))
     approval = _parse(body, planner_pb2.ApproveToolCallRequest(run_id=run_id, call_id=call_id))
     return await _answer(
-        _planner(request).ApproveToolCall(approval, metadata=call_metadata(request), timeout=CALL_TIMEOUT_S)
+        _planner(request).ApproveToolCall(approval, metadata=call_metadata(request), timeout=request_timeout(request))
     )
 
 
@@ -306,14 +308,14 @@ async def reject_tool_call(run_id: str, call_id: str, request: Request) -> Respo
     body = await _body(request, ("run_id", "call_id"))
     rejection = _parse(body, planner_pb2.RejectToolCallRequest(run_id=run_id, call_id=call_id))
     return await _answer(
-        _planner(request).RejectToolCall(rejection, metadata=call_metadata(request), timeout=CALL_TIMEOUT_S)
+        _planner(request).RejectToolCall(rejection, metadata=call_metadata(request), timeout=request_timeout(request))
     )
 
 
 @router.get("/health")
 async def health(request: Request) -> Response:
     """Each service's gRPC health (SERVING, NOT_SERVING, or UNREACHABLE with why): 200 when all serve, else 503."""
-    config: MeshConfig = request.app.state.config
+    config = _mesh_config(request)
     tls = tls_identity(config, CLIENT_IDENTITY)
     targets = [(name, getattr(config, name).server.target()) for name in MESH_SERVICES if name != "inference"]
     targets += [("inference", target) for target in config.inference.replica_targets()]
@@ -322,6 +324,15 @@ async def health(request: Request) -> Response:
     return JSONResponse(
         {"status": "serving" if healthy else "degraded", "services": services}, status_code=200 if healthy else 503
     )
+
+
+def _mesh_config(request: Request) -> MeshConfig:
+    """The mesh's config from the app; an app made without one gets the config this process starts with (the
+    same file and environment ``meshpilot serve edge`` read)."""
+    config: MeshConfig | None = getattr(request.app.state, "config", None)
+    if config is None:
+        config = request.app.state.config = load_config()
+    return config
 
 
 async def _probe(name: str, target: str, tls: TlsIdentity | None) -> dict[str, str]:

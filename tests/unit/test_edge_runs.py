@@ -19,7 +19,7 @@ from services.common import load_config
 from services.common.approval import ApprovalSigner
 from services.common.auth import ApiKeyStore
 from services.edge import runs_api
-from services.edge.errors import install_error_handlers
+from services.edge.app import create_app
 from tests.conftest import free_port
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
 
@@ -28,11 +28,8 @@ FRANCE = "What is the capital of France?"
 
 
 def edge_app(planner: Planner, config: Any) -> FastAPI:
-    """The runs router on an app of its own, as the edge mounts it: error handlers, the planner channel, the config."""
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(runs_api.router)
-    app.state.planner_channel = planner.channel
+    """The edge app (create_app) with its channels to the in-process planner."""
+    app = create_app(config, planner_channel=planner.channel, inference_channel=planner.channel)
     app.state.config = config
     return app
 
@@ -86,8 +83,18 @@ class Edge:
 async def edge_of(config: Any, llm: ScriptedLLM, tools: FakeTools | None = None) -> AsyncIterator[Edge]:
     async with Planner(config, llm, tools or FakeTools(), signer=SIGNER) as planner:
         app = edge_app(planner, config)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
+        async with client_of(app) as client:
             yield Edge(planner, app, client)
+
+
+@asynccontextmanager
+async def client_of(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of ``app`` in this process, its lifespan (channels, settings) run around it."""
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
+    ):
+        yield client
 
 
 def sse_events(text: str) -> list[dict[str, Any]]:
@@ -336,14 +343,10 @@ async def test_the_callers_bearer_token_reaches_the_planner(tmp_path) -> None:
 
 
 async def test_an_unreachable_planner_is_503_not_a_trace(config) -> None:
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(runs_api.router)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}") as channel:
-        app.state.planner_channel = channel
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
-            listed = await client.get("/v1/runs")
-            started = await client.post("/v1/agents/default/runs", json={"task": FRANCE, "stream": True})
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
+    async with channel, client_of(create_app(config, planner_channel=channel, inference_channel=channel)) as client:
+        listed = await client.get("/v1/runs")
+        started = await client.post("/v1/agents/default/runs", json={"task": FRANCE, "stream": True})
 
     assert_error(listed, 503, "planner")
     assert_error(started, 503, "planner")
