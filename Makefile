@@ -50,7 +50,7 @@ buf: $(BUF)
 lint: install $(BUF) ## ruff, mypy, buf lint
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services inference_core meshpilot/cli
+	$(VENV)/bin/mypy services inference_core meshpilot/cli meshpilot/langchain
 	cd protos && ../$(BUF) lint
 
 bench-inference: install ## agent-shaped load on the inference service vs HF generate and llama-cpp-python (docs/bench/)
