@@ -12,7 +12,7 @@ from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
-from meshpilot.langchain._connection import MeshConnection
+from meshpilot.langchain._connection import OPENING, MeshConnection
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
 from services.common import MeshError, UnavailableError
 from services.common.config import PlannerConfig
@@ -68,15 +68,21 @@ class MeshPilotAgent(RunnableSerializable[Any, str]):
 
     def connection(self) -> MeshConnection:
         """The channel to the planner, opened on first use."""
-        if self._connection is None:
-            self._connection = MeshConnection(
-                "planner",
-                self.planner,
-                api_key=self.api_key.get_secret_value() if self.api_key else None,
-                tls=self.tls,
-                server_name=self.tls_server_name,
-            )
-        return self._connection
+        with OPENING:
+            if self._connection is None:
+                self._connection = MeshConnection(
+                    "planner",
+                    self.planner,
+                    api_key=self.api_key.get_secret_value() if self.api_key else None,
+                    tls=self.tls,
+                    server_name=self.tls_server_name,
+                )
+            return self._connection
+
+    def close(self) -> None:
+        """Closes the channel (a later run opens it again)."""
+        if self._connection is not None:
+            self._connection.close()
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> str:
         return self._call_with_config(self._answer, input, config)

@@ -4,7 +4,6 @@ its constrained decoding."""
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict
@@ -23,7 +22,7 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from meshpilot.langchain._connection import MeshConnection
+from meshpilot.langchain._connection import OPENING, MeshConnection
 from meshpilot.langchain._messages import (
     action_chat,
     output_schema,
@@ -89,7 +88,6 @@ class ChatMeshPilot(BaseChatModel):
     """Deadline of one call, seconds; None: no deadline."""
 
     _connection: MeshConnection | None = PrivateAttr(default=None)
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
     # Fences tool results in the prompt: random, so tool output cannot close its fence, and kept for the model's
     # lifetime, so successive calls of one conversation share their prompt's prefix (the service's prefix cache).
     _nonce: str = PrivateAttr(default_factory=new_nonce)
@@ -104,7 +102,7 @@ class ChatMeshPilot(BaseChatModel):
 
     def connection(self) -> MeshConnection:
         """The channel to the inference service, opened on first use and shared by every binding of this model."""
-        with self._lock:
+        with OPENING:
             if self._connection is None:
                 self._connection = MeshConnection(
                     "inference",

@@ -14,6 +14,9 @@ from services.common.errors import bounded
 from services.common.tls import TlsIdentity
 
 T = TypeVar("T")
+# Guards the lazy opening of connections (one per component): a module lock rather than one per instance, so that
+# components stay copyable (LangChain and LangGraph copy runnables; a lock cannot be deep-copied).
+OPENING = threading.Lock()
 
 
 class AuthenticationError(MeshError):
@@ -59,15 +62,20 @@ class MeshConnection:
         self._api_key = api_key
         self._tls = tls
         self._server_name = server_name
-        self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._channel: grpc.aio.Channel | None = None
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> MeshConnection:
+        # A copy of a component shares its channel: the channel holds no per-call state.
+        return self
+
     def _started(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
+        with OPENING:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name=f"meshpilot-{self.service}", daemon=True).start()
+                self._thread = threading.Thread(target=loop.run_forever, name=f"meshpilot-{self.service}", daemon=True)
+                self._thread.start()
                 self._loop = loop
             return self._loop
 
@@ -116,14 +124,17 @@ class MeshConnection:
 
     def close(self) -> None:
         """Closes the channel and stops the loop; a later call starts both again."""
-        with self._lock:
+        with OPENING:
             loop, self._loop = self._loop, None
-        if loop is None:
+            thread, self._thread = self._thread, None
+        if loop is None or thread is None:
             return
         channel, self._channel = self._channel, None
         if channel is not None:
             asyncio.run_coroutine_threadsafe(channel.close(), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
 
 
 class _Stream:

@@ -3,6 +3,7 @@ the errors of each."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from concurrent import futures
@@ -167,6 +168,16 @@ def test_a_stream_left_early_is_cancelled_and_the_model_still_works(
     stream.close()
 
     assert model.invoke("Again").content == "next"
+
+
+def test_a_copied_model_shares_the_channel_and_a_closed_one_reopens(
+    model: ChatMeshPilot, inference: ScriptedInference
+) -> None:
+    inference.replies += ["one", "two"]
+    copied = copy.deepcopy(model)
+    assert copied.invoke("hi").content == "one"
+    model.close()
+    assert model.invoke("hi").content == "two"
 
 
 def test_bind_tools_returns_a_tool_call_constrained_by_the_tools_schemas(
