@@ -128,6 +128,9 @@ def get_run(
     console.print(f"  task:    {run.task}", highlight=False)
     if run.answer:
         console.print(f"  answer:  {run.answer}", highlight=False)
+    if run.HasField("feedback"):
+        said = f" · {run.feedback.comment}" if run.feedback.comment else ""
+        console.print(f"  rating:  {run.feedback.score}/5{said}", highlight=False)
     for asked in run.pending_approvals:
         approve, reject = approval_commands(run.run_id, asked.call_id, planner)
         args = json.dumps(json_format.MessageToDict(asked.arguments), ensure_ascii=False)
@@ -185,6 +188,22 @@ def cancel_run(run_id: RunIdArgument, planner: PlannerOption = None, config: Con
         planner_target(planner, config), lambda ch: _planner_stub(ch).CancelRun(request, timeout=UNARY_TIMEOUT_S)
     )
     typer.echo(f"run {run.run_id}: {state_name(run.state)}")
+
+
+@runs_app.command("rate")
+def rate_run(
+    run_id: RunIdArgument,
+    score: Annotated[int, typer.Argument(min=1, max=5, help="1 (wrong or useless) to 5 (exactly right).")],
+    comment: Annotated[str, typer.Option(help="Why, in a sentence or two (at most 1000 characters).")] = "",
+    planner: PlannerOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Rate an ended run's answer; a new rating replaces the run's previous one."""
+    request = planner_pb2.RateRunRequest(run_id=run_id, score=score, comment=comment)
+    run = call_service(
+        planner_target(planner, config), lambda ch: _planner_stub(ch).RateRun(request, timeout=UNARY_TIMEOUT_S)
+    )
+    typer.echo(f"rated run {run.run_id}: {run.feedback.score}/5")
 
 
 def approve(

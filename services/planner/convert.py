@@ -12,6 +12,7 @@ from meshpilot.planner.v1 import agents_pb2, planner_pb2
 from services.common import InvalidArgumentError
 from services.common.json_values import plain_numbers
 from services.planner.agents import Agent, AgentDefinition
+from services.planner.feedback import Feedback
 from services.planner.policies import PolicyOptions
 from services.planner.state import CallStatus, RunSnapshot
 from services.planner.store import RunRecord, RunState, SessionRecord
@@ -175,6 +176,8 @@ def run_to_proto(run: RunRecord) -> planner_pb2.Run:
     )
     if run.end_time is not None:
         proto.end_time.CopyFrom(timestamp(run.end_time))
+    if run.feedback is not None:
+        proto.feedback.CopyFrom(feedback_to_proto(run.feedback))
     if run.state is RunState.WAITING_FOR_APPROVAL and run.snapshot:
         snapshot = RunSnapshot.from_json(run.snapshot)
         for step in snapshot.steps[-1:]:
@@ -184,6 +187,15 @@ def run_to_proto(run: RunRecord) -> planner_pb2.Run:
                 if c.status is CallStatus.AWAITING_APPROVAL
             )
     return proto
+
+
+def feedback_to_proto(feedback: Feedback) -> planner_pb2.RunFeedback:
+    return planner_pb2.RunFeedback(
+        score=feedback.score,
+        comment=feedback.comment,
+        rater=feedback.rater,
+        rate_time=timestamp(feedback.rate_time),
+    )
 
 
 def session_to_proto(session: SessionRecord) -> planner_pb2.Session:

@@ -19,6 +19,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from services.common import AlreadyExistsError, ConfigError, NotFoundError
+from services.planner.feedback import Feedback
 from services.planner.store import (
     DEFAULT_TENANT,
     AgentRecord,
@@ -27,6 +28,7 @@ from services.planner.store import (
     RunRecord,
     RunState,
     SessionRecord,
+    feedback_of,
     shown,
 )
 from services.planner.types import Turn, Usage
@@ -87,6 +89,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN lease_until DOUBLE PRECISION;
     CREATE INDEX runs_by_lease ON runs(state, lease_until);
     """,
+    # Feedback: a run's latest rating (RateRun), NULL while nobody rated it.
+    """
+    ALTER TABLE runs ADD COLUMN feedback_score INTEGER;
+    ALTER TABLE runs ADD COLUMN feedback_comment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN feedback_rater TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN feedback_time DOUBLE PRECISION;
+    """,
 )
 # Commits are announced on this channel (payload: the run id), so watchers on every replica read them.
 NOTIFY_CHANNEL = "meshpilot_runs"
@@ -94,14 +103,15 @@ _LISTEN_RETRY_SECONDS = 1.0
 _MIGRATION_LOCK = 0x6D657368  # "mesh": pg_advisory_xact_lock key of the schema migrations
 _RUN_COLUMNS = (
     "run_id, session_id, task, state, answer, prompt_tokens, completion_tokens, total_tokens, cached_prompt_tokens, "
-    "create_time, end_time, agent, agent_version, last_sequence, snapshot, tenant"
+    "create_time, end_time, agent, agent_version, last_sequence, snapshot, tenant, feedback_score, feedback_comment, "
+    "feedback_rater, feedback_time"
 )
 
 
 def _run(row: Sequence[Any], events: list[bytes]) -> RunRecord:
     return RunRecord(
         row[0], row[1], row[2], RunState(row[3]), row[4], Usage(*map(int, row[5:9])), row[9], row[10], row[11],
-        row[12], row[13], row[14], events, row[15],
+        row[12], row[13], row[14], events, row[15], feedback_of(row),
     )  # fmt: skip
 
 
@@ -338,17 +348,33 @@ class PostgresRunStore:
         session_id: str = "",
         limit: int = 50,
         tenant: str = DEFAULT_TENANT,
+        rated: bool = False,
     ) -> list[RunRecord]:
         where, params = ["tenant = %s"], [tenant]
         for column, value in (("state", state.value if state else ""), ("agent", agent), ("session_id", session_id)):
             if value:
                 where.append(f"{column} = %s")
                 params.append(value)
+        if rated:
+            where.append("feedback_score IS NOT NULL")
         query = (
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE {' AND '.join(where)} "
             "ORDER BY create_time DESC, ordinal DESC LIMIT %s"
         )
         return await self._call(lambda c: _runs(c, query, (*params, limit)))
+
+    async def rate_run(self, run_id: str, feedback: Feedback, *, tenant: str) -> None:
+        query = (
+            "UPDATE runs SET feedback_score = %s, feedback_comment = %s, feedback_rater = %s, feedback_time = %s "
+            "WHERE run_id = %s AND tenant = %s"
+        )
+        params = (feedback.score, feedback.comment, feedback.rater, feedback.rate_time, run_id, tenant)
+
+        async def rate(c: AsyncConnection[Any]) -> None:
+            if (await c.execute(query, params)).rowcount == 0:
+                raise NotFoundError(f"run {shown(run_id)} does not exist; use the run_id from a Run event")
+
+        await self._call(rate)
 
     async def count_active_runs(self, *, tenant: str) -> int:
         query = "SELECT COUNT(*) FROM runs WHERE tenant = %s AND state IN (%s, %s)"

@@ -16,6 +16,7 @@ from services.common import FailedPreconditionError, InvalidArgumentError, OutOf
 from services.common.config import QuotaConfig
 from services.planner.agents import AgentCatalog, AgentDefinition
 from services.planner.executor import ExecutorDeps, RunExecutor
+from services.planner.feedback import FeedbackBook
 from services.planner.journal import EventBus, RunJournal
 from services.planner.policies import POLICIES
 from services.planner.quotas import ChargedLLM, TenantQuotas, TenantTools
@@ -63,6 +64,8 @@ class RunManager:
         )
         self._executors: dict[str, RunExecutor] = {}
         self._tasks: dict[str, asyncio.Task[RunState]] = {}
+        # Ratings of ended runs (RateRun) and the satisfaction metric they feed.
+        self.feedback = FeedbackBook(store, metrics)
 
     async def start(
         self,

@@ -48,6 +48,7 @@ from services.planner.convert import (
     validate_task,
 )
 from services.planner.executor import ExecutorDeps, LLMClient, ToolClient
+from services.planner.feedback import validate_feedback
 from services.planner.guardrails import Redactor
 from services.planner.pg_store import PostgresRunStore
 from services.planner.quotas import QuotaInterceptor, TenantQuotas
@@ -195,6 +196,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             tokens_per_minute=limits.tokens_per_minute or 0,
             tokens_last_minute=self.runs.quotas.tokens_last_minute(tenant),
         )
+
+    async def RateRun(self, request: planner_pb2.RateRunRequest, context: grpc.aio.ServicerContext) -> planner_pb2.Run:
+        principal = current_principal()
+        feedback = validate_feedback(request.score, request.comment, principal.key_id)
+        return run_to_proto(await self.runs.feedback.rate(request.run_id, feedback, tenant=principal.tenant))
 
     async def RejectToolCall(
         self, request: planner_pb2.RejectToolCallRequest, context: grpc.aio.ServicerContext

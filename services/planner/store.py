@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 from services.common import AlreadyExistsError, NotFoundError
 from services.common.errors import quoted
 from services.common.sqlite import SqliteThread, migrate
+from services.planner.feedback import Feedback
 from services.planner.types import Turn, Usage
 
 T = TypeVar("T")
@@ -86,6 +87,13 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE agents;
     ALTER TABLE agents_by_tenant RENAME TO agents;
     """,
+    # Feedback: a run's latest rating (RateRun), NULL while nobody rated it.
+    """
+    ALTER TABLE runs ADD COLUMN feedback_score INTEGER;
+    ALTER TABLE runs ADD COLUMN feedback_comment TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN feedback_rater TEXT NOT NULL DEFAULT '';
+    ALTER TABLE runs ADD COLUMN feedback_time REAL;
+    """,
 )
 # The tenant of records made without one (a mesh without authentication, and everything older than tenants).
 DEFAULT_TENANT = "default"
@@ -148,6 +156,7 @@ class RunRecord:
     snapshot: str | None = None
     events: list[bytes] = field(default_factory=list)
     tenant: str = DEFAULT_TENANT
+    feedback: Feedback | None = None
 
 
 @dataclass(frozen=True)
@@ -162,14 +171,20 @@ class AgentRecord:
 
 _RUN_COLUMNS = (
     "run_id, session_id, task, state, answer, prompt_tokens, completion_tokens, total_tokens, cached_prompt_tokens, "
-    "create_time, end_time, agent, agent_version, last_sequence, snapshot, tenant"
+    "create_time, end_time, agent, agent_version, last_sequence, snapshot, tenant, feedback_score, feedback_comment, "
+    "feedback_rater, feedback_time"
 )
+
+
+def feedback_of(row: Sequence[Any]) -> Feedback | None:
+    """The rating in a row of ``_RUN_COLUMNS`` (both stores select the same columns), None when unrated."""
+    return None if row[16] is None else Feedback(int(row[16]), row[17], row[18], float(row[19]))
 
 
 def _run(row: Sequence[Any], events: list[bytes]) -> RunRecord:
     return RunRecord(
         row[0], row[1], row[2], RunState(row[3]), row[4], Usage(*row[5:9]), row[9], row[10], row[11], row[12],
-        row[13], row[14], events, row[15],
+        row[13], row[14], events, row[15], feedback_of(row),
     )  # fmt: skip
 
 
@@ -214,7 +229,9 @@ class JournalStore(Protocol):
         session_id: str = ...,
         limit: int = ...,
         tenant: str = ...,
+        rated: bool = ...,
     ) -> list[RunRecord]: ...
+    async def rate_run(self, run_id: str, feedback: Feedback, *, tenant: str) -> None: ...
     async def count_active_runs(self, *, tenant: str) -> int: ...
     async def usage_since(self, since: float, *, tenant: str) -> tuple[int, Usage]: ...
     async def runs_in_state(self, state: RunState) -> list[RunRecord]: ...
@@ -390,17 +407,35 @@ class RunStore:
         session_id: str = "",
         limit: int = 50,
         tenant: str = DEFAULT_TENANT,
+        rated: bool = False,
     ) -> list[RunRecord]:
-        """The tenant's runs newest first, filtered by whichever of state, agent and session are given; no events."""
+        """The tenant's runs newest first, filtered by whichever of state, agent and session are given (and to rated
+        runs if ``rated``); no events."""
         where, params = ["tenant = ?"], [tenant]
         for column, value in (("state", state.value if state else ""), ("agent", agent), ("session_id", session_id)):
             if value:
                 where.append(f"{column} = ?")
                 params.append(value)
+        if rated:
+            where.append("feedback_score IS NOT NULL")
         query = (
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE {' AND '.join(where)} ORDER BY create_time DESC, rowid DESC LIMIT ?"
         )
         return await self._call(lambda c: [_run(row, []) for row in c.execute(query, (*params, limit))])
+
+    async def rate_run(self, run_id: str, feedback: Feedback, *, tenant: str) -> None:
+        """Stores ``feedback`` as the tenant's run's rating, replacing an earlier one; NotFoundError otherwise."""
+        query = (
+            "UPDATE runs SET feedback_score = ?, feedback_comment = ?, feedback_rater = ?, feedback_time = ? "
+            "WHERE run_id = ? AND tenant = ?"
+        )
+        params = (feedback.score, feedback.comment, feedback.rater, feedback.rate_time, run_id, tenant)
+
+        def rate(c: sqlite3.Connection) -> None:
+            if c.execute(query, params).rowcount == 0:
+                raise NotFoundError(f"run {shown(run_id)} does not exist; use the run_id from a Run event")
+
+        await self._call(rate)
 
     async def count_active_runs(self, *, tenant: str) -> int:
         """The tenant's runs that have not ended (running or waiting for approval)."""

@@ -229,7 +229,7 @@ class RunEvent(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_started: _Optional[_Union[StepStarted, _Mapping]] = ..., model_output: _Optional[_Union[ModelOutput, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., final_answer: _Optional[_Union[FinalAnswer, _Mapping]] = ..., error: _Optional[_Union[RunError, _Mapping]] = ..., approval_requested: _Optional[_Union[ApprovalRequested, _Mapping]] = ..., approval_decision: _Optional[_Union[ApprovalDecision, _Mapping]] = ..., plan: _Optional[_Union[PlanMade, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "session_id", "task", "state", "answer", "usage", "create_time", "end_time", "events", "agent", "agent_version", "last_sequence", "pending_approvals")
+    __slots__ = ("run_id", "session_id", "task", "state", "answer", "usage", "create_time", "end_time", "events", "agent", "agent_version", "last_sequence", "pending_approvals", "feedback")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class Run(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PENDING_APPROVALS_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     session_id: str
     task: str
@@ -256,7 +257,30 @@ class Run(_message.Message):
     agent_version: int
     last_sequence: int
     pending_approvals: _containers.RepeatedCompositeFieldContainer[ApprovalRequested]
-    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., answer: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., agent: _Optional[str] = ..., agent_version: _Optional[int] = ..., last_sequence: _Optional[int] = ..., pending_approvals: _Optional[_Iterable[_Union[ApprovalRequested, _Mapping]]] = ...) -> None: ...
+    feedback: RunFeedback
+    def __init__(self, run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., answer: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., agent: _Optional[str] = ..., agent_version: _Optional[int] = ..., last_sequence: _Optional[int] = ..., pending_approvals: _Optional[_Iterable[_Union[ApprovalRequested, _Mapping]]] = ..., feedback: _Optional[_Union[RunFeedback, _Mapping]] = ...) -> None: ...
+
+class RunFeedback(_message.Message):
+    __slots__ = ("score", "comment", "rater", "rate_time")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    RATER_FIELD_NUMBER: _ClassVar[int]
+    RATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    score: int
+    comment: str
+    rater: str
+    rate_time: _timestamp_pb2.Timestamp
+    def __init__(self, score: _Optional[int] = ..., comment: _Optional[str] = ..., rater: _Optional[str] = ..., rate_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RateRunRequest(_message.Message):
+    __slots__ = ("run_id", "score", "comment")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    score: int
+    comment: str
+    def __init__(self, run_id: _Optional[str] = ..., score: _Optional[int] = ..., comment: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -85,6 +85,11 @@ class PlannerServiceStub:
                 request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Usage.FromString,
                 _registered_method=True)
+        self.RateRun = channel.unary_unary(
+                '/meshpilot.planner.v1.PlannerService/RateRun',
+                request_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RateRunRequest.SerializeToString,
+                response_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -161,6 +166,15 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RateRun(self, request, context):
+        """Rates a run that has ended (a person's or a program's judgement of its answer); a new rating replaces the run's
+        previous one. Score outside 1..5 or a comment over 1000 characters: INVALID_ARGUMENT; unknown run (or another
+        tenant's): NOT_FOUND; a run that has not ended: FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +227,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetUsageRequest.FromString,
                     response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Usage.SerializeToString,
+            ),
+            'RateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RateRun,
+                    request_deserializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.RateRunRequest.FromString,
+                    response_serializer=meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +505,33 @@ class PlannerService:
             '/meshpilot.planner.v1.PlannerService/GetUsage',
             meshpilot_dot_planner_dot_v1_dot_planner__pb2.GetUsageRequest.SerializeToString,
             meshpilot_dot_planner_dot_v1_dot_planner__pb2.Usage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshpilot.planner.v1.PlannerService/RateRun',
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.RateRunRequest.SerializeToString,
+            meshpilot_dot_planner_dot_v1_dot_planner__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
