@@ -8,6 +8,7 @@ BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
 FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
+BFCL_VERSION ?= 2026.3.23
 
 .PHONY: soak-replicas multi-host install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity triton-cpu injection k8s-check
 
@@ -75,6 +76,13 @@ triton-cpu: install ## a real tritonserver serving the CPU twin of the TensorRT-
 
 k8s-check: install ## render deploy/k8s's overlays (kubectl from PyPI) and check schemas (1.37), probes, security, network policies
 	$(PY) scripts/k8s_check.py $(K8S_CHECK_ARGS)
+
+# bfcl-eval pins numpy 1.26, vllm and a dozen API clients: its data files are read from the wheel, never installed.
+eval-suites: install ## regenerate services/eval/suites: kg-train/kg-test (fixed seed and split) and bfcl-simple from the bfcl-eval wheel
+	rm -rf build/bfcl && mkdir -p build/bfcl
+	$(PIP) download -q --no-deps --dest build/bfcl bfcl-eval==$(BFCL_VERSION)
+	$(PY) -m zipfile -e build/bfcl/bfcl_eval-$(BFCL_VERSION)-py3-none-any.whl build/bfcl
+	$(PY) scripts/gen_eval_suites.py --bfcl-data build/bfcl/bfcl_eval/data
 
 format: install
 	$(VENV)/bin/ruff format .

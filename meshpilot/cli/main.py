@@ -1,5 +1,5 @@
 """Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`,
-`tools`, `keys`, `certs`."""
+`tools`, `keys`, `certs`, `eval`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import typer
 from meshpilot.cli.agents import agents_app
 from meshpilot.cli.ask import AskError, run_ask
 from meshpilot.cli.certs import certs_app
+from meshpilot.cli.eval import eval_suite
 from meshpilot.cli.keys import keys_app
 from meshpilot.cli.mesh import SERVICES, run_mesh
 from meshpilot.cli.options import CREDENTIALS, ConfigOption, PlannerOption, load_config, planner_target
@@ -129,3 +130,4 @@ def ask(
 
 app.command()(approve)
 app.command()(reject)
+app.command("eval")(eval_suite)

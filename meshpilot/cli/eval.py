@@ -1,0 +1,120 @@
+"""`meshpilot eval SUITE`: run a suite's tasks through the planner with one or more agents, side by side, and write
+the report (JSON, markdown, PNG) under the data directory; a re-run resumes where the last one stopped."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from meshpilot.cli.options import (
+    ConfigOption,
+    JsonOption,
+    PlannerOption,
+    call_service,
+    fail,
+    load_config,
+    planner_target,
+)
+from meshpilot.planner.v1 import planner_pb2_grpc
+from services.eval.bfcl import prepare_bfcl
+from services.eval.report import Report, render_markdown, summarize, write_reports
+from services.eval.runner import DEFAULT_TASK_TIMEOUT_S, EvalProgress, PlannerRunner, evaluate
+from services.eval.suite import Suite, SuiteError, load_suite, shipped_suites
+
+_LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _label(agent: str) -> str:
+    """The agent's name as a file name ("" is the built-in default agent)."""
+    return _LABEL.sub("_", agent or "default")[:100]
+
+
+def eval_suite(
+    suite: Annotated[
+        str, typer.Argument(help=f"A JSONL suite file, or a shipped suite: {', '.join(shipped_suites()) or 'none'}.")
+    ],
+    agent: Annotated[
+        list[str] | None,
+        typer.Option("--agent", help="An agent to evaluate (repeat to compare side by side); default: the built-in."),
+    ] = None,
+    category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="At most this many tasks per category (a fixed sample); 0: all.")
+    ] = 0,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="Runs in flight at once, per agent.")] = 2,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds a run may take before it counts as failed.")
+    ] = DEFAULT_TASK_TIMEOUT_S,
+    out: Annotated[
+        Path | None, typer.Option(help="Where results and reports go; default <data_dir>/eval/<suite>.")
+    ] = None,
+    restart: Annotated[bool, typer.Option(help="Forget earlier results of these agents and run every task.")] = False,
+    json_output: JsonOption = False,
+    planner: PlannerOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Evaluate agents on SUITE: task completion, valid tool calls, steps, tokens and latency, per category."""
+    try:
+        chosen = load_suite(suite).select(categories=category or (), limit=limit)
+    except SuiteError as e:
+        fail(str(e), 2)
+    if not chosen.tasks:
+        fail(f"suite {chosen.name!r} has no tasks in the categories {', '.join(category or [])}", 2)
+    agents = list(dict.fromkeys(agent or [""]))
+    folder = out or load_config(config).data_dir / "eval" / chosen.name
+    target = planner_target(planner, config)
+    results_paths = {name: folder / f"{_label(name)}.results.jsonl" for name in agents}
+    if restart:
+        for path in results_paths.values():
+            path.unlink(missing_ok=True)
+    notices = Console(stderr=True)
+    reports = call_service(target, lambda channel: _evaluate_all(channel, chosen, agents, results_paths, notices,
+                                                                 concurrency=concurrency, timeout_s=timeout))  # fmt: skip
+    paths = write_reports(reports, folder)
+    if json_output:
+        typer.echo(json.dumps([r.to_json() for r in reports], ensure_ascii=False))
+    else:
+        Console(soft_wrap=True).print(render_markdown(reports), highlight=False, markup=False)
+        notices.print(f"reports: {paths['json']}, {paths['markdown']}, {paths['chart']}", highlight=False)
+    missing = [r.agent or "default" for r in reports if r.overall.tasks < len(chosen.tasks)]
+    if missing:
+        fail(f"some tasks could not be run for {', '.join(missing)} (planner unavailable); run again to resume", 1)
+
+
+async def _evaluate_all(
+    channel: grpc.aio.Channel,
+    suite: Suite,
+    agents: list[str],
+    results_paths: dict[str, Path],
+    console: Console,
+    *,
+    concurrency: int,
+    timeout_s: float,
+) -> list[Report]:
+    runner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
+    if suite.path is not None and any("tool" in task.meta for task in suite.tasks):
+        console.print("registering the suite's functions (tool source bfcl) and their agents…", highlight=False)
+        await prepare_bfcl(channel, suite, suite.path)
+    reports = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[passed]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=False) as progress:
+        for agent in agents:
+            bar = progress.add_task(agent or "default", total=len(suite.tasks), passed="")
+
+            def show(state: EvalProgress, bar: TaskID = bar) -> None:
+                note = f"{state.passed} passed" + (f", {state.unavailable} unavailable" if state.unavailable else "")
+                progress.update(bar, completed=state.done, passed=note)
+
+            results = await evaluate(
+                suite, runner, results_paths[agent], agent=agent, concurrency=concurrency, timeout_s=timeout_s,
+                on_progress=show,
+            )  # fmt: skip
+            reports.append(summarize(suite.name, agent or "default", results.values()))
+    return reports
