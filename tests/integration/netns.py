@@ -1,7 +1,8 @@
 """A small lab of "hosts" for multi-host tests: Linux network namespaces on one bridge, each with its own address,
 reached from the test over the bridge; a host's link can be cut and restored and its packets dropped at random.
 
-Everything lives in a private 10.213.0.0/24 the lab creates and removes: no traffic leaves this machine. It needs root
+Everything lives in a private 10.213.N.0/24 the lab creates and removes (N chosen among those no route uses, so two
+labs can run at once): no traffic leaves this machine. It needs root
 (CI and these machines run as root), iproute2 and, for packet loss, nftables; ``unavailable()`` says why not.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import subprocess
 import threading
@@ -16,7 +18,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-SUBNET = "10.213.0"
+
+def _free_subnet() -> str:
+    routes = subprocess.run(["ip", "-4", "route", "show"], check=True, capture_output=True, text=True).stdout
+    for third in random.sample(range(256), 256):
+        if f"10.213.{third}." not in routes:
+            return f"10.213.{third}"
+    raise RuntimeError("every 10.213.N.0/24 is in use")
 
 
 def _ip(*args: str, netns: str | None = None) -> str:
@@ -88,7 +96,8 @@ class Lab:
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex[:5]
         self.bridge = f"mpbr{self.tag}"
-        self.gateway = f"{SUBNET}.1"
+        self.subnet = _free_subnet()
+        self.gateway = f"{self.subnet}.1"
         self.hosts: list[Host] = []
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -99,7 +108,7 @@ class Lab:
         host = Host(
             name=name,
             netns=f"mp-{self.tag}-{name}",
-            address=f"{SUBNET}.{10 + index}",
+            address=f"{self.subnet}.{10 + index}",
             inside=f"mpi{self.tag}{index}",
             outside=f"mpo{self.tag}{index}",
         )
