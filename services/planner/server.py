@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from a2a.types import a2a_pb2_grpc
 from google.protobuf import empty_pb2
 from prometheus_client import CollectorRegistry
 
@@ -35,6 +36,7 @@ from services.common.json_values import message_to_json
 from services.common.routing import ReplicaSet
 from services.common.server import ServiceBinding
 from services.common.tls import server_tls, tls_identity
+from services.planner import a2a
 from services.planner.agents import AgentCatalog
 from services.planner.clients import InferenceLLMClient, ToolsServiceClient
 from services.planner.convert import (
@@ -304,9 +306,11 @@ def create_server(
         keys = key_store(config)
         authenticator = Authenticator(config.auth, keys)
     servicer = PlannerServicer(config, runs, store, channels, keys)
+    # A2A on the same port, behind the same authentication and tenant checks; the card's URL is set once bound.
+    a2a_servicer = a2a.A2AServicer(runs, authenticated=authenticator is not None)
     # Reflection stays open on loopback (a developer's grpcurl); elsewhere it needs a key like everything else.
     auth = AuthInterceptor(authenticator, open_reflection=is_loopback(planner.server.host))
-    return MeshServer(
+    server = MeshServer(
         planner.server,
         [
             ServiceBinding(SERVICE_NAME, servicer, planner_pb2_grpc.add_PlannerServiceServicer_to_server),
@@ -318,6 +322,7 @@ def create_server(
                 ToolSourceServicer(tools_stub),
                 tool_sources_pb2_grpc.add_ToolSourceServiceServicer_to_server,
             ),
+            ServiceBinding(a2a.SERVICE_NAME, a2a_servicer, a2a_pb2_grpc.add_A2AServiceServicer_to_server),
         ],
         # Inside the authentication: the call-rate quota is the authenticated tenant's.
         interceptors=[auth, QuotaInterceptor(quotas)],
@@ -325,6 +330,8 @@ def create_server(
         tls=server_tls(config, "planner"),
         metrics_authorize=(lambda token: authenticator.authenticate(token) is not None) if authenticator else None,
     )
+    a2a_servicer.url = planner.server.address or server.address
+    return server
 
 
 async def main(config: MeshConfig) -> None:
