@@ -20,16 +20,29 @@ _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")
 
 @dataclass(frozen=True)
 class ToolCallRecord:
-    """One tool call of a run: the tool, its arguments, and the error it returned ("" when it returned a result)."""
+    """One tool call of a run: the tool, its arguments, the error it returned ("" when it returned a result), and
+    whether it was ``rejected`` before running (a tool unknown or not the agent's, arguments its schema refuses)."""
 
     tool: str
     arguments: Mapping[str, Any]
     error: str = ""
+    rejected: bool = False
 
     @property
     def valid(self) -> bool:
-        """The tools service ran the call (a known tool, arguments its schema accepts, no failure)."""
-        return not self.error
+        """The call named one of the agent's tools with arguments the tool accepts (it may still have failed: "no
+        country named Zorvania" is the right call for an unanswerable question)."""
+        return not self.rejected
+
+
+# How the planner and the tools service word a call refused before it ran (services/tools/registry.py, the
+# executor's allow-list); the journal keeps only the text of a call's error.
+_REJECTIONS = re.compile(r"^(?:unknown tool |invalid arguments for tool )|is not one of this agent's tools")
+
+
+def is_rejection(error: str) -> bool:
+    """Whether a tool call's error says the call was refused before it ran (not that the tool failed)."""
+    return bool(_REJECTIONS.search(error))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import json_format
 
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
-from services.eval.checks import ToolCallRecord, Trajectory
+from services.eval.checks import ToolCallRecord, Trajectory, is_rejection
 from services.eval.suite import EvalTask, Suite, TaskOutcome, judge
 
 # A run that goes on longer than this is stuck; it is recorded as failed (DEADLINE_EXCEEDED), not waited for.
@@ -85,7 +85,10 @@ def trajectory_of(events: Iterable[planner_pb2.RunEvent], latency_s: float) -> T
             answer, tokens = event.final_answer.answer, event.final_answer.usage.total_tokens
         elif kind == "error":
             error = f"{event.error.code}: {event.error.message[:300]}"
-    records = tuple(ToolCallRecord(tool, args, errors.get(call_id, "")) for call_id, (tool, args) in calls.items())
+    records = tuple(
+        ToolCallRecord(tool, args, errors.get(call_id, ""), is_rejection(errors.get(call_id, "")))
+        for call_id, (tool, args) in calls.items()
+    )
     return Trajectory(answer, records, steps, tokens or step_tokens, latency_s, error, run_id)
 
 

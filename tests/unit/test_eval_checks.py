@@ -14,6 +14,7 @@ from services.eval import (
     Unanswerable,
     parse_check,
 )
+from services.eval.checks import is_rejection
 
 
 def said(answer: str, *calls: ToolCallRecord) -> Trajectory:
@@ -142,3 +143,17 @@ def test_a_bad_check_says_what_to_write(value, message: str) -> None:
         parse_check(value)
     assert message in str(raised.value)
     assert len(str(raised.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("error", "rejected"),
+    [
+        ("unknown tool 'nope'; available tools: calculator", True),
+        ("invalid arguments for tool 'country_facts': $: 'name' is a required property", True),
+        ("tool 'python' is not one of this agent's tools: country_facts", True),
+        ("no country named 'Zorvania'", False),
+        ("", False),
+    ],
+)
+def test_a_call_refused_before_it_ran_is_told_from_a_tool_that_failed(error: str, rejected: bool) -> None:
+    assert is_rejection(error) is rejected

@@ -57,7 +57,7 @@ class ScriptedRunner:
         self.in_flight -= 1
         if task in self.unavailable:
             raise RunUnavailable("UNAVAILABLE: the planner is down")
-        bad = ToolCallRecord("country_facts", {"name": "x"}, error="no country named x")
+        bad = ToolCallRecord("country_facts", {"nom": "x"}, "invalid arguments for tool 'country_facts'", rejected=True)
         calls = (ToolCallRecord("country_facts", {"name": "France"}), bad) if task == COUNT.task else ()
         return Trajectory(ANSWERS[task], calls, steps=2, total_tokens=100, latency_s=len(self.asked), run_id=task[:5])
 
@@ -109,9 +109,12 @@ def events(*kinds: dict) -> list[planner_pb2.RunEvent]:
     return [planner_pb2.RunEvent(run_id="run-1", sequence=n, **kind) for n, kind in enumerate(kinds, start=1)]
 
 
-def test_a_trajectory_is_read_from_the_runs_events() -> None:
+def test_a_trajectory_is_read_from_the_runs_events_and_refused_calls_are_told_from_failed_ones() -> None:
+    refused = "invalid arguments for tool 'country_facts': $: 'name' is a required property"
     run = events(
         {"step_started": planner_pb2.StepStarted(step=1)},
+        {"tool_call": planner_pb2.ToolCall(step=1, call_id="c0", tool="country_facts", arguments=struct(nom="x"))},
+        {"tool_result": planner_pb2.ToolResult(step=1, call_id="c0", tool="country_facts", error=refused)},
         {
             "tool_call": planner_pb2.ToolCall(
                 step=1, call_id="c1", tool="country_facts", arguments=struct(name="France")
@@ -122,8 +125,13 @@ def test_a_trajectory_is_read_from_the_runs_events() -> None:
         {"final_answer": planner_pb2.FinalAnswer(answer="Paris.", usage=common_pb2.Usage(total_tokens=321))},
     )
     assert trajectory_of(run, 1.5) == Trajectory(
-        "Paris.", (ToolCallRecord("country_facts", {"name": "France"}, "no such country"),), 2, 321, 1.5, "", "run-1"
-    )
+        "Paris.",
+        (
+            ToolCallRecord("country_facts", {"nom": "x"}, refused, rejected=True),
+            ToolCallRecord("country_facts", {"name": "France"}, "no such country"),
+        ),
+        2, 321, 1.5, "", "run-1",
+    )  # fmt: skip
     failed = trajectory_of(events({"error": planner_pb2.RunError(code="RESOURCE_EXHAUSTED", message="max_steps")}), 0)
     assert failed.error == "RESOURCE_EXHAUSTED: max_steps"
 
