@@ -4,6 +4,7 @@
 
 const KEY_STORAGE = "meshpilot.apiKey";
 const STATES = ["running", "waiting_for_approval", "succeeded", "failed", "cancelled"];
+const ENDED = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 3000;
 let current = null; // the view on screen: {stop()} ends its timers and streams when the view changes
 
@@ -247,10 +248,10 @@ function runsView(params) {
                 "tr",
                 { class: "run-row", "data-run": run.run_id },
                 el("td", {}, el("a", { href: "#/runs/" + encodeURIComponent(run.run_id), class: "mono" }, short(run.run_id, 13))),
-                el("td", {}, `${run.agent || "default"} v${run.agent_version || 1}`),
+                el("td", { class: "nowrap" }, `${run.agent || "default"} v${run.agent_version || 1}`),
                 el("td", { class: "task" }, short(run.task, 80)),
                 el("td", {}, badge(run.state)),
-                el("td", { class: "dim" }, when(run.create_time)),
+                el("td", { class: "dim nowrap" }, when(run.create_time)),
                 el("td", { class: "num" }, run.usage && run.usage.total_tokens ? run.usage.total_tokens : ""),
                 el("td", { class: "answer" }, short(run.answer, 80))
               )
@@ -345,7 +346,7 @@ function runView(runId) {
   const approvalCards = new Map();
   let run = null;
   let stream = null;
-  let steps = new Map();
+  const steps = new Map();
 
   function renderHeader() {
     const actions = [];
@@ -369,7 +370,9 @@ function runView(runId) {
         el("dt", {}, "started"),
         el("dd", {}, when(run.create_time)),
         el("dt", {}, "tokens"),
-        el("dd", {}, tokens(run.usage) || "—")
+        el("dd", {}, tokens(run.usage) || "—"),
+        el("dt", {}, "took"),
+        el("dd", {}, run.end_time ? ms(new Date(run.end_time) - new Date(run.create_time)) : "—")
       )
     );
     if (run.answer) {
@@ -383,8 +386,10 @@ function runView(runId) {
       run = Object.assign(run, await api(method, path, body));
       notice("");
       renderHeader();
+      return true;
     } catch (error) {
       notice(explain(error));
+      return false;
     }
   }
 
@@ -405,20 +410,24 @@ function runView(runId) {
   function approvalButtons(request) {
     const reason = el("input", { class: "reason", placeholder: "reason (for a reject)", maxlength: 1000 });
     const base = `/v1/runs/${encodeURIComponent(runId)}/tool-calls/${encodeURIComponent(request.call_id)}`;
-    return el(
-      "div",
-      { class: "approval-actions" },
-      el("button", { class: "approve", onclick: () => act("POST", base + "/approve", {}) }, "Approve"),
-      el("button", { class: "reject", onclick: () => act("POST", base + "/reject", { reason: reason.value }) }, "Reject"),
-      reason
-    );
+    // One decision per call: both buttons are disabled while it is sent, and again usable only if it failed.
+    const decide = (path, body) => async () => {
+      buttons.forEach((b) => (b.disabled = true));
+      if (!(await act("POST", base + path, body()))) buttons.forEach((b) => (b.disabled = false));
+    };
+    const buttons = [
+      el("button", { class: "approve", onclick: decide("/approve", () => ({})) }, "Approve"),
+      el("button", { class: "reject", onclick: decide("/reject", () => ({ reason: reason.value })) }, "Reject"),
+    ];
+    return el("div", { class: "approval-actions" }, buttons, reason);
   }
 
   function add(event) {
     const kind = Object.keys(event).find((k) => !["run_id", "session_id", "sequence", "time"].includes(k));
     const data = event[kind] || {};
     const items = stepBox(data.step || 0);
-    const at = el("span", { class: "seq" }, "#" + event.sequence);
+    const offset = run && run.create_time && event.time ? (new Date(event.time) - new Date(run.create_time)) / 1000 : null;
+    const at = el("span", { class: "seq", title: when(event.time) }, "#" + event.sequence + (offset === null ? "" : ` +${offset.toFixed(1)}s`));
     switch (kind) {
       case "step_started":
         break;
@@ -460,7 +469,8 @@ function runView(runId) {
           json(data.arguments)
         );
         approvalCards.set(data.call_id, box);
-        if (!decided.has(data.call_id) && stateName(run.state) === "waiting_for_approval") box.append(approvalButtons(data));
+        // Buttons while the call is undecided and the run goes on (a replay shows the decision right after).
+        if (!decided.has(data.call_id) && !ENDED.includes(stateName(run.state))) box.append(approvalButtons(data));
         items.append(box);
         break;
       }
@@ -497,13 +507,8 @@ function runView(runId) {
       const fresh = await api("GET", `/v1/runs/${encodeURIComponent(runId)}`);
       run = Object.assign(run || {}, fresh);
       renderHeader();
-      // Buttons appear once the run is known to wait (an event may arrive before the state is read).
-      if (stateName(run.state) === "waiting_for_approval") {
-        for (const request of run.pending_approvals || []) {
-          const box = approvalCards.get(request.call_id);
-          if (box && !decided.has(request.call_id) && !box.querySelector(".approval-actions")) box.append(approvalButtons(request));
-        }
-      }
+      // A run that ended (cancelled while it waited) takes no more decisions.
+      if (ENDED.includes(stateName(run.state))) approvalCards.forEach((box) => box.querySelectorAll(".approval-actions").forEach((n) => n.remove()));
     } catch (error) {
       notice(explain(error));
     }
