@@ -262,7 +262,7 @@ def test_planner_exports_what_its_modules_define() -> None:
     import services.planner
 
     assert set(services.planner.__all__) == {name for name in dir(services.planner) if not name.startswith("_")} - {
-        "a2a", "agents", "clients", "convert", "executor", "grounding", "guardrails", "journal", "policies",
+        "a2a", "agents", "clients", "convert", "executor", "feedback", "grounding", "guardrails", "journal", "policies",
         "prompt", "pg_store", "quotas", "run_spans", "runs", "server", "state", "store", "tool_sources", "types",
     }  # fmt: skip
     assert all(getattr(services.planner, name) is not None for name in services.planner.__all__)
