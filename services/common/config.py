@@ -63,6 +63,7 @@ class ServerConfig(_Section):
 
 
 # host:port, [v6]:port, or dns:///host:port (a name that resolves to the replica).
+_DISCOVER_TARGET = re.compile(r"^[A-Za-z0-9_.-]+:(?P<port>[0-9]{1,5})$")
 _REPLICA_TARGET = re.compile(r"^(?:dns:///)?(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
 
 
@@ -117,6 +118,13 @@ class InferenceConfig(_Section):
         description="gRPC targets (host:port or dns:///host:port) of the inference replicas the planner balances "
         "over; empty means the one at server.target().",
     )
+    discover: str | None = Field(
+        None,
+        description="host:port of a name that resolves to every inference replica (a Kubernetes headless Service, "
+        "e.g. inference-headless:50054): each address is a replica, and the name is resolved again every "
+        "discover_seconds, so replicas an autoscaler adds or removes join or leave the routing. Overrides replicas.",
+    )
+    discover_seconds: float = Field(10.0, ge=1, description="With discover: how often the name is resolved again.")
     routing: Literal["affinity", "round_robin"] = Field(
         "affinity",
         description="affinity: one agent's calls go to one replica while it is healthy and not overloaded (its "
@@ -139,6 +147,23 @@ class InferenceConfig(_Section):
         if len(set(replicas)) != len(replicas):
             raise ValueError("inference.replicas names a target twice; list each replica once")
         return replicas
+
+    @field_validator("discover")
+    @classmethod
+    def _discover_address(cls, discover: str | None) -> str | None:
+        match = _DISCOVER_TARGET.match(discover or "x:1")
+        if match is None or not 1 <= int(match.group("port")) <= 65535:
+            raise ValueError(
+                f"inference.discover is {str(discover)[:100]!r}; use host:port of a DNS name (port 1-65535)"
+            )
+        return discover
+
+    def discover_address(self) -> tuple[str, int] | None:
+        """``discover`` as (host, port), or None."""
+        if self.discover is None:
+            return None
+        host, _, port = self.discover.rpartition(":")
+        return host, int(port)
 
     @field_validator("tenant_weights")
     @classmethod

@@ -1,5 +1,6 @@
 """Client-side routing over N replicas of a service: health watched per replica, rendezvous hashing with bounded load
-(so one prefix keeps landing where its KV is cached), and failover of calls a replica refused."""
+(so one prefix keeps landing where its KV is cached), failover of calls a replica refused, and replicas discovered
+from DNS (a Kubernetes headless Service) as they come and go."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import math
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -28,6 +30,18 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURC
 DEFAULT_LOAD_FACTOR = 1.25
 # How soon a replica whose health watch broke is watched again (it is skipped meanwhile).
 REWATCH_BACKOFF_S = (0.5, 2.0)
+# How long a replica that left DNS keeps serving the calls already sent to it before its channel closes.
+RETIRE_GRACE_S = 60.0
+
+Resolver = Callable[[str, int], Awaitable[set[str]]]
+
+
+async def resolve_addresses(host: str, port: int) -> set[str]:
+    """The gRPC targets (``ip:port``, ``[ipv6]:port``) of every address ``host`` resolves to (a headless Service's
+    name resolves to its ready pods)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return {f"[{info[4][0]}]:{port}" if info[0] == socket.AF_INET6 else f"{info[4][0]}:{port}" for info in infos}
+
 
 routing_key: ContextVar[str] = ContextVar("meshpilot_routing_key", default="")
 
@@ -87,8 +101,13 @@ class ReplicaSet:
         self.policy: RoutingPolicy = policy
         self.load_factor = load_factor
         self._health_service = health_service
-        self._watch_health = watch_health and len(self.replicas) > 1  # one replica is tried whatever its health
-        self._watches: list[asyncio.Task[None]] = []
+        self._watch_health = watch_health
+        self._watches: dict[str, asyncio.Task[None]] = {}
+        self._watching = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._follower: asyncio.Task[None] | None = None
+        self._retired: list[grpc.aio.Channel] = []
+        self._discovery: tuple[str, int, float, Callable[[str], grpc.aio.Channel], Resolver] | None = None
         self._turn = 0
         self._closed = False
 
@@ -107,6 +126,68 @@ class ReplicaSet:
         channels = {target: create_channel(target, api_key=api_key, tls=tls, server=server) for target in targets}
         return cls(channels, policy=policy, load_factor=load_factor)
 
+    @classmethod
+    def discover(
+        cls,
+        host: str,
+        port: int,
+        *,
+        every: float,
+        api_key: str | None = None,
+        tls: TlsIdentity | None = None,
+        server: str | None = None,
+        policy: RoutingPolicy = "affinity",
+        load_factor: float = DEFAULT_LOAD_FACTOR,
+        resolve: Resolver = resolve_addresses,
+    ) -> ReplicaSet:
+        """Replicas that follow DNS: every address ``host`` resolves to is one, resolved again every ``every``
+        seconds from the first call on. Until the first resolution answers, the name itself is the one replica
+        (gRPC's own resolver behind it), so calls never wait for discovery."""
+
+        def connect(target: str) -> grpc.aio.Channel:
+            return create_channel(target, api_key=api_key, tls=tls, server=server)
+
+        replicas = cls(
+            {f"dns:///{host}:{port}": connect(f"dns:///{host}:{port}")}, policy=policy, load_factor=load_factor
+        )
+        replicas._discovery = (host, port, every, connect, resolve)
+        return replicas
+
+    async def refresh(self) -> None:
+        """Resolves the discovered name once and makes the replicas its addresses: new ones join (watched from
+        now on), gone ones leave the ranking at once and close after ``RETIRE_GRACE_S`` (their calls in flight
+        finish). A failed or empty answer changes nothing: DNS trouble must not empty a working set."""
+        assert self._discovery is not None, "refresh() is for a ReplicaSet made by discover()"
+        host, port, _, connect, resolve = self._discovery
+        try:
+            targets = await resolve(host, port)
+        except OSError:
+            return
+        if not targets or self._closed:
+            return
+        current = {replica.target for replica in self.replicas}
+        for target in sorted(targets - current):
+            replica = Replica(target, connect(target))
+            self.replicas.append(replica)
+            if self._watching:
+                self._watches[target] = asyncio.create_task(self._watch(replica))
+        for replica in [r for r in self.replicas if r.target not in targets]:
+            self.replicas.remove(replica)
+            if (watch := self._watches.pop(replica.target, None)) is not None:
+                watch.cancel()
+            self._retired.append(replica.channel)
+            self._spawn(replica.channel.close(grace=RETIRE_GRACE_S))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _follow_dns(self, every: float) -> None:
+        while not self._closed:
+            await self.refresh()
+            await asyncio.sleep(every)
+
     @property
     def channels(self) -> list[grpc.aio.Channel]:
         return [replica.channel for replica in self.replicas]
@@ -114,6 +195,8 @@ class ReplicaSet:
     def ranked(self, key: str) -> list[Replica]:
         """The replicas in the order to try for a call routed by ``key`` (see the class docstring)."""
         self._start_watching()
+        if self._discovery is not None and self._follower is None and not self._closed:
+            self._follower = asyncio.create_task(self._follow_dns(self._discovery[2]))
         healthy = [r for r in self.replicas if r.healthy]
         unhealthy = [r for r in self.replicas if not r.healthy]
         if self.policy == "round_robin":
@@ -163,16 +246,21 @@ class ReplicaSet:
 
     async def close(self) -> None:
         self._closed = True
-        for task in self._watches:
+        tasks = [*self._watches.values(), *self._background, *([self._follower] if self._follower else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._watches, return_exceptions=True)
-        for replica in self.replicas:
-            await replica.channel.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in [*self._retired, *(replica.channel for replica in self.replicas)]:
+            await channel.close()
 
     def _start_watching(self) -> None:
-        if self._watches or not self._watch_health or self._closed:
+        # One fixed replica is tried whatever its health; a discovered set may grow, so it is watched from the start.
+        if self._watching or not self._watch_health or self._closed:
             return
-        self._watches = [asyncio.create_task(self._watch(replica)) for replica in self.replicas]
+        if len(self.replicas) < 2 and self._discovery is None:
+            return
+        self._watching = True
+        self._watches = {replica.target: asyncio.create_task(self._watch(replica)) for replica in self.replicas}
 
     async def _watch(self, replica: Replica) -> None:
         stub = health_pb2_grpc.HealthStub(replica.channel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from typing import Any
 
 import grpc
@@ -32,7 +33,15 @@ class InferenceLLMClient:
         self.replicas = (
             channel if isinstance(channel, ReplicaSet) else ReplicaSet({"inference": channel}, watch_health=False)
         )
-        self._stubs = {id(c): inference_pb2_grpc.InferenceServiceStub(c) for c in self.replicas.channels}
+        # Per channel, made on first use: a discovered ReplicaSet gains and loses channels as replicas come and go.
+        self._stubs: weakref.WeakKeyDictionary[grpc.aio.Channel, inference_pb2_grpc.InferenceServiceStub] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _stub(self, channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceServiceStub:
+        if (stub := self._stubs.get(channel)) is None:
+            stub = self._stubs[channel] = inference_pb2_grpc.InferenceServiceStub(channel)
+        return stub
 
     async def generate(
         self,
@@ -63,7 +72,7 @@ class InferenceLLMClient:
         last = inference_pb2.GenerateResponse()
         try:
             async for response in self.replicas.stream(
-                key, lambda channel: self._stubs[id(channel)].Generate(request, timeout=timeout, metadata=metadata)
+                key, lambda channel: self._stub(channel).Generate(request, timeout=timeout, metadata=metadata)
             ):
                 parts.append(response.text)
                 last = response
@@ -76,7 +85,7 @@ class InferenceLLMClient:
         request = inference_pb2.ListModelsRequest()
         try:
             response = await self.replicas.unary(
-                "", lambda channel: self._stubs[id(channel)].ListModels(request, timeout=timeout or LOOKUP_TIMEOUT_S)
+                "", lambda channel: self._stub(channel).ListModels(request, timeout=timeout or LOOKUP_TIMEOUT_S)
             )
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "inference") from e

@@ -83,7 +83,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         config: MeshConfig,
         runs: RunManager,
         store: JournalStore,
-        channels: list[grpc.aio.Channel] | None = None,
+        channels: list[grpc.aio.Channel | ReplicaSet] | None = None,
         keys: ApiKeyStore | None = None,
     ) -> None:
         self.config = config
@@ -275,14 +275,19 @@ def create_server(
             if database_url
             else RunStore(planner.db_path or config.data_dir / "planner.db")
         )
-    channels = []
+    channels: list[grpc.aio.Channel | ReplicaSet] = []
     tls = tls_identity(config, "planner")
     if llm is None:
         inference = config.inference
-        replicas = ReplicaSet.connect(
-            inference.replica_targets(), tls=tls, server="inference", policy=inference.routing
-        )
-        channels += replicas.channels  # closed with the others; the replicas' health watches end with them
+        if (address := inference.discover_address()) is not None:
+            replicas = ReplicaSet.discover(
+                *address, every=inference.discover_seconds, tls=tls, server="inference", policy=inference.routing
+            )
+        else:
+            replicas = ReplicaSet.connect(
+                inference.replica_targets(), tls=tls, server="inference", policy=inference.routing
+            )
+        channels.append(replicas)  # closed with the others: its channels, health watches and discovery
         llm = InferenceLLMClient(replicas)
     # The tools service: the agents' tool calls (unless ``tools`` is given) and ToolSourceService's forwarding.
     channels.append(create_channel(config.tools.server.target(), tls=tls, server="tools"))

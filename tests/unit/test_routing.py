@@ -4,6 +4,7 @@ in-process servers on port 0 with a recording fake inference service."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import grpc
 import pytest
@@ -11,10 +12,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshpilot.common.v1 import common_pb2
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common import InvalidArgumentError, ResourceExhaustedError, create_channel
+from services.common import InvalidArgumentError, ResourceExhaustedError, create_channel, routing
 from services.common.config import ConfigError, load_config
 from services.common.routing import ReplicaSet, routed_by
 from services.planner import InferenceLLMClient
+from tests.unit.tools_fakes import eventually
 
 SYSTEM = [{"role": "system", "content": "You are the travel agent."}, {"role": "user", "content": "Hi"}]
 
@@ -208,3 +210,96 @@ def test_replicas_default_to_the_server_and_accept_targets() -> None:
         load_config(None, inference={"replicas": ["a:1", "a:1"]})
     with pytest.raises(ConfigError, match="routing"):
         load_config(None, inference={"routing": "random"})
+
+
+class Dns:
+    """A resolver whose answer the test sets: a set of targets, or an error."""
+
+    def __init__(self, targets: set[str]) -> None:
+        self.targets = targets
+        self.error: OSError | None = None
+        self.asked: list[tuple[str, int]] = []
+
+    async def __call__(self, host: str, port: int) -> set[str]:
+        self.asked.append((host, port))
+        if self.error is not None:
+            raise self.error
+        return set(self.targets)
+
+
+async def test_discovered_replicas_follow_dns_as_replicas_come_and_go(mesh, monkeypatch) -> None:
+    _, served = mesh
+    monkeypatch.setattr(routing, "RETIRE_GRACE_S", 0.0)
+    first, second, third = served
+    dns = Dns({first, second})
+    routes = ReplicaSet.discover("inference-headless", 50054, every=3600, resolve=dns)
+    try:
+        # Before the first answer the name itself is the one replica (gRPC resolves it), so no call waits for DNS.
+        assert [r.target for r in routes.replicas] == ["dns:///inference-headless:50054"]
+        await routes.refresh()
+        assert dns.asked == [("inference-headless", 50054)]
+        assert sorted(r.target for r in routes.replicas) == sorted([first, second])
+        client = InferenceLLMClient(routes)
+        await client.generate(SYSTEM, {}, 8, model="m")
+        assert served[first].fake.calls + served[second].fake.calls == 1
+
+        dns.targets = {second, third}  # scaled: first left, third joined
+        gone = next(r.channel for r in routes.replicas if r.target == first)
+        await routes.refresh()
+        assert sorted(r.target for r in routes.replicas) == sorted([second, third])
+        await eventually(lambda: gone.get_state() == grpc.ChannelConnectivity.SHUTDOWN)
+        for agent in range(12):
+            await client.generate([{"role": "system", "content": f"agent {agent}"}, SYSTEM[1]], {}, 8, model="m")
+        assert served[first].fake.calls <= 1 and served[second].fake.calls + served[third].fake.calls >= 12
+
+        # DNS trouble or an empty answer never empties a working set.
+        dns.error = socket.gaierror(-2, "Name or service not known")
+        await routes.refresh()
+        dns.error, dns.targets = None, set()
+        await routes.refresh()
+        assert sorted(r.target for r in routes.replicas) == sorted([second, third])
+    finally:
+        await routes.close()
+
+
+async def test_discovery_resolves_again_in_the_background_from_the_first_call(mesh) -> None:
+    _, served = mesh
+    first, second, _ = served
+    dns = Dns({first})
+    routes = ReplicaSet.discover("inference-headless", 50054, every=0.05, resolve=dns)
+    try:
+        assert dns.asked == []  # nothing runs before the first call
+        routes.ranked("k")
+        await eventually(lambda: [r.target for r in routes.replicas] == [first])
+        dns.targets = {first, second}
+        await eventually(lambda: sorted(r.target for r in routes.replicas) == sorted([first, second]))
+    finally:
+        await routes.close()
+    asked = len(dns.asked)
+    await asyncio.sleep(0.2)
+    assert len(dns.asked) == asked, "discovery went on after close()"
+
+
+async def test_the_system_resolver_gives_every_address_of_a_name() -> None:
+    assert "127.0.0.1:50054" in await routing.resolve_addresses("localhost", 50054)
+
+
+async def test_a_name_not_yet_resolved_is_reached_through_grpc_dns(mesh) -> None:
+    _, served = mesh
+    port = int(next(iter(served)).rpartition(":")[2])
+    routes = ReplicaSet.discover("localhost", port, every=3600, resolve=Dns(set()))
+    try:
+        assert await InferenceLLMClient(routes).list_models() == ["m"]
+    finally:
+        await routes.close()
+
+
+def test_discover_takes_a_host_and_port_and_refuses_anything_else() -> None:
+    config = load_config(None, inference={"discover": "inference-headless.meshpilot.svc:50054"})
+    assert config.inference.discover_address() == ("inference-headless.meshpilot.svc", 50054)
+    assert load_config(None).inference.discover_address() is None
+    for bad in ("dns:///x:1", "x", "x:0", "x:70000", "a b:1"):
+        with pytest.raises(ConfigError, match=r"inference\.discover"):
+            load_config(None, inference={"discover": bad})
+    with pytest.raises(ConfigError, match="discover_seconds"):
+        load_config(None, inference={"discover": "x:1", "discover_seconds": 0})
