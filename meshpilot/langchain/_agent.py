@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 from meshpilot.langchain._connection import OPENING, MeshConnection
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
 from services.common import MeshError, UnavailableError
-from services.common.config import PlannerConfig
+from services.common.config import load_config
 from services.common.errors import bounded
 from services.common.json_values import plain_numbers
 from services.common.tls import TlsIdentity
@@ -50,8 +50,8 @@ class MeshPilotAgent(RunnableSerializable[Any, str]):
     """The agent's name (AgentService); empty selects the built-in "default" agent."""
     agent_version: int = Field(0, ge=0)
     """0 selects the agent's latest version."""
-    planner: str = Field(default_factory=lambda: PlannerConfig().server.target())
-    """The planner's address (host:port or dns:///name:port)."""
+    planner: str = Field(default_factory=lambda: load_config().planner.server.target())
+    """The planner's address (host:port or dns:///name:port); default: the mesh config's."""
     api_key: SecretStr | None = None
     """An API key (`meshpilot keys create`) or JWT, sent as a bearer token; the planner needs one off loopback."""
     tls: TlsIdentity | None = None

@@ -31,7 +31,7 @@ from meshpilot.langchain._messages import (
     tool_spec,
     tools_schema,
 )
-from services.common.config import InferenceConfig
+from services.common.config import load_config
 from services.common.tls import TlsIdentity
 from services.planner.guardrails import new_nonce
 from services.planner.policies.base import parse_json_object
@@ -65,8 +65,9 @@ class ChatMeshPilot(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    target: str = Field(default_factory=lambda: InferenceConfig().server.target())
-    """The inference service's address (host:port or dns:///name:port)."""
+    target: str = Field(default_factory=lambda: load_config().inference.server.target())
+    """The inference service's address (host:port or dns:///name:port); default: the mesh config's (what `meshpilot up`
+    serves: $MESHPILOT_CONFIG and MESHPILOT_* variables apply)."""
     model: str = ""
     """A model id from ListModels; empty selects the service's default model."""
     api_key: SecretStr | None = None

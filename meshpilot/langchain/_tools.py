@@ -12,7 +12,7 @@ from langchain_core.tools import StructuredTool, ToolException
 from meshpilot.langchain._connection import MeshConnection
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
 from services.common import InvalidArgumentError, PermissionDeniedError
-from services.common.config import ToolsConfig
+from services.common.config import load_config
 from services.common.errors import quoted
 from services.common.json_values import message_to_json
 from services.common.tls import TlsIdentity
@@ -65,7 +65,7 @@ async def ameshpilot_tools(
 def _connection(
     target: str | None, api_key: str | None, tls: TlsIdentity | None, tls_server_name: str | None
 ) -> MeshConnection:
-    address = target or ToolsConfig().server.target()
+    address = target or load_config().tools.server.target()
     return MeshConnection("tools", address, api_key=api_key, tls=tls, server_name=tls_server_name)
 
 

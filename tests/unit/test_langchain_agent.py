@@ -128,3 +128,8 @@ def test_input_without_a_task_is_refused(agent: MeshPilotAgent, planner: Scripte
     with pytest.raises(ValueError, match=r"MeshPilotAgent takes a task|the task is empty"):
         agent.invoke(bad)
     assert planner.requests == []
+
+
+def test_the_default_planner_is_the_mesh_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHPILOT_PLANNER__SERVER__PORT", "50151")
+    assert MeshPilotAgent().planner == "127.0.0.1:50151"

@@ -409,3 +409,8 @@ def test_an_unreachable_service_says_to_start_the_mesh() -> None:
     model = ChatMeshPilot(target=target, timeout=5)
     with pytest.raises(UnavailableError, match=rf"is the mesh up \(`meshpilot up`\) and is {target} the address"):
         model.invoke("hi")
+
+
+def test_the_default_target_is_the_mesh_configs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHPILOT_INFERENCE__SERVER__PORT", "50154")
+    assert ChatMeshPilot().target == "127.0.0.1:50154"

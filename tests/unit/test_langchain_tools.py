@@ -185,3 +185,10 @@ def test_unauthenticated_listing_says_to_pass_an_api_key() -> None:
             meshpilot_tools(f"127.0.0.1:{port}")
     finally:
         server.stop(0)
+
+
+def test_the_default_target_is_the_mesh_configs(
+    service: tuple[RecordingTools, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESHPILOT_TOOLS__SERVER__PORT", service[1].rsplit(":", 1)[1])
+    assert [tool.name for tool in meshpilot_tools()] == ["calculator", "append_note", "ghost"]
