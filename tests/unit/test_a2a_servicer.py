@@ -13,7 +13,9 @@ import pytest
 from a2a.client.transports.grpc import GrpcTransport
 from a2a.types import a2a_pb2, a2a_pb2_grpc
 from a2a.utils import errors as a2a_errors
+from a2a.utils.grpc_status import status_from_call
 from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common import load_config
@@ -290,8 +292,18 @@ async def test_with_authentication_the_card_names_the_bearer_scheme_and_tenants_
         try:
             card = await a2a_pb2_grpc.A2AServiceStub(alice).GetExtendedAgentCard(a2a_pb2.GetExtendedAgentCardRequest())
             task = (await a2a_pb2_grpc.A2AServiceStub(alice).SendMessage(send(text_message("France?")))).task
+            bobs_client = GrpcTransport(bob, None)
+            not_found = {
+                "get": bobs_client.get_task(a2a_pb2.GetTaskRequest(id=task.id)),
+                "cancel": bobs_client.cancel_task(a2a_pb2.CancelTaskRequest(id=task.id)),
+                "follow-up": bobs_client.send_message(send(text_message("approve", task_id=task.id))),
+            }
+            for coroutine in not_found.values():
+                with pytest.raises(a2a_errors.TaskNotFoundError):
+                    await coroutine
             with pytest.raises(a2a_errors.TaskNotFoundError):
-                await GrpcTransport(bob, None).get_task(a2a_pb2.GetTaskRequest(id=task.id))
+                async for _ in bobs_client.subscribe(a2a_pb2.SubscribeToTaskRequest(id=task.id)):
+                    pass
             bobs = await a2a_pb2_grpc.A2AServiceStub(bob).ListTasks(a2a_pb2.ListTasksRequest())
             with pytest.raises(grpc.aio.AioRpcError) as anonymous:
                 await a2a(planner).GetTask(a2a_pb2.GetTaskRequest(id=task.id))
@@ -453,3 +465,19 @@ async def test_bad_replies_to_an_input_required_task_say_how_to_answer(config) -
     assert "contextId" in messages["other context"]
     assert "5000 characters" in messages["long comment"]
     assert still.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED
+
+
+async def test_a_call_for_another_protocol_version_is_version_not_supported(config) -> None:
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        request = a2a_pb2.GetExtendedAgentCardRequest()
+        with pytest.raises(grpc.aio.AioRpcError) as old:
+            await a2a(planner).GetExtendedAgentCard(request, metadata=(("a2a-version", "0.3"),))
+        patch = await a2a(planner).GetExtendedAgentCard(request, metadata=(("a2a-version", "1.0.2"),))
+        bare = await a2a(planner).GetExtendedAgentCard(request)
+
+    status = status_from_call(old.value)
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    assert old.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.reason == "VERSION_NOT_SUPPORTED" and "speaks A2A 1.0" in status.message
+    assert patch.name == bare.name == "MeshPilot"

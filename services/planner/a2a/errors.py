@@ -9,18 +9,20 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from a2a.utils.errors import (
     A2A_ERROR_MAPPING,
     A2AError,
     InvalidParamsError,
     TaskNotFoundError,
     UnsupportedOperationError,
+    VersionNotSupportedError,
 )
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, bounded
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, bounded, quoted
 
 A2A_ERROR_DOMAIN = "a2a-protocol.org"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,18 +55,34 @@ def rich_status(error: A2AError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=[detail]))
 
 
+def check_version(context: grpc.aio.ServicerContext) -> None:
+    """Refuses a call whose A2A-Version header names another major.minor than 1.0 (patch ignored). A call without
+    the header is taken as 1.0: the service name lf.a2a.v1 is already 1.x only (0.3 clients call a2a.v1)."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() != VERSION_HEADER.lower():
+            continue
+        text = value.decode(errors="replace") if isinstance(value, bytes) else value
+        if text.strip() and text.strip().split(".")[:2] != PROTOCOL_VERSION_CURRENT.split("."):
+            raise VersionNotSupportedError(
+                f"{VERSION_HEADER} {quoted(text.strip())} is not supported; this agent speaks A2A "
+                f"{PROTOCOL_VERSION_CURRENT}"
+            )
+
+
 async def _abort(error: Any, context: grpc.aio.ServicerContext) -> None:
     status = rich_status(protocol_error(error))
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 def a2a_errors(method: F) -> F:
-    """Ends a servicer method's call with the protocol's error for what it raises (see ``protocol_error``)."""
+    """Checks the call's A2A-Version, and ends a servicer method's call with the protocol's error for what it raises
+    (see ``protocol_error``)."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
+                check_version(context)
                 async for response in method(self, request, context):
                     yield response
             except TRANSLATED as error:
@@ -75,6 +93,7 @@ def a2a_errors(method: F) -> F:
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            check_version(context)
             return await method(self, request, context)
         except TRANSLATED as error:
             await _abort(error, context)
