@@ -2,8 +2,9 @@
 services and the HTTP edge as processes, the default model. The page starts a run of an agent whose tool needs
 approval, shows it live, the Approve click resumes it, and the answer appears.
 
-With MESHPILOT_SCREENSHOTS=docs the screenshots of the runs list and of the run's timeline are written there
-(docs/console-runs.png, docs/console-run.png); otherwise to the test's temporary directory.
+With MESHPILOT_SCREENSHOTS=docs the screenshots of the runs list, of the run waiting for approval and of its timeline
+once answered are written there (docs/console-runs.png, console-approval.png, console-run.png); otherwise to the
+test's temporary directory.
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     # The planner signs approvals and the tools service checks them with this key: written before either starts.
     (data_dir / "approval.key").write_text(secrets.token_hex(32))
     port = free_port()
-    services = ServiceProcesses(
-        data_dir, SERVICES, env={"MESHPILOT_EDGE__PORT": str(port), "MESHPILOT_EDGE__GRACE_SECONDS": "1"}
-    )
+    env = {"MESHPILOT_EDGE__PORT": str(port), "MESHPILOT_EDGE__GRACE_SECONDS": "1"}
+    # No /metrics: their ports (port + 1000) are not checked for being free, and this test does not read them.
+    env.update({f"MESHPILOT_{name.upper()}__SERVER__METRICS": "false" for name in SERVICES})
+    services = ServiceProcesses(data_dir, SERVICES, env=env)
     edge: subprocess.Popen[bytes] | None = None
     try:
         services.start_all()
@@ -133,6 +135,7 @@ def test_the_console_follows_a_live_run_and_an_approval_click_resumes_it(mesh, b
     expect(page.locator(".run-head .badge")).to_have_text("waiting for approval")
     expect(page.locator(".event.model-output")).to_have_count(1)
 
+    page.screenshot(path=str(shots / "console-approval.png"), full_page=True)
     page.click(".event.approval-requested button.approve")
 
     expect(page.locator(".event.final-answer")).to_be_visible(timeout=240_000)
