@@ -481,3 +481,39 @@ async def test_a_call_for_another_protocol_version_is_version_not_supported(conf
     assert old.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert info.reason == "VERSION_NOT_SUPPORTED" and "speaks A2A 1.0" in status.message
     assert patch.name == bare.name == "MeshPilot"
+
+
+async def test_a_subscription_follows_an_input_required_task_through_its_approval_to_the_end(config) -> None:
+    llm = ScriptedLLM([react("calculator", expression="6*7"), react_answer("42")])
+    async with Planner(config, llm, FakeTools(), signer=SIGNER) as planner:
+        await create_careful_agent(planner)
+        waiting = (await a2a(planner).SendMessage(send(text_message("6*7?", agent="careful")))).task
+        subscription = a2a(planner).SubscribeToTask(a2a_pb2.SubscribeToTaskRequest(id=waiting.id))
+        snapshot = (await subscription.read()).task
+        await a2a(planner).SendMessage(send(data_message(waiting.id, {"approve": True})))
+        rest = await read_all(subscription)
+
+    assert snapshot.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED
+    assert rest[0].status_update.status.message.metadata["event"] == "approval_decision"
+    assert [sequence(r) for r in rest if r.HasField("status_update")] == list(
+        range(int(snapshot.metadata["lastSequence"]) + 1, sequence(rest[-1]) + 1)
+    )
+    assert rest[-1].status_update.status.state == a2a_pb2.TASK_STATE_COMPLETED
+
+
+async def test_cancel_task_ends_a_working_task_and_its_subscribers_see_canceled(config) -> None:
+    llm = ScriptedLLM(list(FRANCE))
+    llm.gate = asyncio.Event()  # the model never answers: the task stays working
+    async with Planner(config, llm, FakeTools()) as planner:
+        task = (await a2a(planner).SendMessage(send(text_message("France?"), return_immediately=True))).task
+        subscription = a2a(planner).SubscribeToTask(a2a_pb2.SubscribeToTaskRequest(id=task.id))
+        await subscription.read()
+        canceled = await a2a(planner).CancelTask(a2a_pb2.CancelTaskRequest(id=task.id))
+        rest = await read_all(subscription)
+        later = await a2a(planner).ListTasks(a2a_pb2.ListTasksRequest(status_timestamp_after=canceled.status.timestamp))
+        earlier = await a2a(planner).ListTasks(a2a_pb2.ListTasksRequest(status_timestamp_after=task.status.timestamp))
+
+    assert canceled.status.state == a2a_pb2.TASK_STATE_CANCELED
+    assert rest[-1].status_update.status.state == a2a_pb2.TASK_STATE_CANCELED
+    assert "canceled by A2A CancelTask" in rest[-1].status_update.status.message.parts[0].text
+    assert list(later.tasks) == [] and [t.id for t in earlier.tasks] == [task.id]

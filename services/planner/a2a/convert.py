@@ -190,10 +190,11 @@ def run_to_task(record: RunRecord) -> a2a_pb2.Task:
         )
     elif run.events:
         status.message.CopyFrom(history[-1])
-    if run.events:
-        status.timestamp.CopyFrom(run.events[-1].time)
+    # An ended task's status time is its end (what ListTasks' statusTimestampAfter compares), else its last event's.
+    if run.HasField("end_time"):
+        status.timestamp.CopyFrom(run.end_time)
     else:
-        status.timestamp.CopyFrom(run.end_time if run.HasField("end_time") else run.create_time)
+        status.timestamp.CopyFrom(run.events[-1].time if run.events else run.create_time)
     task = a2a_pb2.Task(
         id=record.run_id,
         context_id=record.session_id,
