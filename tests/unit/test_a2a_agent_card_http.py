@@ -60,3 +60,25 @@ async def test_a_planner_that_is_down_is_a_503_not_a_trace(tmp_path) -> None:
 
     assert down.status_code == 503
     assert down.json()["error"]["status"] == "UNAVAILABLE"
+
+
+async def test_the_edge_app_serves_the_card_behind_its_own_authentication(tmp_path) -> None:
+    from services.edge.app import create_app
+
+    config = load_config(
+        data_dir=str(tmp_path), planner={"server": {"port": 0, "metrics": False}}, auth={"enabled": True}
+    )
+    async with Planner(config, ScriptedLLM([]), FakeTools()) as planner:
+        keys = ApiKeyStore(config.auth.keys_path)
+        key = keys.create("alice")[1]
+        keys.close()
+        app = create_app(config, planner_channel=planner.channel, inference_channel=planner.channel)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as http,
+        ):
+            refused = await http.get("/.well-known/agent-card.json")
+            card = await http.get("/.well-known/agent-card.json", headers={"authorization": f"Bearer {key}"})
+
+    assert refused.status_code == 401
+    assert card.status_code == 200 and [s["id"] for s in card.json()["skills"]] == ["default"]
