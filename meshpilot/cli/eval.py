@@ -27,6 +27,7 @@ from services.eval.bfcl import prepare_bfcl
 from services.eval.report import Report, render_markdown, summarize, write_reports
 from services.eval.runner import DEFAULT_TASK_TIMEOUT_S, EvalProgress, PlannerRunner, evaluate
 from services.eval.suite import Suite, SuiteError, load_suite, shipped_suites
+from services.eval.variants import agent_on_model, variant_name
 
 _LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -43,6 +44,13 @@ def eval_suite(
     agent: Annotated[
         list[str] | None,
         typer.Option("--agent", help="An agent to evaluate (repeat to compare side by side); default: the built-in."),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Run each agent on this model instead (repeat to compare models; an agent <agent>-on-<model> is kept).",
+        ),
     ] = None,
     category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
     limit: Annotated[
@@ -67,7 +75,9 @@ def eval_suite(
         fail(str(e), 2)
     if not chosen.tasks:
         fail(f"suite {chosen.name!r} has no tasks in the categories {', '.join(category or [])}", 2)
-    agents = list(dict.fromkeys(agent or [""]))
+    bases = list(dict.fromkeys(agent or [""]))
+    models = list(dict.fromkeys(model or []))
+    agents = [variant_name(a, m) for a in bases for m in models] if models else bases
     folder = out or load_config(config).data_dir / "eval" / chosen.name
     target = planner_target(planner, config)
     results_paths = {name: folder / f"{_label(name)}.results.jsonl" for name in agents}
@@ -75,8 +85,16 @@ def eval_suite(
         for path in results_paths.values():
             path.unlink(missing_ok=True)
     notices = Console(stderr=True)
-    reports = call_service(target, lambda channel: _evaluate_all(channel, chosen, agents, results_paths, notices,
-                                                                 concurrency=concurrency, timeout_s=timeout))  # fmt: skip
+
+    async def run(channel: grpc.aio.Channel) -> list[Report]:
+        for base in bases:
+            for name in models:
+                await agent_on_model(channel, base, name)
+        return await _evaluate_all(
+            channel, chosen, agents, results_paths, notices, concurrency=concurrency, timeout_s=timeout
+        )
+
+    reports = call_service(target, run)
     paths = write_reports(reports, folder)
     if json_output:
         typer.echo(json.dumps([r.to_json() for r in reports], ensure_ascii=False))

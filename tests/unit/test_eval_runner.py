@@ -254,3 +254,32 @@ def test_runs_rate_of_an_unknown_run_exits_1_with_the_code(mesh) -> None:
     done = CliRunner().invoke(app, ["runs", "rate", "nope", "3", "--planner", mesh.target])
     assert done.exit_code == 1
     assert "error: NOT_FOUND: run 'nope' does not exist" in done.output
+
+
+def test_eval_with_models_runs_each_agent_on_each_model_through_a_kept_variant(mesh, tmp_path: Path) -> None:
+    from meshpilot.planner.v1 import agents_pb2
+
+    mesh.agents._store("geo", agents_pb2.AgentSpec(instructions="Answer about countries.", tools=["country_facts"]))
+    args = ["eval", str(suite_file(tmp_path)), "--agent", "geo", "--model", "SmolLM2-135M", "--model", "Tiny 2"]
+    args += ["--out", str(tmp_path / "out"), "--planner", mesh.target]
+
+    done = CliRunner().invoke(app, args)
+    again = CliRunner().invoke(app, [*args, "--restart"])
+
+    assert done.exit_code == 0 and again.exit_code == 0, done.output + again.output
+    variants = {name: versions[-1].spec for name, versions in mesh.agents.versions.items() if name != "geo"}
+    assert {name: (spec.model, list(spec.tools)) for name, spec in variants.items()} == {
+        "geo-on-smollm2-135m": ("SmolLM2-135M", ["country_facts"]),
+        "geo-on-tiny-2": ("Tiny 2", ["country_facts"]),
+    }
+    assert [len(mesh.agents.versions[name]) for name in variants] == [1, 1]  # the same spec again: no new version
+    assert sorted({r.agent for r in mesh.planner.calls("Run")}) == ["geo-on-smollm2-135m", "geo-on-tiny-2"]
+
+
+def test_eval_with_a_model_for_an_unknown_agent_exits_1_with_the_code(mesh, tmp_path: Path) -> None:
+    done = CliRunner().invoke(
+        app, ["eval", str(suite_file(tmp_path)), "--agent", "nope", "--model", "m", "--planner", mesh.target]
+    )
+    assert done.exit_code == 1
+    assert "error: NOT_FOUND: no agent 'nope'" in done.output
+    assert mesh.planner.calls("Run") == []
