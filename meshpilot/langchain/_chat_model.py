@@ -124,10 +124,16 @@ class ChatMeshPilot(BaseChatModel):
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | Any],
         *,
         tool_choice: str | dict[str, Any] | bool | None = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """This model with ``tools`` offered on every call; ValueError for no tools, duplicate names, a schema that
-        is not an object, or an unknown ``tool_choice``."""
+        is not an object, or an unknown ``tool_choice``.
+
+        ``parallel_tool_calls`` and ``strict`` are taken for the agents that pass them: a reply holds one tool call
+        and its arguments always follow the tool's schema (constrained decoding), so neither changes anything.
+        """
         specs = [tool_spec(tool) for tool in tools]
         if not specs:
             raise ValueError("bind_tools needs at least one tool")

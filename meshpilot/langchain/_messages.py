@@ -37,7 +37,11 @@ def tool_spec(tool: Any) -> ToolSpec:
     try:
         function = convert_to_openai_tool(tool)["function"]
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"cannot bind {type(tool).__name__} {quoted(str(tool))} as a tool ({e})") from e
+        # LangChain's own message quotes the whole object: not repeated, it may be megabytes.
+        raise ValueError(
+            f"cannot bind {type(tool).__name__} {quoted(str(tool))} as a tool; pass a BaseTool, a function, a "
+            "pydantic model or an OpenAI tool dict"
+        ) from e
     name = function["name"]
     schema = function.get("parameters") or {"type": "object", "properties": {}}
     _check_object_schema(schema, f"tool {quoted(name)}")
@@ -86,7 +90,7 @@ def output_schema(schema: Any) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(
                 f"with_structured_output takes a pydantic model, a JSON Schema or a TypedDict, not "
-                f"{type(schema).__name__} ({e})"
+                f"{type(schema).__name__} {quoted(str(schema))}"
             ) from e
     _check_object_schema(found, "the output schema")
     return found
@@ -94,9 +98,9 @@ def output_schema(schema: Any) -> dict[str, Any]:
 
 def _check_object_schema(schema: Any, what: str) -> None:
     if not isinstance(schema, dict) or schema.get("type", "object") != "object":
-        kind = schema.get("type") if isinstance(schema, dict) else type(schema).__name__
+        kind = str(schema.get("type")) if isinstance(schema, dict) else type(schema).__name__
         raise ValueError(
-            f"{what} must describe a JSON object (type: object), not {kind!r}; wrap the value in a property"
+            f"{what} must describe a JSON object (type: object), not {quoted(kind)}; wrap the value in a property"
         )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)

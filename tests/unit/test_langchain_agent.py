@@ -133,3 +133,9 @@ def test_input_without_a_task_is_refused(agent: MeshPilotAgent, planner: Scripte
 def test_the_default_planner_is_the_mesh_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHPILOT_PLANNER__SERVER__PORT", "50151")
     assert MeshPilotAgent().planner == "127.0.0.1:50151"
+
+
+def test_a_closed_agent_reopens_its_channel(agent: MeshPilotAgent, planner: ScriptedPlanner) -> None:
+    assert agent.invoke("one") == "Answer to: one"
+    agent.close()
+    assert agent.invoke("two") == "Answer to: two"

@@ -7,11 +7,18 @@ import copy
 import json
 from collections.abc import Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import pytest
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
@@ -414,3 +421,67 @@ def test_an_unreachable_service_says_to_start_the_mesh() -> None:
 def test_the_default_target_is_the_mesh_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHPILOT_INFERENCE__SERVER__PORT", "50154")
     assert ChatMeshPilot().target == "127.0.0.1:50154"
+
+
+def test_bind_tools_refuses_what_is_not_a_tool(model: ChatMeshPilot) -> None:
+    with pytest.raises(ValueError, match="cannot bind int '42' as a tool; pass a BaseTool"):
+        model.bind_tools([42])
+    with pytest.raises(ValueError, match=r"cannot bind str 'aaa.*\(100000 characters\)") as cut:
+        model.bind_tools(["a" * 100_000])
+    assert len(str(cut.value)) < 300
+    huge = {"type": "function", "function": {"name": "f", "parameters": {"type": "x" * 100_000}}}
+    with pytest.raises(ValueError, match=r"not 'xxx.*\(100000 characters\)") as caught:
+        model.bind_tools([huge])
+    assert len(str(caught.value)) < 300
+
+
+def test_bind_tools_takes_the_options_agents_pass(model: ChatMeshPilot, inference: ScriptedInference) -> None:
+    inference.replies.append('{"tool": "calculator", "arguments": {"expression": "1+1"}}')
+    reply = model.bind_tools([calculator], parallel_tool_calls=False, strict=True).invoke("1+1?")
+    assert reply.tool_calls[0]["args"] == {"expression": "1+1"}
+
+
+def test_a_tool_call_without_its_result_is_an_error_observation(
+    model: ChatMeshPilot, inference: ScriptedInference
+) -> None:
+    inference.replies.append('{"final_answer": "unknown"}')
+    messages = [
+        HumanMessage("Capital of France?"),
+        AIMessage("", tool_calls=[{"name": "country_facts", "args": {"name": "France"}, "id": "c1"}]),
+    ]
+    model.bind_tools([country_facts]).invoke(messages)
+
+    assert '{"error": "no result"}' in chat_of(inference.requests[0])[-1][1]
+
+
+def test_a_message_of_another_kind_is_refused(model: ChatMeshPilot, inference: ScriptedInference) -> None:
+    with pytest.raises(ValueError, match="message 0 is a 'chat' message; use system, human, ai or tool messages"):
+        model.invoke([ChatMessage("hello", role="critic")])
+    assert inference.requests == []
+
+
+class CityDict(TypedDict):
+    """A city."""
+
+    name: str
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        CityDict,
+        {"type": "function", "function": {"name": "city", "parameters": {"type": "object", "properties": {}}}},
+    ],
+)
+def test_structured_output_takes_typed_dicts_and_openai_tools(
+    model: ChatMeshPilot, inference: ScriptedInference, schema: Any
+) -> None:
+    inference.replies.append('{"name": "Paris"}')
+    assert model.with_structured_output(schema).invoke("Name a city") == {"name": "Paris"}
+    assert json.loads(inference.requests[0].constraint.json_schema)["type"] == "object"
+
+
+def test_structured_output_json_mode_asks_for_any_object(model: ChatMeshPilot, inference: ScriptedInference) -> None:
+    inference.replies.append('{"anything": [1, 2]}')
+    assert model.with_structured_output(None, method="json_mode").invoke("Some JSON") == {"anything": [1, 2]}
+    assert json.loads(inference.requests[0].constraint.json_schema) == {"type": "object"}

@@ -192,3 +192,18 @@ def test_the_default_target_is_the_mesh_configs(
 ) -> None:
     monkeypatch.setenv("MESHPILOT_TOOLS__SERVER__PORT", service[1].rsplit(":", 1)[1])
     assert [tool.name for tool in meshpilot_tools()] == ["calculator", "append_note", "ghost"]
+
+
+async def test_async_calls_give_the_same_error_observations(tools: dict[str, StructuredTool]) -> None:
+    refused = await tools["calculator"].ainvoke(
+        {"name": "calculator", "args": {"expr": "2+2"}, "id": "c1", "type": "tool_call"}
+    )
+    failed = await tools["calculator"].ainvoke(
+        {"name": "calculator", "args": {"expression": "1/0"}, "id": "c2", "type": "tool_call"}
+    )
+
+    assert isinstance(refused, ToolMessage) and refused.status == "error"
+    assert "arguments.expression is required" in str(refused.content)
+    assert isinstance(failed, ToolMessage) and (failed.status, failed.content) == ("error", "division by zero")
+    with pytest.raises(ToolApprovalRequiredError):
+        await tools["append_note"].ainvoke({"text": "hello"})
