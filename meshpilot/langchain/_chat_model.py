@@ -32,6 +32,7 @@ from meshpilot.langchain._messages import (
     tools_schema,
 )
 from services.common.config import load_config
+from services.common.errors import bounded
 from services.common.tls import TlsIdentity
 from services.planner.guardrails import new_nonce
 from services.planner.policies.base import parse_json_object
@@ -139,7 +140,7 @@ class ChatMeshPilot(BaseChatModel):
             raise ValueError("bind_tools needs at least one tool")
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
-            raise ValueError(f"bound tools need distinct names, got {', '.join(names)}")
+            raise ValueError(bounded(f"bound tools need distinct names, got {', '.join(names)}"))
         choice = tool_choice_of(tool_choice, specs)
         return self.bind(tools=[asdict(spec) for spec in specs], tool_choice=choice, **kwargs)
 
