@@ -283,3 +283,40 @@ def test_eval_with_a_model_for_an_unknown_agent_exits_1_with_the_code(mesh, tmp_
     assert done.exit_code == 1
     assert "error: NOT_FOUND: no agent 'nope'" in done.output
     assert mesh.planner.calls("Run") == []
+
+
+class FailingStub:
+    """A PlannerService stub whose Run streams one event, then ends with ``code``."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self.code = code
+
+    def Run(self, request, timeout=None):
+        async def stream():
+            yield planner_pb2.RunEvent(run_id="run-9", sequence=1, step_started=planner_pb2.StepStarted(step=1))
+            raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x" * 5000)
+
+        return stream()
+
+
+async def test_a_run_that_ends_with_an_rpc_error_is_a_failed_task_with_a_bounded_error() -> None:
+    from services.eval import PlannerRunner
+
+    trajectory = await PlannerRunner(FailingStub(grpc.StatusCode.DEADLINE_EXCEEDED)).run("q", agent="", timeout_s=1)
+    assert trajectory.error == "DEADLINE_EXCEEDED: " + "x" * 300
+    assert (trajectory.steps, trajectory.run_id) == (1, "run-9")
+    with pytest.raises(RunUnavailable, match=r"^UNAVAILABLE: x"):
+        await PlannerRunner(FailingStub(grpc.StatusCode.UNAVAILABLE)).run("q", agent="", timeout_s=1)
+
+
+def test_eval_of_a_bfcl_suite_on_a_planner_without_tool_sources_exits_1_with_the_code(mesh, tmp_path: Path) -> None:
+    from services.eval.bfcl import convert_bfcl
+    from tests.unit.test_eval_suite import ANSWERS as BFCL_ANSWERS
+    from tests.unit.test_eval_suite import QUESTIONS as BFCL_QUESTIONS
+
+    path = tmp_path / "bfcl.jsonl"
+    path.write_text("".join(json.dumps(t.to_json()) + "\n" for t in convert_bfcl(BFCL_QUESTIONS, BFCL_ANSWERS)))
+    done = CliRunner().invoke(app, ["eval", str(path), "--out", str(tmp_path / "out"), "--planner", mesh.target])
+    assert done.exit_code == 1
+    assert "error: UNIMPLEMENTED" in done.output
+    assert mesh.planner.calls("Run") == []

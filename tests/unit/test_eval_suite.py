@@ -158,3 +158,18 @@ def test_bfcl_names_become_names_the_registry_and_the_planner_accept() -> None:
     assert tool_name("3D.plot") == "f_3d_plot"
     assert agent_name("simple_python_12") == "bfcl-simple-python-12"
     assert json_schema({"type": "dict", "properties": {}}) == {"type": "object", "properties": {}}
+
+
+def test_the_generator_refuses_a_folder_without_bfcl_data_and_writes_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "services" / "eval" / "suites").iterdir()}
+    done = subprocess.run(
+        [sys.executable, "scripts/gen_eval_suites.py", "--bfcl-data", str(tmp_path)],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: {tmp_path} has no BFCL_v4_simple_python.json with its possible_answer"
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "services" / "eval" / "suites").iterdir()} == before
