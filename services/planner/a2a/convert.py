@@ -170,7 +170,7 @@ def task_message(record: RunRecord) -> a2a_pb2.Message:
 
 def run_to_task(record: RunRecord) -> a2a_pb2.Task:
     """A run as an A2A task: its state, the latest status message (for INPUT_REQUIRED, every call that waits),
-    its history (the task, then one message per journaled event, in order; empty when ``record`` was read
+    its history (the task, then one message per journaled event, in order; only the task when ``record`` was read
     without events), the answer as an artifact once it succeeded, and metadata (agent, agentVersion,
     lastSequence: the journal sequence the task reflects, usage)."""
     run = run_to_proto(record)
