@@ -7,12 +7,16 @@ import re
 import tomllib
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.common import load_config
 from services.edge import console
+from services.edge.app import create_app
 from services.edge.errors import install_error_handlers
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,3 +71,23 @@ def test_the_console_files_ship_in_the_package() -> None:
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     shipped = {p.name for pattern in package_data["services.edge"] for p in (ROOT / "services/edge").glob(pattern)}
     assert set(console.FILES) <= shipped
+
+
+@pytest.mark.xfail(
+    reason="services/edge/app.py's EdgeGuard asks a bearer token on every path but /healthz; the console's page and "
+    "files hold no data and must load without one (its API calls carry the key from the page's field)"
+)
+async def test_with_authentication_on_the_page_loads_without_a_key_and_its_api_calls_need_one(tmp_path) -> None:
+    config = load_config(data_dir=str(tmp_path), auth={"enabled": True})
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
+    app = create_app(config, planner_channel=channel, inference_channel=channel)
+    async with (
+        channel,
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
+    ):
+        api = await client.get("/v1/runs")
+        pages = [await client.get(path) for path in ("/", "/console/", "/console/console.js")]
+
+    assert api.status_code == 401
+    assert [page.status_code for page in pages] == [307, 200, 200]

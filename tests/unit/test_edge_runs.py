@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from meshpilot.planner.v1 import agents_pb2, planner_pb2
+from meshpilot.planner.v1 import agents_pb2, planner_pb2, planner_pb2_grpc
 from services.common import load_config
 from services.common.approval import ApprovalSigner
 from services.common.auth import ApiKeyStore
@@ -409,3 +409,38 @@ async def test_health_reports_each_service_and_503_while_one_is_unreachable(conf
     statuses = {s["name"]: s["status"] for s in degraded.json()["services"]}
     assert statuses == {"planner": "SERVING", "tools": "SERVING", "knowledge": "SERVING", "inference": "UNREACHABLE"}
     assert healthy.status_code == 200 and healthy.json()["status"] == "serving"
+
+
+async def test_health_without_a_config_on_the_app_reads_the_one_the_process_starts_with(config, monkeypatch) -> None:
+    async with edge_of(config, script()) as edge:
+        port = edge.planner.server.address.rsplit(":", 1)[1]
+        for name in ("PLANNER", "TOOLS", "KNOWLEDGE", "INFERENCE"):
+            monkeypatch.setenv(f"MESHPILOT_{name}__SERVER__PORT", port)
+        del edge.app.state.config
+        healthy = await edge.client.get("/v1/health")
+
+    assert healthy.status_code == 200
+    assert {s["target"] for s in healthy.json()["services"]} == {f"127.0.0.1:{port}"}
+
+
+class SilentPlanner(planner_pb2_grpc.PlannerServiceServicer):
+    """A planner whose Run stream ends without a single event (a broken peer, not ours)."""
+
+    async def Run(self, request: planner_pb2.RunRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        return
+        yield
+
+
+async def test_a_run_stream_that_ends_before_its_first_event_is_a_502(config) -> None:
+    server = grpc.aio.server()
+    planner_pb2_grpc.add_PlannerServiceServicer_to_server(SilentPlanner(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        async with channel, client_of(create_app(config, planner_channel=channel, inference_channel=channel)) as client:
+            reply = await client.post("/v1/agents/default/runs", json={"task": FRANCE})
+    finally:
+        await server.stop(0)
+
+    assert_error(reply, 502, "before its first event")
