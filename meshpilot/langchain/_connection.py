@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -14,8 +15,8 @@ from services.common.errors import bounded
 from services.common.tls import TlsIdentity
 
 T = TypeVar("T")
-# Guards the lazy opening of connections (one per component): a module lock rather than one per instance, so that
-# components stay copyable (LangChain and LangGraph copy runnables; a lock cannot be deep-copied).
+# Guards lazy opening (the shared loop, each component's connection): a module lock rather than one per instance, so
+# that components stay copyable (LangChain and LangGraph copy runnables; a lock cannot be deep-copied).
 OPENING = threading.Lock()
 
 
@@ -39,13 +40,33 @@ def mesh_error(error: grpc.aio.AioRpcError, service: str, target: str) -> MeshEr
     return type(translated)(bounded(str(translated)))
 
 
+class _SharedLoop:
+    """The event loop every MeshConnection of this process runs its channel on: one daemon thread, started on first
+    use (again in a forked child, whose copy of the thread does not run)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = 0
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        with OPENING:
+            if self._loop is None or self._pid != os.getpid():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="meshpilot-langchain", daemon=True).start()
+                self._loop, self._pid = loop, os.getpid()
+            return self._loop
+
+
+_LOOP = _SharedLoop()
+
+
 class MeshConnection:
-    """A channel to one service (``create_channel``: the mesh's retry policy, API key, TLS) and the loop it lives on.
+    """A channel to one service (``create_channel``: the mesh's retry policy, API key, TLS), opened on first use.
 
     grpc.aio channels belong to the event loop that made them, while LangChain calls a component from plain threads
-    (``invoke``, LangGraph's worker threads) and from whichever loop the caller runs (``ainvoke``). So the channel gets
-    an event loop of its own on a daemon thread, started on first use, and every call runs there; callers wait on it
-    (sync) or await it (async). A gRPC failure surfaces as a MeshError (``mesh_error``).
+    (``invoke``, LangGraph's worker threads) and from whichever loop the caller runs (``ainvoke``). So channels live on
+    an event loop of their own on a daemon thread, shared by the process's connections, and every call runs there;
+    callers wait on it (sync) or await it (async). A gRPC failure surfaces as a MeshError (``mesh_error``).
     """
 
     def __init__(
@@ -62,24 +83,14 @@ class MeshConnection:
         self._api_key = api_key
         self._tls = tls
         self._server_name = server_name
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._channel: grpc.aio.Channel | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MeshConnection:
         # A copy of a component shares its channel: the channel holds no per-call state.
         return self
 
-    def _started(self) -> asyncio.AbstractEventLoop:
-        with OPENING:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=loop.run_forever, name=f"meshpilot-{self.service}", daemon=True)
-                self._thread.start()
-                self._loop = loop
-            return self._loop
-
     async def _on_channel(self, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
+        # Runs on the shared loop only, so opening and closing the channel never race.
         if self._channel is None:
             self._channel = create_channel(self.target, api_key=self._api_key, tls=self._tls, server=self._server_name)
         try:
@@ -88,17 +99,17 @@ class MeshConnection:
             raise mesh_error(e, self.service, self.target) from e
 
     def call(self, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
-        """Runs ``call(channel)`` on the connection's loop and waits for its result."""
-        return asyncio.run_coroutine_threadsafe(self._on_channel(call), self._started()).result()
+        """Runs ``call(channel)`` on the channels' loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(self._on_channel(call), _LOOP.get()).result()
 
     async def acall(self, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
-        """Runs ``call(channel)`` on the connection's loop; cancelling the awaiting task cancels the call."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._on_channel(call), self._started()))
+        """Runs ``call(channel)`` on the channels' loop; cancelling the awaiting task cancels the call."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._on_channel(call), _LOOP.get()))
 
     def stream(self, open_stream: Callable[[grpc.aio.Channel], AsyncIterator[T]]) -> Iterator[T]:
         """The items of ``open_stream(channel)``, one at a time; leaving the loop early cancels the call."""
         stream = _Stream(open_stream)
-        loop = self._started()
+        loop = _LOOP.get()
         try:
             while True:
                 found, item = asyncio.run_coroutine_threadsafe(self._on_channel(stream.next), loop).result()
@@ -111,7 +122,7 @@ class MeshConnection:
     async def astream(self, open_stream: Callable[[grpc.aio.Channel], AsyncIterator[T]]) -> AsyncIterator[T]:
         """``stream`` for async callers."""
         stream = _Stream(open_stream)
-        loop = self._started()
+        loop = _LOOP.get()
         try:
             while True:
                 future = asyncio.run_coroutine_threadsafe(self._on_channel(stream.next), loop)
@@ -123,18 +134,13 @@ class MeshConnection:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(stream.close(), loop))
 
     def close(self) -> None:
-        """Closes the channel and stops the loop; a later call starts both again."""
-        with OPENING:
-            loop, self._loop = self._loop, None
-            thread, self._thread = self._thread, None
-        if loop is None or thread is None:
-            return
+        """Closes the channel; a later call opens it again."""
+        asyncio.run_coroutine_threadsafe(self._close(), _LOOP.get()).result()
+
+    async def _close(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
-            asyncio.run_coroutine_threadsafe(channel.close(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+            await channel.close()
 
 
 class _Stream:
