@@ -146,7 +146,7 @@ class ChatMeshPilot(BaseChatModel):
 
     def with_structured_output(
         self,
-        schema: dict[str, Any] | type,
+        schema: dict[str, Any] | type | None = None,
         *,
         include_raw: bool = False,
         method: str = "json_schema",
@@ -154,7 +154,8 @@ class ChatMeshPilot(BaseChatModel):
     ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
         """This model replying with JSON valid against ``schema`` (the inference service's json_schema constraint),
         parsed: an instance of ``schema`` when it is a pydantic model, else a dict. With ``include_raw``: a dict of
-        ``raw`` (the AIMessage), ``parsed`` and ``parsing_error``. ValueError for a schema that is not an object."""
+        ``raw`` (the AIMessage), ``parsed`` and ``parsing_error``. ``method="json_mode"``: any JSON object, no schema.
+        ValueError for a schema that is not an object."""
         if method not in ("json_schema", "function_calling", "json_mode"):
             raise ValueError(f"method {method!r} is not one of json_schema, function_calling, json_mode")
         if kwargs.pop("strict", None) is False:
