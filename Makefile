@@ -10,7 +10,7 @@ FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 BFCL_VERSION ?= 2026.3.23
 
-.PHONY: soak-replicas multi-host install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity triton-cpu injection k8s-check
+.PHONY: soak-replicas multi-host install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -67,6 +67,10 @@ bench-fair-share: install ## a tenant's TTFT alone and while another floods, fai
 
 bench-affinity: install ## 2 inference replicas: prefix-cache hit rate and TTFT, affinity vs round-robin routing (docs/bench/affinity.md)
 	$(PY) benchmarks/affinity_bench.py $(BENCH_ARGS)
+
+bench-aiperf: install ## aiperf (own venv: its pins clash with ours) against the edge's streaming /v1/chat/completions at concurrency 1, 8, 16 (docs/bench/aiperf.md)
+	test -x .venv-aiperf/bin/aiperf || ($(PYTHON) -m venv .venv-aiperf && .venv-aiperf/bin/pip install -q aiperf==0.13.0)
+	$(PY) benchmarks/aiperf_bench.py $(BENCH_ARGS)
 
 injection: install ## the prompt-injection suite: hostile tool outputs through real processes on the default model (docs/bench/injection.md)
 	$(PY) -m tests.integration.test_injection --out docs/bench/injection.md $(INJECTION_ARGS)
