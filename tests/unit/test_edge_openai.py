@@ -4,6 +4,7 @@ raw SSE, tool calls, JSON responses, tenants, authentication, and every error pa
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,12 @@ import pytest
 
 from inference_core import EngineError, GenerationRequest, QueueFullError
 from inference_core.testing import FakeEngine
+from meshpilot.inference.v1 import inference_pb2
 from services.common import MeshConfig, load_config
 from services.common.auth import ApiKeyStore
 from services.edge.app import create_app
+from services.edge.openai_api import _stream
+from services.edge.openai_convert import ToolMode
 from services.inference import create_server, servicer_of
 
 WEATHER = {
@@ -477,3 +481,67 @@ async def test_the_edge_requires_auth_when_it_binds_beyond_loopback(config: Mesh
     async with Edge(FakeEngine(), config) as edge:
         response = await edge.post(chat())
     assert_openai_error(response, 401)
+
+
+class RecordingCall:
+    """A gRPC call's stand-in for _stream: records that the edge cancelled it."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def responses_then(error: BaseException | None, *texts: str) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    for text in texts:
+        yield inference_pb2.GenerateResponse(text=text, model="fake-model")
+    if error is not None:
+        raise error
+
+
+async def test_a_failure_mid_stream_is_an_error_event_and_the_call_is_cancelled() -> None:
+    call = RecordingCall()
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details="engine closed"
+    )
+    first = inference_pb2.GenerateResponse(text="Hel", model="fake-model")
+    events = [
+        e async for e in _stream(call, first, responses_then(error, "lo"), ToolMode(), model="x", include_usage=False)
+    ]
+    assert json.loads(events[1][len("data: ") :])["choices"][0]["delta"] == {"content": "Hel"}
+    assert json.loads(events[2][len("data: ") :])["choices"][0]["delta"] == {"content": "lo"}
+    last = json.loads(events[-1][len("data: ") :])
+    assert last["error"]["code"] == "unavailable" and "engine closed" in last["error"]["message"]
+    assert "[DONE]" not in "".join(events)
+    assert call.cancelled
+
+
+async def test_a_client_that_goes_away_cancels_the_generation() -> None:
+    call = RecordingCall()
+    stream = _stream(call, None, responses_then(None, "a", "b", "c"), ToolMode(), model="x", include_usage=False)
+    await anext(stream)
+    await stream.aclose()
+    assert call.cancelled
+
+
+async def test_a_generation_that_streams_nothing_still_ends_properly() -> None:
+    events = [
+        e async for e in _stream(RecordingCall(), None, responses_then(None), ToolMode(), model="x", include_usage=True)
+    ]
+    assert events[-1] == "data: [DONE]\n\n"
+    assert json.loads(events[-2][len("data: ") :])["usage"]["total_tokens"] == 0
+
+
+async def test_every_request_leaves_an_audit_line(config: MeshConfig, caplog: pytest.LogCaptureFixture) -> None:
+    token = with_auth(config)
+    caplog.set_level(logging.INFO, logger="meshpilot.audit")
+    async with Edge(FakeEngine(["ok"]), config) as edge:
+        await edge.post(chat(), authorization=f"Bearer {token}")
+        await edge.post(chat())
+    lines = [r.getMessage() for r in caplog.records if r.name == "meshpilot.audit"]
+    assert lines[0].startswith("tenant=acme key=") and lines[0].endswith(
+        "method=POST resource=/v1/chat/completions code=200"
+    )
+    assert lines[1] == "tenant=- key=- method=POST resource=/v1/chat/completions code=401"
