@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import cast
 
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
@@ -15,12 +16,13 @@ from services.common.server import ServiceBinding
 from services.common.tls import server_tls, tls_identity
 from services.tools.builtin import KnowledgeClient, builtin_tools
 from services.tools.executor import ToolExecutor
-from services.tools.idempotency import OutcomeStore
+from services.tools.idempotency import IdempotencyStore, OutcomeStore
 from services.tools.mcp_server import McpEndpoint
+from services.tools.pg_stores import PostgresOutcomeStore, PostgresSourceStore
 from services.tools.registry import ToolRegistry
 from services.tools.sandbox import BubblewrapSandbox
 from services.tools.servicer import ToolsServicer
-from services.tools.sources import SourceStore, ToolSources
+from services.tools.sources import SourceStore, ToolSources, ToolSourceStore
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,24 @@ def default_registry(config: MeshConfig, knowledge: KnowledgeClient | None) -> T
     return registry
 
 
+def outcome_store(config: MeshConfig) -> IdempotencyStore:
+    """PostgreSQL when tools.database_url is set (replicas share it), else the SQLite file at tools.db_path."""
+    assert config.tools.db_path is not None  # filled in by MeshConfig
+    if config.tools.database_url:
+        # A waiter gives up on another replica's call only after it outlived any run: the longest time limit, the
+        # grace a timed-out handler gets, and room to record.
+        return PostgresOutcomeStore(config.tools.database_url, wait_seconds=config.tools.max_timeout_seconds + 15)
+    return OutcomeStore(config.tools.db_path)
+
+
+def source_store(config: MeshConfig) -> ToolSourceStore:
+    """Where registered tool sources are kept: beside the outcomes, in PostgreSQL or SQLite."""
+    assert config.tools.db_path is not None  # filled in by MeshConfig
+    if config.tools.database_url:
+        return PostgresSourceStore(config.tools.database_url)
+    return SourceStore(config.tools.db_path)
+
+
 def create_executor(
     config: MeshConfig,
     registry: ToolRegistry,
@@ -60,7 +80,8 @@ def create_executor(
     )
     return ToolExecutor(
         registry,
-        store=OutcomeStore(config.tools.db_path),
+        # ToolExecutor's annotation names the SQLite class; every IdempotencyStore keeps its contract.
+        store=cast(OutcomeStore, outcome_store(config)),
         signer=signer,
         approval_required=config.tools.approval_required,
         sources=[server.name for server in config.tools.mcp_servers] + [api.name for api in config.tools.openapi],
@@ -90,6 +111,7 @@ class ToolsService:
         knowledge_stub: knowledge_pb2_grpc.KnowledgeServiceStub | None = None,
     ) -> None:
         assert config.tools.db_path is not None  # filled in by MeshConfig
+        self.config = config
         self.knowledge = KnowledgeClient(
             config.knowledge.server.target(), stub=knowledge_stub, tls=tls_identity(config, "tools")
         )
@@ -97,7 +119,7 @@ class ToolsService:
         self.sources = ToolSources(
             config.tools,
             registry,
-            SourceStore(config.tools.db_path),
+            source_store(config),
             allow_commands=allows_registered_commands(config),
         )
         self.executor = create_executor(config, registry, scoped=self.sources.scoped)
@@ -111,8 +133,12 @@ class ToolsService:
         """Opens the knowledge channel, adds the tool sources and starts the MCP endpoint. MCP servers connect in the
         background; startup waits up to SOURCES_WAIT_SECONDS for their first attempts, so a healthy server's tools
         are there when the service turns SERVING, while one that is down never holds it up for long."""
+        # A database that does not connect stops the service here, naming tools.database_url.
+        await self.executor.store.open()
         await self.knowledge.open()
         await self.sources.start()
+        if self.config.tools.database_url:
+            self.sources.follow()  # sources registered or unregistered on other replicas
         try:
             await asyncio.wait_for(self.sources.wait_connected(), SOURCES_WAIT_SECONDS)
         except TimeoutError:

@@ -1,21 +1,24 @@
 """Tool sources: MCP servers and OpenAPI documents, declared in the configuration or registered at runtime.
 
 Each source offers its tools as <source>.<tool>. Those registered through the API are kept in the tools database
-and come back when the service restarts; those in the YAML are the configuration's to change.
+and come back when the service restarts (and, with a shared database, appear on every replica); those in the YAML
+are the configuration's to change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -58,10 +61,18 @@ MIGRATIONS = (
     DROP TABLE tool_sources;
     ALTER TABLE tool_sources_by_tenant RENAME TO tool_sources;
     """,
+    # Counts changes, so a replica sharing the database tells with one read whether it has missed any.
+    """
+    CREATE TABLE tool_sources_revision (value INTEGER NOT NULL);
+    INSERT INTO tool_sources_revision VALUES (0);
+    """,
 )
 # The tenant of calls and registrations that name none (a mesh without authentication).
 DEFAULT_TENANT = "default"
 _MAX_MESSAGE_CHARS = 500
+# How often a replica on a shared database checks for sources registered or unregistered elsewhere when no change
+# notification came (one single-row read): only what a lost notification can delay.
+REFRESH_SECONDS = 30.0
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -132,20 +143,79 @@ def _shorten(text: str, limit: int = _MAX_MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+class ToolSourceStore(Protocol):
+    """The runtime-registered sources by tenant and name, shared by the replicas that use one database.
+
+    ``put`` raises AlreadyExistsError when the tenant has a source of that name (whichever replica stored it);
+    ``delete`` says whether there was one; ``all`` lists every tenant's, oldest first. ``revision`` changes with every
+    put and delete, so a replica knows from it whether it has all it should. ``on_change`` callbacks are told of
+    other replicas' changes where the database can say so (never for SQLite: one process uses it). ``open`` connects
+    (ConfigError naming the setting when it cannot); after ``close`` every method raises RuntimeError.
+    """
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put(self, tenant: str, spec: SourceSpec) -> None: ...
+
+    async def delete(self, tenant: str, name: str) -> bool: ...
+
+    async def all(self) -> list[tuple[str, SourceSpec]]: ...
+
+    async def revision(self) -> int: ...
+
+    def on_change(self, callback: Callable[[], None]) -> None: ...
+
+
+def source_kind(spec: SourceSpec) -> str:
+    """How a spec is stored: 'mcp' or 'openapi'."""
+    return "mcp" if isinstance(spec, McpServerConfig) else "openapi"
+
+
+def stored_spec(kind: str, text: str) -> SourceSpec:
+    """The inverse of storing ``spec.model_dump_json()`` under ``source_kind(spec)``."""
+    data = json.loads(text)
+    return McpServerConfig.model_validate(data) if kind == "mcp" else OpenApiSpec.model_validate(data)
+
+
+def taken(tenant: str, name: str) -> AlreadyExistsError:
+    return AlreadyExistsError(
+        f"a tool source named {name!r} is already registered; unregister it first or pick another name"
+    )
+
+
 class SourceStore:
-    """Runtime-registered sources by tenant and name, in the tools database (next to the idempotency outcomes)."""
+    """Runtime-registered sources by tenant and name, in the tools database (next to the idempotency outcomes); a
+    ``ToolSourceStore`` for one process."""
 
     def __init__(self, path: Path | str) -> None:
         self._db = SqliteThread(path, lambda conn: migrate(conn, MIGRATIONS), name="tools-sources")
 
-    async def put(self, tenant: str, spec: SourceSpec) -> None:
-        kind = "mcp" if isinstance(spec, McpServerConfig) else "openapi"
-        row = (tenant, spec.name, kind, spec.model_dump_json(), time.time())
-        await self._db.call(lambda c: c.execute("INSERT INTO tool_sources VALUES (?, ?, ?, ?, ?)", row))
+    async def open(self) -> None:
+        """Nothing to connect: the file is created on first use."""
 
-    async def delete(self, tenant: str, name: str) -> None:
-        query = "DELETE FROM tool_sources WHERE tenant = ? AND name = ?"
-        await self._db.call(lambda c: c.execute(query, (tenant, name)))
+    async def put(self, tenant: str, spec: SourceSpec) -> None:
+        row = (tenant, spec.name, source_kind(spec), spec.model_dump_json(), time.time())
+
+        def put(c: sqlite3.Connection) -> None:
+            inserted = c.execute(
+                "INSERT INTO tool_sources VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, name) DO NOTHING", row
+            ).rowcount
+            if not inserted:
+                raise taken(tenant, spec.name)
+            c.execute("UPDATE tool_sources_revision SET value = value + 1")
+
+        await self._db.call(put)
+
+    async def delete(self, tenant: str, name: str) -> bool:
+        def delete(c: sqlite3.Connection) -> bool:
+            deleted = c.execute("DELETE FROM tool_sources WHERE tenant = ? AND name = ?", (tenant, name)).rowcount
+            if deleted:
+                c.execute("UPDATE tool_sources_revision SET value = value + 1")
+            return bool(deleted)
+
+        return await self._db.call(delete)
 
     async def all(self) -> list[tuple[str, SourceSpec]]:
         """Every stored source with its tenant, oldest first."""
@@ -153,12 +223,13 @@ class SourceStore:
         def read(c: sqlite3.Connection) -> list[tuple[str, str, str]]:
             return c.execute("SELECT tenant, kind, spec FROM tool_sources ORDER BY created_at").fetchall()
 
-        specs: list[tuple[str, SourceSpec]] = []
-        for tenant, kind, text in await self._db.call(read):
-            data = json.loads(text)
-            spec = McpServerConfig.model_validate(data) if kind == "mcp" else OpenApiSpec.model_validate(data)
-            specs.append((tenant, spec))
-        return specs
+        return [(tenant, stored_spec(kind, text)) for tenant, kind, text in await self._db.call(read)]
+
+    async def revision(self) -> int:
+        return int(await self._db.call(lambda c: c.execute("SELECT value FROM tool_sources_revision").fetchone()[0]))
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Never called back: no other process writes this file."""
 
     async def close(self) -> None:
         await self._db.close()
@@ -196,10 +267,19 @@ class ToolSources:
     the background. A configured OpenAPI document that cannot be used stops the service (ConfigError); a stored one
     that no longer loads is shown as failed. ``register`` and ``unregister`` change a tenant's sources at runtime.
     ``allow_commands``: whether ``register`` may start stdio MCP servers.
+
+    Replicas sharing ``store``: ``refresh`` brings this one's sources up to what the store holds (loads the sources
+    registered elsewhere, drops those unregistered elsewhere); ``follow`` refreshes whenever the store reports a
+    change and every REFRESH_SECONDS. Why pushed, not on demand: tools are looked up by ListTools and ExecuteTool
+    without awaiting anything, so a source registered on another replica is there once its notification arrives
+    (milliseconds after the registration committed), not when a call first asks for it. What it costs: one
+    single-row read per replica per change and per REFRESH_SECONDS, and a full read of the sources (documents
+    parsed again only for sources new to this replica) per change. ``register`` and ``unregister`` refresh first,
+    so they judge names by what every replica stored.
     """
 
     def __init__(
-        self, config: ToolsConfig, registry: ToolRegistry, store: SourceStore, *, allow_commands: bool
+        self, config: ToolsConfig, registry: ToolRegistry, store: ToolSourceStore, *, allow_commands: bool
     ) -> None:
         self.registry = registry
         self.allow_commands = allow_commands
@@ -209,6 +289,8 @@ class ToolSources:
         self._tenants: dict[str, _Scope] = {}
         self._started = False
         self._lock = asyncio.Lock()
+        self._revision: int | None = None
+        self._follower: asyncio.Task[None] | None = None
 
     def scoped(self, tenant: str) -> ToolRegistry | None:
         """The registry of the tenant's own sources' tools, if it registered any."""
@@ -234,29 +316,80 @@ class ToolSources:
                 await self._add_openapi(self._global, spec, Origin.CONFIG)
             except (OpenApiError, ToolDefinitionError) as e:
                 raise ConfigError(f"tools.openapi {spec.name!r}: {_shorten(str(e))}") from e
+        await self._store.open()
+        # Read before the sources: a change made in between is seen by the next refresh, never missed.
+        self._revision = await self._store.revision()
         for tenant, stored in await self._store.all():
-            scope = self._scope(tenant)
-            if stored.name in self._global.origins:
-                log.warning("tool source %r is declared in the configuration; its registration is ignored", stored.name)
-                continue
-            if isinstance(stored, McpServerConfig):
-                self._add_mcp(scope, stored, Origin.API)
-                continue
-            try:
-                await self._add_openapi(scope, stored, Origin.API)
-            except (OpenApiError, ToolDefinitionError) as e:
-                log.warning("registered OpenAPI source %r of tenant %r no longer loads: %s", stored.name, tenant, e)
-                scope.openapi[stored.name] = _OpenApiEntry(None, _shorten(str(e)))
-                scope.origins[stored.name] = (stored, Origin.API)
+            await self._load(tenant, stored)
         self._started = True
         for scope in (self._global, *self._tenants.values()):
             await scope.mcp.start()
+
+    async def _load(self, tenant: str, stored: SourceSpec) -> None:
+        """Adds a stored source to its tenant's scope; one that no longer loads is kept as failed."""
+        scope = self._scope(tenant)
+        if stored.name in self._global.origins:
+            log.warning("tool source %r is declared in the configuration; its registration is ignored", stored.name)
+            return
+        if isinstance(stored, McpServerConfig):
+            self._add_mcp(scope, stored, Origin.API)
+            return
+        try:
+            await self._add_openapi(scope, stored, Origin.API)
+        except (OpenApiError, ToolDefinitionError) as e:
+            log.warning("registered OpenAPI source %r of tenant %r no longer loads: %s", stored.name, tenant, e)
+            scope.openapi[stored.name] = _OpenApiEntry(None, _shorten(str(e)))
+            scope.origins[stored.name] = (stored, Origin.API)
+
+    async def refresh(self) -> None:
+        """Loads the sources other replicas registered since the last look and drops those they unregistered."""
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        revision = await self._store.revision()
+        if revision == self._revision:
+            return
+        stored = {(tenant, spec.name): spec for tenant, spec in await self._store.all()}
+        for tenant, scope in self._tenants.items():
+            for name, (spec, origin) in list(scope.origins.items()):
+                now = stored.get((tenant, name))
+                if origin is Origin.API and (now is None or now.model_dump_json() != spec.model_dump_json()):
+                    await _drop(scope, name)
+                    log.info("tool source %r of tenant %r changed on another replica; dropped here", name, tenant)
+        for (tenant, name), spec in stored.items():
+            scope = self._scope(tenant)
+            if name not in scope.origins:
+                await self._load(tenant, spec)
+                await scope.mcp.start()  # connects the new tenant's servers (a started toolset connects at once)
+                log.info("tool source %r of tenant %r registered on another replica; loaded here", name, tenant)
+        self._revision = revision
+
+    def follow(self, every: float = REFRESH_SECONDS) -> None:
+        """Refreshes in the background on each change the store reports and every ``every`` seconds, until ``close``."""
+        if self._follower is None:
+            changed = asyncio.Event()
+            self._store.on_change(changed.set)
+            self._follower = asyncio.create_task(self._follow(changed, every), name="tools-sources-follow")
+
+    async def _follow(self, changed: asyncio.Event, every: float) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), every)
+            changed.clear()
+            try:
+                await self.refresh()
+            except Exception as e:  # the database is away: keep what is loaded, look again later
+                log.warning("could not refresh the tool sources: %s: %s", type(e).__name__, _shorten(str(e), 200))
 
     async def wait_connected(self) -> None:
         """Returns once every MCP server has listed its tools or failed its first attempt."""
         await asyncio.gather(*(scope.mcp.wait_attempted() for scope in (self._global, *self._tenants.values())))
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         try:
             await asyncio.gather(*(scope.close() for scope in (self._global, *self._tenants.values())))
         finally:
@@ -274,12 +407,11 @@ class ToolSources:
                 raise AlreadyExistsError(
                     f"a tool source named {spec.name!r} is declared in the configuration; pick another name"
                 )
+            await self._refresh()
             scope = self._scope(tenant)
             await scope.mcp.start()  # a new tenant's toolset: connections added from now on start at once
             if spec.name in scope.origins:
-                raise AlreadyExistsError(
-                    f"a tool source named {spec.name!r} is already registered; unregister it first or pick another name"
-                )
+                raise taken(tenant, spec.name)
             if isinstance(spec, McpServerConfig):
                 await self._register_mcp(scope, spec)
             else:
@@ -305,12 +437,15 @@ class ToolSources:
                     f"tool source {name!r} is declared in the configuration; remove it from tools.mcp_servers or "
                     "tools.openapi and restart the tools service"
                 )
+            await self._refresh()
             scope = self._tenants.get(tenant)
             if scope is None or name not in scope.origins:
                 known = ", ".join(source.spec.name for source in self.list_sources(tenant)) or "none"
                 raise NotFoundError(f"no tool source named {_shorten(repr(name), 80)}; tool sources: {known}")
-            await self._store.delete(tenant, name)
+            deleted = await self._store.delete(tenant, name)
             await _drop(scope, name)
+            if not deleted:  # another replica unregistered it since the refresh above
+                raise NotFoundError(f"no tool source named {_shorten(repr(name), 80)}: it was just unregistered")
             log.info("tool source %r of tenant %r unregistered", name, tenant)
 
     async def _register_mcp(self, scope: _Scope, spec: McpServerConfig) -> None:
