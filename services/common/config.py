@@ -306,6 +306,13 @@ class ToolsConfig(_Section):
         None,
         description="SQLite file of the outcomes kept under idempotency keys; defaults to <data_dir>/tools.db.",
     )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL DSN (postgresql://user:password@host:5432/db) shared by tools replicas: the outcomes "
+        "kept under idempotency keys and the registered tool sources live there instead of db_path, so a call is run "
+        "once whichever replica gets it; unset keeps the embedded SQLite file. Give it as a secret "
+        "(MESHPILOT_TOOLS__DATABASE_URL), not in the YAML.",
+    )
     approval_required: list[str] = Field(
         default_factory=list,
         description="Tools that run only with a human's approval token, on top of those whose definition asks for "
@@ -342,6 +349,13 @@ class ToolsConfig(_Section):
                     "one namespace: the name prefixes their tools); give each its own name"
                 )
             seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _postgres_url(self) -> ToolsConfig:
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            # The value is not echoed: it may hold a password.
+            raise ValueError("database_url must be a PostgreSQL URL: postgresql://user:password@host:5432/database")
         return self
 
 
