@@ -143,3 +143,41 @@ async def test_a_timeline_whose_stream_breaks_resumes_after_its_last_event(confi
 def sequences(labels: list[str]) -> list[int]:
     """The sequence numbers of the timeline's cards, from their labels ("#3 +0.2s")."""
     return [int(label.split()[0].removeprefix("#")) for label in labels]
+
+
+async def test_a_reject_click_with_a_reason_becomes_the_calls_error_and_the_run_goes_on(config, browser) -> None:
+    llm = ScriptedLLM([react_call("country_facts", {"country": "France"}), react_answer("I may not look that up.")])
+    tools = FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        spec = agents_pb2.AgentSpec(
+            instructions="Answer.",
+            tools=["*"],
+            approval_required=["country_facts"],
+            policy=agents_pb2.PolicySpec(name="react"),
+        )
+        await planner.agents.CreateAgent(agents_pb2.CreateAgentRequest(name="careful", spec=spec))
+        edge = await start_edge(config, planner)
+        url = f"http://127.0.0.1:{edge.port}"
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{url}/console/#/runs")
+            await page.locator("#new-agent option[value='careful']").wait_for(state="attached")
+            await page.select_option("#new-agent", "careful")
+            await page.fill("#new-task", "Capital of France?")
+            await page.click(".new-run button[type=submit]")
+            request = page.locator(".event.approval-requested")
+            await request.locator("button.reject").wait_for()
+            await request.locator("input.reason").fill("not <i>today</i>")
+            await request.locator("button.reject").click()
+            await page.locator(".event.final-answer").wait_for()
+            error = await page.locator(".event.tool-error pre").inner_text()
+            rejected = await page.locator(".event.rejected").count()
+            buttons = await page.locator(".event.approval-requested button").count()
+            await page.close()
+        finally:
+            await edge.stop()
+
+    assert error == "a human rejected this call: not <i>today</i>"
+    assert rejected == 1 and buttons == 0
+    assert tools.calls == []
+    llm.assert_consumed()

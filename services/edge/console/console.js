@@ -6,6 +6,7 @@ const KEY_STORAGE = "meshpilot.apiKey";
 const STATES = ["running", "waiting_for_approval", "succeeded", "failed", "cancelled"];
 const ENDED = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 3000;
+const PAGE = 50; // runs per page of the list (the edge pages up to the newest 500)
 let current = null; // the view on screen: {stop()} ends its timers and streams when the view changes
 
 // ---- DOM ----
@@ -191,12 +192,21 @@ function short(text, n) {
 
 // ---- views ----
 
+function runsHash(state, offset) {
+  const query = new URLSearchParams();
+  if (state) query.set("state", state);
+  if (offset) query.set("offset", offset);
+  return "#/runs" + (query.toString() ? "?" + query : "");
+}
+
 function runsView(params) {
   const state = params.get("state") || "";
+  const offset = Math.max(0, parseInt(params.get("offset") || "0", 10) || 0);
   const table = el("tbody");
+  const pager = el("nav", { class: "pager" });
   const filter = el(
     "select",
-    { id: "state-filter", onchange: (e) => (location.hash = "#/runs" + (e.target.value ? "?state=" + e.target.value : "")) },
+    { id: "state-filter", onchange: (e) => (location.hash = runsHash(e.target.value, 0)) },
     el("option", { value: "" }, "every state"),
     STATES.map((s) => el("option", { value: s, selected: s === state }, s.replace(/_/g, " ")))
   );
@@ -231,7 +241,8 @@ function runsView(params) {
       { class: "runs" },
       el("thead", {}, el("tr", {}, ["Run", "Agent", "Task", "State", "Started", "Tokens", "Answer"].map((h) => el("th", {}, h)))),
       table
-    )
+    ),
+    pager
   );
   api("GET", "/v1/agents")
     .then((agents) => agentSelect.replaceChildren(...agents.data.map((a) => el("option", { value: a.name }, a.name))))
@@ -239,8 +250,14 @@ function runsView(params) {
 
   async function refresh() {
     try {
-      const runs = await api("GET", "/v1/runs?limit=50" + (state ? "&state=" + state : ""));
+      const query = new URLSearchParams({ limit: PAGE, offset });
+      if (state) query.set("state", state);
+      const runs = await api("GET", "/v1/runs?" + query);
       notice("");
+      pager.replaceChildren(
+        offset ? el("a", { href: runsHash(state, Math.max(0, offset - PAGE)), id: "newer" }, "← Newer") : "",
+        runs.has_more ? el("a", { href: runsHash(state, offset + PAGE), id: "older" }, "Older →") : ""
+      );
       table.replaceChildren(
         ...(runs.data.length
           ? runs.data.map((run) =>
