@@ -19,6 +19,7 @@ from services.edge.openai_convert import (
     ToolMode,
     chunk,
     completion_response,
+    finish_reason,
     new_completion_id,
     read_output,
     to_generate_request,
@@ -159,7 +160,7 @@ async def _stream(
                 yield event({"content": completion.content})
             finish = completion.finish_reason
         else:
-            finish = read_output("", last.finish_reason, mode).finish_reason
+            finish = finish_reason(last.finish_reason)
         yield event({}, finish=finish)
         if include_usage:
             yield event(None, usage=usage_of(last.usage))
