@@ -13,7 +13,7 @@ import pytest
 from meshpilot.cli.mesh import wait_http_healthy, wait_serving
 from services.common import MeshConfig, load_config
 from services.common.config import ConfigError
-from services.edge.app import create_app
+from services.edge.app import create_app, edge_auth_required
 from services.edge.server import EdgeServer
 
 
@@ -86,3 +86,24 @@ def test_the_edge_section_refuses_nonsense() -> None:
         load_config(edge={"port": 70000})
     with pytest.raises(ConfigError, match=r"edge\.max_request_bytes"):
         load_config(edge={"max_request_bytes": 10})
+
+
+@pytest.mark.parametrize(
+    ("enabled", "planner_host", "edge_host", "required"),
+    [
+        (None, "127.0.0.1", "127.0.0.1", False),
+        (None, "0.0.0.0", "127.0.0.1", True),
+        (None, "127.0.0.1", "0.0.0.0", True),
+        (None, "::1", "localhost", False),
+        (True, "127.0.0.1", "127.0.0.1", True),
+        (False, "0.0.0.0", "0.0.0.0", False),
+    ],
+)
+def test_the_edge_asks_for_keys_where_the_mesh_does_or_it_binds_beyond_loopback(
+    enabled: bool | None, planner_host: str, edge_host: str, required: bool
+) -> None:
+    config = load_config()
+    config.auth.enabled = enabled
+    config.planner.server.host = planner_host
+    config.edge.host = edge_host
+    assert edge_auth_required(config) is required
