@@ -160,9 +160,13 @@ async def test_a_reject_click_with_a_reason_becomes_the_calls_error_and_the_run_
         url = f"http://127.0.0.1:{edge.port}"
         try:
             page = await browser.new_page()
-            await page.goto(f"{url}/console/#/runs")
+            # From the agent's card to the runs page with the agent chosen.
+            await page.goto(f"{url}/console/#/agents")
+            card = page.locator(".card.agent", has_text="careful")
+            await card.get_by_text("needs approval").wait_for()
+            await card.get_by_role("link", name="Start a run").click()
             await page.locator("#new-agent option[value='careful']").wait_for(state="attached")
-            await page.select_option("#new-agent", "careful")
+            chosen = await page.locator("#new-agent").input_value()
             await page.fill("#new-task", "Capital of France?")
             await page.click(".new-run button[type=submit]")
             request = page.locator(".event.approval-requested")
@@ -177,6 +181,7 @@ async def test_a_reject_click_with_a_reason_becomes_the_calls_error_and_the_run_
         finally:
             await edge.stop()
 
+    assert chosen == "careful"
     assert error == "a human rejected this call: not <i>today</i>"
     assert rejected == 1 and buttons == 0
     assert tools.calls == []

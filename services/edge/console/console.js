@@ -245,7 +245,10 @@ function runsView(params) {
     pager
   );
   api("GET", "/v1/agents")
-    .then((agents) => agentSelect.replaceChildren(...agents.data.map((a) => el("option", { value: a.name }, a.name))))
+    .then((agents) => {
+      agentSelect.replaceChildren(...agents.data.map((a) => el("option", { value: a.name }, a.name)));
+      if (params.get("agent")) agentSelect.value = params.get("agent");
+    })
     .catch(() => agentSelect.replaceChildren(el("option", { value: "default" }, "default")));
 
   async function refresh() {
@@ -310,7 +313,8 @@ function agentsView() {
               el("dt", {}, "needs approval"),
               el("dd", {}, (spec.approval_required || []).join(", ") || "—")
             ),
-            el("details", {}, el("summary", {}, "instructions"), el("pre", { class: "text" }, spec.instructions || ""))
+            el("details", {}, el("summary", {}, "instructions"), el("pre", { class: "text" }, spec.instructions || "")),
+            el("p", { class: "card-actions" }, el("a", { href: "#/runs?agent=" + encodeURIComponent(agent.name) }, "Start a run →"))
           );
         })
       );
