@@ -16,6 +16,7 @@ from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.edge import deps
 from services.edge.errors import OpenAIError, from_rpc_error
 from services.edge.openai_convert import (
+    AnswerStream,
     ToolMode,
     chunk,
     completion_response,
@@ -128,9 +129,10 @@ async def _stream(
     model: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """OpenAI's chunks: the role, content deltas as the model writes them (tool calls once whole: they are read from
-    the finished action), the finish reason, the usage chunk when asked for, then ``data: [DONE]``. A failure after
-    the first chunk is an ``error`` event (the HTTP status is sent already)."""
+    """OpenAI's chunks: the role, content deltas as the model writes them (in tool mode, an answer's text as it is
+    decoded, a tool call once whole: it is read from the finished action), the finish reason, the usage chunk when
+    asked for, then ``data: [DONE]``. A failure after the first chunk is an ``error`` event (the HTTP status is sent
+    already)."""
     completion_id, created = new_completion_id(), int(time.time())
     model = first.model if first is not None and first.model else model
 
@@ -140,24 +142,28 @@ async def _stream(
     try:
         yield event({"role": "assistant", "content": ""})
         last = first or inference_pb2.GenerateResponse()
+        answer = AnswerStream() if mode.active and not mode.answer_is_json else None
         parts: list[str] = []
         pending = [first] if first is not None else []
         try:
             async for response in _chain(pending, responses):
                 last = response
+                delta = response.text
                 if mode.active:
-                    parts.append(response.text)
-                elif response.text:
-                    yield event({"content": response.text})
+                    parts.append(delta)
+                    delta = answer.feed(delta) if answer is not None else ""
+                if delta:
+                    yield event({"content": delta})
         except grpc.aio.AioRpcError as e:
             yield _event(_chat_error(e).body())
             return
         if mode.active:
             completion = read_output("".join(parts), last.finish_reason, mode)
+            sent = answer.sent if answer is not None else ""
             if completion.tool_calls:
                 yield event({"tool_calls": tool_call_deltas(completion.tool_calls)})
-            elif completion.content:
-                yield event({"content": completion.content})
+            elif completion.content and completion.content.startswith(sent) and completion.content != sent:
+                yield event({"content": completion.content[len(sent) :]})
             finish = completion.finish_reason
         else:
             finish = finish_reason(last.finish_reason)

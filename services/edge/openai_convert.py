@@ -4,6 +4,7 @@ JSON responses, and the response objects and stream chunks in OpenAI's exact sha
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ TOOL_INSTRUCTIONS = """Reply with one JSON object and nothing else:
 Tools:
 {tools}"""
 ANSWER_LINE = ', or\n{"final_answer": "<answer>"} to answer without a tool'
+
+# How an answer action starts (its only key): from here on its string is streamed as content while it is decoded.
+_ANSWER_START = re.compile(r'\s*\{\s*"final_answer"\s*:\s*"')
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
 
 _FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
@@ -244,6 +249,66 @@ def finish_reason(reason: int) -> str:
     return _FINISH_REASONS.get(reason, "stop")  # type: ignore[call-overload]
 
 
+def _string_prefix(body: str) -> tuple[str, bool]:
+    """The decoded text of a JSON string whose body (after the opening quote) begins ``body``, as far as it is
+    complete (an escape cut in half waits for the rest), and whether its closing quote was reached."""
+    i, cut, closed = 0, 0, False
+    while i < len(body):
+        char = body[i]
+        if char == '"':
+            cut, closed = i, True
+            break
+        if char != "\\":
+            i += 1
+            cut = i
+            continue
+        if i + 1 >= len(body):
+            break
+        if body[i + 1] != "u":
+            i += 2
+        else:
+            if not _HEX4.fullmatch(body[i + 2 : i + 6]):
+                break
+            high = 0xD800 <= int(body[i + 2 : i + 6], 16) <= 0xDBFF
+            # A high surrogate decodes only with the low one after it.
+            if high and not (body[i + 6 : i + 8] == "\\u" and _HEX4.fullmatch(body[i + 8 : i + 12])):
+                break
+            i += 12 if high else 6
+        cut = i
+    try:
+        return json.loads(f'"{body[:cut]}"', strict=False), closed
+    except ValueError:  # an escape JSON does not have: the constrained decoder never writes one
+        return "", closed
+
+
+def partial_answer(text: str) -> str | None:
+    """The answer an action's text has given so far, when it is an answer action ({"final_answer": "..."}), else
+    None (a tool call, or not yet known)."""
+    start = _ANSWER_START.match(text)
+    return _string_prefix(text[start.end() :])[0] if start else None
+
+
+class AnswerStream:
+    """Content deltas of an answer action while it is decoded, so that a reply under tool_choice auto streams like
+    plain text; a tool call streams nothing here (it is sent whole at the end)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = ""
+
+    @property
+    def started(self) -> bool:
+        return bool(self.sent)
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        answer = partial_answer(self.text)
+        if answer is None or len(answer) <= len(self.sent):
+            return ""
+        new, self.sent = answer[len(self.sent) :], answer
+        return new
+
+
 def read_output(text: str, reason: int, mode: ToolMode) -> Completion:
     """The model's output as OpenAI content or tool calls. In tool mode the output is one action (constrained), unless
     it was cut by max_tokens: then the text as it is, finish_reason length."""
@@ -253,7 +318,9 @@ def read_output(text: str, reason: int, mode: ToolMode) -> Completion:
     try:
         action = json.loads(text)
     except ValueError:
-        return Completion(text, finish_reason="length" if finished == "length" else finished)
+        # Cut by max_tokens: an answer's text so far, else what the model wrote.
+        answer = None if mode.answer_is_json else partial_answer(text)
+        return Completion(text if answer is None else answer, finish_reason=finished)
     if isinstance(action, dict) and "tool" in action:
         call = {
             "id": f"call_{uuid.uuid4().hex[:24]}",

@@ -21,7 +21,7 @@ from services.common import MeshConfig, load_config
 from services.common.auth import ApiKeyStore
 from services.edge.app import create_app
 from services.edge.openai_api import _stream
-from services.edge.openai_convert import ToolMode
+from services.edge.openai_convert import ToolMode, _string_prefix, partial_answer
 from services.inference import create_server, servicer_of
 
 WEATHER = {
@@ -545,3 +545,52 @@ async def test_every_request_leaves_an_audit_line(config: MeshConfig, caplog: py
         "method=POST resource=/v1/chat/completions code=200"
     )
     assert lines[1] == "tenant=- key=- method=POST resource=/v1/chat/completions code=401"
+
+
+async def test_an_answer_under_tool_choice_auto_streams_as_it_is_decoded(config: MeshConfig) -> None:
+    output = json.dumps({"final_answer": 'It is "sunny" and warm in Zürich 😀 today.'})
+    async with Edge(FakeEngine([output]), config) as edge:
+        stream = await edge.openai().chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], stream=True
+        )
+        chunks = [c async for c in stream]
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(contents) > 3
+    assert "".join(contents) == 'It is "sunny" and warm in Zürich 😀 today.'
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+
+
+async def test_an_answer_cut_by_max_tokens_is_its_text_so_far(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(['{"final_answer": "one two three four"}'] * 2), config) as edge:
+        whole = (await edge.post(chat(tools=[WEATHER], max_tokens=3))).json()
+        streamed = await sse_events(await edge.post(chat(tools=[WEATHER], max_tokens=3, stream=True)))
+    assert whole["choices"][0]["message"]["content"] == "one two"
+    assert whole["choices"][0]["finish_reason"] == "length"
+    chunks = [json.loads(e) for e in streamed[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "one two"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("body", "decoded", "closed"),
+    [
+        ("abc", "abc", False),
+        ("a\\", "a", False),
+        ("a\\u00", "a", False),
+        ('a\\u00e9x"rest', "aéx", True),
+        ("x\\ud83d", "x", False),
+        ("x\\ud83d\\ude00!", "x😀!", False),
+        ('q\\"b"', 'q"b', True),
+        ("line\\nnext", "line\nnext", False),
+        ("bad \\x escape", "", False),
+    ],
+)
+def test_a_json_string_is_decoded_as_far_as_it_is_complete(body: str, decoded: str, closed: bool) -> None:
+    assert _string_prefix(body) == (decoded, closed)
+
+
+def test_only_an_answer_action_has_a_partial_answer() -> None:
+    assert partial_answer('{"tool": "get_weather", "arguments": {') is None
+    assert partial_answer('{"final_') is None
+    assert partial_answer('{"final_answer": "Hi') == "Hi"
