@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jsonschema
@@ -114,34 +115,56 @@ def test_a_streamed_chat_completion(mesh: EdgeMesh) -> None:
     assert usage is not None and 0 < usage.completion_tokens <= 24
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
-def test_a_tool_call_matches_its_function_s_parameters(mesh: EdgeMesh, tool_choice: object) -> None:
-    completion = mesh.client().chat.completions.create(
-        model="smollm2-135m-instruct",
-        messages=[{"role": "user", "content": "What is the weather in Paris, in celsius?"}],
-        tools=[WEATHER],  # type: ignore[list-item]
-        tool_choice=tool_choice,  # type: ignore[arg-type]
-        temperature=0,
-        max_tokens=64,
-    )
-    choice = completion.choices[0]
-    assert choice.finish_reason == "tool_calls", choice
-    [call] = choice.message.tool_calls or []
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
-    jsonschema.validate(arguments, WEATHER["function"]["parameters"])  # type: ignore[index]
+def streamed(client: openai.OpenAI, **kwargs: Any) -> tuple[str, list[Any], str | None]:
+    """A streamed completion collected: its text, its tool call deltas, its finish reason."""
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    choices = [c.choices[0] for c in chunks if c.choices]
+    text = "".join(c.delta.content or "" for c in choices)
+    calls = [call for c in choices for call in c.delta.tool_calls or []]
+    return text, calls, next((c.finish_reason for c in choices if c.finish_reason), None)
 
 
-def test_a_json_schema_response_parses_and_validates(mesh: EdgeMesh) -> None:
-    completion = mesh.client().chat.completions.create(
-        model="smollm2-135m-instruct",
-        messages=[{"role": "user", "content": "What is the capital of France? Answer as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL}},
-        temperature=0,
-        max_tokens=64,
-    )
-    assert completion.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(completion.choices[0].message.content or ""), CAPITAL)
+@pytest.mark.parametrize(
+    ("tool_choice", "stream"),
+    [("required", False), ({"type": "function", "function": {"name": "get_weather"}}, True)],
+)
+def test_a_tool_call_matches_its_function_s_parameters(mesh: EdgeMesh, tool_choice: object, stream: bool) -> None:
+    request: dict[str, Any] = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "What is the weather in Paris, in celsius?"}],
+        "tools": [WEATHER],
+        "tool_choice": tool_choice,
+        "temperature": 0,
+        "max_tokens": 64,
+    }
+    if stream:
+        _, [call], finish = streamed(mesh.client(), **request)
+        name, arguments = call.function.name, call.function.arguments
+    else:
+        choice = mesh.client().chat.completions.create(**request).choices[0]
+        [message_call] = choice.message.tool_calls or []
+        name, arguments, finish = message_call.function.name, message_call.function.arguments, choice.finish_reason  # type: ignore[union-attr]
+    assert finish == "tool_calls"
+    assert name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_json_schema_response_parses_and_validates(mesh: EdgeMesh, stream: bool) -> None:
+    request: dict[str, Any] = {
+        "model": "smollm2-135m-instruct",
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer as JSON."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": CAPITAL}},
+        "temperature": 0,
+        "max_tokens": 64,
+    }
+    if stream:
+        text, _, finish = streamed(mesh.client(), **request)
+    else:
+        choice = mesh.client().chat.completions.create(**request).choices[0]
+        text, finish = choice.message.content or "", choice.finish_reason
+    assert finish == "stop"
+    jsonschema.validate(json.loads(text), CAPITAL)
 
 
 def test_bad_input_is_an_openai_style_4xx(mesh: EdgeMesh) -> None:
