@@ -594,3 +594,10 @@ def test_only_an_answer_action_has_a_partial_answer() -> None:
     assert partial_answer('{"tool": "get_weather", "arguments": {') is None
     assert partial_answer('{"final_') is None
     assert partial_answer('{"final_answer": "Hi') == "Hi"
+
+
+async def test_a_prompt_over_the_context_is_a_400_saying_how_long_it_may_be(config: MeshConfig) -> None:
+    async with Edge(FakeEngine(context_length=16), config) as edge:
+        response = await edge.post(chat(messages=[{"role": "user", "content": "word " * 40}]))
+    assert_openai_error(response, 400, None, "context", "shorten it")
+    assert response.json()["error"]["code"] == "invalid_argument"
