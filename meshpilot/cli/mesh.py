@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -186,11 +187,13 @@ async def run_mesh(
 async def _start_edge(
     cfg: MeshConfig, spawn: Spawn, supervisor: MeshSupervisor, probe: HealthProbe, startup_timeout: float
 ) -> bool:
-    """Starts the edge, supervised like the others; False (reported) when /healthz does not answer in time. With TLS
-    on and no certificate for the edge, the mesh runs without it (said, with what to do)."""
+    """Starts the edge, supervised like the others; False (reported) when /healthz does not answer in time. The mesh
+    runs without it (said, with what to do) when its port is taken (another mesh's edge on 8080 would otherwise answer
+    the probe for it) or TLS is on and the edge has no certificate."""
     try:
         tls_identity(cfg, EDGE)
-    except ConfigError as e:
+        _check_port_free(cfg.edge.host, cfg.edge.port)
+    except (ConfigError, OSError) as e:
         console.print(f"[yellow]the edge is not started[/]: {e}; or set edge.enabled to false", soft_wrap=True)
         return True
     edge = ServiceProcess(EDGE, _target(cfg, EDGE), _log_path(cfg, EDGE), await spawn(EDGE))
@@ -203,6 +206,22 @@ async def _start_edge(
             f"[red]edge did not answer {edge.target}/healthz[/] (log {edge.log_path}):\n{tail(edge.log_path)}"
         )
     return ok
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """OSError naming edge.port when ``host:port`` cannot be bound now."""
+    if port == 0:
+        return
+    host = host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            # As uvicorn binds: a port whose last connections linger in TIME_WAIT is free, a listening one is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise OSError(
+            f"{host}:{port} is in use ({e.strerror}); set edge.port (MESHPILOT_EDGE__PORT) to a free port"
+        ) from e
 
 
 def _print_endpoints(processes: list[ServiceProcess], seconds: float, status_path: Path) -> None:

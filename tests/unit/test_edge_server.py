@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshpilot.cli.mesh import wait_http_healthy, wait_serving
+from meshpilot.cli.mesh import _check_port_free, wait_http_healthy, wait_serving
 from services.common import MeshConfig, load_config
 from services.common.config import ConfigError
 from services.edge.app import create_app, edge_auth_required
@@ -107,3 +107,14 @@ def test_the_edge_asks_for_keys_where_the_mesh_does_or_it_binds_beyond_loopback(
     config.planner.server.host = planner_host
     config.edge.host = edge_host
     assert edge_auth_required(config) is required
+
+
+def test_up_finds_a_taken_edge_port_before_starting_the_edge() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="MESHPILOT_EDGE__PORT"):
+            _check_port_free("127.0.0.1", port)
+    _check_port_free("127.0.0.1", port)
+    _check_port_free("127.0.0.1", 0)
