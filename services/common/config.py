@@ -71,8 +71,11 @@ class InferenceConfig(_Section):
     """The inference service and its engine."""
 
     server: ServerConfig = ServerConfig(port=50054)
-    backend: Literal["torch", "triton"] = Field(
-        "torch", description="torch runs the model in-process; triton calls a Triton server."
+    backend: Literal["torch", "triton", "openvino", "auto"] = Field(
+        "torch",
+        description="torch runs the model in-process; openvino runs it in-process with OpenVINO GenAI (CPU; "
+        "`make install-openvino`); auto picks openvino on CPU when it is installed, else torch; triton calls a "
+        "Triton server.",
     )
     model_path: str = Field(
         "",
@@ -110,6 +113,26 @@ class InferenceConfig(_Section):
     tenant_weights: dict[str, int] = Field(
         default_factory=dict,
         description="With fair_share: a tenant's share of turns and slots relative to others (default 1), e.g. {gold: 2}.",
+    )
+    openvino_weight_format: Literal["fp32", "fp16", "int8", "int4"] = Field(
+        "fp32",
+        description="backend openvino: the exported weights; int8/int4 are optimum-intel's weight compression "
+        "(smaller and faster, with a quality cost measured in docs/bench/inference.md). Each format is exported once.",
+    )
+    openvino_kv_cache_gb: float = Field(
+        1.0, gt=0, description="backend openvino: KV cache size in GB (whole GB; the prefix cache lives in it)."
+    )
+    openvino_precision: Literal["", "f32", "bf16", "f16"] = Field(
+        "",
+        description="backend openvino: compute precision on CPU; empty keeps OpenVINO's choice (bf16 where the CPU has it).",
+    )
+    openvino_exporter: str = Field(
+        "",
+        description="backend openvino: optimum-cli used for the one-time export; empty finds the one "
+        "`make install-openvino` installs, then one on PATH.",
+    )
+    openvino_cache_dir: Path | None = Field(
+        None, description="backend openvino: where exported models are kept; defaults to <data_dir>/openvino."
     )
     triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint (backend: triton).")
     triton_model: str = Field("ensemble", description="Triton model to call: ensemble or tensorrt_llm_bls.")

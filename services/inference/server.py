@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry
 
-from inference_core import BatchingConfig, Engine, TorchEngine
+from inference_core import BatchingConfig, Engine, EngineError, TorchEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import ConfigError, MeshConfig, MeshServer, serve
 from services.common.server import ServiceBinding
@@ -12,16 +16,23 @@ from services.common.tls import server_tls
 from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import InferenceServicer
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
 def create_engine(config: MeshConfig) -> Engine:
     """The engine ``config.inference`` describes (not started: ``start()`` loads the model)."""
     section = config.inference
-    if section.backend == "triton":
+    backend: str = section.backend
+    if backend == "auto":
+        backend = _auto_backend(config)
+    if backend == "triton":
         return _triton_engine(config)
-    if section.backend != "torch":
-        raise ConfigError(f"inference.backend {section.backend!r} is not available in this build; set it to 'torch'")
+    if backend == "openvino":
+        return _openvino_engine(config)
+    if backend != "torch":
+        raise ConfigError(f"inference.backend {backend!r} is not available in this build; set it to 'torch'")
     return TorchEngine(
         section.model_path or None,
         model_id=section.model_id,
@@ -59,6 +70,60 @@ def _triton_engine(config: MeshConfig) -> Engine:
         model_id=section.model_id,
         tokenizer_path=section.model_path or None,
         context_length=section.max_seq_len,
+    )
+
+
+def _openvino_cache_dir(config: MeshConfig) -> Path:
+    return config.inference.openvino_cache_dir or config.data_dir / "openvino"
+
+
+def _auto_backend(config: MeshConfig) -> str:
+    """openvino when its runtime is installed and the model is exported or an exporter is at hand (it served agent
+    calls faster on CPU, docs/bench/inference.md), else torch; on a GPU device always torch."""
+    section = config.inference
+    if section.device != "cpu":
+        return "torch"
+    if importlib.util.find_spec("openvino_genai") is None:
+        log.info("inference.backend auto: torch (openvino-genai is not installed; `make install-openvino` adds it)")
+        return "torch"
+    from inference_core.openvino_export import find_exporter, ir_directory, is_exported
+
+    try:
+        ir_dir = ir_directory(section.model_path or None, _openvino_cache_dir(config), section.openvino_weight_format)
+    except EngineError as e:
+        log.info("inference.backend auto: torch (%s)", e)
+        return "torch"
+    if is_exported(ir_dir) or find_exporter(section.openvino_exporter or None) is not None:
+        log.info("inference.backend auto: openvino")
+        return "openvino"
+    log.info("inference.backend auto: torch (the model has no OpenVINO IR and optimum-cli was not found)")
+    return "torch"
+
+
+def _openvino_engine(config: MeshConfig) -> Engine:
+    from inference_core.openvino_engine import OpenVINOConfig, OpenVINOEngine
+
+    section = config.inference
+    try:
+        openvino = OpenVINOConfig(
+            cache_dir=_openvino_cache_dir(config),
+            weight_format=section.openvino_weight_format,
+            exporter=section.openvino_exporter,
+            max_num_seqs=section.max_batch_size,
+            max_num_batched_tokens=max(section.prefill_chunk_tokens, section.max_batch_size),
+            kv_cache_gb=section.openvino_kv_cache_gb,
+            prefix_caching=section.prefix_cache_tokens > 0,
+            inference_precision=section.openvino_precision,
+            threads=section.threads,
+            max_queue=section.max_queue,
+            fair_share=section.fair_share,
+            max_queue_per_tenant=section.max_queue_per_tenant,
+            tenant_weights=dict(section.tenant_weights),
+        )
+    except ValueError as e:
+        raise ConfigError(f"inference: {e}") from e
+    return OpenVINOEngine(
+        section.model_path or None, model_id=section.model_id, config=openvino, max_seq_len=section.max_seq_len
     )
 
 

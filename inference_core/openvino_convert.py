@@ -1,0 +1,71 @@
+"""Our request's sampling, limits and constraint as OpenVINO GenAI's GenerationConfig fields, and its finish back."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from inference_core.errors import InvalidRequestError
+from inference_core.types import Constraint, FinishReason, GenerationRequest
+
+STRUCTURED_FIELDS = {"json_schema": "json_schema", "regex": "regex", "ebnf": "grammar"}
+"""Our constraint kind -> the StructuredOutputConfig field that carries it (EBNF goes in as xgrammar's GBNF)."""
+
+
+def generation_fields(request: GenerationRequest, max_new_tokens: int, eos_token_ids: Iterable[int]) -> dict[str, Any]:
+    """The GenerationConfig attributes of ``request`` (validated already). Stop strings are not passed: the engine
+    matches them on the streamed text, as the torch engine does, and stops the request itself."""
+    sampling = request.sampling
+    fields: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "stop_token_ids": set(eos_token_ids),
+        "num_return_sequences": 1,
+        "repetition_penalty": sampling.repetition_penalty,
+    }
+    if sampling.is_greedy:
+        fields["do_sample"] = False
+    else:
+        fields["do_sample"] = True
+        fields["temperature"] = sampling.temperature
+        fields["top_p"] = sampling.top_p
+        if sampling.top_k > 0:
+            fields["top_k"] = sampling.top_k
+        # rng_seed 0 would mean "the pipeline's default seed", the same for every unseeded request.
+        fields["rng_seed"] = sampling.seed if sampling.seed is not None else secrets.randbits(31) + 1
+    return fields
+
+
+def structured_fields(constraint: Constraint) -> dict[str, str]:
+    """The StructuredOutputConfig attribute holding ``constraint``."""
+    name = STRUCTURED_FIELDS.get(constraint.kind)
+    if name is None:
+        raise InvalidRequestError(
+            f"constraint kind {constraint.kind!r} is unknown; use one of {', '.join(STRUCTURED_FIELDS)}"
+        )
+    return {name: constraint.value}
+
+
+def generation_config(request: GenerationRequest, max_new_tokens: int, eos_token_ids: Iterable[int]) -> Any:
+    """An ``openvino_genai.GenerationConfig`` for ``request``."""
+    import openvino_genai as ov_genai
+
+    config = ov_genai.GenerationConfig()
+    for name, value in generation_fields(request, max_new_tokens, eos_token_ids).items():
+        setattr(config, name, value)
+    if request.constraint is not None:
+        structured = ov_genai.StructuredOutputConfig()
+        for name, value in structured_fields(request.constraint).items():
+            setattr(structured, name, value)
+        config.structured_output_config = structured
+    return config
+
+
+def finish_reason(status_name: str, output_finish: str, generated: int, max_new_tokens: int) -> FinishReason:
+    """Why the pipeline ended a request it finished by itself (the engine ends stop strings and aborts): LENGTH
+    when the limit was reached, else STOP (end of sequence, or the grammar completed)."""
+    if status_name in ("CANCEL", "DROPPED_BY_HANDLE", "DROPPED_BY_PIPELINE"):
+        return FinishReason.CANCELLED
+    if output_finish == "LENGTH" or generated >= max_new_tokens:
+        return FinishReason.LENGTH
+    return FinishReason.STOP
