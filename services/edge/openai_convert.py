@@ -106,13 +106,27 @@ def _assistant_text(message: ChatMessage, index: int) -> str:
     return "\n".join(lines)
 
 
+def _unicode(text: str, param: str) -> str:
+    """``text``, or a 400 naming ``param`` when it holds a lone surrogate (JSON's "\\ud800" escapes decode to one),
+    which protobuf strings (UTF-8) cannot carry."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            f"{param} holds a lone UTF-16 surrogate at character {e.start}; send valid Unicode (pair each \\ud800-"
+            "\\udbff escape with a \\udc00-\\udfff one)",
+            param=param,
+        ) from None
+    return text
+
+
 def chat_messages(request: ChatCompletionRequest, mode: ToolMode) -> list[inference_pb2.ChatMessage]:
     """The request's messages in the inference service's roles, the tool instructions added to the system prompt."""
     messages: list[inference_pb2.ChatMessage] = []
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
         text = _assistant_text(message, i) if role == "assistant" else _text_of(message, i)
-        messages.append(inference_pb2.ChatMessage(role=role, content=text))
+        messages.append(inference_pb2.ChatMessage(role=role, content=_unicode(text, f"messages[{i}].content")))
     if mode.active:
         instructions = TOOL_INSTRUCTIONS.format(
             answer=ANSWER_LINE if mode.may_answer else "", tools=tool_lines(mode.tools)
@@ -224,6 +238,15 @@ def _stop_strings(request: ChatCompletionRequest) -> list[str]:
 def to_generate_request(request: ChatCompletionRequest) -> tuple[inference_pb2.GenerateRequest, ToolMode]:
     """The Generate call for ``request`` and how to read its output; OpenAIError (400) naming the field otherwise."""
     _unsupported(request)
+    try:
+        return _generate_request(request)
+    except UnicodeEncodeError as e:  # a lone surrogate outside the messages: in a tool, a schema, a stop string
+        raise bad_request(
+            f"the request holds a lone UTF-16 surrogate ({e.object[e.start : e.end]!a}); send valid Unicode"
+        ) from None
+
+
+def _generate_request(request: ChatCompletionRequest) -> tuple[inference_pb2.GenerateRequest, ToolMode]:
     mode = tool_mode(request)
     sampling = inference_pb2.SamplingParams()
     if request.temperature is not None:

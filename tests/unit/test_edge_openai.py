@@ -601,3 +601,52 @@ async def test_a_prompt_over_the_context_is_a_400_saying_how_long_it_may_be(conf
         response = await edge.post(chat(messages=[{"role": "user", "content": "word " * 40}]))
     assert_openai_error(response, 400, None, "context", "shorten it")
     assert response.json()["error"]["code"] == "invalid_argument"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[]",
+        b"null",
+        b"1",
+        b'"text"',
+        b"{}",
+        b'{"model": 1, "messages": "hi"}',
+        b'{"model": "m", "messages": {"role": "user"}}',
+        b'{"model": "m", "messages": [{"role": "user", "content": 5}]}',
+        b'{"model": "m", "messages": [null]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": "all"}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": 5}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": []}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e400}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "\\udfff"}',
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+        b'"function": {"name": "f", "description": "\\ud800"}}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", '
+        b'"json_schema": {"name": "n", "schema": {"\\ud800": 1}}}}',
+        b"[" * 100_00 + b"]" * 100_00,
+        b"\xff\xfe not utf-8",
+    ],
+)
+async def test_malformed_bodies_are_4xx_openai_errors_never_500(config: MeshConfig, content: bytes) -> None:
+    async with Edge(FakeEngine(["ok"]), config) as edge:
+        edge.http._transport = httpx.ASGITransport(app=edge.app, raise_app_exceptions=False)  # type: ignore[attr-defined]
+        response = await edge.http.post(
+            "/v1/chat/completions", content=content, headers={"content-type": "application/json"}
+        )
+    assert 400 <= response.status_code < 500, response.text[:500]
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert len(response.content) < 4000
+
+
+async def test_a_lone_surrogate_in_a_message_is_a_400_naming_the_message(config: MeshConfig) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "ok \\ud800"}]}'
+    async with Edge(FakeEngine(), config) as edge:
+        response = await edge.http.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+    assert_openai_error(response, 400, "messages[0].content", "surrogate at character 3")
