@@ -128,7 +128,7 @@ class EdgeGuard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_request_bytes:
-            await self._too_large(len_text=length)(scope, receive, send)
+            await self._too_large(length)(scope, receive, send)
             return
         principal: Principal | None = ANONYMOUS
         if self.authenticator is not None and path not in OPEN_PATHS:
@@ -168,10 +168,10 @@ class EdgeGuard:
         # A cache miss reads the key store (SQLite or PostgreSQL): off the event loop.
         return self.authenticator.cached(token) or await asyncio.to_thread(self.authenticator.authenticate, token)
 
-    def _too_large(self, len_text: str) -> JSONResponse:
+    def _too_large(self, length: str) -> JSONResponse:
         return _refused(
             413,
-            f"the request body has {len_text} bytes; send at most {self.max_request_bytes} (edge.max_request_bytes)",
+            f"the request body has {length} bytes; send at most {self.max_request_bytes} (edge.max_request_bytes)",
             "request_too_large",
         )
 
