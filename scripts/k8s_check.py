@@ -68,7 +68,7 @@ MESH_CALLS |= {("inference", "triton")}  # gpu overlay
 FRONT_DOOR = "planner"
 MONITORING_NAMESPACE = "monitoring"
 # TCP ports a workload may send to outside the namespace besides DNS: the planner's PostgreSQL (overlays/*-postgres).
-EXTERNAL_EGRESS = {"planner": {5432}}
+EXTERNAL_EGRESS = {"planner": {5432}, "tools": {5432}}  # PostgreSQL (components/postgres)
 COMPONENT_LABEL = "app.kubernetes.io/component"
 AUTOSCALERS = ("HorizontalPodAutoscaler", "ScaledObject")
 NAMESPACED_KINDS_EXEMPT = {"Namespace", "PersistentVolume", "ClusterRole", "ClusterRoleBinding", "StorageClass"}

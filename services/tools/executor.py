@@ -10,7 +10,7 @@ from typing import Any
 
 from services.common import ConfigError, FailedPreconditionError, InvalidArgumentError
 from services.common.approval import ApprovalSigner, arguments_digest
-from services.tools.idempotency import MAX_KEY_CHARS, OutcomeStore
+from services.tools.idempotency import MAX_KEY_CHARS, IdempotencyStore
 from services.tools.registry import Tool, ToolCallError, ToolErrorKind, ToolOutcome, ToolRegistry
 
 
@@ -78,7 +78,7 @@ class ToolExecutor:
         self,
         registry: ToolRegistry,
         *,
-        store: OutcomeStore,
+        store: IdempotencyStore,
         signer: ApprovalSigner,
         approval_required: Iterable[str] = (),
         sources: Iterable[str] = (),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import cast
 
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
@@ -80,8 +79,7 @@ def create_executor(
     )
     return ToolExecutor(
         registry,
-        # ToolExecutor's annotation names the SQLite class; every IdempotencyStore keeps its contract.
-        store=cast(OutcomeStore, outcome_store(config)),
+        store=outcome_store(config),
         signer=signer,
         approval_required=config.tools.approval_required,
         sources=[server.name for server in config.tools.mcp_servers] + [api.name for api in config.tools.openapi],
