@@ -71,6 +71,8 @@ def create_app(
 
         app.state.planner_channel = channel(planner_channel, config.planner.server.target(), "planner")
         app.state.inference_channel = channel(inference_channel, config.inference.replica_targets()[0], "inference")
+        # The mesh's config, for routes that read other sections (the console's health of every service).
+        app.state.config = config
         app.state.request_timeout = config.edge.request_timeout_seconds
         app.state.draining = False
         try:
