@@ -32,8 +32,15 @@ audit = logging.getLogger("meshpilot.audit")
 
 EDGE_IDENTITY = "edge"
 """The edge's identity (certificate <cert_dir>/edge.crt) toward the planner and the inference service under TLS."""
-# Answered without a token: the supervisor and load balancers probe health without credentials.
-OPEN_PATHS = frozenset({"/healthz"})
+# Answered without a token: the supervisor and load balancers probe health without credentials, and a browser loads the
+# console's page and files (static, no data) before the page's own API calls send the key typed into it.
+OPEN_PATHS = frozenset({"/healthz", "/", "/console"})
+OPEN_PREFIXES = ("/console/",)
+
+
+def is_open(path: str) -> bool:
+    """Whether ``path`` is answered without a bearer token."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def edge_auth_required(config: MeshConfig) -> bool:
@@ -53,8 +60,9 @@ def create_app(
 ) -> FastAPI:
     """The edge app. Channels not given are opened at start-up (with the edge's TLS identity when tls is enabled)
     and closed at shutdown; given ones (tests: in-process fakes) are the caller's to close. With authentication
-    required (``edge_auth_required``) every route but /healthz needs ``Authorization: Bearer <key or JWT>``, checked
-    by ``authenticator`` (default: the planner's key store and config.auth)."""
+    required (``edge_auth_required``) every route needs ``Authorization: Bearer <key or JWT>``, checked by
+    ``authenticator`` (default: the planner's key store and config.auth), but /healthz and the console's static page
+    and files (``is_open``)."""
     if authenticator is None and edge_auth_required(config):
         authenticator = Authenticator(config.auth, key_store(config))
 
@@ -133,7 +141,7 @@ class EdgeGuard:
             await self._too_large(length)(scope, receive, send)
             return
         principal: Principal | None = ANONYMOUS
-        if self.authenticator is not None and path not in OPEN_PATHS:
+        if self.authenticator is not None and not is_open(path):
             principal = await self._authenticate(headers.get("authorization"))
             if principal is None:
                 refusal = _refused(
@@ -159,7 +167,7 @@ class EdgeGuard:
         try:
             await self.app(scope, self._bounded(receive), sending)
         finally:
-            if path not in OPEN_PATHS:
+            if not is_open(path):
                 self._audit(principal, scope, status)
 
     async def _authenticate(self, authorization: str | None) -> Principal | None:

@@ -464,6 +464,7 @@ async def test_with_auth_every_route_but_healthz_needs_a_key_and_the_tenant_reac
         wrong = await edge.post(chat(), authorization="Bearer mpk_000000000000_" + "x" * 40)
         models = await edge.http.get("/v1/models")
         health = await edge.http.get("/healthz")
+        console = await edge.http.get("/console/")
         completion = await edge.openai(token).chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "hi"}]
         )
@@ -472,6 +473,7 @@ async def test_with_auth_every_route_but_healthz_needs_a_key_and_the_tenant_reac
         assert_openai_error(refused, 401, None, "meshpilot keys create")
         assert refused.headers["www-authenticate"] == "Bearer"
     assert health.status_code == 200
+    assert console.status_code != 401
     assert completion.choices[0].message.content == "ok"
     assert tenant == "acme"
 
