@@ -5,7 +5,9 @@ validates, an OpenAI-style 400, and a clean SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,3 +187,16 @@ def test_sigterm_stops_the_edge_cleanly(mesh: EdgeMesh) -> None:
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
     mesh.edge.send_signal(signal.SIGTERM)
     assert mesh.edge.wait(timeout=30) == 0
+
+
+def test_python_m_services_edge_names_the_setting_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+        env.update({"MESHPILOT_DATA_DIR": str(tmp_path), "MESHPILOT_EDGE__PORT": str(taken.getsockname()[1])})
+        done = subprocess.run(
+            [sys.executable, "-m", "services.edge"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 2
+    assert "edge.port" in done.stderr and "Traceback" not in done.stderr
