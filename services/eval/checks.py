@@ -9,10 +9,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-# What the agents say when the tools had nothing (the guided policy's own words first): "could not find" in any form.
+# What the agents say when the tools had nothing (the guided policy's own words first): "could not find" in any form,
+# in English or Chinese (the suites ask in both).
 _UNANSWERED = re.compile(
     r"could ?n[o']t find|cannot find|can't find|unable to find|no (?:such|answer|information|data)|do ?n[o']t know|"
-    r"not (?:available|found|known)|there is no|does not exist|doesn't exist|could not (?:answer|determine)",
+    r"not (?:available|found|known)|there is no|does not exist|doesn't exist|could not (?:answer|determine)|"
+    r"找不到|没有找到|无法找到|不知道",
     re.IGNORECASE,
 )
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?")

@@ -102,6 +102,7 @@ def test_tool_call_compares_lists_and_objects_as_json_values() -> None:
         ("I could not find the answer.", True),
         ("I couldn't find a country named Zorvania.", True),
         ("There is no such country.", True),
+        ("我找不到答案。", True),
         ("The capital of Zorvania is Zorvo.", False),
     ],
 )
