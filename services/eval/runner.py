@@ -4,6 +4,7 @@ appended to a results file, and a re-run skips the tasks already there."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -56,11 +57,8 @@ class PlannerRunner:
         except grpc.aio.AioRpcError as e:
             if e.code() in _NOT_THE_AGENTS_FAULT:
                 raise RunUnavailable(f"{e.code().name}: {e.details()}") from None
-            trajectory = trajectory_of(events, self.clock() - started)
-            return Trajectory(
-                trajectory.answer, trajectory.tool_calls, trajectory.steps, trajectory.total_tokens,
-                trajectory.latency_s, f"{e.code().name}: {(e.details() or '')[:300]}", trajectory.run_id,
-            )  # fmt: skip
+            error = f"{e.code().name}: {(e.details() or '')[:300]}"
+            return dataclasses.replace(trajectory_of(events, self.clock() - started), error=error)
         return trajectory_of(events, self.clock() - started)
 
 
