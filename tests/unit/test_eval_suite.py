@@ -173,3 +173,12 @@ def test_the_generator_refuses_a_folder_without_bfcl_data_and_writes_nothing(tmp
     assert done.returncode == 2
     assert done.stderr.strip() == f"error: {tmp_path} has no BFCL_v4_simple_python.json with its possible_answer"
     assert {p.name: p.stat().st_mtime_ns for p in (root / "services" / "eval" / "suites").iterdir()} == before
+
+
+def test_services_eval_exports_what_its_modules_define() -> None:
+    import services.eval
+
+    modules = {"bfcl", "checks", "generate", "report", "runner", "suite", "variants"}
+    public = {name for name in dir(services.eval) if not name.startswith("_")} - modules
+    assert set(services.eval.__all__) == public
+    assert all(getattr(services.eval, name) is not None for name in services.eval.__all__)
