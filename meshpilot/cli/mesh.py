@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,6 @@ from rich.table import Table
 
 from meshpilot.cli.supervisor import (
     ChildProcess,
-    HealthProbe,
     MeshSupervisor,
     RestartPolicy,
     ServiceProcess,
@@ -172,8 +172,17 @@ async def run_mesh(
             for p in failed:
                 console.print(f"[red]{p.name} did not become SERVING[/] (log {p.log_path}):\n{tail(p.log_path)}")
             return 1
-        if cfg.edge.enabled and not await _start_edge(cfg, spawn, supervisor, probe, startup_timeout):
-            return 1
+        edge = await _spawn_edge(cfg, spawn, supervisor) if cfg.edge.enabled else None
+        if edge is not None:
+            with console.status(f"starting the edge at {edge.target} ..."):
+                healthy = await _unless_stopped(probe(edge.target, timeout=startup_timeout, process=edge.process), stop)
+            if healthy is None:
+                return 130
+            if not healthy:
+                console.print(
+                    f"[red]edge did not answer {edge.target}/healthz[/] (log {edge.log_path}):\n{tail(edge.log_path)}"
+                )
+                return 1
         supervisor.mark_serving()
         _print_endpoints(processes, time.monotonic() - began, cfg.data_dir / STATUS_FILE)
         return await supervisor.run_until(stop)
@@ -184,28 +193,33 @@ async def run_mesh(
             loop.remove_signal_handler(sig)
 
 
-async def _start_edge(
-    cfg: MeshConfig, spawn: Spawn, supervisor: MeshSupervisor, probe: HealthProbe, startup_timeout: float
-) -> bool:
-    """Starts the edge, supervised like the others; False (reported) when /healthz does not answer in time. The mesh
-    runs without it (said, with what to do) when its port is taken (another mesh's edge on 8080 would otherwise answer
-    the probe for it) or TLS is on and the edge has no certificate."""
+async def _spawn_edge(cfg: MeshConfig, spawn: Spawn, supervisor: MeshSupervisor) -> ServiceProcess | None:
+    """Starts the edge among the supervised services. None, and the mesh runs without it (said, with what to do),
+    when its port is taken (another mesh's edge on 8080 would otherwise answer the probe for it) or TLS is on and the
+    edge has no certificate."""
     try:
         tls_identity(cfg, EDGE)
         _check_port_free(cfg.edge.host, cfg.edge.port)
     except (ConfigError, OSError) as e:
         console.print(f"[yellow]the edge is not started[/]: {e}; or set edge.enabled to false", soft_wrap=True)
-        return True
+        return None
     edge = ServiceProcess(EDGE, _target(cfg, EDGE), _log_path(cfg, EDGE), await spawn(EDGE))
     supervisor.services.append(edge)
     supervisor.write_status()
-    with console.status(f"starting the edge at {edge.target} ..."):
-        ok = await probe(edge.target, timeout=startup_timeout, process=edge.process)
-    if not ok:
-        console.print(
-            f"[red]edge did not answer {edge.target}/healthz[/] (log {edge.log_path}):\n{tail(edge.log_path)}"
-        )
-    return ok
+    return edge
+
+
+async def _unless_stopped(check: Awaitable[bool], stop: asyncio.Event) -> bool | None:
+    """``check``'s answer, or None (``check`` cancelled) when ``stop`` is set first (Ctrl-C while starting)."""
+    checking = asyncio.ensure_future(check)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({checking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not checking.done():
+        checking.cancel()
+        await asyncio.gather(checking, return_exceptions=True)
+        return None
+    return checking.result()
 
 
 def _check_port_free(host: str, port: int) -> None:

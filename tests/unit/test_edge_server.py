@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshpilot.cli.mesh import _check_port_free, wait_http_healthy, wait_serving
+from meshpilot.cli.mesh import _check_port_free, _unless_stopped, wait_http_healthy, wait_serving
 from services.common import MeshConfig, load_config
 from services.common.config import ConfigError
 from services.edge.app import create_app, edge_auth_required
@@ -118,3 +118,22 @@ def test_up_finds_a_taken_edge_port_before_starting_the_edge() -> None:
             _check_port_free("127.0.0.1", port)
     _check_port_free("127.0.0.1", port)
     _check_port_free("127.0.0.1", 0)
+
+
+async def test_a_stop_while_the_edge_starts_cancels_the_wait() -> None:
+    stop = asyncio.Event()
+    never = asyncio.Event()
+
+    async def check() -> bool:
+        await never.wait()
+        return True
+
+    waiting = asyncio.ensure_future(_unless_stopped(check(), stop))
+    await asyncio.sleep(0)
+    stop.set()
+    assert await waiting is None
+
+    async def answer() -> bool:
+        return False
+
+    assert await _unless_stopped(answer(), asyncio.Event()) is False
