@@ -59,11 +59,12 @@ def create_app(
     authenticator: Authenticator | None = None,
 ) -> FastAPI:
     """The edge app. Channels not given are opened at start-up (with the edge's TLS identity when tls is enabled)
-    and closed at shutdown; given ones (tests: in-process fakes) are the caller's to close. With authentication
-    required (``edge_auth_required``) every route needs ``Authorization: Bearer <key or JWT>``, checked by
-    ``authenticator`` (default: the planner's key store and config.auth), but /healthz and the console's static page
-    and files (``is_open``)."""
-    if authenticator is None and edge_auth_required(config):
+    and closed at shutdown; given ones (tests: in-process fakes), like a given authenticator, are the caller's to
+    close. With authentication required (``edge_auth_required``) every route needs ``Authorization: Bearer <key or
+    JWT>``, checked by ``authenticator`` (default: the planner's key store and config.auth), but /healthz and the
+    console's static page and files (``is_open``)."""
+    owned = authenticator is None and edge_auth_required(config)
+    if owned:
         authenticator = Authenticator(config.auth, key_store(config))
 
     @contextlib.asynccontextmanager
@@ -88,7 +89,7 @@ def create_app(
         finally:
             for each in opened:
                 await each.close()
-            if authenticator is not None:
+            if owned and authenticator is not None:
                 authenticator.keys.close()
 
     app = FastAPI(
