@@ -595,7 +595,8 @@ class EdgeConfig(_Section):
 
 
 # Who may call whom when TLS is on: the mesh's call graph (the planner is the front door, called by clients).
-DEFAULT_ALLOWED_CALLERS = {"inference": ["planner"], "tools": ["planner"], "knowledge": ["tools"]}
+# The edge's OpenAI API calls inference with the caller's tenant (its agent runs go through the planner).
+DEFAULT_ALLOWED_CALLERS = {"inference": ["planner", "edge"], "tools": ["planner"], "knowledge": ["tools"]}
 _IDENTITY = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 

@@ -23,7 +23,8 @@ from services.common.config import ConfigError, MeshConfig
 from services.common.errors import rewrap_handler
 
 IDENTITY_PREFIX = "spiffe://meshpilot/"
-SERVICES = ("planner", "tools", "knowledge", "inference")
+# Identities `meshpilot certs init` issues: the four gRPC services and the HTTP edge (a client of planner and inference).
+SERVICES = ("planner", "tools", "knowledge", "inference", "edge")
 CLIENT_IDENTITY = "client"
 """The identity of the CLI and of operators (`meshpilot ask`, `meshpilot tools`, health checks of `meshpilot up`)."""
 # Answered for any certificate of the mesh CA: health (`meshpilot up`, operators) and reflection (grpcurl).

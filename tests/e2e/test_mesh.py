@@ -82,6 +82,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     for name, port in ports.items():
         env[f"MESHPILOT_{name.upper()}__SERVER__PORT"] = str(port)
     env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())
+    env["MESHPILOT_EDGE__PORT"] = str(free_port())
     # A file, not a pipe: tests read what `up` printed while it still runs (restart messages).
     output_path = data_dir / "up.out"
     with open(output_path, "w") as output_file:

@@ -151,7 +151,7 @@ def test_with_tls_off_nothing_is_loaded(tmp_path: Path) -> None:
 def test_internal_services_ask_for_certificates_and_the_planner_does_not(certs: Path) -> None:
     config = tls_config(certs)
     inference, planner = server_tls(config, "inference"), server_tls(config, "planner")
-    assert inference is not None and inference.allowed_callers == ("planner",)
+    assert inference is not None and inference.allowed_callers == ("planner", "edge")
     assert planner is not None and planner.allowed_callers is None and planner.interceptor() is None
     assert server_tls(config, "knowledge").allowed_callers == ("tools",)  # type: ignore[union-attr]
 
@@ -161,7 +161,7 @@ def test_allowed_callers_override_one_service_and_keep_the_others(certs: Path) -
         data_dir=str(certs.parent), tls={"enabled": True, "allowed_callers": {"tools": ["planner", "client"]}}
     )
     assert config.tls.allowed_callers == {
-        "inference": ["planner"],
+        "inference": ["planner", "edge"],
         "tools": ["planner", "client"],
         "knowledge": ["tools"],
     }
@@ -276,7 +276,7 @@ async def test_a_certificate_of_another_identity_is_permission_denied(
                 await call(channel)
             assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert error.value.details() == (
-                f"caller '{caller}' (spiffe://meshpilot/{caller}) may not call inference; it accepts planner "
+                f"caller '{caller}' (spiffe://meshpilot/{caller}) may not call inference; it accepts edge, planner "
                 "(tls.allowed_callers.inference)"
             )
 

@@ -73,10 +73,6 @@ def test_the_console_files_ship_in_the_package() -> None:
     assert set(console.FILES) <= shipped
 
 
-@pytest.mark.xfail(
-    reason="services/edge/app.py's EdgeGuard asks a bearer token on every path but /healthz; the console's page and "
-    "files hold no data and must load without one (its API calls carry the key from the page's field)"
-)
 async def test_with_authentication_on_the_page_loads_without_a_key_and_its_api_calls_need_one(tmp_path) -> None:
     config = load_config(data_dir=str(tmp_path), auth={"enabled": True})
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{free_port()}")
