@@ -24,7 +24,8 @@ from services.common.auth import (
 )
 from services.common.clients import create_channel
 from services.common.config import MeshConfig
-from services.common.tls import tls_identity
+from services.common.routing import ReplicaSet
+from services.common.tls import TlsIdentity, tls_identity
 from services.edge import agent_card, console, openai_api, runs_api
 from services.edge.errors import OpenAIError, install_error_handlers
 
@@ -51,6 +52,17 @@ def edge_auth_required(config: MeshConfig) -> bool:
     return auth_required(config) or not is_loopback(config.edge.host)
 
 
+def inference_replicas(config: MeshConfig, tls: TlsIdentity | None) -> ReplicaSet:
+    """The inference replicas the planner routes over (``inference.discover`` or ``inference.replicas``), for the
+    edge's OpenAI API: one agent's or client's prompts keep landing on the replica that has them cached."""
+    inference, server = config.inference, "inference" if tls else None
+    if (address := inference.discover_address()) is not None:
+        return ReplicaSet.discover(
+            *address, every=inference.discover_seconds, tls=tls, server=server, policy=inference.routing
+        )
+    return ReplicaSet.connect(inference.replica_targets(), tls=tls, server=server, policy=inference.routing)
+
+
 def create_app(
     config: MeshConfig,
     *,
@@ -70,7 +82,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tls = tls_identity(config, EDGE_IDENTITY)
-        opened: list[grpc.aio.Channel] = []
+        opened: list[grpc.aio.Channel | ReplicaSet] = []
 
         def channel(given: grpc.aio.Channel | None, target: str, server: str) -> grpc.aio.Channel:
             if given is not None:
@@ -79,7 +91,11 @@ def create_app(
             return opened[-1]
 
         app.state.planner_channel = channel(planner_channel, config.planner.server.target(), "planner")
-        app.state.inference_channel = channel(inference_channel, config.inference.replica_targets()[0], "inference")
+        if inference_channel is not None:
+            app.state.inference_replicas = ReplicaSet({"inference": inference_channel}, watch_health=False)
+        else:
+            app.state.inference_replicas = inference_replicas(config, tls)
+            opened.append(app.state.inference_replicas)
         # The mesh's config, for routes that read other sections (the console's health of every service).
         app.state.config = config
         app.state.request_timeout = config.edge.request_timeout_seconds

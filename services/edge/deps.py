@@ -1,6 +1,6 @@
 """What every edge route shares: the gRPC channels the app holds and the caller's credentials to forward.
 
-The app (``services/edge/app.py``) opens one channel per peer at start-up and keeps it on ``app.state``; routes reach
+The app (``services/edge/app.py``) opens the channels (to inference, one per replica) at start-up and keeps them on ``app.state``; routes reach
 them through these functions, never through module globals, so tests mount a router on their own app with channels to
 in-process fakes.
 """
@@ -11,6 +11,7 @@ import grpc
 from fastapi import Request
 
 from services.common.auth import ANONYMOUS, TENANT_METADATA, Principal
+from services.common.routing import ReplicaSet
 
 
 def planner_channel(request: Request) -> grpc.aio.Channel:
@@ -19,10 +20,12 @@ def planner_channel(request: Request) -> grpc.aio.Channel:
     return channel
 
 
-def inference_channel(request: Request) -> grpc.aio.Channel:
-    """The channel to the inference service (chat completions, models)."""
-    channel: grpc.aio.Channel = request.app.state.inference_channel
-    return channel
+def inference_replicas(request: Request) -> ReplicaSet:
+    """The inference replicas (chat completions, models), routed as the planner routes them: by affinity of tenant,
+    model and system prompt, health-watched, a refused call handed to the next (``inference.replicas`` or
+    ``inference.discover``; one replica by default)."""
+    replicas: ReplicaSet = request.app.state.inference_replicas
+    return replicas
 
 
 def call_metadata(request: Request) -> tuple[tuple[str, str], ...]:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.common.auth import TENANT_METADATA
 from services.edge import deps
 from services.edge.errors import OpenAIError, from_rpc_error
 from services.edge.openai_convert import (
@@ -36,8 +37,27 @@ OWNER = "meshpilot"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _stub(request: Request) -> inference_pb2_grpc.InferenceServiceStub:
-    return inference_pb2_grpc.InferenceServiceStub(deps.inference_channel(request))
+def _stub(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceServiceStub:
+    return inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def _routing_key(request: inference_pb2.GenerateRequest, metadata: tuple[tuple[str, str], ...]) -> str:
+    """Tenant, model and system prompt: the prefix one client's calls share (the planner routes by the same)."""
+    messages = request.chat.messages
+    system = messages[0].content if messages and messages[0].role == "system" else ""
+    tenant = next((value for key, value in metadata if key == TENANT_METADATA), "")
+    return f"{tenant}\x00{request.model}\x00{system}"
+
+
+class _RoutedCall:
+    """The Generate call on whichever replica took it (a refused one is handed to the next): cancel() cancels it."""
+
+    def __init__(self) -> None:
+        self.calls: list[grpc.aio.UnaryStreamCall] = []
+
+    def cancel(self) -> None:
+        if self.calls:
+            self.calls[-1].cancel()
 
 
 def _chat_error(error: grpc.aio.AioRpcError) -> OpenAIError:
@@ -54,8 +74,9 @@ def _model_object(model: inference_pb2.Model) -> dict[str, Any]:
 
 async def _list_models(request: Request) -> list[inference_pb2.Model]:
     try:
-        response = await _stub(request).ListModels(
-            inference_pb2.ListModelsRequest(), timeout=deps.request_timeout(request)
+        timeout = deps.request_timeout(request)
+        response = await deps.inference_replicas(request).unary(
+            "", lambda channel: _stub(channel).ListModels(inference_pb2.ListModelsRequest(), timeout=timeout)
         )
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e, "inference") from None
@@ -84,10 +105,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     metrics apply). Tool calls and JSON responses are decoded under a JSON Schema constraint, so they always parse
     and match their schema (unless cut by max_tokens: finish_reason length)."""
     generate, mode = to_generate_request(body)
-    call = _stub(request).Generate(
-        generate, metadata=deps.inference_metadata(request), timeout=deps.request_timeout(request)
-    )
-    responses = call.__aiter__()
+    metadata, timeout = deps.inference_metadata(request), deps.request_timeout(request)
+    call = _RoutedCall()
+
+    def start(channel: grpc.aio.Channel) -> grpc.aio.UnaryStreamCall:
+        call.calls.append(_stub(channel).Generate(generate, metadata=metadata, timeout=timeout))
+        return call.calls[-1]
+
+    responses = deps.inference_replicas(request).stream(_routing_key(generate, metadata), start).__aiter__()
     try:
         # The first response is awaited before answering, so a refused request is a 4xx, not a broken stream.
         first = await anext(responses, None)

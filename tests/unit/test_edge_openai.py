@@ -23,6 +23,8 @@ from services.edge.app import create_app
 from services.edge.openai_api import _stream
 from services.edge.openai_convert import ToolMode, _string_prefix, partial_answer
 from services.inference import create_server, servicer_of
+from tests.unit.test_edge_runs import client_of
+from tests.unit.test_routing import Served
 
 WEATHER = {
     "type": "function",
@@ -652,3 +654,31 @@ async def test_a_lone_surrogate_in_a_message_is_a_400_naming_the_message(config:
             "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
         )
     assert_openai_error(response, 400, "messages[0].content", "surrogate at character 3")
+
+
+async def test_chat_completions_route_over_the_inference_replicas_and_fail_over(tmp_path) -> None:
+    """With inference.replicas the edge routes as the planner does: one system prompt keeps its replica, and a
+    replica that refuses (RESOURCE_EXHAUSTED) hands the call to the next."""
+    replicas = [Served() for _ in range(2)]
+    for replica in replicas:
+        await replica.serving(True)
+        await replica.server.start()
+    config = load_config(data_dir=str(tmp_path), inference={"replicas": [r.target for r in replicas]})
+    unused = grpc.aio.insecure_channel("127.0.0.1:1")
+    body = {"model": "m", "messages": [{"role": "system", "content": "You are A."}, {"role": "user", "content": "q"}]}
+    try:
+        async with unused, client_of(create_app(config, planner_channel=unused)) as client:
+            for _ in range(3):
+                reply = await client.post("/v1/chat/completions", json=body)
+                assert reply.status_code == 200, reply.text
+            served = sorted(r.fake.calls for r in replicas)
+            assert served == [0, 3], "one system prompt should keep one replica"
+            home = next(r for r in replicas if r.fake.calls)
+            home.fake.fail = grpc.StatusCode.RESOURCE_EXHAUSTED
+            reply = await client.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            assert sum(r.fake.calls for r in replicas) == 5  # refused on its replica, served by the other
+            assert (await client.get("/v1/models")).json()["data"][0]["id"] == "m"
+    finally:
+        for replica in replicas:
+            await replica.server.stop(0)
