@@ -1,5 +1,5 @@
 """Commands: `up` (the whole mesh), `serve` (one service), `ask` (run a task), `agents`, `runs`, `approve`, `reject`,
-`tools`, `keys`, `certs`, `eval`."""
+`tools`, `keys`, `certs`, `eval`, `train`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from meshpilot.cli.mesh import SERVICES, run_mesh
 from meshpilot.cli.options import CREDENTIALS, ConfigOption, PlannerOption, load_config, planner_target
 from meshpilot.cli.runs import approve, reject, runs_app
 from meshpilot.cli.tools import tools_app
+from meshpilot.cli.train import train
 from services.common import tracing
 from services.common.config import ConfigError
 from services.triton.cli import triton_app, trtllm_app
@@ -131,3 +132,4 @@ def ask(
 app.command()(approve)
 app.command()(reject)
 app.command("eval")(eval_suite)
+app.command("train")(train)

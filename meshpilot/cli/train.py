@@ -1,0 +1,153 @@
+"""`meshpilot train`: the learning loop (rollouts through the mesh, reward filtering, fine-tuning, registration,
+evaluation), round by round, under the data directory; a re-run resumes where the last one stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from meshpilot.cli.options import (
+    CREDENTIALS,
+    ConfigOption,
+    JsonOption,
+    PlannerOption,
+    fail,
+    load_config,
+    rpc_error_message,
+    service_target,
+)
+from services.train.settings import TrainSettings, TrainSettingsError
+
+D = TrainSettings()  # the defaults, written once in TrainSettings
+
+
+class RichProgress:
+    """A rich progress bar per phase, on stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.bars = progress
+
+    def start(self, description: str, total: int) -> Callable[[int, str], None]:
+        bar = self.bars.add_task(description, total=total or None, note="")
+
+        def update(done: int, note: str) -> None:
+            self.bars.update(bar, completed=done, note=note)
+
+        return update
+
+
+def train(
+    name: Annotated[str, typer.Option(help="The job: <data_dir>/train/NAME, models NAME-r1, NAME-r2 ...")] = D.name,
+    suite: Annotated[str, typer.Option(help="Training tasks: this suite's train split.")] = D.suite,
+    eval_suite: Annotated[str, typer.Option(help="Each round is scored on this suite's test split.")] = D.eval_suite,
+    category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(help="Training tasks per category (0: all).")] = D.limit,
+    eval_limit: Annotated[int, typer.Option(help="Test tasks per category (0: all).")] = D.eval_limit,
+    agent: Annotated[str, typer.Option(help="The agent rolled out and trained; default: the built-in.")] = D.agent,
+    rounds: Annotated[int, typer.Option(help="Rollouts -> training -> evaluation, this many times.")] = D.rounds,
+    attempts: Annotated[int, typer.Option(help="Sampled attempts per task (K).")] = D.attempts,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the rollouts.")] = D.temperature,
+    seed: Annotated[int, typer.Option(help="Seed of the rollouts (per attempt and round) and of training.")] = D.seed,
+    min_reward: Annotated[
+        float, typer.Option(help="Train on rollouts with at least this reward (0-1).")
+    ] = D.min_reward,
+    keep_per_task: Annotated[int, typer.Option(help="Train on a task's best N rollouts.")] = D.keep_per_task,
+    concurrency: Annotated[int, typer.Option(help="Runs in flight at once.")] = D.concurrency,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged on export), or full.")] = D.lora,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = D.lora_rank,
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 mixed precision.")] = D.precision,
+    learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = D.learning_rate,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = D.batch_size,
+    grad_accumulation: Annotated[int, typer.Option(help="Forward passes per optimizer step.")] = D.grad_accumulation,
+    epochs: Annotated[float, typer.Option(help="Passes over a round's examples.")] = D.epochs,
+    max_steps: Annotated[int, typer.Option(help="Optimizer steps per round (0: --epochs decides).")] = D.max_steps,
+    save_steps: Annotated[int, typer.Option(help="A checkpoint every N optimizer steps.")] = D.save_steps,
+    max_length: Annotated[int, typer.Option(help="Leave out examples over this many tokens.")] = D.max_length,
+    teacher: Annotated[Path | None, typer.Option(help="Distill from this HF model directory.")] = None,
+    kd_alpha: Annotated[float, typer.Option(help="Weight of the soft (teacher) term of the loss.")] = D.kd_alpha,
+    kd_temperature: Annotated[float, typer.Option(help="Temperature tau of the soft targets.")] = D.kd_temperature,
+    timeout: Annotated[float, typer.Option(help="Seconds a run may take before it fails.")] = D.timeout_s,
+    baseline: Annotated[bool, typer.Option(help="Also score the untrained agent on the test split.")] = True,
+    json_output: JsonOption = False,
+    planner: PlannerOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Learn from verified runs: roll the agent out on the train split, fine-tune on its best runs, register the model
+    with the inference service and score it on the test split, ROUNDS times."""
+    from services.common import ConfigError
+
+    if precision not in ("fp32", "bf16"):
+        fail(f"--precision is {precision!r}; use fp32 or bf16", 2)
+    settings = TrainSettings(
+        name=name, suite=suite, eval_suite=eval_suite, categories=tuple(category or ()), limit=limit,
+        eval_limit=eval_limit, agent=agent, rounds=rounds, attempts=attempts, temperature=temperature, seed=seed,
+        min_reward=min_reward, keep_per_task=keep_per_task, concurrency=concurrency, lora=lora, lora_rank=lora_rank,
+        precision="bf16" if precision == "bf16" else "fp32", learning_rate=learning_rate, batch_size=batch_size,
+        grad_accumulation=grad_accumulation, epochs=epochs, max_steps=max_steps, save_steps=save_steps,
+        max_length=max_length, teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, timeout_s=timeout,
+    )  # fmt: skip
+    try:
+        settings.validate()
+        from services.train.loop import load_suites
+
+        load_suites(settings)
+    except TrainSettingsError as e:
+        fail(str(e), 2)
+    cfg = load_config(config)
+    planner_at = service_target("planner", planner, config)
+    tools_at = service_target("tools", None, config)
+    notices = Console(stderr=True)
+    try:
+        results = asyncio.run(_run(settings, cfg, planner_at, tools_at, notices, baseline=baseline))
+    except TrainSettingsError as e:
+        fail(str(e), 2)
+    except (ConfigError, RuntimeError, ValueError) as e:
+        fail(str(e), 1)
+    except grpc.aio.AioRpcError as e:
+        fail(rpc_error_message(e), 1)
+    folder = cfg.data_dir / "train" / settings.name
+    if json_output:
+        typer.echo(json.dumps([r.to_json() for r in results], ensure_ascii=False))
+    else:
+        Console(soft_wrap=True).print((folder / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
+        for result in results:
+            notices.print(
+                f"round {result.round}: {result.model} from {result.selected} of {result.rollouts} rollouts "
+                f"({result.rollouts_passed} passed), {result.examples} examples, {result.steps} steps, "
+                f"loss {result.loss:.3f}",
+                highlight=False,
+            )
+        notices.print(f"reports: {folder}/report.md, report.json, report.png", highlight=False)
+
+
+async def _run(settings: Any, cfg: Any, planner_at: str, tools_at: str, console: Console, *, baseline: bool) -> Any:
+    from services.common import create_channel
+    from services.planner.clients import ToolsServiceClient
+    from services.train.journal import open_journal
+    from services.train.loop import TrainJob
+
+    journal = open_journal(cfg)
+    await journal.open()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"))
+    try:
+        async with (
+            create_channel(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls) as channel,
+            create_channel(tools_at, tls=CREDENTIALS.tls) as tools_channel,
+        ):
+            with Progress(*columns, TimeElapsedColumn(), console=console) as bars:
+                job = TrainJob(
+                    settings, data_dir=cfg.data_dir, default_model_path=cfg.inference.model_path,
+                    default_model_id=cfg.inference.model_id, channel=channel,
+                    tools=ToolsServiceClient(tools_channel), journal=journal, progress=RichProgress(bars),
+                )  # fmt: skip
+                return await job.run(baseline=baseline)
+    finally:
+        await journal.close()

@@ -1,0 +1,136 @@
+"""From rollouts to training examples: which rollouts are good enough to learn from (reward filtering), and the exact
+chat each of their model calls saw, rebuilt by the agent's own policy from the run's journaled snapshot."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.planner.agents import AgentDefinition
+from services.planner.policies import POLICIES, Context
+from services.planner.state import RunSnapshot
+from services.planner.types import ToolSpec
+
+# Policies whose prompt is a function of the transcript (and the run's fence nonce) alone, so that a step's prompt
+# can be rebuilt from the finished run; plan_execute's also depends on its plan's progress at that step.
+REPLAYABLE_POLICIES = ("guided", "react")
+
+
+class ExampleError(ValueError):
+    """A rollout whose prompts cannot be rebuilt; the message says why."""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One attempt at a task: its judgement and what the model wrote at each step (``outputs``, by step number, as
+    journaled), with the run's final snapshot (JSON) from which its prompts are rebuilt."""
+
+    task_id: str
+    category: str
+    attempt: int
+    run_id: str
+    reward: float
+    passed: bool
+    steps: int
+    tool_calls: int
+    valid_tool_calls: int
+    answer: str
+    error: str
+    outputs: Mapping[int, str]
+    snapshot: str
+
+    @property
+    def valid_call_rate(self) -> float:
+        return self.valid_tool_calls / self.tool_calls if self.tool_calls else 1.0
+
+    @property
+    def rank(self) -> tuple[float, float, int, int]:
+        """Better rollouts sort first: higher reward, then a larger share of valid calls, then fewer steps (then the
+        earlier attempt, so the choice is deterministic)."""
+        return (-self.reward, -self.valid_call_rate, self.steps, self.attempt)
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["outputs"] = {str(step): text for step, text in self.outputs.items()}
+        return json.dumps(data, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> Rollout:
+        data = json.loads(line)
+        data["outputs"] = {int(step): text for step, text in data["outputs"].items()}
+        return cls(**data)
+
+
+def select_rollouts(rollouts: Iterable[Rollout], *, min_reward: float, keep_per_task: int) -> list[Rollout]:
+    """Reward filtering: per task, the best ``keep_per_task`` rollouts (``Rollout.rank``) among those that ended
+    without an error, with reward >= ``min_reward`` and every tool call valid; tasks in first-seen order."""
+    by_task: dict[str, list[Rollout]] = {}
+    for rollout in rollouts:
+        by_task.setdefault(rollout.task_id, []).append(rollout)
+    chosen: list[Rollout] = []
+    for attempts in by_task.values():
+        good = [r for r in attempts if not r.error and r.reward >= min_reward and r.valid_call_rate == 1.0]
+        chosen += sorted(good, key=lambda r: r.rank)[:keep_per_task]
+    return chosen
+
+
+@dataclass(frozen=True)
+class StepExample:
+    """One model call of a rollout: the chat the planner sent (``messages``) and what the model wrote
+    (``completion``); the target of behaviour cloning."""
+
+    task_id: str
+    run_id: str
+    step: int
+    messages: list[dict[str, str]]
+    completion: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> StepExample:
+        return cls(**json.loads(line))
+
+
+def step_examples(rollout: Rollout, tools: Sequence[ToolSpec]) -> list[StepExample]:
+    """Every model call of ``rollout`` as an example: the prompt rebuilt by the agent's policy from the run's snapshot
+    as it stood before that step (``tools``: the tools service's listing the run saw), and the step's output.
+
+    The policy's ``request`` is what the executor called, over the same transcript, the same fence nonce and the same
+    tools the agent may call, so the messages are the ones the model read. ExampleError for a policy whose prompt
+    also depends on state the snapshot no longer holds (plan_execute)."""
+    snapshot = RunSnapshot.from_json(rollout.snapshot)
+    definition = AgentDefinition.from_dict(snapshot.agent.spec)
+    if definition.policy not in REPLAYABLE_POLICIES:
+        raise ExampleError(
+            f"agent {snapshot.agent.name!r} runs the {definition.policy} policy, whose prompts cannot be rebuilt "
+            f"from a finished run; train an agent whose policy is one of {', '.join(REPLAYABLE_POLICIES)}"
+        )
+    policy = POLICIES[definition.policy](definition.policy_options)
+    context = Context(
+        definition.instructions, [tool for tool in tools if definition.allows(tool.name)], definition.examples
+    )
+    examples = []
+    for step, completion in sorted(rollout.outputs.items()):
+        before = dataclasses.replace(
+            snapshot,
+            step=step,
+            steps=[record for record in snapshot.steps if record.step < step],
+            memory=copy.deepcopy(snapshot.memory),  # the policy may write to it; the nonce is what it reads
+        )
+        request = policy.request(before, context)
+        examples.append(StepExample(rollout.task_id, rollout.run_id, step, request.messages, completion))
+    return examples
+
+
+def tools_to_json(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
+    return [dataclasses.asdict(tool) for tool in tools]
+
+
+def tools_from_json(data: Sequence[Mapping[str, Any]]) -> list[ToolSpec]:
+    return [ToolSpec(**tool) for tool in data]

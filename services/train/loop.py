@@ -1,0 +1,234 @@
+"""The learning loop, round by round: rollouts of the train split through the mesh -> reward filtering -> training
+examples -> fine-tuning -> export and registration with the inference service -> evaluation on the test split.
+
+Every phase leaves its result under ``<data_dir>/train/<name>/round-<r>/`` (rollouts and evaluation results appended
+as they end, checkpoints every N steps, the model renamed into ``<data_dir>/models/<name>-r<r>`` once complete), and
+a phase whose result is there is not run again: an interrupted job resumes where it stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2_grpc
+from services.eval.report import Report, summarize, write_reports
+from services.eval.runner import EvalProgress, PlannerRunner, evaluate
+from services.eval.suite import Suite, SuiteError, load_suite
+from services.eval.variants import agent_on_model
+from services.inference.models_dir import models_directory
+from services.planner.store import JournalStore
+from services.planner.types import ToolSpec
+from services.train.examples import StepExample, select_rollouts, step_examples, tools_from_json, tools_to_json
+from services.train.finetune import base_model_dir, export_model, fine_tune
+from services.train.rollouts import RolloutProgress, collect_rollouts, prepare_rollout_agents
+from services.train.settings import TrainSettings, TrainSettingsError
+
+
+class ToolLister(Protocol):
+    async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]: ...
+
+
+class ProgressSink(Protocol):
+    """Where a job shows its progress: ``start(description, total)`` returns ``update(done, note)``."""
+
+    def start(self, description: str, total: int) -> Callable[[int, str], None]: ...
+
+
+class NoProgress:
+    def start(self, description: str, total: int) -> Callable[[int, str], None]:
+        return lambda done, note: None
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round's figures: its rollouts, those trained on, the examples and optimizer steps, and its evaluation."""
+
+    round: int
+    model: str
+    rollouts: int
+    rollouts_passed: int
+    selected: int
+    examples: int
+    steps: int
+    loss: float
+    report: Report
+
+    def to_json(self) -> dict[str, object]:
+        figures = {k: v for k, v in self.__dict__.items() if k != "report"}
+        return {**figures, "eval": self.report.to_json()}
+
+
+def load_suites(settings: TrainSettings) -> tuple[Suite, Suite]:
+    """The training tasks (train split of ``suite``) and the test tasks (test split of ``eval_suite``), sampled;
+    TrainSettingsError naming the option when a suite is missing or the selection is empty."""
+    chosen = []
+    for option, name, split, limit in (
+        ("--suite", settings.suite, "train", settings.limit),
+        ("--eval-suite", settings.eval_suite, "test", settings.eval_limit),
+    ):
+        try:
+            suite = load_suite(name).select(split=split, categories=settings.categories, limit=limit)
+        except SuiteError as e:
+            raise TrainSettingsError(f"{option}: {e}") from None
+        if not suite.tasks:
+            categories = f" in the categories {', '.join(settings.categories)}" if settings.categories else ""
+            raise TrainSettingsError(f"{option} {name!r} has no {split} tasks{categories}; choose another suite")
+        chosen.append(suite)
+    return chosen[0], chosen[1]
+
+
+class TrainJob:
+    """Runs ``settings`` against a mesh: ``channel`` to the planner (runs, agents), ``tools`` (the listing that
+    prompts were built from), ``journal`` (the planner's, for the runs' snapshots and model outputs)."""
+
+    def __init__(
+        self,
+        settings: TrainSettings,
+        *,
+        data_dir: Path,
+        default_model_path: str,
+        default_model_id: str,
+        channel: grpc.aio.Channel,
+        tools: ToolLister,
+        journal: JournalStore,
+        progress: ProgressSink | None = None,
+    ) -> None:
+        self.settings = settings.validate()
+        self.train_suite, self.test_suite = load_suites(settings)
+        self.folder = data_dir / "train" / settings.name
+        self.models = models_directory(data_dir)
+        self.base_cache = data_dir / "train" / "base"
+        self.default_model_path, self.default_model_id = default_model_path, default_model_id
+        self.channel, self.tools, self.journal = channel, tools, journal
+        self.runner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
+        self.progress = progress or NoProgress()
+
+    async def run(self, *, baseline: bool = True) -> list[RoundResult]:
+        """Every round (those done already are read back); the report across rounds is written to the job's folder
+        (``report.json``, ``report.md``, ``report.png``): the baseline agent first when ``baseline``."""
+        self._registered_model_dir(await self._agent_model())  # before any work: a model this job cannot train
+        reports = [await self.evaluate(0, self.settings.agent)] if baseline else []
+        results = []
+        for number in range(1, self.settings.rounds + 1):
+            result = await self.round(number)
+            results.append(result)
+            reports.append(result.report)
+        write_reports(reports, self.folder)
+        (self.folder / "rounds.json").write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+        return results
+
+    async def round(self, number: int) -> RoundResult:
+        settings = self.settings
+        folder = self.folder / f"round-{number}"
+        model_in = settings.model_id(number - 1) if number > 1 else await self._agent_model()
+        agents = await prepare_rollout_agents(
+            self.channel, base=settings.agent, model=model_in, job=settings.name, attempts=settings.attempts,
+            temperature=settings.temperature, seed=settings.seed + 1000 * number,
+        )  # fmt: skip
+        tools = await self._tools(folder / "tools.json")
+        update = self.progress.start(f"round {number}: rollouts", len(self.train_suite.tasks) * settings.attempts)
+
+        def show(state: RolloutProgress) -> None:
+            update(
+                state.done,
+                f"{state.passed} passed" + (f", {state.unavailable} unavailable" if state.unavailable else ""),
+            )
+
+        rollouts = await collect_rollouts(
+            self.train_suite.tasks, agents, self.runner, self.journal, folder / "rollouts.jsonl",
+            concurrency=settings.concurrency, timeout_s=settings.timeout_s, on_progress=show,
+        )  # fmt: skip
+        if len(rollouts) < len(self.train_suite.tasks) * settings.attempts:
+            raise RuntimeError("some rollouts could not be run (planner unavailable); run the command again to resume")
+        selected = select_rollouts(rollouts, min_reward=settings.min_reward, keep_per_task=settings.keep_per_task)
+        examples = [example for rollout in selected for example in step_examples(rollout, tools)]
+        (folder / "examples.jsonl").write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
+        model_id = settings.model_id(number)
+        steps, loss = await self._train(number, model_in, examples, folder)
+        report = await self.evaluate(number, settings.agent, model_id)
+        result = RoundResult(
+            number, model_id, len(rollouts), sum(r.passed for r in rollouts), len(selected), len(examples), steps,
+            loss, report,
+        )  # fmt: skip
+        (folder / "round.json").write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+        return result
+
+    async def _agent_model(self) -> str:
+        stub = agents_pb2_grpc.AgentServiceStub(self.channel)
+        agent = await stub.GetAgent(agents_pb2.GetAgentRequest(name=self.settings.agent or "default"), timeout=30)
+        return agent.spec.model
+
+    def _registered_model_dir(self, model: str) -> Path | None:
+        """The directory of ``model`` when it is a registered model, None for the inference service's default model;
+        TrainSettingsError for any other (its weights are not here)."""
+        if not model or model == self.default_model_id:
+            return None
+        path = self.models / model
+        if not (path / "config.json").is_file():
+            raise TrainSettingsError(
+                f"--agent {self.settings.agent or 'default'!r} runs model {model!r}, which is not in {self.models}; "
+                "train an agent on the default model or on a model trained here"
+            )
+        return path
+
+    def _model_dir(self, model: str) -> Path:
+        """The HF directory of the model a round starts from: a registered model, else the inference service's
+        default model (converted once from its GGUF file)."""
+        return self._registered_model_dir(model) or base_model_dir(self.default_model_path, self.base_cache)
+
+    async def _tools(self, path: Path) -> list[ToolSpec]:
+        """The tools listing of the round's runs, kept with the round so its examples can be rebuilt the same."""
+        if path.is_file():
+            return tools_from_json(json.loads(path.read_text(encoding="utf-8")))
+        tools = await self.tools.list_tools()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(tools_to_json(tools), ensure_ascii=False) + "\n", encoding="utf-8")
+        return tools
+
+    async def _train(self, number: int, model_in: str, examples: list[StepExample], folder: Path) -> tuple[int, float]:
+        """Fine-tunes and exports round ``number``'s model unless it is exported already; (steps, loss)."""
+        destination = self.models / self.settings.model_id(number)
+        summary = folder / "training.json"
+        if (destination / "config.json").is_file() and summary.is_file():
+            figures = json.loads(summary.read_text())
+            return int(figures["steps"]), float(figures["loss"])
+        base = await asyncio.to_thread(self._model_dir, model_in)
+        update = self.progress.start(f"round {number}: training", 0)
+        checkpoints = folder / "checkpoints"
+        result = await asyncio.to_thread(
+            fine_tune, examples, base=base, checkpoints=checkpoints, settings=self.settings,
+            on_step=lambda done, total: update(done, f"of {total} steps"),
+        )  # fmt: skip
+        await asyncio.to_thread(export_model, result, destination)
+        figures = {"steps": result.steps, "loss": result.loss, "examples": result.examples}
+        figures["skipped_too_long"] = result.skipped_too_long
+        summary.write_text(json.dumps(figures) + "\n")
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the model is exported: nothing left to resume
+        return result.steps, result.loss
+
+    async def evaluate(self, number: int, agent: str, model: str = "") -> Report:
+        """The test split with ``agent`` (on ``model`` when given: an agent ``<agent>-on-<model>`` made through the
+        planner, which checks the model against the inference service's ListModels)."""
+        name = await agent_on_model(self.channel, agent, model) if model else agent
+        label = model or "baseline"
+        update = self.progress.start(f"round {number}: eval ({label})", len(self.test_suite.tasks))
+
+        def show(state: EvalProgress) -> None:
+            update(state.done, f"{state.passed} passed")
+
+        results = await evaluate(
+            self.test_suite, self.runner, self.folder / f"round-{number}" / "eval.results.jsonl", agent=name,
+            concurrency=self.settings.concurrency, timeout_s=self.settings.timeout_s, on_progress=show,
+        )  # fmt: skip
+        if len(results) < len(self.test_suite.tasks):
+            raise RuntimeError("some test tasks could not be run (planner unavailable); run the command again")
+        report = summarize(self.test_suite.name, label, results.values())
+        write_reports([report], self.folder / f"round-{number}", "eval")
+        return report

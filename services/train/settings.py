@@ -1,0 +1,118 @@
+"""The settings of a training job (`meshpilot train`): one typed object, each field's default and meaning written once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class TrainSettingsError(ValueError):
+    """A setting that cannot be used; the message names the command-line option and says what to change."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What `meshpilot train` does; the field name with dashes is its option (``attempts`` is ``--attempts``)."""
+
+    name: str = "kg"
+    """The job's name: its folder ``<data_dir>/train/<name>`` and its models ``<name>-r1``, ``<name>-r2`` ..."""
+    suite: str = "kg-train"
+    """Where tasks come from: its ``train`` split only."""
+    eval_suite: str = "kg-test"
+    """What each round is scored on: its ``test`` split only (never trained on)."""
+    categories: tuple[str, ...] = ()
+    """Only these categories of both suites (empty: all)."""
+    limit: int = 10
+    """Training tasks per category (a fixed sample, file order); 0: all."""
+    eval_limit: int = 5
+    """Test tasks per category; 0: all."""
+    agent: str = ""
+    """The agent rolled out ("": the built-in default); its policy must be guided or react."""
+    rounds: int = 1
+    """Rollouts -> training -> evaluation, this many times; round r+1 starts from round r's model."""
+    attempts: int = 4
+    """Rollouts per task (K), each sampled with its own seed."""
+    temperature: float = 0.8
+    """Sampling temperature of the rollouts (the evaluation is greedy, as the agent is)."""
+    seed: int = 14
+    """Attempt k of round r samples with seed + 1000 r + k; also the trainer's seed."""
+    min_reward: float = 1.0
+    """A rollout is trained on when its reward (share of the task's checks passed) is at least this."""
+    keep_per_task: int = 1
+    """At most this many of a task's rollouts are trained on (the best: highest reward, valid calls, fewest steps)."""
+    concurrency: int = 2
+    """Runs in flight at once through the planner."""
+    lora: bool = True
+    """LoRA adapters (peft) on the attention projections, merged into the exported model; False: full fine-tuning."""
+    lora_rank: int = 8
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision: fp32, or bf16 mixed precision (autocast; on CPU where torch supports it)."""
+    learning_rate: float = 2e-4
+    batch_size: int = 1
+    grad_accumulation: int = 4
+    """Examples' gradients summed before each optimizer step: an effective batch of batch_size x this."""
+    epochs: float = 2.0
+    max_steps: int = 0
+    """Optimizer steps per round; 0: ``epochs`` over the round's examples."""
+    save_steps: int = 20
+    """A checkpoint every this many optimizer steps; an interrupted round resumes from the last one."""
+    max_length: int = 2048
+    """Examples longer than this many tokens (prompt and completion) are left out."""
+    teacher: Path | None = None
+    """A HF model directory whose token distributions the model is distilled towards (soft targets)."""
+    kd_alpha: float = 0.5
+    """With a teacher: loss = kd_alpha x soft (KL at kd_temperature, x tau^2) + (1 - kd_alpha) x hard (cross-entropy)."""
+    kd_temperature: float = 2.0
+    timeout_s: float = 300.0
+    """Seconds a run may take before it counts as failed."""
+
+    def validate(self) -> TrainSettings:
+        """Itself, or TrainSettingsError naming the option to change."""
+        # With "-r<round>" appended this is a model id (inference_core.model_loading.MODEL_ID) and a file name.
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", self.name):
+            raise TrainSettingsError(f"--name {self.name[:60]!r}: use 1-41 lowercase letters, digits and '-'")
+        _at_least("--rounds", self.rounds, 1)
+        _at_least("--attempts", self.attempts, 1)
+        _at_least("--limit", self.limit, 0)
+        _at_least("--eval-limit", self.eval_limit, 0)
+        _at_least("--keep-per-task", self.keep_per_task, 1)
+        _at_least("--concurrency", self.concurrency, 1)
+        _at_least("--lora-rank", self.lora_rank, 1)
+        _at_least("--batch-size", self.batch_size, 1)
+        _at_least("--grad-accumulation", self.grad_accumulation, 1)
+        _at_least("--max-steps", self.max_steps, 0)
+        _at_least("--save-steps", self.save_steps, 1)
+        _at_least("--max-length", self.max_length, 16)
+        if not 0.0 <= self.temperature <= 2.0:
+            raise TrainSettingsError(f"--temperature is {self.temperature:g}; use 0 to 2 (0 is greedy: no variety)")
+        if not 0.0 <= self.min_reward <= 1.0:
+            raise TrainSettingsError(f"--min-reward is {self.min_reward:g}; use 0 to 1 (the share of checks passed)")
+        if self.precision not in PRECISIONS:
+            raise TrainSettingsError(f"--precision is {self.precision!r}; use {' or '.join(PRECISIONS)}")
+        if not self.learning_rate > 0:
+            raise TrainSettingsError(f"--learning-rate is {self.learning_rate:g}; use a positive number such as 2e-4")
+        if not self.epochs > 0 and not self.max_steps:
+            raise TrainSettingsError(f"--epochs is {self.epochs:g}; use a positive number, or set --max-steps")
+        if not 0.0 <= self.kd_alpha <= 1.0:
+            raise TrainSettingsError(f"--kd-alpha is {self.kd_alpha:g}; use 0 (hard targets only) to 1 (soft only)")
+        if not self.kd_temperature > 0:
+            raise TrainSettingsError(f"--kd-temperature is {self.kd_temperature:g}; use a positive number such as 2")
+        if self.teacher is not None and not (self.teacher / "config.json").is_file():
+            where = "does not exist" if not self.teacher.exists() else "has no config.json"
+            raise TrainSettingsError(
+                f"--teacher {self.teacher} {where}; give a HF model directory (one written by save_pretrained)"
+            )
+        return self
+
+    def model_id(self, round_number: int) -> str:
+        """The id round ``round_number``'s model is registered under."""
+        return f"{self.name}-r{round_number}"
+
+
+def _at_least(option: str, value: int, low: int) -> None:
+    if value < low:
+        raise TrainSettingsError(f"{option} is {value}; use {low} or more")

@@ -1,0 +1,83 @@
+"""`meshpilot train`'s settings: every bad value is refused before any work, naming the option and what to change;
+the command exits 2 for those and 1 when the mesh cannot be reached."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from meshpilot.cli import app
+from services.train import TrainSettings, TrainSettingsError
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rounds": 0}, r"^--rounds is 0; use 1 or more"),
+        ({"attempts": 0}, r"^--attempts is 0; use 1 or more"),
+        ({"limit": -1}, r"^--limit is -1; use 0 or more"),
+        ({"eval_limit": -2}, r"^--eval-limit is -2"),
+        ({"keep_per_task": 0}, r"^--keep-per-task is 0"),
+        ({"concurrency": 0}, r"^--concurrency is 0"),
+        ({"lora_rank": 0}, r"^--lora-rank is 0"),
+        ({"batch_size": 0}, r"^--batch-size is 0"),
+        ({"grad_accumulation": 0}, r"^--grad-accumulation is 0"),
+        ({"max_steps": -1}, r"^--max-steps is -1"),
+        ({"save_steps": 0}, r"^--save-steps is 0"),
+        ({"max_length": 8}, r"^--max-length is 8; use 16 or more"),
+        ({"name": "Bad Name"}, r"^--name 'Bad Name': use 1-41 lowercase letters"),
+        ({"temperature": 3.0}, r"^--temperature is 3; use 0 to 2"),
+        ({"min_reward": 1.5}, r"^--min-reward is 1.5; use 0 to 1"),
+        ({"precision": "fp8"}, r"^--precision is 'fp8'; use fp32 or bf16"),
+        ({"learning_rate": 0.0}, r"^--learning-rate is 0"),
+        ({"epochs": 0.0}, r"^--epochs is 0; use a positive number, or set --max-steps"),
+        ({"kd_alpha": -0.1}, r"^--kd-alpha is -0.1"),
+        ({"kd_temperature": 0.0}, r"^--kd-temperature is 0"),
+    ],
+)
+def test_bad_settings_name_the_option(change: dict, message: str) -> None:
+    with pytest.raises(TrainSettingsError, match=message):
+        dataclasses.replace(TrainSettings(), **change).validate()
+
+
+def test_a_teacher_that_is_not_a_model_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TrainSettingsError, match=r"^--teacher .*absent does not exist; give a HF model directory"):
+        TrainSettings(teacher=tmp_path / "absent").validate()
+    with pytest.raises(TrainSettingsError, match=r"^--teacher .* has no config.json; give a HF model directory"):
+        TrainSettings(teacher=tmp_path).validate()
+    (tmp_path / "config.json").write_text("{}")
+    assert TrainSettings(teacher=tmp_path).validate().teacher == tmp_path
+
+
+def test_the_defaults_are_valid_and_name_each_rounds_model() -> None:
+    settings = TrainSettings().validate()
+    assert [settings.model_id(n) for n in (1, 2)] == ["kg-r1", "kg-r2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rounds", "0"], "--rounds is 0; use 1 or more"),
+        (["--suite", "no-such-suite"], "--suite: no suite 'no-such-suite'"),
+        (["--precision", "fp16"], "--precision is 'fp16'; use fp32 or bf16"),
+        (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher does not exist"),
+    ],
+)
+def test_the_command_exits_2_naming_the_option(args: list[str], message: str) -> None:
+    done = CliRunner().invoke(app, ["train", *args])
+    assert done.exit_code == 2, done.output
+    assert f"error: {message}" in done.output
+
+
+def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, monkeypatch) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    monkeypatch.setenv("MESHPILOT_DATA_DIR", str(tmp_path))
+    done = CliRunner().invoke(app, ["train", "--limit", "1", "--planner", f"127.0.0.1:{port}", "--no-baseline"])
+    assert done.exit_code == 1, done.output
+    assert "UNAVAILABLE" in done.output and "is the mesh up?" in done.output
