@@ -71,6 +71,8 @@ class Mesh:
                 "MESHPILOT_TOOLS__SERVER__PORT": str(self.tools_port),
                 "MESHPILOT_TOOLS__MCP_ENDPOINT__PORT": str(free_port()),
                 "MESHPILOT_APPROVALS__KEY_FILE": str(data_dir / "approval.key"),
+                # What is left in flight at the end is the test's own load: no need to wait for it.
+                **{f"MESHPILOT_{name}__SERVER__GRACE_SECONDS": "1" for name in ("PLANNER", "INFERENCE", "TOOLS")},
             }
         )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -5,6 +5,7 @@ approval tokens itself."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import signal
 import time
@@ -21,7 +22,8 @@ from tests.integration.processes import ServiceProcesses
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-KILLS = 20
+# `make soak-planner` runs 20 kills; `make test` a smaller round of the same test.
+KILLS = int(os.environ.get("MESHPILOT_PLANNER_KILLS", "8"))
 IN_FLIGHT = 3
 NOTES_AGENT = agents_pb2.AgentSpec(
     instructions="You keep notebooks: you add the line the user gives, word for word, with the append_note tool.",
@@ -84,7 +86,7 @@ async def create_agent(target: str, name: str, spec: agents_pb2.AgentSpec) -> No
         )
 
 
-async def test_runs_survive_twenty_planner_kills_and_every_tool_call_takes_effect_once(mesh) -> None:
+async def test_runs_survive_planner_kills_and_every_tool_call_takes_effect_once(mesh) -> None:
     planner = mesh.target("planner")
     rng = random.Random(8)
     run_ids: list[str] = []
