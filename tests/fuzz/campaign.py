@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from a2a.types import a2a_pb2
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
@@ -52,11 +53,11 @@ async def run_campaign(
     timeout: float = 15.0,
     progress: Any = None,
 ) -> Campaign:
-    """Fuzzes every method of every meshpilot service (and the stock health and reflection services) with ``budget``
+    """Fuzzes every method of every meshpilot service (and the A2A binding, the stock health and reflection services) with ``budget``
     calls each, on the channel of the service that hosts it; then asks each service for its health."""
     campaign = Campaign()
     await seed_hints(channels["planner"], hints)
-    for service in discover_services([health_pb2, reflection_pb2]):
+    for service in discover_services([health_pb2, reflection_pb2, a2a_pb2]):
         channel = channels[host_of(service.full_name)]
         for method in methods_of(service):
             report = await fuzz_method(channel, method, budget=budget, seed=seed, hints=hints, timeout=timeout)

@@ -81,6 +81,23 @@ class Method:
         return f"/{self.service}/{self.name}"
 
 
+def _fits(fd: FieldDescriptor, value: Any) -> bool:
+    """Whether ``value`` can be set on a field like ``fd`` (a message field also takes JSON-like dicts and lists)."""
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        return isinstance(value, str)
+    if fd.type == FieldDescriptor.TYPE_BOOL:
+        return isinstance(value, bool)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if fd.type in _INT_BOUNDS:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if fd.type in _FLOATS:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return isinstance(value, bytes)
+    return isinstance(value, (Message, dict, list, str, int, float))
+
+
 def discover_services(extra_modules: Sequence[ModuleType] = ()) -> list[ServiceDescriptor]:
     """Every service declared in the generated ``meshpilot/*/v1/*_pb2.py`` modules (and in ``extra_modules``, such
     as the stock health and reflection ones), sorted by full name."""
@@ -144,7 +161,11 @@ class RequestMaker:
         return proto
 
     def _hint(self, fd: FieldDescriptor) -> Any | None:
-        values = self.hints.get(fd.full_name) or self.hints.get(fd.name)
+        values = self.hints.get(fd.full_name)
+        if not values:
+            # A hint by short name fits only fields of its kind: "role" is a string in meshpilot's chat messages and
+            # an enum in A2A's.
+            values = [v for v in self.hints.get(fd.name, ()) if _fits(fd, v)]
         if values and self.rng.random() < 0.8:
             return self.rng.choice(list(values))
         return None

@@ -27,8 +27,11 @@ STOCK_HOST = "planner"
 
 
 def host_of(service: str) -> str:
-    """The mesh service that serves the gRPC service named ``service``: meshpilot.<name>.v1.* is <name>'s."""
+    """The mesh service that serves the gRPC service named ``service``: meshpilot.<name>.v1.* is <name>'s, the A2A
+    binding (lf.a2a.v1.*) the planner's."""
     parts = service.split(".")
+    if parts[:2] == ["lf", "a2a"]:
+        return "planner"
     return parts[1] if parts[0] == "meshpilot" and len(parts) == 4 else STOCK_HOST
 
 
