@@ -85,10 +85,19 @@ def base_model_dir(model_path: str, cache: Path) -> Path:
     target = cache / Path(gguf).stem
     if (target / "config.json").is_file():
         return target
+    from transformers import AutoModelForCausalLM
+
     loaded = load_model(directory / gguf, dtype="float32")
+    # The weights are dequantized on load, but the model still says it is GGUF-quantized, which save_pretrained
+    # refuses: the same weights in a plain model of the same config.
+    config = loaded.model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.model.state_dict())
     partial = cache / f".{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    loaded.model.save_pretrained(partial)
+    plain.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
@@ -127,7 +136,7 @@ def fine_tune(
     """Trains the model in ``base`` (a HF directory) on ``examples``; checkpoints go to ``checkpoints`` every
     ``settings.save_steps`` optimizer steps, and a call that finds one there resumes from the last (optimizer,
     scheduler, RNG and data position included). ``on_step(done, total)`` after each optimizer step."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(settings.seed)  # LoRA's initial weights too: a round run again starts from the same ones
@@ -187,6 +196,7 @@ def fine_tune(
         ),
         callbacks=[Progress()],
     )
+    trainer.remove_callback(PrinterCallback)  # it prints each step's logs on stdout, which `--json` keeps for its JSON
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     output = trainer.train(resume_from_checkpoint=last)
     trained = model.merge_and_unload() if settings.lora else model
