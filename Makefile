@@ -10,7 +10,7 @@ FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 BFCL_VERSION ?= 2026.3.23
 
-.PHONY: soak-replicas soak-planner multi-host install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check
+.PHONY: soak-replicas soak-planner multi-host install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -87,6 +87,13 @@ eval-suites: install ## regenerate services/eval/suites: kg-train/kg-test (fixed
 	$(PIP) download -q --no-deps --dest build/bfcl bfcl-eval==$(BFCL_VERSION)
 	$(PY) -m zipfile -e build/bfcl/bfcl_eval-$(BFCL_VERSION)-py3-none-any.whl build/bfcl
 	$(PY) scripts/gen_eval_suites.py --bfcl-data build/bfcl/bfcl_eval/data
+
+# A small configuration of the learning loop (issue 14): 7 categories x 3 train tasks x 4 sampled attempts, LoRA for an
+# epoch on the verified runs, 2 rounds, each scored on 10 test tasks per category (and the untrained baseline); about
+# 35-45 minutes on 2 CPU cores. Results under <data_dir>/train/kg; a re-run resumes.
+TRAIN_ARGS ?=
+train: install ## the learning loop, small: rollouts -> LoRA -> kg-r1, kg-r2 registered and scored (needs the mesh up: make run)
+	$(VENV)/bin/meshpilot train --rounds 2 --limit 3 --attempts 4 --epochs 1 --eval-limit 10 $(TRAIN_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format .
