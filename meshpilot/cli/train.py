@@ -52,6 +52,9 @@ def train(
     limit: Annotated[int, typer.Option(help="Training tasks per category (0: all).")] = D.limit,
     eval_limit: Annotated[int, typer.Option(help="Test tasks per category (0: all).")] = D.eval_limit,
     agent: Annotated[str, typer.Option(help="The agent rolled out and trained; default: the built-in.")] = D.agent,
+    student: Annotated[
+        str, typer.Option(help="A react agent the (guided) rollouts teach, in its own format; it is what is scored.")
+    ] = D.student,
     rounds: Annotated[int, typer.Option(help="Rollouts -> training -> evaluation, this many times.")] = D.rounds,
     attempts: Annotated[int, typer.Option(help="Sampled attempts per task (K).")] = D.attempts,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of the rollouts.")] = D.temperature,
@@ -88,7 +91,7 @@ def train(
         fail(f"--precision is {precision!r}; use fp32 or bf16", 2)
     settings = TrainSettings(
         name=name, suite=suite, eval_suite=eval_suite, categories=tuple(category or ()), limit=limit,
-        eval_limit=eval_limit, agent=agent, rounds=rounds, attempts=attempts, temperature=temperature, seed=seed,
+        eval_limit=eval_limit, agent=agent, student=student, rounds=rounds, attempts=attempts, temperature=temperature, seed=seed,
         min_reward=min_reward, keep_per_task=keep_per_task, concurrency=concurrency, lora=lora, lora_rank=lora_rank,
         precision="bf16" if precision == "bf16" else "fp32", learning_rate=learning_rate, batch_size=batch_size,
         grad_accumulation=grad_accumulation, epochs=epochs, max_steps=max_steps, save_steps=save_steps,

@@ -5,8 +5,10 @@ from services.train.examples import (
     ExampleError,
     Rollout,
     StepExample,
+    react_action,
     select_rollouts,
     step_examples,
+    student_examples,
     tools_from_json,
     tools_to_json,
 )
@@ -21,8 +23,10 @@ __all__ = [
     "TrainSettings",
     "TrainSettingsError",
     "distillation_loss",
+    "react_action",
     "select_rollouts",
     "step_examples",
+    "student_examples",
     "tools_from_json",
     "tools_to_json",
 ]

@@ -12,6 +12,7 @@ from typing import Any
 
 from services.planner.agents import AgentDefinition
 from services.planner.policies import POLICIES, Context
+from services.planner.prompt import dumps
 from services.planner.state import RunSnapshot
 from services.planner.types import ToolSpec
 
@@ -106,6 +107,46 @@ def step_examples(rollout: Rollout, tools: Sequence[ToolSpec]) -> list[StepExamp
     also depends on state the snapshot no longer holds (plan_execute)."""
     snapshot = RunSnapshot.from_json(rollout.snapshot)
     definition = AgentDefinition.from_dict(snapshot.agent.spec)
+    return _examples(rollout, snapshot, definition, tools, dict(rollout.outputs))
+
+
+def student_examples(rollout: Rollout, tools: Sequence[ToolSpec], student: AgentDefinition) -> list[StepExample]:
+    """A guided run as a react agent's examples (the guided policy as the teacher of a free one): each step's action
+    rewritten in the react format (``react_action``) and the prompt the ``student`` agent's policy builds over the
+    rewritten transcript, the run's observations and nonce. Nothing for a run with a step whose output was refused
+    (its note is the guided policy's words). ExampleError when the student is not a react agent."""
+    if student.policy != "react":
+        raise ExampleError(f"--student must be a react agent; this one runs the {student.policy} policy")
+    snapshot = RunSnapshot.from_json(rollout.snapshot)
+    if any(record.note is not None for record in snapshot.steps):
+        return []
+    actions = {step: react_action(text) for step, text in rollout.outputs.items()}
+    steps = [dataclasses.replace(record, action=actions[record.step]) for record in snapshot.steps]
+    return _examples(rollout, dataclasses.replace(snapshot, steps=steps), student, tools, actions)
+
+
+def react_action(guided: str) -> str:
+    """A guided action in the react policy's format, as its constrained decoder writes JSON: a call becomes a
+    one-call ``tool_calls`` list, an answer keeps its text; each with a short thought."""
+    try:
+        action = json.loads(guided)
+    except json.JSONDecodeError:
+        raise ExampleError(f"the action {guided[:80]!r} is not JSON") from None
+    if isinstance(action, dict) and isinstance(action.get("final_answer"), str):
+        return dumps({"thought": "The observation answers the question.", "final_answer": action["final_answer"]})
+    if isinstance(action, dict) and isinstance(action.get("tool"), str) and isinstance(action.get("arguments"), dict):
+        call = {"tool": action["tool"], "arguments": action["arguments"]}
+        return dumps({"thought": f"I look it up with {action['tool']}.", "tool_calls": [call]})
+    raise ExampleError(f"the action {guided[:80]!r} is neither a tool call nor a final answer")
+
+
+def _examples(
+    rollout: Rollout,
+    snapshot: RunSnapshot,
+    definition: AgentDefinition,
+    tools: Sequence[ToolSpec],
+    completions: Mapping[int, str],
+) -> list[StepExample]:
     if definition.policy not in REPLAYABLE_POLICIES:
         raise ExampleError(
             f"agent {snapshot.agent.name!r} runs the {definition.policy} policy, whose prompts cannot be rebuilt "
@@ -116,7 +157,7 @@ def step_examples(rollout: Rollout, tools: Sequence[ToolSpec]) -> list[StepExamp
         definition.instructions, [tool for tool in tools if definition.allows(tool.name)], definition.examples
     )
     examples = []
-    for step, completion in sorted(rollout.outputs.items()):
+    for step, completion in sorted(completions.items()):
         before = dataclasses.replace(
             snapshot,
             step=step,

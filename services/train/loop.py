@@ -23,9 +23,18 @@ from services.eval.runner import EvalProgress, PlannerRunner, evaluate
 from services.eval.suite import Suite, SuiteError, load_suite
 from services.eval.variants import agent_on_model
 from services.inference.models_dir import models_directory
+from services.planner.agents import AgentDefinition
+from services.planner.convert import definition_from_proto
 from services.planner.store import JournalStore
 from services.planner.types import ToolSpec
-from services.train.examples import StepExample, select_rollouts, step_examples, tools_from_json, tools_to_json
+from services.train.examples import (
+    StepExample,
+    select_rollouts,
+    step_examples,
+    student_examples,
+    tools_from_json,
+    tools_to_json,
+)
 from services.train.finetune import base_model_dir, export_model, fine_tune
 from services.train.rollouts import RolloutProgress, collect_rollouts, prepare_rollout_agents
 from services.train.settings import TrainSettings, TrainSettingsError
@@ -109,12 +118,16 @@ class TrainJob:
         self.channel, self.tools, self.journal = channel, tools, journal
         self.runner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
         self.progress = progress or NoProgress()
+        self.student: AgentDefinition | None = None
+        self.evaluated = settings.student or settings.agent
 
     async def run(self, *, baseline: bool = True) -> list[RoundResult]:
         """Every round (those done already are read back); the report across rounds is written to the job's folder
         (``report.json``, ``report.md``, ``report.png``): the baseline agent first when ``baseline``."""
         self._registered_model_dir(await self._agent_model())  # before any work: a model this job cannot train
-        reports = [await self.evaluate(0, self.settings.agent)] if baseline else []
+        if self.settings.student:
+            self.student = await self._student()
+        reports = [await self.evaluate(0, self.evaluated)] if baseline else []
         results = []
         for number in range(1, self.settings.rounds + 1):
             result = await self.round(number)
@@ -148,11 +161,17 @@ class TrainJob:
         if len(rollouts) < len(self.train_suite.tasks) * settings.attempts:
             raise RuntimeError("some rollouts could not be run (planner unavailable); run the command again to resume")
         selected = select_rollouts(rollouts, min_reward=settings.min_reward, keep_per_task=settings.keep_per_task)
-        examples = [example for rollout in selected for example in step_examples(rollout, tools)]
+        examples = [
+            example
+            for rollout in selected
+            for example in (
+                student_examples(rollout, tools, self.student) if self.student else step_examples(rollout, tools)
+            )
+        ]
         (folder / "examples.jsonl").write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
         model_id = settings.model_id(number)
         steps, loss = await self._train(number, model_in, examples, folder)
-        report = await self.evaluate(number, settings.agent, model_id)
+        report = await self.evaluate(number, self.evaluated, model_id)
         result = RoundResult(
             number, model_id, len(rollouts), sum(r.passed for r in rollouts), len(selected), len(examples), steps,
             loss, report,
@@ -164,6 +183,23 @@ class TrainJob:
         stub = agents_pb2_grpc.AgentServiceStub(self.channel)
         agent = await stub.GetAgent(agents_pb2.GetAgentRequest(name=self.settings.agent or "default"), timeout=30)
         return agent.spec.model
+
+    async def _student(self) -> AgentDefinition:
+        stub = agents_pb2_grpc.AgentServiceStub(self.channel)
+        try:
+            agent = await stub.GetAgent(agents_pb2.GetAgentRequest(name=self.settings.student), timeout=30)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise TrainSettingsError(
+                f"--student {self.settings.student!r}: no such agent (meshpilot agents list)"
+            ) from e
+        definition = definition_from_proto(agent.spec)
+        if definition.policy != "react":
+            raise TrainSettingsError(
+                f"--student {self.settings.student!r} runs the {definition.policy} policy; give a react agent"
+            )
+        return definition
 
     def _registered_model_dir(self, model: str) -> Path | None:
         """The directory of ``model`` when it is a registered model, None for the inference service's default model;

@@ -32,6 +32,9 @@ class TrainSettings:
     """Test tasks per category; 0: all."""
     agent: str = ""
     """The agent rolled out ("": the built-in default); its policy must be guided or react."""
+    student: str = ""
+    """A react agent the rollouts teach: the guided runs rewritten in its action format, with the prompts its policy
+    builds (the guided policy as the teacher of a free one); each round evaluates it. "": the rolled-out agent."""
     rounds: int = 1
     """Rollouts -> training -> evaluation, this many times; round r+1 starts from round r's model."""
     attempts: int = 4

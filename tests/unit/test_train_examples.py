@@ -3,15 +3,19 @@ exactly the chats the model was sent, step by step; reward filtering keeps each 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from meshpilot.planner.v1 import planner_pb2_grpc
+from meshpilot.planner.v1 import agents_pb2, planner_pb2_grpc
 from services.common import load_config
 from services.eval import Contains, EvalTask, PlannerRunner, Unanswerable
+from services.planner.convert import definition_from_proto
 from services.train import ExampleError, Rollout, StepExample, select_rollouts, step_examples
+from services.train.examples import react_action, student_examples
 from services.train.rollouts import collect_rollouts, prepare_rollout_agents, read_rollouts, rollout_agent_name
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
 
@@ -118,3 +122,51 @@ async def test_a_plan_execute_agents_rollouts_are_refused_naming_the_policy(conf
     )
     with pytest.raises(ExampleError, match=r"plan_execute policy.*guided, react"):
         step_examples(planned, FakeTools().tools)
+
+
+def without_nonces(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**m, "content": re.sub(r"data-[0-9a-f]{12}>", "data-NONCE>", m["content"])} for m in messages]
+
+
+async def test_a_guided_run_teaches_a_react_agent_what_it_would_have_been_sent(config) -> None:
+    """The student's examples are the chats a react agent is sent when it acts as the guided agent did."""
+    guided = [call("country_facts", country="France"), answer("The capital of France is Paris.")]
+    react = [react_action(text) for text in guided]
+    llm, tools = ScriptedLLM([*guided, *react]), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        spec = (await planner.agents.GetAgent(agents_pb2.GetAgentRequest(name="default"))).spec
+        spec.policy.name = "react"
+        spec.ClearField("examples")
+        await planner.agents.CreateAgent(agents_pb2.CreateAgentRequest(name="free", spec=spec))
+        agents = await prepare_rollout_agents(
+            planner.channel, base="", model="", job="t", attempts=1, temperature=0.5, seed=0
+        )
+        runner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(planner.channel))
+        (teacher,) = await collect_rollouts(
+            [FRANCE], agents, runner, planner.servicer.store, config.data_dir / "r.jsonl", concurrency=1, timeout_s=30
+        )
+        events = await planner.run(FRANCE.task, agent="free")  # the react agent, acting as the guided one did
+    llm.assert_consumed()
+    assert events[-1].final_answer.answer == "The capital of France is Paris."
+
+    student = definition_from_proto(spec)
+    examples = student_examples(teacher, tools.tools, student)
+    assert [e.completion for e in examples] == react
+    sent = [request["messages"] for request in llm.requests[2:]]
+    assert [without_nonces(e.messages) for e in examples] == [without_nonces(m) for m in sent]
+    assert "Think step by step" in examples[0].messages[0]["content"]
+
+    with pytest.raises(ExampleError, match=r"--student must be a react agent; this one runs the guided policy"):
+        student_examples(teacher, tools.tools, dataclasses.replace(student, policy="guided"))
+
+
+def test_guided_actions_in_the_react_format() -> None:
+    assert json.loads(react_action(call("country_facts", country="Peru"))) == {
+        "thought": "I look it up with country_facts.",
+        "tool_calls": [{"tool": "country_facts", "arguments": {"country": "Peru"}}],
+    }
+    assert json.loads(react_action(answer("Lima.")))["final_answer"] == "Lima."
+    with pytest.raises(ExampleError, match="is not JSON"):
+        react_action('{"tool": "country_facts"')
+    with pytest.raises(ExampleError, match="neither a tool call nor a final answer"):
+        react_action('{"plan": []}')

@@ -14,7 +14,7 @@ from inference_core.testing import write_tiny_llama
 from meshpilot.planner.v1 import agents_pb2
 from services.common import load_config
 from services.eval import Contains, EvalTask
-from services.train import TrainSettings, TrainSettingsError
+from services.train import TrainSettings, TrainSettingsError, react_action
 from services.train.loop import TrainJob, load_suites
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
 
@@ -109,3 +109,41 @@ def test_the_suites_are_the_train_and_test_splits_sampled() -> None:
     train, test = load_suites(TrainSettings(categories=("one_hop", "reverse"), limit=2, eval_limit=1))
     assert [(t.category, t.split) for t in train.tasks] == [("one_hop", "train")] * 2 + [("reverse", "train")] * 2
     assert [(t.category, t.split) for t in test.tasks] == [("one_hop", "test"), ("reverse", "test")]
+
+
+async def test_a_react_student_learns_from_the_guided_rollouts_and_is_what_is_scored(config, settings, tiny) -> None:
+    outputs = [
+        call("country_facts", country="France"), answer("The capital of France is Paris."),  # attempt 0 (guided)
+        call("country_facts", country="France"), answer("The capital of France is Paris."),  # attempt 1
+        react_action(call("country_facts", country="Japan")), react_action(answer("The capital of Japan is Tokyo.")),
+    ]  # fmt: skip
+    llm, tools = ScriptedLLM(outputs, models=("tiny", "t-r1")), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        await make_agent(planner, "free", "react")
+        student = dataclasses.replace(settings, student="free")
+        (result,) = await job(student, config, planner, tools, tiny).run(baseline=False)
+    llm.assert_consumed()
+    assert (result.selected, result.examples, result.report.agent) == (1, 2, "t-r1")
+    assert result.report.overall.completion_rate == 1.0
+    examples = [json.loads(line) for line in (config.data_dir / "train" / "t" / "round-1" / "examples.jsonl").open()]
+    assert [json.loads(e["completion"]).get("thought") is not None for e in examples] == [True, True]
+    assert "Think step by step" in examples[0]["messages"][0]["content"]  # the react agent's own prompt
+
+
+@pytest.mark.parametrize(
+    ("student", "message"),
+    [("absent", r"--student 'absent': no such agent"), ("geo", r"--student 'geo' runs the guided policy")],
+)
+async def test_a_student_that_is_not_a_react_agent_is_refused(config, settings, tiny, student, message) -> None:
+    llm, tools = ScriptedLLM([]), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        await make_agent(planner, "geo", "guided")
+        with pytest.raises(TrainSettingsError, match=message):
+            await job(dataclasses.replace(settings, student=student), config, planner, tools, tiny).run()
+    llm.assert_consumed()
+
+
+async def make_agent(planner: Planner, name: str, policy: str) -> None:
+    spec = (await planner.agents.GetAgent(agents_pb2.GetAgentRequest(name="default"))).spec
+    spec.policy.name = policy
+    await planner.agents.CreateAgent(agents_pb2.CreateAgentRequest(name=name, spec=spec))

@@ -81,3 +81,12 @@ def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, 
     done = CliRunner().invoke(app, ["train", "--limit", "1", "--planner", f"127.0.0.1:{port}", "--no-baseline"])
     assert done.exit_code == 1, done.output
     assert "UNAVAILABLE" in done.output and "is the mesh up?" in done.output
+
+
+def test_services_train_exports_what_its_modules_define() -> None:
+    import services.train
+
+    modules = {"examples", "finetune", "journal", "kd", "loop", "rollouts", "settings"}
+    public = {name for name in dir(services.train) if not name.startswith("_")} - modules
+    assert set(services.train.__all__) == public
+    assert all(getattr(services.train, name) is not None for name in services.train.__all__)
