@@ -236,12 +236,17 @@ class TrainJob:
             figures = json.loads(summary.read_text())
             return int(figures["steps"]), float(figures["loss"])
         base = await asyncio.to_thread(self._model_dir, model_in)
-        update = self.progress.start(f"round {number}: training", 0)
+        bars: list[Callable[[int, str], None]] = []
+
+        def step(done: int, total: int) -> None:
+            if not bars:  # the total is known once the trainer has planned its steps
+                bars.append(self.progress.start(f"round {number}: training", total))
+            bars[0](done, "optimizer steps")
+
         checkpoints = folder / "checkpoints"
         result = await asyncio.to_thread(
-            fine_tune, examples, base=base, checkpoints=checkpoints, settings=self.settings,
-            on_step=lambda done, total: update(done, f"of {total} steps"),
-        )  # fmt: skip
+            fine_tune, examples, base=base, checkpoints=checkpoints, settings=self.settings, on_step=step
+        )
         await asyncio.to_thread(export_model, result, destination)
         figures = {"steps": result.steps, "loss": result.loss, "examples": result.examples}
         figures["skipped_too_long"] = result.skipped_too_long

@@ -58,7 +58,12 @@ def test_a_tiny_loop_trains_registers_and_serves_a_model(mesh: ServiceProcesses)
     assert events[-1].WhichOneof("event") == "final_answer", events[-1]
     assert any(e.WhichOneof("event") == "model_output" for e in events)
 
+    # Again, for people (no --json): resumed, every phase's result was there, so it only reports.
+    command.remove("--json")
     again = subprocess.run(command, cwd=ROOT, env=mesh.env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout) == [result]  # resumed: every phase's result was there
+    assert "| **overall** | 3 |" in again.stdout and "e2e-r1: completed" in again.stdout
+    summary = f"round 1: e2e-r1 from {result['selected']} of 6 rollouts ({result['rollouts_passed']} passed)"
+    assert summary in again.stderr and "report.md" in again.stderr
     assert len((folder / "round-1" / "rollouts.jsonl").read_text().splitlines()) == 6
+    assert json.loads((folder / "rounds.json").read_text()) == [result]
