@@ -106,10 +106,9 @@ def train(
         fail(str(e), 2)
     cfg = load_config(config)
     planner_at = service_target("planner", planner, config)
-    tools_at = service_target("tools", None, config)
     notices = Console(stderr=True)
     try:
-        results = asyncio.run(_run(settings, cfg, planner_at, tools_at, notices, baseline=baseline))
+        results = asyncio.run(_run(settings, cfg, planner_at, notices, baseline=baseline))
     except TrainSettingsError as e:
         fail(str(e), 2)
     except (ConfigError, RuntimeError, ValueError) as e:
@@ -131,25 +130,22 @@ def train(
         notices.print(f"reports: {folder}/report.md, report.json, report.png", highlight=False)
 
 
-async def _run(settings: Any, cfg: Any, planner_at: str, tools_at: str, console: Console, *, baseline: bool) -> Any:
+async def _run(settings: Any, cfg: Any, planner_at: str, console: Console, *, baseline: bool) -> Any:
     from services.common import create_channel
-    from services.planner.clients import ToolsServiceClient
     from services.train.journal import open_journal
     from services.train.loop import TrainJob
+    from services.train.rollouts import PlannerToolLister
 
     journal = open_journal(cfg)
     await journal.open()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"))
     try:
-        async with (
-            create_channel(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls) as channel,
-            create_channel(tools_at, tls=CREDENTIALS.tls) as tools_channel,
-        ):
+        async with create_channel(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls) as channel:
             with Progress(*columns, TimeElapsedColumn(), console=console) as bars:
                 job = TrainJob(
                     settings, data_dir=cfg.data_dir, default_model_path=cfg.inference.model_path,
                     default_model_id=cfg.inference.model_id, channel=channel,
-                    tools=ToolsServiceClient(tools_channel), journal=journal, progress=RichProgress(bars),
+                    tools=PlannerToolLister(channel), journal=journal, progress=RichProgress(bars),
                 )  # fmt: skip
                 return await job.run(baseline=baseline)
     finally:

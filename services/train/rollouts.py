@@ -11,10 +11,13 @@ from pathlib import Path
 
 import grpc
 
-from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2
+from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2, tool_sources_pb2_grpc
+from meshpilot.tools.v1 import tools_pb2
+from services.common.json_values import message_to_json
 from services.eval.runner import AgentRunner, RunUnavailable
 from services.eval.suite import EvalTask, judge
 from services.planner.store import JournalStore
+from services.planner.types import ToolSpec
 from services.train.examples import Rollout
 
 AGENT_TIMEOUT_S = 30.0
@@ -56,6 +59,22 @@ async def upsert_agent(stub: agents_pb2_grpc.AgentServiceStub, name: str, spec: 
         current = await stub.GetAgent(agents_pb2.GetAgentRequest(name=name), timeout=AGENT_TIMEOUT_S)
         if current.spec != spec:
             await stub.UpdateAgent(agents_pb2.UpdateAgentRequest(name=name, spec=spec), timeout=AGENT_TIMEOUT_S)
+
+
+class PlannerToolLister:
+    """The tools the caller's agents may name, as the planner lists them (ToolSourceService.ListTools: the tools
+    service's listing for the caller's tenant, what its runs' prompts were built from), through the planner's front
+    door: the caller's API key and TLS as for every planner call."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = tool_sources_pb2_grpc.ToolSourceServiceStub(channel)
+
+    async def list_tools(self, *, timeout: float | None = None) -> list[ToolSpec]:
+        response = await self._stub.ListTools(tools_pb2.ListToolsRequest(), timeout=timeout or AGENT_TIMEOUT_S)
+        return [
+            ToolSpec(tool.name, tool.description, message_to_json(tool.input_schema), tool.requires_approval)
+            for tool in response.tools
+        ]
 
 
 def read_rollouts(path: Path) -> dict[tuple[str, int], Rollout]:

@@ -8,16 +8,25 @@ import json
 import re
 from pathlib import Path
 
+import grpc
 import pytest
+from google.protobuf import struct_pb2
 
-from meshpilot.planner.v1 import agents_pb2, planner_pb2_grpc
+from meshpilot.planner.v1 import agents_pb2, planner_pb2_grpc, tool_sources_pb2_grpc
+from meshpilot.tools.v1 import tools_pb2
 from services.common import load_config
 from services.eval import Contains, EvalTask, PlannerRunner, Unanswerable
 from services.planner.convert import definition_from_proto
 from services.train import ExampleError, Rollout, StepExample, select_rollouts, step_examples
 from services.train.examples import react_action, student_examples
-from services.train.rollouts import collect_rollouts, prepare_rollout_agents, read_rollouts, rollout_agent_name
-from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
+from services.train.rollouts import (
+    PlannerToolLister,
+    collect_rollouts,
+    prepare_rollout_agents,
+    read_rollouts,
+    rollout_agent_name,
+)
+from tests.unit.planner_fakes import COUNTRY_FACTS, FakeTools, Planner, ScriptedLLM, answer, call
 
 FRANCE = EvalTask("capital-FR", "What is the capital of France?", (Contains(("Paris",)),), "one_hop", "train")
 ZORVANIA = EvalTask("capital-ZV", "What is the capital of Zorvania?", (Unanswerable(),), "unanswerable", "train")
@@ -170,3 +179,23 @@ def test_guided_actions_in_the_react_format() -> None:
         react_action('{"tool": "country_facts"')
     with pytest.raises(ExampleError, match="neither a tool call nor a final answer"):
         react_action('{"plan": []}')
+
+
+class OneTool(tool_sources_pb2_grpc.ToolSourceServiceServicer):
+    async def ListTools(self, request, context):
+        schema = struct_pb2.Struct()
+        schema.update(COUNTRY_FACTS.input_schema)
+        tool = tools_pb2.Tool(name="country_facts", description="Facts about a country.", input_schema=schema)
+        return tools_pb2.ListToolsResponse(tools=[tool])
+
+
+async def test_the_tools_are_listed_through_the_planners_front_door() -> None:
+    server = grpc.aio.server()
+    tool_sources_pb2_grpc.add_ToolSourceServiceServicer_to_server(OneTool(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert await PlannerToolLister(channel).list_tools() == [COUNTRY_FACTS]
+    finally:
+        await server.stop(0)
