@@ -180,26 +180,26 @@ class TrainJob:
         return result
 
     async def _agent_model(self) -> str:
-        stub = agents_pb2_grpc.AgentServiceStub(self.channel)
-        agent = await stub.GetAgent(agents_pb2.GetAgentRequest(name=self.settings.agent or "default"), timeout=30)
-        return agent.spec.model
+        return (await self._agent("--agent", self.settings.agent or "default")).spec.model
 
     async def _student(self) -> AgentDefinition:
-        stub = agents_pb2_grpc.AgentServiceStub(self.channel)
-        try:
-            agent = await stub.GetAgent(agents_pb2.GetAgentRequest(name=self.settings.student), timeout=30)
-        except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-            raise TrainSettingsError(
-                f"--student {self.settings.student!r}: no such agent (meshpilot agents list)"
-            ) from e
+        agent = await self._agent("--student", self.settings.student)
         definition = definition_from_proto(agent.spec)
         if definition.policy != "react":
             raise TrainSettingsError(
                 f"--student {self.settings.student!r} runs the {definition.policy} policy; give a react agent"
             )
         return definition
+
+    async def _agent(self, option: str, name: str) -> agents_pb2.Agent:
+        """The caller's agent ``name``; TrainSettingsError naming ``option`` when there is none."""
+        stub = agents_pb2_grpc.AgentServiceStub(self.channel)
+        try:
+            return await stub.GetAgent(agents_pb2.GetAgentRequest(name=name), timeout=30)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise TrainSettingsError(f"{option} {name!r}: no such agent (see meshpilot agents list)") from None
 
     def _registered_model_dir(self, model: str) -> Path | None:
         """The directory of ``model`` when it is a registered model, None for the inference service's default model;

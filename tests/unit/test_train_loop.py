@@ -143,6 +143,13 @@ async def test_a_student_that_is_not_a_react_agent_is_refused(config, settings, 
     llm.assert_consumed()
 
 
+async def test_an_agent_that_does_not_exist_is_refused_naming_the_option(config, settings, tiny) -> None:
+    llm, tools = ScriptedLLM([]), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        with pytest.raises(TrainSettingsError, match=r"^--agent 'absent': no such agent"):
+            await job(dataclasses.replace(settings, agent="absent"), config, planner, tools, tiny).run()
+
+
 async def make_agent(planner: Planner, name: str, policy: str) -> None:
     spec = (await planner.agents.GetAgent(agents_pb2.GetAgentRequest(name="default"))).spec
     spec.policy.name = policy
