@@ -13,8 +13,11 @@ import pytest
 from inference_core.testing import write_tiny_llama
 from meshpilot.planner.v1 import agents_pb2
 from services.common import load_config
-from services.eval import Contains, EvalTask
+from services.eval import Contains, EvalTask, RunUnavailable
+from services.planner.pg_store import PostgresRunStore
+from services.planner.store import RunStore
 from services.train import TrainSettings, TrainSettingsError, react_action
+from services.train.journal import open_journal
 from services.train.loop import TrainJob, load_suites
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
 
@@ -154,3 +157,28 @@ async def make_agent(planner: Planner, name: str, policy: str) -> None:
     spec = (await planner.agents.GetAgent(agents_pb2.GetAgentRequest(name="default"))).spec
     spec.policy.name = policy
     await planner.agents.CreateAgent(agents_pb2.CreateAgentRequest(name=name, spec=spec))
+
+
+class Unavailable:
+    async def run(self, task: str, *, agent: str, timeout_s: float):
+        raise RunUnavailable("UNAVAILABLE: the planner is draining")
+
+
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [(True, r"some test tasks could not be run"), (False, r"some rollouts could not be run")],
+)
+async def test_runs_the_planner_could_not_make_stop_the_job_to_be_resumed(config, settings, tiny, baseline, message):
+    llm, tools = ScriptedLLM([]), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        train = job(settings, config, planner, tools, tiny)
+        train.runner = Unavailable()  # type: ignore[assignment]
+        with pytest.raises(RuntimeError, match=message + r".*run the command again"):
+            await train.run(baseline=baseline)
+    assert not (config.data_dir / "models").exists()
+
+
+def test_the_journal_is_the_one_the_planners_config_names(config) -> None:
+    assert isinstance(open_journal(config), RunStore)
+    config.planner.database_url = "postgresql://u:p@127.0.0.1:1/db"
+    assert isinstance(open_journal(config), PostgresRunStore)
