@@ -64,6 +64,7 @@ def train(
     ] = D.min_reward,
     keep_per_task: Annotated[int, typer.Option(help="Train on a task's best N rollouts.")] = D.keep_per_task,
     concurrency: Annotated[int, typer.Option(help="Runs in flight at once.")] = D.concurrency,
+    method: Annotated[str, typer.Option(help="bc (behaviour cloning on verified runs) or grpo (TRL).")] = D.method,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged on export), or full.")] = D.lora,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = D.lora_rank,
     precision: Annotated[str, typer.Option(help="fp32, or bf16 mixed precision.")] = D.precision,
@@ -89,10 +90,12 @@ def train(
 
     if precision not in ("fp32", "bf16"):
         fail(f"--precision is {precision!r}; use fp32 or bf16", 2)
+    if method not in ("bc", "grpo"):
+        fail(f"--method is {method!r}; use bc or grpo", 2)
     settings = TrainSettings(
         name=name, suite=suite, eval_suite=eval_suite, categories=tuple(category or ()), limit=limit,
         eval_limit=eval_limit, agent=agent, student=student, rounds=rounds, attempts=attempts, temperature=temperature, seed=seed,
-        min_reward=min_reward, keep_per_task=keep_per_task, concurrency=concurrency, lora=lora, lora_rank=lora_rank,
+        min_reward=min_reward, keep_per_task=keep_per_task, concurrency=concurrency, method="grpo" if method == "grpo" else "bc", lora=lora, lora_rank=lora_rank,
         precision="bf16" if precision == "bf16" else "fp32", learning_rate=learning_rate, batch_size=batch_size,
         grad_accumulation=grad_accumulation, epochs=epochs, max_steps=max_steps, save_steps=save_steps,
         max_length=max_length, teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, timeout_s=timeout,

@@ -104,7 +104,8 @@ def base_model_dir(model_path: str, cache: Path) -> Path:
     return target
 
 
-def _load(directory: Path) -> tuple[Any, Any]:
+def load_pretrained(directory: Path) -> tuple[Any, Any]:
+    """The fp32 model and the tokenizer of a HF directory, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # model hubs are unreachable in our deployments
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,7 +141,7 @@ def fine_tune(
     from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(settings.seed)  # LoRA's initial weights too: a round run again starts from the same ones
-    model, tokenizer = _load(base)
+    model, tokenizer = load_pretrained(base)
     tokenized = [tokenize_example(example, tokenizer) for example in examples]
     kept = [example for example in tokenized if len(example.input_ids) <= settings.max_length]
     if not kept:
@@ -207,7 +208,7 @@ def fine_tune(
 
 def _teacher(settings: TrainSettings, student: Any) -> Any:
     assert settings.teacher is not None
-    teacher, _ = _load(settings.teacher)
+    teacher, _ = load_pretrained(settings.teacher)
     size, own = teacher.get_output_embeddings().weight.shape[0], student.get_output_embeddings().weight.shape[0]
     if size != own:
         raise FineTuneError(

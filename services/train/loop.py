@@ -8,6 +8,7 @@ a phase whose result is there is not run again: an interrupted job resumes where
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -28,16 +29,19 @@ from services.planner.convert import definition_from_proto
 from services.planner.store import JournalStore
 from services.planner.types import ToolSpec
 from services.train.examples import (
-    StepExample,
     select_rollouts,
     step_examples,
     student_examples,
     tools_from_json,
     tools_to_json,
 )
-from services.train.finetune import base_model_dir, export_model, fine_tune
+from services.train.finetune import FineTuneResult, base_model_dir, export_model, fine_tune
+from services.train.grpo import grpo_tune, reward_function, verified_calls
 from services.train.rollouts import RolloutProgress, collect_rollouts, prepare_rollout_agents
 from services.train.settings import TrainSettings, TrainSettingsError
+
+# Trains from a base model directory into a result: fine_tune or grpo_tune with their examples bound.
+Tune = Callable[..., FineTuneResult]
 
 
 class ToolLister(Protocol):
@@ -161,16 +165,26 @@ class TrainJob:
         if len(rollouts) < len(self.train_suite.tasks) * settings.attempts:
             raise RuntimeError("some rollouts could not be run (planner unavailable); run the command again to resume")
         selected = select_rollouts(rollouts, min_reward=settings.min_reward, keep_per_task=settings.keep_per_task)
-        examples = [
-            example
-            for rollout in selected
-            for example in (
-                student_examples(rollout, tools, self.student) if self.student else step_examples(rollout, tools)
+        if settings.method == "grpo":  # every rollout's prompts: GRPO learns from its own samples, good and bad
+            examples = [
+                example for rollout in rollouts if rollout.snapshot for example in step_examples(rollout, tools)
+            ]
+            reward = reward_function(
+                {task.id: task for task in self.train_suite.tasks}, verified_calls(rollouts, settings.min_reward), tools
             )
-        ]
+            tune = functools.partial(grpo_tune, examples, reward)
+        else:
+            examples = [
+                example
+                for rollout in selected
+                for example in (
+                    student_examples(rollout, tools, self.student) if self.student else step_examples(rollout, tools)
+                )
+            ]
+            tune = functools.partial(fine_tune, examples)
         (folder / "examples.jsonl").write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
         model_id = settings.model_id(number)
-        steps, loss = await self._train(number, model_in, examples, folder)
+        steps, loss = await self._train(number, model_in, tune, folder)
         report = await self.evaluate(number, self.evaluated, model_id)
         result = RoundResult(
             number, model_id, len(rollouts), sum(r.passed for r in rollouts), len(selected), len(examples), steps,
@@ -228,7 +242,7 @@ class TrainJob:
         path.write_text(json.dumps(tools_to_json(tools), ensure_ascii=False) + "\n", encoding="utf-8")
         return tools
 
-    async def _train(self, number: int, model_in: str, examples: list[StepExample], folder: Path) -> tuple[int, float]:
+    async def _train(self, number: int, model_in: str, tune: Tune, folder: Path) -> tuple[int, float]:
         """Fine-tunes and exports round ``number``'s model unless it is exported already; (steps, loss)."""
         destination = self.models / self.settings.model_id(number)
         summary = folder / "training.json"
@@ -244,9 +258,7 @@ class TrainJob:
             bars[0](done, "optimizer steps")
 
         checkpoints = folder / "checkpoints"
-        result = await asyncio.to_thread(
-            fine_tune, examples, base=base, checkpoints=checkpoints, settings=self.settings, on_step=step
-        )
+        result = await asyncio.to_thread(tune, base=base, checkpoints=checkpoints, settings=self.settings, on_step=step)
         await asyncio.to_thread(export_model, result, destination)
         figures = {"steps": result.steps, "loss": result.loss, "examples": result.examples}
         figures["skipped_too_long"] = result.skipped_too_long

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 PRECISIONS = ("fp32", "bf16")
+METHODS = ("bc", "grpo")
 
 
 class TrainSettingsError(ValueError):
@@ -49,6 +50,9 @@ class TrainSettings:
     """At most this many of a task's rollouts are trained on (the best: highest reward, valid calls, fewest steps)."""
     concurrency: int = 2
     """Runs in flight at once through the planner."""
+    method: Literal["bc", "grpo"] = "bc"
+    """bc: behaviour cloning on the verified rollouts' steps (reward-filtered); grpo: TRL's GRPO over every rollout's
+    step prompts, ``attempts`` samples each, rewarded by services.train.grpo.action_reward."""
     lora: bool = True
     """LoRA adapters (peft) on the attention projections, merged into the exported model; False: full fine-tuning."""
     lora_rank: int = 8
@@ -94,6 +98,12 @@ class TrainSettings:
             raise TrainSettingsError(f"--temperature is {self.temperature:g}; use 0 to 2 (0 is greedy: no variety)")
         if not 0.0 <= self.min_reward <= 1.0:
             raise TrainSettingsError(f"--min-reward is {self.min_reward:g}; use 0 to 1 (the share of checks passed)")
+        if self.method not in METHODS:
+            raise TrainSettingsError(f"--method is {self.method!r}; use {' or '.join(METHODS)}")
+        if self.method == "grpo" and self.student:
+            raise TrainSettingsError(
+                "--method grpo trains the rolled-out agent from its own samples; leave --student out"
+            )
         if self.precision not in PRECISIONS:
             raise TrainSettingsError(f"--precision is {self.precision!r}; use {' or '.join(PRECISIONS)}")
         if not self.learning_rate > 0:

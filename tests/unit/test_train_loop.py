@@ -182,3 +182,18 @@ def test_the_journal_is_the_one_the_planners_config_names(config) -> None:
     assert isinstance(open_journal(config), RunStore)
     config.planner.database_url = "postgresql://u:p@127.0.0.1:1/db"
     assert isinstance(open_journal(config), PostgresRunStore)
+
+
+async def test_a_grpo_round_samples_from_every_rollouts_prompts(config, settings, tiny) -> None:
+    outputs = [
+        call("country_facts", country="France"), answer("The capital of France is Paris."),  # attempt 0: passes
+        call("country_facts", country="Francia"), answer("I could not find the answer."),  # attempt 1: fails
+        call("country_facts", country="Japan"), answer("The capital of Japan is Tokyo."),  # the model on the test
+    ]  # fmt: skip
+    llm, tools = ScriptedLLM(outputs, models=("tiny", "t-r1")), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        grpo = dataclasses.replace(settings, method="grpo", max_steps=1, temperature=1.0)
+        (result,) = await job(grpo, config, planner, tools, tiny).run(baseline=False)
+    llm.assert_consumed()
+    assert (result.rollouts, result.examples, result.steps) == (2, 4, 1)  # both runs' prompts, good and bad
+    assert (config.data_dir / "models" / "t-r1" / "config.json").is_file()

@@ -33,6 +33,8 @@ from services.train import TrainSettings, TrainSettingsError
         ({"temperature": 3.0}, r"^--temperature is 3; use 0 to 2"),
         ({"min_reward": 1.5}, r"^--min-reward is 1.5; use 0 to 1"),
         ({"precision": "fp8"}, r"^--precision is 'fp8'; use fp32 or bf16"),
+        ({"method": "ppo"}, r"^--method is 'ppo'; use bc or grpo"),
+        ({"method": "grpo", "student": "free"}, r"^--method grpo trains the rolled-out agent .*leave --student out"),
         ({"learning_rate": 0.0}, r"^--learning-rate is 0"),
         ({"epochs": 0.0}, r"^--epochs is 0; use a positive number, or set --max-steps"),
         ({"kd_alpha": -0.1}, r"^--kd-alpha is -0.1"),
@@ -64,6 +66,7 @@ def test_the_defaults_are_valid_and_name_each_rounds_model() -> None:
         (["--rounds", "0"], "--rounds is 0; use 1 or more"),
         (["--suite", "no-such-suite"], "--suite: no suite 'no-such-suite'"),
         (["--precision", "fp16"], "--precision is 'fp16'; use fp32 or bf16"),
+        (["--method", "ppo"], "--method is 'ppo'; use bc or grpo"),
         (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher does not exist"),
     ],
 )
@@ -86,7 +89,7 @@ def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, 
 def test_services_train_exports_what_its_modules_define() -> None:
     import services.train
 
-    modules = {"examples", "finetune", "journal", "kd", "loop", "rollouts", "settings"}
+    modules = {"examples", "finetune", "grpo", "journal", "kd", "loop", "rollouts", "settings"}
     public = {name for name in dir(services.train) if not name.startswith("_")} - modules
     assert set(services.train.__all__) == public
     assert all(getattr(services.train, name) is not None for name in services.train.__all__)
