@@ -53,7 +53,7 @@ class OpenVINOConfig:
     cache_dir: Path = Path(".meshpilot/openvino")
     weight_format: WeightFormat = "fp32"
     exporter: str = ""
-    max_num_seqs: int = 16
+    max_num_seqs: int = 32
     max_num_batched_tokens: int = 256
     kv_cache_gb: float = 1.0
     prefix_caching: bool = True

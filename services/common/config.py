@@ -119,6 +119,12 @@ class InferenceConfig(_Section):
         description="backend openvino: the exported weights; int8/int4 are optimum-intel's weight compression "
         "(smaller and faster, with a quality cost measured in docs/bench/inference.md). Each format is exported once.",
     )
+    openvino_max_num_seqs: int = Field(
+        32,
+        ge=1,
+        description="backend openvino: requests decoded together (max_batch_size is torch's, whose KV slots are "
+        "allocated up front; OpenVINO pages its KV cache, so a place costs nothing until used). More wait in the queue.",
+    )
     openvino_kv_cache_gb: float = Field(
         1.0, gt=0, description="backend openvino: KV cache size in GB (whole GB; the prefix cache lives in it)."
     )

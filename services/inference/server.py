@@ -105,24 +105,22 @@ def _openvino_engine(config: MeshConfig) -> Engine:
     from inference_core.openvino_engine import OpenVINOConfig, OpenVINOEngine
 
     section = config.inference
-    try:
-        openvino = OpenVINOConfig(
-            cache_dir=_openvino_cache_dir(config),
-            weight_format=section.openvino_weight_format,
-            exporter=section.openvino_exporter,
-            max_num_seqs=section.max_batch_size,
-            max_num_batched_tokens=max(section.prefill_chunk_tokens, section.max_batch_size),
-            kv_cache_gb=section.openvino_kv_cache_gb,
-            prefix_caching=section.prefix_cache_tokens > 0,
-            inference_precision=section.openvino_precision,
-            threads=section.threads,
-            max_queue=section.max_queue,
-            fair_share=section.fair_share,
-            max_queue_per_tenant=section.max_queue_per_tenant,
-            tenant_weights=dict(section.tenant_weights),
-        )
-    except ValueError as e:
-        raise ConfigError(f"inference: {e}") from e
+    # InferenceConfig has validated every value OpenVINOConfig checks.
+    openvino = OpenVINOConfig(
+        cache_dir=_openvino_cache_dir(config),
+        weight_format=section.openvino_weight_format,
+        exporter=section.openvino_exporter,
+        max_num_seqs=section.openvino_max_num_seqs,
+        max_num_batched_tokens=max(section.prefill_chunk_tokens, section.openvino_max_num_seqs),
+        kv_cache_gb=section.openvino_kv_cache_gb,
+        prefix_caching=section.prefix_cache_tokens > 0,
+        inference_precision=section.openvino_precision,
+        threads=section.threads,
+        max_queue=section.max_queue,
+        fair_share=section.fair_share,
+        max_queue_per_tenant=section.max_queue_per_tenant,
+        tenant_weights=dict(section.tenant_weights),
+    )
     return OpenVINOEngine(
         section.model_path or None, model_id=section.model_id, config=openvino, max_seq_len=section.max_seq_len
     )
