@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import grpc
 import typer
@@ -24,7 +24,7 @@ from meshpilot.cli.options import (
     rpc_error_message,
     service_target,
 )
-from services.train.settings import TrainSettings, TrainSettingsError
+from services.train.settings import Method, Precision, TrainSettings, TrainSettingsError
 
 D = TrainSettings()  # the defaults, written once in TrainSettings
 
@@ -88,18 +88,38 @@ def train(
     with the inference service and score it on the test split, ROUNDS times."""
     from services.common import ConfigError
 
-    if precision not in ("fp32", "bf16"):
-        fail(f"--precision is {precision!r}; use fp32 or bf16", 2)
-    if method not in ("bc", "grpo"):
-        fail(f"--method is {method!r}; use bc or grpo", 2)
     settings = TrainSettings(
-        name=name, suite=suite, eval_suite=eval_suite, categories=tuple(category or ()), limit=limit,
-        eval_limit=eval_limit, agent=agent, student=student, rounds=rounds, attempts=attempts, temperature=temperature, seed=seed,
-        min_reward=min_reward, keep_per_task=keep_per_task, concurrency=concurrency, method="grpo" if method == "grpo" else "bc", lora=lora, lora_rank=lora_rank,
-        precision="bf16" if precision == "bf16" else "fp32", learning_rate=learning_rate, batch_size=batch_size,
-        grad_accumulation=grad_accumulation, epochs=epochs, max_steps=max_steps, save_steps=save_steps,
-        max_length=max_length, teacher=teacher, kd_alpha=kd_alpha, kd_temperature=kd_temperature, timeout_s=timeout,
-    )  # fmt: skip
+        name=name,
+        suite=suite,
+        eval_suite=eval_suite,
+        categories=tuple(category or ()),
+        limit=limit,
+        eval_limit=eval_limit,
+        agent=agent,
+        student=student,
+        rounds=rounds,
+        attempts=attempts,
+        temperature=temperature,
+        seed=seed,
+        min_reward=min_reward,
+        keep_per_task=keep_per_task,
+        concurrency=concurrency,
+        method=cast(Method, method),
+        lora=lora,
+        lora_rank=lora_rank,
+        precision=cast(Precision, precision),
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        grad_accumulation=grad_accumulation,
+        epochs=epochs,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        max_length=max_length,
+        teacher=teacher,
+        kd_alpha=kd_alpha,
+        kd_temperature=kd_temperature,
+        timeout_s=timeout,
+    )  # fmt: skip  (validate() refuses a method or precision outside the Literal, naming the option)
     try:
         settings.validate()
         from services.train.loop import load_suites

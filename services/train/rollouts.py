@@ -78,7 +78,8 @@ class PlannerToolLister:
 
 
 def read_rollouts(path: Path) -> dict[tuple[str, int], Rollout]:
-    """The rollouts recorded in ``path`` by (task id, attempt); a torn last line is skipped (that attempt runs again)."""
+    """The rollouts recorded in ``path`` by (task id, attempt); a torn last line is skipped (that attempt runs
+    again)."""
     rollouts: dict[tuple[str, int], Rollout] = {}
     if not path.exists():
         return rollouts

@@ -1,4 +1,4 @@
-"""The settings of a training job (`meshpilot train`): one typed object, each field's default and meaning written once."""
+"""The settings of a training job (`meshpilot train`): one typed object, each default and meaning written once."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-PRECISIONS = ("fp32", "bf16")
-METHODS = ("bc", "grpo")
+Precision = Literal["fp32", "bf16"]
+Method = Literal["bc", "grpo"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+METHODS: tuple[Method, ...] = ("bc", "grpo")
 
 
 class TrainSettingsError(ValueError):
@@ -50,13 +52,13 @@ class TrainSettings:
     """At most this many of a task's rollouts are trained on (the best: highest reward, valid calls, fewest steps)."""
     concurrency: int = 2
     """Runs in flight at once through the planner."""
-    method: Literal["bc", "grpo"] = "bc"
+    method: Method = "bc"
     """bc: behaviour cloning on the verified rollouts' steps (reward-filtered); grpo: TRL's GRPO over every rollout's
     step prompts, ``attempts`` samples each, rewarded by services.train.grpo.action_reward."""
     lora: bool = True
     """LoRA adapters (peft) on the attention projections, merged into the exported model; False: full fine-tuning."""
     lora_rank: int = 8
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     """Training precision: fp32, or bf16 mixed precision (autocast; on CPU where torch supports it)."""
     learning_rate: float = 2e-4
     batch_size: int = 1
@@ -72,7 +74,7 @@ class TrainSettings:
     teacher: Path | None = None
     """A HF model directory whose token distributions the model is distilled towards (soft targets)."""
     kd_alpha: float = 0.5
-    """With a teacher: loss = kd_alpha x soft (KL at kd_temperature, x tau^2) + (1 - kd_alpha) x hard (cross-entropy)."""
+    """With a teacher: loss = kd_alpha x soft (KL at kd_temperature, x tau^2) + (1 - kd_alpha) x hard (CE)."""
     kd_temperature: float = 2.0
     timeout_s: float = 300.0
     """Seconds a run may take before it counts as failed."""
