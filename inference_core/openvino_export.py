@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,7 +88,12 @@ def ensure_ir(
         partial = ir_dir.with_name(ir_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         command = [str(cli), "export", "openvino", "--model", str(hf_dir), "--task", "text-generation-with-past"]
-        command += ["--weight-format", weight_format, str(partial)]
+        command += ["--weight-format", weight_format]
+        if weight_format == "int4":
+            # nncf's default group of 128 does not divide SmolLM2's 576 channels ("Failed to apply group-wise
+            # quantization"); 64 divides the hidden sizes of the common small and large models alike.
+            command += ["--group-size", "64"]
+        command.append(str(partial))
         _run_exporter(command)
         if not is_exported(partial):
             raise EngineError(f"optimum-cli finished but {partial} lacks some of {', '.join(IR_FILES)}")
@@ -107,8 +113,11 @@ def _run_exporter(command: list[str]) -> None:
     except OSError as e:
         raise EngineError(f"could not run {command[0]}: {e}") from e
     if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip()[-1500:]
-        raise EngineError(f"optimum-cli export failed (exit {result.returncode}): {tail}")
+        output = (result.stderr or result.stdout).strip()
+        # The exporter ends with the exception, often after a long listing; its first line is what says why.
+        errors = [line for line in output.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+        reason = errors[-1] if errors else output[-1500:]
+        raise EngineError(f"optimum-cli export failed (exit {result.returncode}): {reason[:1500]}")
 
 
 def _hf_directory(model_path: str | os.PathLike[str] | None, cache_dir: Path) -> Path:

@@ -145,6 +145,16 @@ def test_failed_export_reports_the_exporters_output(tmp_path: Path, hf_model: Pa
         ensure_ir(hf_model, tmp_path / "cache", "fp32", str(cli))
 
 
+def test_failed_export_reports_the_exception_line_not_the_listing_after_it(tmp_path: Path, hf_model: Path) -> None:
+    listing = "; ".join(f'echo "  layer {i}" >&2' for i in range(50))
+    cli = fake_exporter(
+        tmp_path, f'echo "Traceback" >&2; echo "nncf.errors.InvalidGroupSizeError: group 128" >&2; {listing}; exit 1'
+    )
+    with pytest.raises(EngineError, match=r"failed \(exit 1\): nncf.errors.InvalidGroupSizeError: group 128$"):
+        ensure_ir(hf_model, tmp_path / "cache", "int4", str(cli))
+    assert "--weight-format int4 --group-size 64" in (tmp_path / "calls.log").read_text()
+
+
 def test_export_that_leaves_files_out_is_an_error(tmp_path: Path, hf_model: Path) -> None:
     cli = fake_exporter(tmp_path, 'mkdir -p "$out" && touch "$out/openvino_model.xml"')
     with pytest.raises(EngineError, match=r"lacks some of openvino_model\.xml"):
