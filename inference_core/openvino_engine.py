@@ -20,6 +20,7 @@ from inference_core.engine import Engine
 from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError
 from inference_core.openvino_export import WeightFormat, ensure_ir
 from inference_core.openvino_loop import OpenVINOStepLoop, PrefixIndex
+from inference_core.prompts import encode_prompt
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
 from inference_core.stop_strings import StopStringMatcher
@@ -29,7 +30,6 @@ from inference_core.validation import validate_sampling
 
 log = logging.getLogger(__name__)
 
-VALID_ROLES = ("system", "user", "assistant", "tool")
 PRECISIONS = ("", "f32", "bf16", "f16")
 
 
@@ -168,8 +168,14 @@ class OpenVINOEngine(Engine):
         config = self._config
         started = time.monotonic()
         ir_dir = ensure_ir(self._model_path, config.cache_dir, config.weight_format, config.exporter or None)
-        tokenizer = AutoTokenizer.from_pretrained(ir_dir, local_files_only=True)
-        hf_config = AutoConfig.from_pretrained(ir_dir, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ir_dir, local_files_only=True)
+            hf_config = AutoConfig.from_pretrained(ir_dir, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise EngineError(
+                f"the exported model in {ir_dir} lacks a readable tokenizer or config ({str(e)[:300]}); "
+                "delete that directory to export it again"
+            ) from e
         scheduler = ov_genai.SchedulerConfig()
         scheduler.enable_prefix_caching = config.prefix_caching
         scheduler.cache_size = max(1, round(config.kv_cache_gb))
@@ -273,27 +279,7 @@ class OpenVINOEngine(Engine):
 
     def _encode(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         assert self._model is not None
-        tokenizer = self._model.tokenizer
-        if (prompt is None) == (messages is None):
-            raise InvalidRequestError("send exactly one of prompt or messages")
-        if prompt is not None:
-            if not prompt:
-                raise InvalidRequestError("prompt is empty; send some text")
-            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if not messages:
-            raise InvalidRequestError("messages is empty; send at least one message")
-        for i, message in enumerate(messages):
-            if message.get("role") not in VALID_ROLES:
-                raise InvalidRequestError(
-                    f"message {i} has role {message.get('role')!r}; use one of {', '.join(VALID_ROLES)}"
-                )
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"model {self._model_id} has no chat template; send a raw prompt instead")
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja errors from the template, e.g. roles it does not accept
-            raise InvalidRequestError(f"the chat template of {self._model_id} rejected the messages: {e}") from e
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_prompt(self._model.tokenizer, self._model_id, prompt, messages)
 
     def _prepare(self, request: GenerationRequest, sink: Any, arrival: float) -> tuple[Sequence, Any]:
         """Validates and tokenizes a request into a Sequence and the pipeline's GenerationConfig (in a worker thread:

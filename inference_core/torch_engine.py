@@ -17,6 +17,7 @@ from inference_core.errors import EngineClosedError, EngineError, InvalidRequest
 from inference_core.llama import LlamaRunner, supports
 from inference_core.model_loading import LoadedModel, load_model
 from inference_core.model_runner import TorchModelRunner
+from inference_core.prompts import encode_prompt
 from inference_core.sampling import RowSampler
 from inference_core.scheduler import SerialScheduler
 from inference_core.sequence import Sequence
@@ -26,8 +27,6 @@ from inference_core.types import GenerationChunk, GenerationRequest, ModelInfo
 from inference_core.validation import validate_sampling
 
 log = logging.getLogger(__name__)
-
-VALID_ROLES = ("system", "user", "assistant", "tool")
 
 
 class TorchEngine(Engine):
@@ -200,27 +199,7 @@ class TorchEngine(Engine):
 
     def _encode(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         assert self._loaded is not None
-        tokenizer = self._loaded.tokenizer
-        if (prompt is None) == (messages is None):
-            raise InvalidRequestError("send exactly one of prompt or messages")
-        if prompt is not None:
-            if not prompt:
-                raise InvalidRequestError("prompt is empty; send some text")
-            return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if not messages:
-            raise InvalidRequestError("messages is empty; send at least one message")
-        for i, message in enumerate(messages):
-            if message.get("role") not in VALID_ROLES:
-                raise InvalidRequestError(
-                    f"message {i} has role {message.get('role')!r}; use one of {', '.join(VALID_ROLES)}"
-                )
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"model {self._model_id} has no chat template; send a raw prompt instead")
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja errors from the template, e.g. roles it does not accept
-            raise InvalidRequestError(f"the chat template of {self._model_id} rejected the messages: {e}") from e
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_prompt(self._loaded.tokenizer, self._model_id, prompt, messages)
 
     def _prepare(self, request: GenerationRequest, sink: Any, arrival: float) -> Sequence:
         """Validates and tokenizes a request into a Sequence (runs in a worker thread: tokenizing and compiling a
