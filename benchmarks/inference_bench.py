@@ -328,6 +328,7 @@ async def wait_serving(target: str, process: subprocess.Popen, timeout: float = 
 
 
 async def measure_service(args: argparse.Namespace, system: str, system_text: str) -> dict:
+    system, _, settings = system.partition("@")
     backend, _, weight_format = system.removeprefix("service-").partition("-")
     port = free_port()
     env = {
@@ -340,7 +341,7 @@ async def measure_service(args: argparse.Namespace, system: str, system_text: st
         "MESHPILOT_INFERENCE__OPENVINO_CACHE_DIR": str(OPENVINO_CACHE),
         "MESHPILOT_INFERENCE__OPENVINO_WEIGHT_FORMAT": weight_format or "fp32",
     }
-    for item in args.service_env:
+    for item in [*args.service_env, *filter(None, settings.split("+"))]:
         key, _, value = item.partition("=")
         env[f"MESHPILOT_INFERENCE__{key.upper()}"] = value
     process = subprocess.Popen([sys.executable, "-m", "meshpilot", "serve", "inference"], env=env)
@@ -629,6 +630,7 @@ def missing(system: str) -> str | None:
     """Why a system cannot run here, or None."""
     import importlib.util
 
+    system = system.partition("@")[0]
     if system in ("service-openvino", "openvino-genai", *COMPRESSED):
         if importlib.util.find_spec("openvino_genai") is None:
             return "openvino-genai is not installed: make install-openvino"
@@ -814,7 +816,12 @@ def targets(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated, of {', '.join(SYSTEMS)}; a service may carry settings of its inference section, "
+        "e.g. service-torch@max_batch_size=16+prefill_chunk_tokens=512",
+    )
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients, comma-separated")
     parser.add_argument("--calls-per-client", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -834,7 +841,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     args.systems = [s for s in args.systems.split(",") if s]
-    unknown = set(args.systems) - set(SYSTEMS)
+    unknown = {s for s in args.systems if s.partition("@")[0] not in SYSTEMS or ("@" in s and "service-" not in s)}
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; use some of {', '.join(SYSTEMS)}")
 
