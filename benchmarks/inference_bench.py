@@ -669,7 +669,7 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def run_all(args: argparse.Namespace) -> dict:
+def run_all(args: argparse.Namespace, progress: Callable[[dict], object]) -> dict:
     report: dict[str, Any] = {}
     for system in args.systems:
         reason = missing(system)
@@ -696,6 +696,7 @@ def run_all(args: argparse.Namespace) -> dict:
             print(f"{system}: failed ({report[system]['failed']})", flush=True)
             continue
         report[system] = json.loads(lines[-1]) | {"load_before": before, "load_after": load1()}
+        progress(report)
     return report
 
 
@@ -861,12 +862,17 @@ def main() -> None:
         "levels": args.levels,
         "service_env": args.service_env,
     }
-    report = run_all(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "inference.json").write_text(json.dumps({"meta": meta, "systems": report}, indent=2) + "\n")
+    report = run_all(args, lambda partial: write_report(args.out, partial, meta))
+    print(write_report(args.out, report, meta))
+
+
+def write_report(out: Path, report: dict, meta: dict) -> str:
+    """Writes inference.{json,md} (after every system, so a run cut short keeps what it measured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference.json").write_text(json.dumps({"meta": meta, "systems": report}, indent=2) + "\n")
     table = markdown(report, meta)
-    (args.out / "inference.md").write_text(table)
-    print(table)
+    (out / "inference.md").write_text(table)
+    return table
 
 
 if __name__ == "__main__":
