@@ -393,7 +393,9 @@ async def wait_http(url: str, process: subprocess.Popen, timeout: float = 600) -
 async def openai_level(base_url: str, model: str, args: argparse.Namespace, system_text: str, calls: list[Call]):
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    # The client's default retries: llama-server closes a kept-alive connection after a few requests (cpp-httplib),
+    # and a call that finds its pooled connection closed before any response is sent again, as users' clients do.
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=2, timeout=600)
     schema = {"type": "json_schema", "json_schema": {"name": "action", "schema": ACTION_SCHEMA}}
 
     async def one(call: Call) -> Result:
@@ -461,7 +463,9 @@ async def measure_llama_server(args: argparse.Namespace, system_text: str) -> di
         port = free_port()
         command = [str(LLAMA_SERVER), "-m", str(default_model_path()), "--port", str(port), "--host", "127.0.0.1"]
         command += ["-np", str(clients), "-c", str(1024 * clients), "-t", str(os.cpu_count() or 2)]
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llama-server-{clients}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=log)
         try:
             await wait_http(f"http://127.0.0.1:{port}/health", process, timeout=120)
             url = f"http://127.0.0.1:{port}/v1"
