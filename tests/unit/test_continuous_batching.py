@@ -230,8 +230,15 @@ async def test_kv_budget_is_never_exceeded_and_memory_is_preallocated() -> None:
                 await asyncio.sleep(0.01)
 
         sampler = asyncio.ensure_future(sample())
+        # Digits only, and more than fit: no row can end before its slot is full, so the batch does fill up (a row that
+        # ended early on an end-of-sequence token could leave the third slot never used at the same time).
         requests = [
-            GenerationRequest(request_id=f"k{i}", prompt=f"{q} Explain at length.", max_tokens=300)
+            GenerationRequest(
+                request_id=f"k{i}",
+                prompt=f"{q} Explain at length.",
+                max_tokens=300,
+                constraint=Constraint("regex", "[0-9]{4000}"),
+            )
             for i, q in enumerate(QUESTIONS)
         ]
         results = await asyncio.gather(*(run(engine, r) for r in requests))
