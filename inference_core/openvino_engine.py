@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from inference_core.chunk_stream import ChunkStream
 from inference_core.continuous import EngineStats
 from inference_core.detokenizer import IncrementalDetokenizer
 from inference_core.engine import Engine
@@ -234,30 +235,12 @@ class OpenVINOEngine(Engine):
         loop_ = self._loop
         assert loop_ is not None
         arrival = time.perf_counter()
-        event_loop = asyncio.get_running_loop()
-        out: asyncio.Queue[GenerationChunk | EngineError] = asyncio.Queue()
-
-        def sink(item: GenerationChunk | EngineError) -> None:
-            # RuntimeError: the event loop is gone, so nobody is left to read this stream.
-            with contextlib.suppress(RuntimeError):
-                event_loop.call_soon_threadsafe(out.put_nowait, item)
-
-        seq, generation_config = await asyncio.to_thread(self._prepare, request, sink, arrival)
+        stream = ChunkStream()
+        seq, generation_config = await asyncio.to_thread(self._prepare, request, stream.sink, arrival)
         loop_.submit(seq, generation_config)
-        done = False
-        try:
-            while True:
-                item = await out.get()
-                if isinstance(item, EngineError):
-                    done = True
-                    raise item
-                done = item.finish_reason is not None
-                yield item
-                if done:
-                    return
-        finally:
-            if not done:
-                loop_.abort(seq.request_id)
+        async with contextlib.aclosing(stream.follow(lambda: loop_.abort(seq.request_id))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def abort(self, request_id: str) -> None:
         if self._loop is not None:

@@ -10,10 +10,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from inference_core.chunk_stream import ChunkStream
 from inference_core.continuous import BatchingConfig, ContinuousBatchScheduler, EngineStats
 from inference_core.detokenizer import IncrementalDetokenizer
 from inference_core.engine import Engine
-from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError
+from inference_core.errors import EngineClosedError, InvalidRequestError
 from inference_core.llama import LlamaRunner, supports
 from inference_core.model_loading import LoadedModel, load_model
 from inference_core.model_runner import TorchModelRunner
@@ -153,31 +154,12 @@ class TorchEngine(Engine):
         scheduler = self._scheduler
         assert scheduler is not None
         arrival = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        out: asyncio.Queue[GenerationChunk | EngineError] = asyncio.Queue()
-
-        def sink(item: GenerationChunk | EngineError) -> None:
-            # RuntimeError: the event loop is gone, so nobody is left to read this stream.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(out.put_nowait, item)
-
-        seq = await asyncio.to_thread(self._prepare, request, sink, arrival)
+        stream = ChunkStream()
+        seq = await asyncio.to_thread(self._prepare, request, stream.sink, arrival)
         scheduler.submit(seq)
-        done = False
-        try:
-            while True:
-                item = await out.get()
-                if isinstance(item, EngineError):
-                    done = True
-                    raise item
-                if item.finish_reason is not None:
-                    done = True
-                yield item
-                if done:
-                    return
-        finally:
-            if not done:
-                scheduler.abort(seq.request_id)
+        async with contextlib.aclosing(stream.follow(lambda: scheduler.abort(seq.request_id))) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def abort(self, request_id: str) -> None:
         if self._scheduler is not None:
