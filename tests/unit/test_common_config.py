@@ -83,6 +83,15 @@ def test_missing_file_says_so(tmp_path: Path) -> None:
         ({"auth": {"key_cache_seconds": -1}}, "auth.key_cache_seconds"),
         ({"tools": {"mcp_endpoint": {"path": "no-slash"}}}, "tools.mcp_endpoint.path"),
         ({"tools": {"openapi": [{"name": "Bad", "document": "x.yaml"}]}}, "tools.openapi.0.name"),
+        (
+            {"tools": {"database_url": "mysql://u:hunter2@h/db"}},
+            "tools: Value error, database_url must be a PostgreSQL",
+        ),
+        ({"edge": {"port": 70000}}, "edge.port"),
+        ({"edge": {"max_request_bytes": -1}}, "edge.max_request_bytes"),
+        ({"edge": {"request_timeout_seconds": "soon"}}, "edge.request_timeout_seconds"),
+        ({"edge": {"hots": "0.0.0.0"}}, "edge.hots"),
+        ({"inference": {"discover_seconds": 0}}, "inference.discover_seconds"),
     ],
 )
 def test_new_settings_refuse_nonsense_naming_the_field(overrides: dict, needle: str) -> None:
