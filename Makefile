@@ -10,7 +10,7 @@ FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
 BFCL_VERSION ?= 2026.3.23
 
-.PHONY: soak-replicas soak-planner multi-host install install-openvino run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-peers bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
+.PHONY: soak-replicas soak-planner soak-memory multi-host install install-openvino run test test-fast fuzz lint format protos check-protos buf clean bench-inference bench-peers bench-triton bench-fair-share bench-affinity bench-aiperf triton-cpu injection k8s-check train
 
 install: $(VENV)/.installed ## a .venv in the checkout with everything the mesh needs
 
@@ -134,6 +134,11 @@ soak-replicas: install ## two planner replicas on PostgreSQL, one SIGKILLed 10 t
 
 soak-planner: install ## one planner SIGKILLed 20 times over a load of runs with tool effects (real model)
 	MESHPILOT_PLANNER_KILLS=20 $(PY) -m pytest -s tests/integration/test_planner_durability.py -k kills $(PYTEST_ARGS)
+
+SOAK_BACKEND ?= torch
+SOAK_SECONDS ?= 600
+soak-memory: install ## 16 clients without pause on the inference service for SOAK_SECONDS (600): is its RSS flat? (docs/bench/memory_soak_<backend>.md)
+	$(PY) -m benchmarks.memory_soak --backend $(SOAK_BACKEND) --seconds $(SOAK_SECONDS)
 
 multi-host: install ## planner and inference hosts in network namespaces: 24 runs, one planner host cut off, 5% loss on one inference host (root, nftables; docs/bench/multi_host.md)
 	MESHPILOT_MULTI_HOST_RUNS=24 $(PY) -m pytest -s tests/integration/test_multi_host.py $(PYTEST_ARGS)

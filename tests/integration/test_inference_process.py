@@ -1,4 +1,5 @@
-"""The inference service as a real process on the real model: health, a streamed Generate, SIGTERM drain."""
+"""The inference service as a real process on the real model: health, a streamed Generate, a short sustained load
+with its memory sampled (the small configuration of `make soak-memory`), SIGTERM drain."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.memory_soak import soak
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -69,6 +71,12 @@ async def test_inference_process_serves_and_drains_on_sigterm(tmp_path: Path) ->
         assert "Paris" in text
         assert responses[-1].finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH)
         assert responses[-1].usage.completion_tokens == sum(len(r.token_ids) for r in responses)
+        # `make soak-memory` runs this for 10 minutes; here a few seconds show that it drives the real service and
+        # reads the real process's memory (flatness needs the long run: caches fill during the first minute).
+        result = await soak(address, process.pid, seconds=8, clients=3, warmup_s=2, sample_every=0.5)
+        assert result.failed == 0 and result.calls >= 3 and result.output_tokens > 0
+        assert len(result.samples) >= 8 and all(rss > 200 for _, rss in result.samples), result.samples
+        assert result.verdict()["peak_rss_mb"] == max(rss for _, rss in result.samples)
         process.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.wait, 60) == 0, log_path.read_text(errors="replace")[-3000:]
     finally:
