@@ -1,6 +1,7 @@
 """Suites generated from the knowledge graph's data (the countries the knowledge service loads), with a fixed seed and a
 fixed train/test split: a country (or subregion, currency, made-up name) is in one split only, so no test question
-asks about something a training question did."""
+asks about something a training question did. Each task carries a reference solution in ``meta["solution"]``: the tool
+calls of the default agent's tools that a careful agent makes (services.train.demonstrations plays and verifies them)."""
 
 from __future__ import annotations
 
@@ -54,27 +55,59 @@ class Country:
         return tuple(v for v in (self.currency_name, self.currency) if v)
 
 
-def _task(category: str, kind: str, subject: str, task: str, checks: Sequence[Check], **meta: Any) -> EvalTask:
+def _task(
+    category: str, kind: str, subject: str, task: str, checks: Sequence[Check], solution: Sequence[dict[str, Any]]
+) -> EvalTask:
     return EvalTask(
         f"{category}-{kind}-{subject}",
         task,
         tuple(checks),
         category,
         split_of(subject),
-        meta={"subject": subject, **meta},
+        meta={"subject": subject, "solution": list(solution)},
     )
+
+
+def _call(tool: str, **arguments: Any) -> dict[str, Any]:
+    """One step of a reference solution: a tool call as the agent writes it."""
+    return {"tool": tool, "arguments": arguments}
+
+
+def _literal(text: str) -> str:
+    """``text`` as a SPARQL string literal."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _by_capital(capital: str, variable: str, path: str) -> dict[str, Any]:
+    """A query from a capital to one fact of its country. One query, not entity_facts on the capital then a second
+    lookup: most capitals are no entity of the graph (a capital is a plain string; entity_facts finds a state of that
+    name for 102 of 170, one of them in the wrong country), and the guided policy answers as soon as a result has a
+    key the question names ("country"), so a second lookup is never offered. The variable names the fact (a key the
+    question names), so its value is among the answers the policy offers."""
+    query = f"SELECT ?{variable} WHERE {{ ?c mp:capital {_literal(capital)} ; {path} }}"
+    return _call("sparql_query", query=query)
+
+
+def _count(counted: str, variable: str, where: str) -> dict[str, Any]:
+    """A COUNT query whose result variable is a key the question names ("countries", "timezones")."""
+    return _call("sparql_query", query=f"SELECT (COUNT(?{counted}) AS ?{variable}) WHERE {{ {where} }}")
+
+
+_COUNTRY_NAME = 'rdfs:label ?country FILTER(lang(?country) = "en")'
 
 
 def _one_hop(countries: list[Country]) -> Iterator[EvalTask]:
     for c in countries:
+        lookup = [_call("country_facts", name=c.name)]
         if c.capital:
-            yield _task("one_hop", "capital", c.iso2, f"What is the capital of {c.name}?", [Contains((c.capital,))])
+            question = f"What is the capital of {c.name}?"
+            yield _task("one_hop", "capital", c.iso2, question, [Contains((c.capital,))], lookup)
         if c.currency_values:
-            yield _task(
-                "one_hop", "currency", c.iso2, f"What currency is used in {c.name}?", [Contains(c.currency_values)]
-            )
+            question = f"What currency is used in {c.name}?"
+            yield _task("one_hop", "currency", c.iso2, question, [Contains(c.currency_values)], lookup)
         if c.subregion:
-            yield _task("one_hop", "subregion", c.iso2, f"Which subregion is {c.name} in?", [Contains((c.subregion,))])
+            question = f"Which subregion is {c.name} in?"
+            yield _task("one_hop", "subregion", c.iso2, question, [Contains((c.subregion,))], lookup)
 
 
 def _unique_capitals(countries: list[Country]) -> list[Country]:
@@ -85,17 +118,20 @@ def _unique_capitals(countries: list[Country]) -> list[Country]:
 def _reverse(countries: list[Country]) -> Iterator[EvalTask]:
     for c in _unique_capitals(countries):
         question = f"Which country has {c.capital} as its capital?"
-        yield _task("reverse", "capital", c.iso2, question, [Contains((c.name,))])
+        solution = [_by_capital(c.capital, "country", _COUNTRY_NAME)]
+        yield _task("reverse", "capital", c.iso2, question, [Contains((c.name,))], solution)
 
 
 def _two_hop(countries: list[Country]) -> Iterator[EvalTask]:
     for c in _unique_capitals(countries):
         if c.currency_values:
             question = f"What currency is used in the country whose capital is {c.capital}?"
-            yield _task("two_hop", "currency", c.iso2, question, [Contains(c.currency_values)])
+            solution = [_by_capital(c.capital, "currency", "mp:currency/rdfs:label ?currency")]
+            yield _task("two_hop", "currency", c.iso2, question, [Contains(c.currency_values)], solution)
         if c.subregion:
             question = f"Which subregion is the country whose capital is {c.capital} in?"
-            yield _task("two_hop", "subregion", c.iso2, question, [Contains((c.subregion,))])
+            solution = [_by_capital(c.capital, "subregion", "mp:subregion/rdfs:label ?subregion")]
+            yield _task("two_hop", "subregion", c.iso2, question, [Contains((c.subregion,))], solution)
 
 
 def _calling_code(countries: list[Country]) -> Iterator[EvalTask]:
@@ -103,32 +139,42 @@ def _calling_code(countries: list[Country]) -> Iterator[EvalTask]:
         # A number check, not a substring one: "+1" must not pass on an answer that merely contains "2021".
         if c.phone_code.isdigit():
             question = f"What is the calling code of {c.name}?"
-            yield _task("calling_code", "phone", c.iso2, question, [Numeric(float(c.phone_code))])
+            solution = [_call("country_facts", name=c.name)]
+            yield _task("calling_code", "phone", c.iso2, question, [Numeric(float(c.phone_code))], solution)
 
 
 def _chinese(countries: list[Country]) -> Iterator[EvalTask]:
     for c in countries:
         if not c.chinese_name:
             continue
+        # The tool resolves the Chinese name itself (the graph labels countries in Chinese too).
+        lookup = [_call("country_facts", name=c.chinese_name)]
         if c.capital:
-            yield _task("chinese", "capital", c.iso2, f"{c.chinese_name}的首都是哪里？", [Contains((c.capital,))])
+            question = f"{c.chinese_name}的首都是哪里？"
+            yield _task("chinese", "capital", c.iso2, question, [Contains((c.capital,))], lookup)
         if c.currency_values:
-            yield _task("chinese", "currency", c.iso2, f"{c.chinese_name}使用什么货币？", [Contains(c.currency_values)])
+            question = f"{c.chinese_name}使用什么货币？"
+            yield _task("chinese", "currency", c.iso2, question, [Contains(c.currency_values)], lookup)
 
 
 def _counting(countries: list[Country]) -> Iterator[EvalTask]:
     for subregion, count in sorted(Counter(c.subregion for c in countries if c.subregion).items()):
         question = f"How many countries are in the subregion {subregion}?"
-        yield _task("counting", "subregion", subregion.replace(" ", "_"), question, [Numeric(float(count))])
+        solution = [_count("c", "countries", f"?c mp:subregion/rdfs:label {_literal(subregion)}@en")]
+        subject = subregion.replace(" ", "_")
+        yield _task("counting", "subregion", subject, question, [Numeric(float(count))], solution)
     users = Counter(c.currency_name for c in countries if c.currency_name)
     for name, count in sorted(users.items()):
         if count >= 2:
             question = f"How many countries use the {name} as their currency?"
-            yield _task("counting", "currency", name.replace(" ", "_"), question, [Numeric(float(count))])
+            solution = [_count("c", "countries", f"?c mp:currency/rdfs:label {_literal(name)}@en")]
+            yield _task("counting", "currency", name.replace(" ", "_"), question, [Numeric(float(count))], solution)
     for c in countries:
         if c.timezones:
             question = f"How many time zones does {c.name} have?"
-            yield _task("counting", "timezones", c.iso2, question, [Numeric(float(c.timezones))])
+            where = f"?c a mp:Country ; rdfs:label {_literal(c.name)}@en ; mp:timezone ?zone"
+            solution = [_count("zone", "timezones", where)]
+            yield _task("counting", "timezones", c.iso2, question, [Numeric(float(c.timezones))], solution)
 
 
 def _made_up_names(rng: random.Random, taken: set[str], count: int) -> list[str]:
@@ -144,11 +190,15 @@ def _made_up_names(rng: random.Random, taken: set[str], count: int) -> list[str]
 
 def _unanswerable(countries: list[Country], rng: random.Random) -> Iterator[EvalTask]:
     taken = {c.name.casefold() for c in countries}
+    # Two lookups that find nothing answering the question, after which the guided policy offers only NO_ANSWER.
     for name in _made_up_names(rng, taken, 60):
-        yield _task("unanswerable", "capital", name, f"What is the capital of {name}?", [Unanswerable()])
+        lookups = [_call("country_facts", name=name), _call("entity_facts", name=name)]
+        yield _task("unanswerable", "capital", name, f"What is the capital of {name}?", [Unanswerable()], lookups)
     for c in countries:
         # The graph has no heads of state and (this data version) no populations.
-        yield _task("unanswerable", "leader", c.iso2, f"Who is the president of {c.name}?", [Unanswerable()])
+        lookups = [_call("country_facts", name=c.name), _call("entity_facts", name=c.name)]
+        question = f"Who is the president of {c.name}?"
+        yield _task("unanswerable", "leader", c.iso2, question, [Unanswerable()], lookups)
 
 
 def generate_kg_tasks(
