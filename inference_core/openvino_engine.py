@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import logging
 import os
 import time
@@ -20,7 +22,8 @@ from inference_core.detokenizer import IncrementalDetokenizer
 from inference_core.engine import Engine
 from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError
 from inference_core.openvino_export import WeightFormat, ensure_ir
-from inference_core.openvino_loop import OpenVINOStepLoop, PrefixIndex
+from inference_core.openvino_loop import OpenVINOStepLoop, PipelineConfig, PrefixIndex
+from inference_core.openvino_stepper import StepperProcess, load_pipeline
 from inference_core.prompts import encode_prompt
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
@@ -90,7 +93,7 @@ class OpenVINOConfig:
 
 @dataclass
 class _Model:
-    pipeline: Any
+    stepper: StepperProcess
     tokenizer: Any
     eos_token_ids: frozenset[int]
     vocab_size: int
@@ -99,7 +102,11 @@ class _Model:
 
 
 class OpenVINOEngine(Engine):
-    """Runs one model with OpenVINO GenAI in-process (see Engine for the contract).
+    """Runs one model with OpenVINO GenAI (see Engine for the contract).
+
+    The pipeline runs in a child process of its own (openvino_stepper), which dies with this one; this process
+    admits, tokenizes, detokenizes and streams. If the child dies, every request in flight fails with
+    EngineClosedError and the engine is no longer ready.
 
     The prompt is tokenized and detokenized with the model's HF tokenizer, exactly as TorchEngine does, so token
     counts, chat templates, streamed text and stop strings behave alike; OpenVINO schedules, computes and samples.
@@ -133,14 +140,18 @@ class OpenVINOEngine(Engine):
         if self._loop is not None:
             return
         model = await asyncio.to_thread(self._load)
-        self._grammars = await asyncio.to_thread(
-            GrammarCache, model.tokenizer, model.vocab_size, model.eos_token_ids, self._grammar_cache_size
-        )
         config = self._config
-        block_tokens = 32  # the CPU plugin's KV block; prefix reuse happens in whole blocks
-        prefix = PrefixIndex(block_tokens, int(config.kv_cache_gb * 2**30) // model.kv_bytes_per_token)
-        loop = OpenVINOStepLoop(model.pipeline, config.waiting_queue(), config.max_num_seqs, prefix)
-        await asyncio.to_thread(loop.start)
+        try:
+            self._grammars = await asyncio.to_thread(
+                GrammarCache, model.tokenizer, model.vocab_size, model.eos_token_ids, self._grammar_cache_size
+            )
+            block_tokens = 32  # the CPU plugin's KV block; prefix reuse happens in whole blocks
+            prefix = PrefixIndex(block_tokens, int(config.kv_cache_gb * 2**30) // model.kv_bytes_per_token)
+            loop = OpenVINOStepLoop(model.stepper, config.waiting_queue(), config.max_num_seqs, prefix)
+            await asyncio.to_thread(loop.start)
+        except BaseException:
+            await asyncio.to_thread(model.stepper.close)
+            raise
         self._model = model
         self._loop = loop
         self._info = ModelInfo(
@@ -158,17 +169,37 @@ class OpenVINOEngine(Engine):
         )
 
     def _load(self) -> _Model:
-        try:
-            import openvino_genai as ov_genai
-        except ImportError as e:
+        """Exports the model if needed, starts the pipeline's process, and reads the tokenizer meanwhile."""
+        # The parent needs only to know the runtime is there; the child imports it.
+        if importlib.util.find_spec("openvino_genai") is None:
             raise EngineError(
-                f"inference.backend 'openvino' needs openvino-genai ({e}); run `make install-openvino`"
-            ) from e
-        from transformers import AutoConfig, AutoTokenizer
-
+                "inference.backend 'openvino' needs openvino-genai (it is not installed); run `make install-openvino`"
+            )
         config = self._config
         started = time.monotonic()
         ir_dir = ensure_ir(self._model_path, config.cache_dir, config.weight_format, config.exporter or None)
+        scheduler = {
+            "enable_prefix_caching": config.prefix_caching,
+            "cache_size": max(1, round(config.kv_cache_gb)),
+            "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "dynamic_split_fuse": True,
+        }
+        properties: dict[str, Any] = {}
+        if config.inference_precision:
+            properties["INFERENCE_PRECISION_HINT"] = config.inference_precision
+        if config.threads is not None:
+            properties["INFERENCE_NUM_THREADS"] = config.threads
+        stepper = StepperProcess(functools.partial(load_pipeline, str(ir_dir), scheduler, properties))
+        try:
+            return self._read_model(ir_dir, stepper, started)
+        except BaseException:
+            stepper.kill()
+            raise
+
+    def _read_model(self, ir_dir: Path, stepper: StepperProcess, started: float) -> _Model:
+        from transformers import AutoConfig, AutoTokenizer
+
         try:
             tokenizer = AutoTokenizer.from_pretrained(ir_dir, local_files_only=True)
             hf_config = AutoConfig.from_pretrained(ir_dir, local_files_only=True)
@@ -177,33 +208,19 @@ class OpenVINOEngine(Engine):
                 f"the exported model in {ir_dir} lacks a readable tokenizer or config ({str(e)[:300]}); "
                 "delete that directory to export it again"
             ) from e
-        scheduler = ov_genai.SchedulerConfig()
-        scheduler.enable_prefix_caching = config.prefix_caching
-        scheduler.cache_size = max(1, round(config.kv_cache_gb))
-        scheduler.max_num_seqs = config.max_num_seqs
-        scheduler.max_num_batched_tokens = config.max_num_batched_tokens
-        scheduler.dynamic_split_fuse = True
-        properties: dict[str, Any] = {}
-        if config.inference_precision:
-            properties["INFERENCE_PRECISION_HINT"] = config.inference_precision
-        if config.threads is not None:
-            properties["INFERENCE_NUM_THREADS"] = config.threads
-        try:
-            pipeline = ov_genai.ContinuousBatchingPipeline(str(ir_dir), scheduler, "CPU", properties)
-        except RuntimeError as e:
-            raise EngineError(f"OpenVINO could not load {ir_dir}: {str(e)[:500]}") from e
-        eos: set[int] = set()
-        generation_config = pipeline.get_config()
-        eos.update(int(t) for t in generation_config.stop_token_ids)
+        ready = stepper.wait_ready()
+        eos: set[int] = set(ready.stop_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(int(tokenizer.eos_token_id))
         context = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
         layers = int(hf_config.num_hidden_layers)
         kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads)
         head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
-        log.info("OpenVINO pipeline loaded from %s in %.1f s", ir_dir, time.monotonic() - started)
+        log.info(
+            "OpenVINO pipeline loaded from %s in %.1f s (process %d)", ir_dir, time.monotonic() - started, stepper.pid
+        )
         return _Model(
-            pipeline=pipeline,
+            stepper=stepper,
             tokenizer=tokenizer,
             eos_token_ids=frozenset(eos),
             vocab_size=int(hf_config.vocab_size),
@@ -218,7 +235,7 @@ class OpenVINOEngine(Engine):
 
     @property
     def is_ready(self) -> bool:
-        return self._loop is not None and not self._closed
+        return self._loop is not None and not self._closed and self._loop.failure is None
 
     @property
     def info(self) -> ModelInfo:
@@ -236,8 +253,8 @@ class OpenVINOEngine(Engine):
         assert loop_ is not None
         arrival = time.perf_counter()
         stream = ChunkStream()
-        seq, generation_config = await asyncio.to_thread(self._prepare, request, stream.sink, arrival)
-        loop_.submit(seq, generation_config)
+        seq, pipeline_config = await asyncio.to_thread(self._prepare, request, stream.sink, arrival)
+        loop_.submit(seq, pipeline_config)
         async with contextlib.aclosing(stream.follow(lambda: loop_.abort(seq.request_id))) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -259,15 +276,17 @@ class OpenVINOEngine(Engine):
             raise EngineClosedError("the engine has shut down; retry on another replica")
         if self._loop is None:
             raise EngineClosedError("the model is still loading; retry when health reports SERVING")
+        if self._loop.failure is not None:
+            raise self._loop.failure
 
     def _encode(self, prompt: str | None, messages: list[dict[str, str]] | None) -> list[int]:
         assert self._model is not None
         return encode_prompt(self._model.tokenizer, self._model_id, prompt, messages)
 
-    def _prepare(self, request: GenerationRequest, sink: Any, arrival: float) -> tuple[Sequence, Any]:
-        """Validates and tokenizes a request into a Sequence and the pipeline's GenerationConfig (in a worker thread:
-        tokenizing and compiling a grammar can take milliseconds)."""
-        from inference_core.openvino_convert import generation_config
+    def _prepare(self, request: GenerationRequest, sink: Any, arrival: float) -> tuple[Sequence, PipelineConfig]:
+        """Validates and tokenizes a request into a Sequence and the pipeline's config as plain data (in a worker
+        thread: tokenizing and compiling a grammar can take milliseconds)."""
+        from inference_core.openvino_convert import generation_fields, structured_fields
 
         model = self._model
         grammars = self._grammars
@@ -299,4 +318,5 @@ class OpenVINOEngine(Engine):
             arrival=arrival,
             tenant=request.tenant,
         )
-        return seq, generation_config(request, max_new_tokens, model.eos_token_ids)
+        structured = structured_fields(request.constraint) if request.constraint is not None else None
+        return seq, (generation_fields(request, max_new_tokens, model.eos_token_ids), structured)

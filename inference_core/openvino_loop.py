@@ -1,19 +1,25 @@
-"""The loop thread of the openvino backend: admits sequences into a ContinuousBatchingPipeline, steps it, and turns
-what each step produced into our chunks."""
+"""The loop thread of the openvino backend: admits sequences into the pipeline's process (openvino_stepper), and turns
+what each of its steps produced into our chunks."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import socket
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Sequence as Ids
 from dataclasses import dataclass
-from typing import Any
+from multiprocessing.connection import Connection, wait
+from typing import Any, Protocol
 
 from inference_core.admission import AdmissionQueue, WaitingQueue
 from inference_core.continuous import EngineStats
-from inference_core.errors import EngineError
+from inference_core.errors import EngineClosedError, EngineError
 from inference_core.openvino_convert import finish_reason
+from inference_core.openvino_stepper import NewRequest, Orders, StepReport
 from inference_core.sequence import Sequence
 from inference_core.types import FinishReason
 
@@ -54,39 +60,80 @@ class PrefixIndex:
         return cached
 
 
+class Stepper(Protocol):
+    """The pipeline's side, as the loop sees it: openvino_stepper.StepperProcess (or its serve() on a thread in tests)."""
+
+    connection: Connection
+
+    def ended(self) -> str:
+        """How the other side ended, once its pipe has closed (for the error message)."""
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Shuts the other side down."""
+
+
+PipelineConfig = tuple[dict[str, Any], dict[str, str] | None]
+"""A request's GenerationConfig and StructuredOutputConfig attributes (see openvino_stepper.NewRequest)."""
+
+
 @dataclass
 class _Running:
     seq: Sequence
-    handle: Any
-    read: int = 0  # generated tokens already appended to seq
+
+
+class _WakingCondition(threading.Condition):
+    """A Condition whose notify also wakes the loop thread, which waits on pipes rather than on the Condition."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def notify(self, n: int = 1) -> None:
+        super().notify(n)
+        self._wake()
 
 
 class OpenVINOStepLoop(AdmissionQueue):
-    """Feeds a ContinuousBatchingPipeline from a WaitingQueue (admission, abort and close: see AdmissionQueue).
+    """Feeds the pipeline's process from a WaitingQueue (admission, abort and close: see AdmissionQueue).
 
     - At most ``max_num_seqs`` sequences are in the pipeline; the rest wait in our queue, bounded and ordered by its
       policy. With a FairQueue a freed place goes to the waiting tenant holding the fewest; the pipeline cannot hand
       over a running request's place, so a newcomer waits for one to end (no preemption, unlike the torch engine).
-    - An aborted sequence, or one that hit a stop string, is cancelled in the pipeline before the next step, which
-      frees its KV blocks.
+    - The thread waits on the child's pipe and on a wake-up pipe (submit, abort, close), without the GIL. Adds and
+      cancels gathered since the child's last step go in one message, which the child applies before its next step;
+      while the thread turns a step's tokens into chunks, the child computes the next step.
+    - An aborted sequence, or one that hit a stop string, is cancelled in the pipeline before the child's next step
+      after it hears of it, which frees its KV blocks.
+    - If the child dies, every waiting and running sequence fails with EngineClosedError, ``failure`` says why, and
+      the loop takes no more requests.
     """
 
-    def __init__(self, pipeline: Any, waiting: WaitingQueue, max_num_seqs: int, prefix: PrefixIndex) -> None:
+    def __init__(self, stepper: Stepper, waiting: WaitingQueue, max_num_seqs: int, prefix: PrefixIndex) -> None:
         super().__init__(waiting, "inference-openvino-loop")
-        self._pipeline = pipeline
+        # Sockets rather than os.pipe(): once closed, a late wake-up fails on the object instead of writing to a
+        # reused file descriptor number.
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_write.setblocking(False)
+        self._cv = _WakingCondition(self._wake)
+        self._stepper = stepper
         self._max_num_seqs = max_num_seqs
         self._prefix = prefix
-        self._configs: dict[str, Any] = {}
-        self._running: dict[str, _Running] = {}
+        self._configs: dict[str, PipelineConfig] = {}
+        self._running: dict[int, _Running] = {}  # by the pipeline's request id
+        self._cancels: list[int] = []
         self._next_id = 0
         self._steps = 0
         self._generated = 0
         self._prompt_tokens = 0
         self._cached_tokens = 0
+        self._cache_usage = 0.0
+        self._released = False
+        self.failure: EngineClosedError | None = None
+        """Why the loop stopped serving on its own (the pipeline's process died); None while it serves."""
 
-    def submit(self, seq: Sequence, generation_config: Any = None) -> None:  # type: ignore[override]
+    def submit(self, seq: Sequence, config: PipelineConfig = ({}, None)) -> None:  # type: ignore[override]
         with self._cv:
-            self._configs[seq.request_id] = generation_config
+            self._configs[seq.request_id] = config
         try:
             super().submit(seq)
         except EngineError:
@@ -94,8 +141,22 @@ class OpenVINOStepLoop(AdmissionQueue):
                 self._configs.pop(seq.request_id, None)
             raise
 
+    def abort(self, request_id: str) -> None:
+        super().abort(request_id)
+        self._wake()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancels every waiting and running sequence, joins the loop thread and shuts the pipeline's process down."""
+        super().close(timeout)
+        if self._released:
+            return
+        self._released = True
+        self._stepper.close()
+        self._wake_write.close()
+        if not self._thread.is_alive():
+            self._wake_read.close()
+
     def stats(self) -> EngineStats:
-        metrics = self._pipeline.get_metrics()
         capacity = self._prefix._capacity * self._prefix._block
         with self._cv:
             slots: dict[str, int] = {}
@@ -104,7 +165,7 @@ class OpenVINOStepLoop(AdmissionQueue):
             return EngineStats(
                 waiting=len(self._waiting),
                 running=len(self._running),
-                kv_tokens_used=round(capacity * metrics.cache_usage / 100),
+                kv_tokens_used=round(capacity * self._cache_usage / 100),
                 kv_tokens_capacity=capacity,
                 prefix_cache_hit_rate=self._cached_tokens / self._prompt_tokens if self._prompt_tokens else 0.0,
                 generated_tokens=self._generated,
@@ -113,38 +174,52 @@ class OpenVINOStepLoop(AdmissionQueue):
                 slots_by_tenant=slots,
             )
 
-    def _warm_up(self) -> None:
-        import numpy as np
-        import openvino as ov
-        import openvino_genai as ov_genai
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full buffer wakes the loop already; a closed socket: we are done
+            self._wake_write.send(b"\0")
 
-        config = ov_genai.GenerationConfig()
-        config.max_new_tokens = 2
-        handle = self._pipeline.add_request(self._new_id(), ov.Tensor(np.array([[1, 2, 3, 4]], dtype=np.int64)), config)
-        while self._pipeline.has_non_finished_requests():
-            self._pipeline.step()
-        del handle
+    def _warm_up(self) -> None:
+        pass  # the pipeline's process warms up before it reports ready
 
     def _serve(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and not self._running and not len(self._waiting):
-                    self._cv.wait()
-                if self._closed and not self._running:
-                    return
-                admitted = self._admit()
-            for seq in admitted:
-                self._add(seq)
-            self._drop_ended()
-            if self._pipeline.has_non_finished_requests():
-                try:
-                    self._pipeline.step()
-                except Exception as e:  # the pipeline's state is unknown now: fail what runs, keep serving new ones
-                    log.exception("openvino step failed")
-                    self._fail_running(EngineError(f"the OpenVINO pipeline failed a step: {str(e)[:300]}"))
-                    continue
-                self._steps += 1
-            self._collect()
+        connection = self._stepper.connection
+        try:
+            while True:
+                if self._wake_read in wait([connection, self._wake_read]):
+                    self._wake_read.recv(4096)
+                while connection.poll():
+                    self._apply(connection.recv())
+                orders = self._orders()
+                if orders.add or orders.cancel:
+                    connection.send(orders)
+                with self._cv:
+                    if self._closed and not self._running:
+                        return
+        except (EOFError, OSError):
+            error = EngineClosedError(
+                f"the OpenVINO pipeline's process {self._stepper.ended()}; this replica has stopped serving, "
+                "retry on another (its log says why)"
+            )
+        except Exception as e:  # a bug of ours: the state is unknown, so stop rather than serve wrong tokens
+            log.exception("the openvino loop failed")
+            error = EngineClosedError(f"the openvino backend's loop failed ({str(e)[:300]}); retry on another replica")
+        self._stop(error)
+
+    def _orders(self) -> Orders:
+        """The cancels and adds since the last message (admitting waiting sequences to the free places)."""
+        aborted: list[Sequence] = []
+        with self._cv:
+            cancel, self._cancels = self._cancels, []
+            for request_id, running in list(self._running.items()):
+                if running.seq.abort_requested:
+                    del self._running[request_id]
+                    cancel.append(request_id)
+                    aborted.append(running.seq)
+            admitted = [] if self._closed else self._admit()
+        for seq in aborted:
+            self._end(seq, FinishReason.CANCELLED)
+        add = [request for seq in admitted if (request := self._new_request(seq)) is not None]
+        return Orders(add=add, cancel=cancel)
 
     def _admit(self) -> list[Sequence]:
         """Takes waiting sequences for the free places (called under the lock)."""
@@ -161,88 +236,72 @@ class OpenVINOStepLoop(AdmissionQueue):
             admitted.append(seq)
         return admitted
 
-    def _add(self, seq: Sequence) -> None:
-        import numpy as np
-        import openvino as ov
-
+    def _new_request(self, seq: Sequence) -> NewRequest | None:
         with self._cv:
-            config = self._configs.pop(seq.request_id, None)
+            generation, structured = self._configs.pop(seq.request_id, ({}, None))
         if seq.abort_requested:
             self._end(seq, FinishReason.CANCELLED)
-            return
+            return None
         seq.cached_prompt_tokens = self._prefix.admit(seq.prompt_ids)
         self._prompt_tokens += len(seq.prompt_ids)
         self._cached_tokens += seq.cached_prompt_tokens
         seq.mark_started()
-        try:
-            ids = ov.Tensor(np.asarray([seq.prompt_ids], dtype=np.int64))
-            handle = self._pipeline.add_request(self._new_id(), ids, config)
-        except Exception as e:  # a config the pipeline rejects, e.g. a grammar its own compiler refuses
-            seq.fail(EngineError(f"OpenVINO refused the request: {str(e)[:300]}"))
-            self._forget_locked(seq)
-            return
+        self._next_id += 1
         with self._cv:
-            self._running[seq.request_id] = _Running(seq, handle)
+            self._running[self._next_id] = _Running(seq)
+        return NewRequest(self._next_id, list(seq.prompt_ids), generation, structured)
 
-    def _drop_ended(self) -> None:
-        """Cancels, before the next step, what was aborted or has ended on our side (stop string, max tokens)."""
-        with self._cv:
-            ended = [r for r in self._running.values() if r.seq.abort_requested or r.seq.finished]
-        for running in ended:
-            running.handle.cancel()
-            self._end(running.seq, FinishReason.CANCELLED)
-
-    def _collect(self) -> None:
-        with self._cv:
-            running = list(self._running.values())
-        for item in running:
-            seq = item.seq
-            status = item.handle.get_status().name
-            if item.handle.can_read():
-                for output in item.handle.read().values():
-                    self._append(item, list(output.generated_ids))
-            if seq.finished:  # by a stop string or max_tokens on our side: the place is free for the next step
-                if status == "RUNNING":
-                    item.handle.cancel()
-                self._forget_locked(seq)
+    def _apply(self, report: StepReport) -> None:
+        """Turns a step's tokens into chunks; what ended on our side is cancelled with the next message."""
+        if report.stepped:
+            self._steps += 1
+            self._cache_usage = report.cache_usage
+        for request_id, ids in report.tokens.items():
+            item = self._running.get(request_id)
+            if item is None:  # cancelled by us after the step began
                 continue
-            if status != "RUNNING":
-                outputs = item.handle.read_all()
-                output = outputs[0] if outputs else None
-                if output is not None:
-                    self._append(item, list(output.generated_ids)[item.read :])
-                if not seq.finished:
-                    reason = finish_reason(
-                        status, output.finish_reason.name if output else "", len(seq.output_ids), seq.max_new_tokens
-                    )
-                    self._end(seq, reason)
+            for token_id in ids:
+                if item.seq.finished:
+                    break
+                self._generated += 1
+                item.seq.append_token(token_id)
+        for request_id, message in report.errors.items():
+            if (item := self._pop(request_id)) is not None:
+                item.seq.fail(EngineError(message))
+                self._forget_locked(item.seq)
+        for request_id, (status, finish) in report.finished.items():
+            if (item := self._pop(request_id)) is not None:
+                seq = item.seq
+                self._end(seq, finish_reason(status, finish, len(seq.output_ids), seq.max_new_tokens))
+        for request_id in report.tokens:
+            item = self._running.get(request_id)
+            if item is not None and item.seq.finished:  # a stop string or max_tokens, on our side
+                self._pop(request_id)
+                self._cancels.append(request_id)
+                self._forget_locked(item.seq)
 
-    def _append(self, item: _Running, ids: list[int]) -> None:
-        for token_id in ids:
-            if item.seq.finished:
-                return
-            item.read += 1
-            self._generated += 1
-            item.seq.append_token(token_id)
+    def _pop(self, request_id: int) -> _Running | None:
+        with self._cv:
+            return self._running.pop(request_id, None)
 
     def _end(self, seq: Sequence, reason: FinishReason) -> None:
-        seq.finish(reason)
+        seq.finish(reason)  # no-op when it finished on our side already
         self._forget_locked(seq)
 
     def _forget_locked(self, seq: Sequence) -> None:
         with self._cv:
-            self._running.pop(seq.request_id, None)
             self._configs.pop(seq.request_id, None)
             self._forget(seq)
 
-    def _fail_running(self, error: EngineError) -> None:
+    def _stop(self, error: EngineClosedError) -> None:
+        """Fails every waiting and running sequence with ``error`` and takes no more."""
+        log.error("%s", error)
         with self._cv:
-            running = list(self._running.values())
-        for item in running:
-            item.handle.cancel()
-            item.seq.fail(error)
-            self._forget_locked(item.seq)
-
-    def _new_id(self) -> int:
-        self._next_id += 1
-        return self._next_id
+            self.failure = error
+            self._closed = True
+            ended = [running.seq for running in self._running.values()] + self._waiting.drain()
+            self._running.clear()
+            self._configs.clear()
+            self._known.clear()
+        for seq in ended:
+            seq.fail(error)

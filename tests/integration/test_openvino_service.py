@@ -2,6 +2,10 @@
 (torch and openvino): a sane greedy answer, JSON-schema and regex constraints that parse and validate, stop strings,
 cancellation that frees the request, a full queue, bad constraints. Slow: loads the model once per backend.
 
+Then the openvino engine alone, whose pipeline runs in a child process: its greedy tokens are those of OpenVINO GenAI's
+pipeline driven in this process, its shutdown leaves no process behind, and the child's death fails every request in
+flight and takes the engine out of service.
+
 The openvino cases skip, saying why, where openvino-genai or the exported model (and an exporter to make it) is absent:
 `make install-openvino` provides both."""
 
@@ -10,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import re
+import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jsonschema
 import pytest
 import pytest_asyncio
 
-from inference_core import Engine, TorchEngine
+from inference_core import Constraint, Engine, EngineClosedError, GenerationRequest, SamplingParams, TorchEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import load_config
 from services.inference import create_server, servicer_of
@@ -65,7 +72,10 @@ async def service(request):
     async with grpc.aio.insecure_channel(server.address) as channel:
         yield backend, engine, inference_pb2_grpc.InferenceServiceStub(channel)
     await server.stop(0)
+    child = pipeline_pid(engine) if backend == "openvino" else None
     await engine.shutdown()
+    if child is not None:
+        assert not alive(child), "the pipeline's process outlived the engine's shutdown"
 
 
 def chat(content: str) -> pb.ChatInput:
@@ -217,3 +227,104 @@ async def test_a_seed_repeats_its_sample(service) -> None:
     first, _ = await collect(stub, request(11))
     assert (await collect(stub, request(11)))[0] == first
     assert (await collect(stub, request(12)))[0] != first
+
+
+def pipeline_pid(engine: Any) -> int:
+    return engine._model.stepper.pid
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def openvino_engine():
+    if reason := openvino_missing():
+        pytest.skip(reason)
+    from inference_core.openvino_engine import OpenVINOConfig, OpenVINOEngine
+
+    engine = OpenVINOEngine(config=OpenVINOConfig(cache_dir=OPENVINO_CACHE, max_num_seqs=4))
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+PARITY_PROMPTS = ["What is the capital of France?", "List three fruits.", "Write a haiku about the sea."]
+
+
+def in_process_greedy(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """OpenVINO GenAI's pipeline driven in this process, as before it had a process of its own: add_request each
+    prompt, step() until done, read() the tokens."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ov_genai
+
+    from inference_core.openvino_export import ensure_ir
+
+    scheduler = ov_genai.SchedulerConfig()
+    scheduler.cache_size = 1
+    scheduler.max_num_seqs = 4
+    scheduler.max_num_batched_tokens = 256
+    scheduler.dynamic_split_fuse = True
+    pipeline = ov_genai.ContinuousBatchingPipeline(str(ensure_ir(None, OPENVINO_CACHE, "fp32")), scheduler, "CPU", {})
+    config = pipeline.get_config()
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    handles = [
+        pipeline.add_request(i, ov.Tensor(np.asarray([ids], dtype=np.int64)), config) for i, ids in enumerate(prompts)
+    ]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    while pipeline.has_non_finished_requests():
+        pipeline.step()
+        for i, handle in enumerate(handles):
+            while handle.can_read():
+                for output in handle.read().values():
+                    outputs[i] += list(output.generated_ids)
+    return outputs
+
+
+async def test_greedy_tokens_are_the_in_process_pipelines(openvino_engine) -> None:
+    from inference_core.prompts import encode_prompt
+
+    engine = openvino_engine
+    requests = [
+        GenerationRequest(
+            messages=[{"role": "user", "content": prompt}], max_tokens=40, sampling=SamplingParams(temperature=0.0)
+        )
+        for prompt in PARITY_PROMPTS
+    ]
+
+    async def stream(request: GenerationRequest) -> list[Any]:
+        return [chunk async for chunk in engine.generate(request)]
+
+    streams = await asyncio.gather(*(stream(request) for request in requests))  # batched in the pipeline
+    tokenizer = engine._model.tokenizer
+    prompts = [encode_prompt(tokenizer, engine.info.id, None, request.messages) for request in requests]
+    expected = await asyncio.to_thread(in_process_greedy, prompts, 40)
+    for chunks, ids in zip(streams, expected, strict=True):
+        assert len(chunks) > 3, "the text was not streamed"
+        assert [t for chunk in chunks for t in chunk.token_ids] == ids
+        assert "".join(chunk.text for chunk in chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+async def test_a_dead_pipeline_process_fails_what_is_in_flight_and_the_engine_is_not_ready(openvino_engine) -> None:
+    engine = openvino_engine
+    # 4000 digits and no end-of-sequence allowed: the request runs until the process dies.
+    endless = GenerationRequest(prompt="Digits:", max_tokens=4000, constraint=Constraint("regex", "[0-9]{4000}"))
+    running = engine.generate(endless)
+    await running.__anext__()
+    child = pipeline_pid(engine)
+    os.kill(child, signal.SIGKILL)
+    with pytest.raises(EngineClosedError, match="the OpenVINO pipeline's process was killed by SIGKILL"):
+        async for _ in running:
+            pass
+    assert not engine.is_ready
+    with pytest.raises(EngineClosedError, match="killed by SIGKILL"):
+        await engine.generate(GenerationRequest(prompt="Hello", max_tokens=3)).__anext__()
+    await engine.shutdown()
+    assert not alive(child)

@@ -1,113 +1,56 @@
-"""The openvino backend's loop thread on a scripted stand-in for ContinuousBatchingPipeline that behaves as the real one
-does here (one token per request per step, the end-of-sequence token read like any other, a cancelled request gone
-after the next step): streaming, stop strings, aborts, admission bounds, fair order, and failures of the pipeline."""
+"""The openvino backend's loop thread over the pipeline's process loop (serve() on a thread, or a real process where
+one is killed) and a scripted stand-in for ContinuousBatchingPipeline (test_openvino_stepper.FakePipeline): streaming,
+stop strings, aborts, admission bounds, fair order, failures of the pipeline, and the pipeline's process dying."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
+import signal
 import threading
-import zlib
-from types import SimpleNamespace
-from typing import Any
+from multiprocessing.connection import Connection
 
 import pytest
 import torch
 
-pytest.importorskip("openvino", reason="openvino is not installed (`make install` adds the openvino extra)")
+pytest.importorskip("openvino_genai", reason="openvino-genai is not installed (`make install` adds the openvino extra)")
 
 from inference_core import FinishReason, SamplingParams
 from inference_core.admission import FairQueue, FifoQueue
 from inference_core.detokenizer import IncrementalDetokenizer
-from inference_core.errors import EngineError, QueueFullError
-from inference_core.openvino_loop import OpenVINOStepLoop, PrefixIndex
+from inference_core.errors import EngineClosedError, EngineError, QueueFullError
+from inference_core.openvino_loop import OpenVINOStepLoop, PipelineConfig, PrefixIndex
+from inference_core.openvino_stepper import Orders, Ready, StepperProcess, serve
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
 from inference_core.stop_strings import StopStringMatcher
 from inference_core.types import GenerationChunk
-
-VOCAB = 97
-EOS = 0
+from tests.unit.test_openvino_stepper import EOS, VOCAB, FakePipeline, alone
 
 
-def next_token(history: list[int]) -> int:
-    return 1 + zlib.crc32(repr(history).encode()) % (VOCAB - 1)
+class StepperThread:
+    """The pipeline's process's loop, serve(), on a thread over an in-process pipe: the same messages, no process."""
 
+    def __init__(self, pipeline: FakePipeline) -> None:
+        self.connection, theirs = multiprocessing.Pipe()
+        self._thread = threading.Thread(target=self._serve, args=(theirs, pipeline), daemon=True)
+        self._thread.start()
+        assert isinstance(self.connection.recv(), Ready)
 
-class FakeHandle:
-    def __init__(self, prompt: list[int], config: Any) -> None:
-        self.history = list(prompt)
-        self.max_new_tokens = config.max_new_tokens
-        self.eos_after = getattr(config, "eos_after", None)
-        self.generated: list[int] = []
-        self.unread: list[int] = []
-        self.status = "RUNNING"
-        self.finish = "NONE"
+    @staticmethod
+    def _serve(connection: Connection, pipeline: FakePipeline) -> None:
+        with connection:
+            serve(connection, lambda: pipeline)
 
-    def can_read(self) -> bool:
-        return bool(self.unread)
+    def ended(self) -> str:
+        return "stopped"
 
-    def read(self) -> dict[int, Any]:
-        assert self.unread, "read() blocks when nothing is pending"
-        ids, self.unread = self.unread, []
-        return {0: SimpleNamespace(generated_ids=ids, finish_reason=SimpleNamespace(name=self.finish))}
-
-    def read_all(self) -> list[Any]:
-        return []
-
-    def get_status(self) -> Any:
-        return SimpleNamespace(name=self.status)
-
-    def cancel(self) -> None:
-        if self.status == "RUNNING":
-            self.status = "CANCEL"
-
-
-class FakePipeline:
-    """Decodes next_token(history) for every running request each step; EOS after ``eos_after`` tokens if set."""
-
-    def __init__(self, fail_on_step: int | None = None, refuse_add: bool = False) -> None:
-        self.handles: list[FakeHandle] = []
-        self.steps = 0
-        self.fail_on_step = fail_on_step
-        self.refuse_add = refuse_add
-        self.max_live = 0
-
-    def add_request(self, request_id: int, ids: Any, config: Any) -> FakeHandle:
-        if self.refuse_add and request_id > 1:  # 1 is the warm-up
-            raise RuntimeError("bad grammar")
-        handle = FakeHandle([int(t) for t in ids.data[0]], config)
-        self.handles.append(handle)
-        return handle
-
-    def has_non_finished_requests(self) -> bool:
-        return any(h.status in ("RUNNING", "CANCEL") for h in self.handles)
-
-    def step(self) -> None:
-        self.steps += 1
-        if self.fail_on_step is not None and self.steps == self.fail_on_step:
-            raise RuntimeError("out of memory")
-        live = [h for h in self.handles if h.status in ("RUNNING", "CANCEL")]
-        self.max_live = max(self.max_live, len(live))
-        for handle in live:
-            if handle.status == "CANCEL":
-                handle.status = "IGNORED"
-                continue
-            eos = handle.eos_after is not None and len(handle.generated) == handle.eos_after
-            token = EOS if eos else next_token(handle.history)
-            handle.history.append(token)
-            handle.generated.append(token)
-            handle.unread.append(token)
-            if eos or len(handle.generated) >= handle.max_new_tokens:
-                handle.status = "FINISHED"
-                handle.finish = "STOP" if eos else "LENGTH"
-        self.handles = [h for h in self.handles if h.status in ("RUNNING", "CANCEL")] + [
-            h for h in self.handles if h.status not in ("RUNNING", "CANCEL", "IGNORED")
-        ]
-
-    def live(self) -> int:
-        return sum(h.status == "RUNNING" for h in self.handles)
-
-    def get_metrics(self) -> Any:
-        return SimpleNamespace(cache_usage=10.0)
+    def close(self, timeout: float = 10.0) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.send(Orders(shutdown=True))
+        self._thread.join(timeout)
+        self.connection.close()
 
 
 class DigitsTokenizer:
@@ -116,7 +59,15 @@ class DigitsTokenizer:
 
 
 class Request:
-    def __init__(self, name: str, prompt: list[int], new_tokens: int, stop: list[str] | None = None, tenant="default"):
+    def __init__(
+        self,
+        name: str,
+        prompt: list[int],
+        new_tokens: int,
+        stop: list[str] | None = None,
+        tenant: str = "default",
+        stop_token: int = EOS,
+    ) -> None:
         self.chunks: list[GenerationChunk] = []
         self.errors: list[EngineError] = []
         self.done = threading.Event()
@@ -128,12 +79,12 @@ class Request:
             detokenizer=IncrementalDetokenizer(DigitsTokenizer(), prompt),
             stop=StopStringMatcher(stop or []),
             constraint=None,
-            eos_token_ids=frozenset({EOS}),
+            eos_token_ids=frozenset({stop_token}),
             sink=self._sink,
             arrival=0.0,
             tenant=tenant,
         )
-        self.config = SimpleNamespace(max_new_tokens=new_tokens)
+        self.config: PipelineConfig = ({"max_new_tokens": new_tokens, "stop_token_ids": {stop_token}}, None)
 
     def _sink(self, item) -> None:
         if isinstance(item, EngineError):
@@ -157,17 +108,9 @@ class Request:
         return self.chunks[-1].finish_reason if self.chunks else None
 
 
-def alone(prompt: list[int], n: int) -> list[int]:
-    history, out = list(prompt), []
-    for _ in range(n):
-        out.append(next_token(history))
-        history.append(out[-1])
-    return out
-
-
 def make_loop(pipeline: FakePipeline, max_num_seqs: int = 4, waiting=None) -> OpenVINOStepLoop:
     queue = waiting if waiting is not None else FifoQueue(8)
-    return OpenVINOStepLoop(pipeline, queue, max_num_seqs, PrefixIndex(4, 1024))
+    return OpenVINOStepLoop(StepperThread(pipeline), queue, max_num_seqs, PrefixIndex(4, 1024))
 
 
 def run(loop: OpenVINOStepLoop, requests: list[Request]) -> None:
@@ -193,11 +136,13 @@ def test_batched_requests_stream_their_own_tokens_and_end_by_length() -> None:
 
 
 def test_end_of_sequence_finishes_with_stop() -> None:
-    request = Request("r", [1, 2, 3], 10)
-    request.config.eos_after = 3  # type: ignore[attr-defined]
-    run(make_loop(FakePipeline()), [request])
+    eos = alone([1, 2, 3], 4)[3]
+    request = Request("r", [1, 2, 3], 10, stop_token=eos)
+    pipeline = FakePipeline()
+    run(make_loop(pipeline), [request])
     assert request.finish_reason is FinishReason.STOP
-    assert request.output[-1] == EOS and len(request.output) == 4
+    assert request.output == alone([1, 2, 3], 4)
+    assert pipeline.live() == 0
 
 
 def test_a_stop_string_ends_the_request_and_frees_it_in_the_pipeline() -> None:
@@ -324,3 +269,30 @@ def test_stats_report_hits_tokens_and_places() -> None:
     assert requests[1].chunks[-1].usage.cached_prompt_tokens == 8  # type: ignore[union-attr]
     assert stats.prefix_cache_hit_rate == pytest.approx(8 / 18)
     assert stats.kv_tokens_capacity == 1024 and stats.kv_tokens_used == 102
+
+
+def test_a_dead_pipeline_process_fails_every_request_and_the_loop_stops_taking_more() -> None:
+    stepper = StepperProcess(FakePipeline)
+    stepper.wait_ready()
+    loop = OpenVINOStepLoop(stepper, FifoQueue(8), 1, PrefixIndex(4, 1024))
+    running, waiting = Request("a", [1, 2], 10**9), Request("b", [3, 4], 10)
+    first = threading.Event()
+    sink = running.seq.sink
+    running.seq.sink = lambda item: (sink(item), first.set())  # type: ignore[method-assign]
+    loop.submit(running.seq, running.config)
+    loop.submit(waiting.seq, waiting.config)
+    loop.start()
+    try:
+        assert first.wait(10)
+        os.kill(stepper.pid, signal.SIGKILL)
+        assert running.done.wait(10) and waiting.done.wait(10)
+        for request in (running, waiting):
+            assert isinstance(request.errors[0], EngineClosedError)
+            assert "the OpenVINO pipeline's process was killed by SIGKILL" in str(request.errors[0])
+        assert loop.failure is running.errors[0]
+        assert loop.stats().running == 0 and loop.in_flight == 0
+        with pytest.raises(EngineClosedError):
+            later = Request("c", [5], 3)
+            loop.submit(later.seq, later.config)
+    finally:
+        loop.close(timeout=10)
