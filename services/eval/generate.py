@@ -74,8 +74,12 @@ def _call(tool: str, **arguments: Any) -> dict[str, Any]:
 
 
 def _literal(text: str) -> str:
-    """``text`` as a SPARQL string literal."""
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``text`` as a SPARQL string literal in single quotes (long quotes when it holds one): the agent's constrained
+    decoder cannot write a double quote or a backslash inside a length-bounded JSON string (xgrammar leaves escapes
+    out of such strings), and the guided policy bounds every string argument."""
+    if any(c in text for c in '"\\\n') or text.endswith("'"):
+        raise ValueError(f"{text!r} cannot be written as a SPARQL literal without escapes")
+    return f"'''{text}'''" if "'" in text else f"'{text}'"
 
 
 def _by_capital(capital: str, variable: str, path: str) -> dict[str, Any]:
@@ -93,7 +97,7 @@ def _count(counted: str, variable: str, where: str) -> dict[str, Any]:
     return _call("sparql_query", query=f"SELECT (COUNT(?{counted}) AS ?{variable}) WHERE {{ {where} }}")
 
 
-_COUNTRY_NAME = 'rdfs:label ?country FILTER(lang(?country) = "en")'
+_COUNTRY_NAME = "rdfs:label ?country FILTER(lang(?country) = 'en')"
 
 
 def _one_hop(countries: list[Country]) -> Iterator[EvalTask]:
