@@ -63,6 +63,13 @@ def train(
         float, typer.Option(help="Train on rollouts with at least this reward (0-1).")
     ] = D.min_reward,
     keep_per_task: Annotated[int, typer.Option(help="Train on a task's best N rollouts.")] = D.keep_per_task,
+    demonstrations: Annotated[
+        int,
+        typer.Option(
+            help="Round 1 also learns from the reference solutions of N train tasks per category, each played "
+            "against the real tools and kept when the judge passes it (0: none)."
+        ),
+    ] = D.demonstrations,
     concurrency: Annotated[int, typer.Option(help="Runs in flight at once.")] = D.concurrency,
     method: Annotated[str, typer.Option(help="bc (behaviour cloning on verified runs) or grpo (TRL).")] = D.method,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged on export), or full.")] = D.lora,
@@ -103,6 +110,7 @@ def train(
         seed=seed,
         min_reward=min_reward,
         keep_per_task=keep_per_task,
+        demonstrations=demonstrations,
         concurrency=concurrency,
         method=cast(Method, method),
         lora=lora,
@@ -129,9 +137,11 @@ def train(
         fail(str(e), 2)
     cfg = load_config(config)
     planner_at = service_target("planner", planner, config)
+    # The demonstrations' tool calls go to the tools service itself (the planner runs no calls but its runs').
+    tools_at = service_target("tools", None, config) if settings.demonstrations else ""
     notices = Console(stderr=True)
     try:
-        results = asyncio.run(_run(settings, cfg, planner_at, notices, baseline=baseline))
+        results = asyncio.run(_run(settings, cfg, planner_at, tools_at, notices, baseline=baseline))
     except TrainSettingsError as e:
         fail(str(e), 2)
     except (ConfigError, RuntimeError, ValueError) as e:
@@ -144,17 +154,27 @@ def train(
     else:
         Console(soft_wrap=True).print((folder / "report.md").read_text(encoding="utf-8"), highlight=False, markup=False)
         for result in results:
+            demonstrated = result.demonstrations.values()
+            shown = (
+                f" and {sum(d['kept'] for d in demonstrated)} of {sum(d['tried'] for d in demonstrated)} "
+                "demonstrations (verified)"
+                if demonstrated
+                else ""
+            )
             notices.print(
                 f"round {result.round}: {result.model} from {result.selected} of {result.rollouts} rollouts "
-                f"({result.rollouts_passed} passed), {result.examples} examples, {result.steps} steps, "
+                f"({result.rollouts_passed} passed){shown}, {result.examples} examples, {result.steps} steps, "
                 f"loss {result.loss:.3f}",
                 highlight=False,
             )
         notices.print(f"reports: {folder}/report.md, report.json, report.png", highlight=False)
 
 
-async def _run(settings: Any, cfg: Any, planner_at: str, console: Console, *, baseline: bool) -> Any:
+async def _run(settings: Any, cfg: Any, planner_at: str, tools_at: str, console: Console, *, baseline: bool) -> Any:
+    from contextlib import AsyncExitStack
+
     from services.common import create_channel
+    from services.planner.clients import ToolsServiceClient
     from services.train.journal import open_journal
     from services.train.loop import TrainJob
     from services.train.rollouts import PlannerToolLister
@@ -163,12 +183,22 @@ async def _run(settings: Any, cfg: Any, planner_at: str, console: Console, *, ba
     await journal.open()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[note]}"))
     try:
-        async with create_channel(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls) as channel:
+        async with AsyncExitStack() as stack:
+            channel = await stack.enter_async_context(
+                create_channel(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls)
+            )
+            tool_runner = None
+            if tools_at:
+                tools_channel = create_channel(
+                    tools_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls, server="tools"
+                )
+                tool_runner = ToolsServiceClient(await stack.enter_async_context(tools_channel))
             with Progress(*columns, TimeElapsedColumn(), console=console) as bars:
                 job = TrainJob(
                     settings, data_dir=cfg.data_dir, default_model_path=cfg.inference.model_path,
                     default_model_id=cfg.inference.model_id, channel=channel,
                     tools=PlannerToolLister(channel), journal=journal, progress=RichProgress(bars),
+                    tool_runner=tool_runner,
                 )  # fmt: skip
                 return await job.run(baseline=baseline)
     finally:

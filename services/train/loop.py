@@ -12,7 +12,7 @@ import functools
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,14 +21,26 @@ import grpc
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2_grpc
 from services.eval.report import Report, summarize, write_reports
 from services.eval.runner import EvalProgress, PlannerRunner, evaluate
-from services.eval.suite import Suite, SuiteError, load_suite
+from services.eval.suite import EvalTask, Suite, SuiteError, load_suite
 from services.eval.variants import agent_on_model
 from services.inference.models_dir import models_directory
 from services.planner.agents import AgentDefinition
 from services.planner.convert import definition_from_proto
+from services.planner.executor import ToolClient
 from services.planner.store import JournalStore
 from services.planner.types import ToolSpec
+from services.train.demonstrations import (
+    Demonstration,
+    DemonstrationError,
+    Demonstrator,
+    ListedTools,
+    choose_tasks,
+    collect_demonstrations,
+    demonstration_counts,
+    kept_rollouts,
+)
 from services.train.examples import (
+    Rollout,
     select_rollouts,
     step_examples,
     student_examples,
@@ -61,7 +73,8 @@ class NoProgress:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """One round's figures: its rollouts, those trained on, the examples and optimizer steps, and its evaluation."""
+    """One round's figures: its rollouts, those trained on, the examples and optimizer steps, and its evaluation;
+    ``demonstrations``: per category, the verified demonstrations kept of those tried (round 1, --demonstrations)."""
 
     round: int
     model: str
@@ -72,6 +85,7 @@ class RoundResult:
     steps: int
     loss: float
     report: Report
+    demonstrations: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         figures = {k: v for k, v in self.__dict__.items() if k != "report"}
@@ -97,9 +111,20 @@ def load_suites(settings: TrainSettings) -> tuple[Suite, Suite]:
     return chosen[0], chosen[1]
 
 
+def demonstration_tasks(settings: TrainSettings) -> list[EvalTask]:
+    """The train tasks whose reference solutions round 1 plays: up to ``settings.demonstrations`` per category of the
+    train split of ``settings.suite`` (all of it, not only the rollouts' sample), a choice seeded by ``settings.seed``.
+    The test split is never among them."""
+    if not settings.demonstrations:
+        return []
+    pool = load_suite(settings.suite).select(split="train", categories=settings.categories)
+    return choose_tasks(pool.tasks, settings.demonstrations, settings.seed)
+
+
 class TrainJob:
     """Runs ``settings`` against a mesh: ``channel`` to the planner (runs, agents), ``tools`` (the listing that
-    prompts were built from), ``journal`` (the planner's, for the runs' snapshots and model outputs)."""
+    prompts were built from), ``journal`` (the planner's, for the runs' snapshots and model outputs), ``tool_runner``
+    (the tools service, which runs the demonstrations' calls; needed with --demonstrations only)."""
 
     def __init__(
         self,
@@ -112,9 +137,14 @@ class TrainJob:
         tools: ToolLister,
         journal: JournalStore,
         progress: ProgressSink | None = None,
+        tool_runner: ToolClient | None = None,
     ) -> None:
         self.settings = settings.validate()
         self.train_suite, self.test_suite = load_suites(settings)
+        if settings.demonstrations and tool_runner is None:
+            raise ValueError("--demonstrations needs a tool_runner: the tools service runs the solutions' calls")
+        self.tool_runner = tool_runner
+        self.demonstration_tasks = demonstration_tasks(settings)
         self.folder = data_dir / "train" / settings.name
         self.models = models_directory(data_dir)
         self.base_cache = data_dir / "train" / "base"
@@ -165,18 +195,22 @@ class TrainJob:
         if len(rollouts) < len(self.train_suite.tasks) * settings.attempts:
             raise RuntimeError("some rollouts could not be run (planner unavailable); run the command again to resume")
         selected = select_rollouts(rollouts, min_reward=settings.min_reward, keep_per_task=settings.keep_per_task)
+        demonstrations = await self._demonstrations(number, folder, tools)
+        # Kept demonstrations are verified runs like the selected rollouts: learned from alike.
+        demonstrated = kept_rollouts(demonstrations)
+        learned: list[Rollout] = [*selected, *demonstrated]
         if settings.method == "grpo":  # every rollout's prompts: GRPO learns from its own samples, good and bad
+            everything = [*rollouts, *demonstrated]
             examples = [
-                example for rollout in rollouts if rollout.snapshot for example in step_examples(rollout, tools)
+                example for rollout in everything if rollout.snapshot for example in step_examples(rollout, tools)
             ]
-            reward = reward_function(
-                {task.id: task for task in self.train_suite.tasks}, verified_calls(rollouts, settings.min_reward), tools
-            )
+            tasks = {task.id: task for task in (*self.train_suite.tasks, *self.demonstration_tasks)}
+            reward = reward_function(tasks, verified_calls(everything, settings.min_reward), tools)
             tune = functools.partial(grpo_tune, examples, reward)
         else:
             examples = [
                 example
-                for rollout in selected
+                for rollout in learned
                 for example in (
                     student_examples(rollout, tools, self.student) if self.student else step_examples(rollout, tools)
                 )
@@ -188,10 +222,32 @@ class TrainJob:
         report = await self.evaluate(number, self.evaluated, model_id)
         result = RoundResult(
             number, model_id, len(rollouts), sum(r.passed for r in rollouts), len(selected), len(examples), steps,
-            loss, report,
+            loss, report, demonstration_counts(demonstrations),
         )  # fmt: skip
         (folder / "round.json").write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
         return result
+
+    async def _demonstrations(self, number: int, folder: Path, tools: list[ToolSpec]) -> list[Demonstration]:
+        """Round 1's verified demonstrations (--demonstrations): each chosen task's reference solution played as the
+        rolled-out agent, with the round's tools listing, against the tools service; kept in demonstrations.jsonl
+        (a resumed round plays only those not there)."""
+        if number != 1 or not self.demonstration_tasks:
+            return []
+        assert self.tool_runner is not None  # checked when the job was made
+        definition = definition_from_proto((await self._agent("--agent", self.settings.agent or "default")).spec)
+        update = self.progress.start(f"round {number}: demonstrations", len(self.demonstration_tasks))
+        try:
+            demonstrator = Demonstrator(
+                definition, ListedTools(tools, self.tool_runner), agent=f"train-{self.settings.name}-demo",
+                timeout_s=self.settings.timeout_s,
+            )  # fmt: skip
+        except DemonstrationError as e:
+            raise TrainSettingsError(f"--demonstrations: {e}") from None
+        async with demonstrator:
+            return await collect_demonstrations(
+                self.demonstration_tasks, demonstrator, folder / "demonstrations.jsonl",
+                on_progress=lambda done, kept: update(done, f"{kept} verified"),
+            )  # fmt: skip
 
     async def _agent_model(self) -> str:
         return (await self._agent("--agent", self.settings.agent or "default")).spec.model

@@ -50,6 +50,9 @@ class TrainSettings:
     """A rollout is trained on when its reward (share of the task's checks passed) is at least this."""
     keep_per_task: int = 1
     """At most this many of a task's rollouts are trained on (the best: highest reward, valid calls, fewest steps)."""
+    demonstrations: int = 0
+    """Round 1 also learns from verified demonstrations: the reference solutions of up to this many train tasks per
+    category (a seeded choice), played against the real tools and kept when the judge passes them; 0: none."""
     concurrency: int = 2
     """Runs in flight at once through the planner."""
     method: Method = "bc"
@@ -89,6 +92,7 @@ class TrainSettings:
         _at_least("--limit", self.limit, 0)
         _at_least("--eval-limit", self.eval_limit, 0)
         _at_least("--keep-per-task", self.keep_per_task, 1)
+        _at_least("--demonstrations", self.demonstrations, 0)
         _at_least("--concurrency", self.concurrency, 1)
         _at_least("--lora-rank", self.lora_rank, 1)
         _at_least("--batch-size", self.batch_size, 1)
