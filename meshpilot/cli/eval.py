@@ -14,10 +14,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from meshpilot.cli.options import (
+    CREDENTIALS,
     ConfigOption,
     JsonOption,
     PlannerOption,
     call_service,
+    connect_ray,
     fail,
     load_config,
     planner_target,
@@ -25,7 +27,14 @@ from meshpilot.cli.options import (
 from meshpilot.planner.v1 import planner_pb2_grpc
 from services.eval.bfcl import prepare_bfcl
 from services.eval.report import Report, render_markdown, summarize, write_reports
-from services.eval.runner import DEFAULT_TASK_TIMEOUT_S, EvalProgress, PlannerRunner, evaluate
+from services.eval.runner import (
+    DEFAULT_TASK_TIMEOUT_S,
+    AgentRunner,
+    EvalProgress,
+    PlannerAccess,
+    PlannerRunner,
+    evaluate,
+)
 from services.eval.suite import Suite, SuiteError, load_suite, shipped_suites
 from services.eval.variants import agent_on_model, variant_name
 
@@ -64,6 +73,9 @@ def eval_suite(
         Path | None, typer.Option(help="Where results and reports go; default <data_dir>/eval/<suite>.")
     ] = None,
     restart: Annotated[bool, typer.Option(help="Forget earlier results of these agents and run every task.")] = False,
+    ray: Annotated[
+        str, typer.Option(help="A Ray cluster (the head's HOST:PORT): the runs are made by Ray tasks on its nodes.")
+    ] = "",
     json_output: JsonOption = False,
     planner: PlannerOption = None,
     config: ConfigOption = None,
@@ -85,13 +97,20 @@ def eval_suite(
         for path in results_paths.values():
             path.unlink(missing_ok=True)
     notices = Console(stderr=True)
+    if ray:
+        connect_ray(ray)
 
     async def run(channel: grpc.aio.Channel) -> list[Report]:
         for base in bases:
             for name in models:
                 await agent_on_model(channel, base, name)
+        runner: AgentRunner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
+        if ray:
+            from services.eval.ray_runner import RayRunner
+
+            runner = RayRunner(PlannerAccess(target, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls))
         return await _evaluate_all(
-            channel, chosen, agents, results_paths, notices, concurrency=concurrency, timeout_s=timeout
+            channel, runner, chosen, agents, results_paths, notices, concurrency=concurrency, timeout_s=timeout
         )
 
     reports = call_service(target, run)
@@ -108,6 +127,7 @@ def eval_suite(
 
 async def _evaluate_all(
     channel: grpc.aio.Channel,
+    runner: AgentRunner,
     suite: Suite,
     agents: list[str],
     results_paths: dict[str, Path],
@@ -116,7 +136,6 @@ async def _evaluate_all(
     concurrency: int,
     timeout_s: float,
 ) -> list[Report]:
-    runner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
     if suite.path is not None and any("tool" in task.meta for task in suite.tasks):
         console.print("registering the suite's functions (tool source bfcl) and their agents…", highlight=False)
         await prepare_bfcl(channel, suite, suite.path)

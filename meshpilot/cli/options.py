@@ -80,6 +80,19 @@ def rpc_error_message(error: grpc.aio.AioRpcError) -> str:
     return f"{error.code().name}: {error.details() or ''}{hint}"
 
 
+def connect_ray(address: str) -> None:
+    """Joins the Ray cluster at ``address`` (--ray) as its driver; exits 1 naming the address when no cluster answers
+    there, 2 when Ray is not installed."""
+    try:
+        from services.eval.ray_runner import RayClusterError, connect
+    except ImportError:
+        fail("--ray needs Ray: pip install 'meshpilot[ray]'", 2)
+    try:
+        connect(address)
+    except RayClusterError as e:
+        fail(str(e), 1)
+
+
 def call_service(target: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> T:
     """Runs ``call`` on a channel to ``target``; a gRPC error is printed as ``error: CODE: details`` and exits 1."""
     from services.common import create_channel

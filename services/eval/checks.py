@@ -50,7 +50,8 @@ def is_rejection(error: str) -> bool:
 @dataclass(frozen=True)
 class Trajectory:
     """What one run of a task did: its answer, tool calls, steps, tokens and time; ``error`` ("CODE: message") when
-    the run ended with an error instead of an answer."""
+    the run ended with an error instead of an answer. ``worker``: where the run was made from when not this process
+    (``<Ray node id>/<pid>`` under ``--ray``)."""
 
     answer: str
     tool_calls: tuple[ToolCallRecord, ...] = ()
@@ -59,6 +60,7 @@ class Trajectory:
     latency_s: float = 0.0
     error: str = ""
     run_id: str = ""
+    worker: str = ""
 
 
 @dataclass(frozen=True)

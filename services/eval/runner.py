@@ -16,6 +16,8 @@ import grpc
 from google.protobuf import json_format
 
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
+from services.common.clients import create_channel
+from services.common.tls import TlsIdentity
 from services.eval.checks import ToolCallRecord, Trajectory, is_rejection
 from services.eval.suite import EvalTask, Suite, TaskOutcome, judge
 
@@ -62,6 +64,27 @@ class PlannerRunner:
         return trajectory_of(events, self.clock() - started)
 
 
+@dataclass(frozen=True)
+class PlannerAccess:
+    """How the caller reaches the planner: its address, the API key and the TLS identity the CLI uses. Plain data, so
+    a process elsewhere (a Ray worker) can be handed it and open a channel of its own."""
+
+    target: str
+    api_key: str | None = None
+    tls: TlsIdentity | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        return create_channel(self.target, api_key=self.api_key, tls=self.tls)
+
+
+async def run_task(access: PlannerAccess, task: str, *, agent: str, timeout_s: float) -> Trajectory:
+    """One task through the planner on a channel of its own: ``PlannerRunner.run``, as a Ray worker runs it."""
+    async with access.channel() as channel:
+        return await PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel)).run(
+            task, agent=agent, timeout_s=timeout_s
+        )
+
+
 def trajectory_of(events: Iterable[planner_pb2.RunEvent], latency_s: float) -> Trajectory:
     """The trajectory of a run's events: steps started, tool calls with their outcome, the answer and total tokens."""
     calls: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -92,7 +115,8 @@ def trajectory_of(events: Iterable[planner_pb2.RunEvent], latency_s: float) -> T
 
 @dataclass(frozen=True)
 class ResultLine:
-    """One line of a results file: the task's id, category and judgement, and what its run did."""
+    """One line of a results file: the task's id, category and judgement, and what its run did (``worker``: where
+    the run was made from, under ``--ray``)."""
 
     task_id: str
     category: str
@@ -107,6 +131,7 @@ class ResultLine:
     error: str
     run_id: str
     failed_checks: list[str]
+    worker: str = ""
 
     @classmethod
     def of(cls, outcome: TaskOutcome) -> ResultLine:
@@ -114,7 +139,7 @@ class ResultLine:
         return cls(
             outcome.task.id, outcome.task.category, outcome.passed, round(outcome.reward, 4), t.answer[:2000],
             len(t.tool_calls), sum(call.valid for call in t.tool_calls), t.steps, t.total_tokens,
-            round(t.latency_s, 4), t.error, t.run_id, [c.detail for c in outcome.checks if not c.passed],
+            round(t.latency_s, 4), t.error, t.run_id, [c.detail for c in outcome.checks if not c.passed], t.worker,
         )  # fmt: skip
 
     def to_json(self) -> str:

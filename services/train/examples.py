@@ -28,7 +28,8 @@ class ExampleError(ValueError):
 @dataclass(frozen=True)
 class Rollout:
     """One attempt at a task: its judgement and what the model wrote at each step (``outputs``, by step number, as
-    journaled), with the run's final snapshot (JSON) from which its prompts are rebuilt."""
+    journaled), with the run's final snapshot (JSON) from which its prompts are rebuilt; ``worker``: where the run
+    was made from, under ``--ray``."""
 
     task_id: str
     category: str
@@ -43,6 +44,7 @@ class Rollout:
     error: str
     outputs: Mapping[int, str]
     snapshot: str
+    worker: str = ""
 
     @property
     def valid_call_rate(self) -> float:

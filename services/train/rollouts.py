@@ -139,7 +139,7 @@ async def collect_rollouts(
                 rollout = Rollout(
                     task.id, task.category, attempt, trajectory.run_id, round(outcome.reward, 4), outcome.passed,
                     trajectory.steps, len(calls), sum(call.valid for call in calls), trajectory.answer[:2000],
-                    trajectory.error, outputs, snapshot,
+                    trajectory.error, outputs, snapshot, trajectory.worker,
                 )  # fmt: skip
                 out.write(rollout.to_json() + "\n")
                 out.flush()
