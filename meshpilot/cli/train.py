@@ -19,6 +19,7 @@ from meshpilot.cli.options import (
     ConfigOption,
     JsonOption,
     PlannerOption,
+    connect_ray,
     fail,
     load_config,
     rpc_error_message,
@@ -86,6 +87,13 @@ def train(
     kd_alpha: Annotated[float, typer.Option(help="Weight of the soft (teacher) term of the loss.")] = D.kd_alpha,
     kd_temperature: Annotated[float, typer.Option(help="Temperature tau of the soft targets.")] = D.kd_temperature,
     timeout: Annotated[float, typer.Option(help="Seconds a run may take before it fails.")] = D.timeout_s,
+    ray: Annotated[
+        str,
+        typer.Option(
+            help="A Ray cluster (the head's HOST:PORT): runs are made by Ray tasks, training runs under TorchTrainer."
+        ),
+    ] = D.ray,
+    ray_workers: Annotated[int, typer.Option(help="TorchTrainer's CPU workers with --ray.")] = D.ray_workers,
     baseline: Annotated[bool, typer.Option(help="Also score the untrained agent on the test split.")] = True,
     json_output: JsonOption = False,
     planner: PlannerOption = None,
@@ -127,6 +135,8 @@ def train(
         kd_alpha=kd_alpha,
         kd_temperature=kd_temperature,
         timeout_s=timeout,
+        ray=ray,
+        ray_workers=ray_workers,
     )  # fmt: skip  (validate() refuses a method or precision outside the Literal, naming the option)
     try:
         settings.validate()
@@ -139,6 +149,8 @@ def train(
     planner_at = service_target("planner", planner, config)
     # The demonstrations' tool calls go to the tools service itself (the planner runs no calls but its runs').
     tools_at = service_target("tools", None, config) if settings.demonstrations else ""
+    if settings.ray:
+        connect_ray(settings.ray)
     notices = Console(stderr=True)
     try:
         results = asyncio.run(_run(settings, cfg, planner_at, tools_at, notices, baseline=baseline))
@@ -198,8 +210,24 @@ async def _run(settings: Any, cfg: Any, planner_at: str, tools_at: str, console:
                     settings, data_dir=cfg.data_dir, default_model_path=cfg.inference.model_path,
                     default_model_id=cfg.inference.model_id, channel=channel,
                     tools=PlannerToolLister(channel), journal=journal, progress=RichProgress(bars),
+                    **_on_cluster(settings, planner_at),
                     tool_runner=tool_runner,
                 )  # fmt: skip
                 return await job.run(baseline=baseline)
     finally:
         await journal.close()
+
+
+def _on_cluster(settings: Any, planner_at: str) -> dict[str, Any]:
+    """TrainJob's runner and training placement on the Ray cluster of ``settings.ray``; nothing without one (the
+    job's defaults: runs on the CLI's channel, training in this process)."""
+    if not settings.ray:
+        return {}
+    import functools
+
+    from services.eval.ray_runner import RayRunner
+    from services.eval.runner import PlannerAccess
+    from services.train.ray_backend import on_ray_train
+
+    access = PlannerAccess(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls)
+    return {"runner": RayRunner(access), "training": functools.partial(on_ray_train, workers=settings.ray_workers)}

@@ -20,7 +20,7 @@ import grpc
 
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2_grpc
 from services.eval.report import Report, summarize, write_reports
-from services.eval.runner import EvalProgress, PlannerRunner, evaluate
+from services.eval.runner import AgentRunner, EvalProgress, PlannerRunner, evaluate
 from services.eval.suite import EvalTask, Suite, SuiteError, load_suite
 from services.eval.variants import agent_on_model
 from services.inference.models_dir import models_directory
@@ -54,6 +54,13 @@ from services.train.settings import TrainSettings, TrainSettingsError
 
 # Trains from a base model directory into a result: fine_tune or grpo_tune with their examples bound.
 Tune = Callable[..., FineTuneResult]
+# Where training runs: given a round's Tune and the round's folder, a Tune (same signature) that runs it there.
+TrainingPlacement = Callable[[Tune, Path], Tune]
+
+
+def in_this_process(tune: Tune, folder: Path) -> Tune:
+    """Training here, without a cluster: the Tune itself."""
+    return tune
 
 
 class ToolLister(Protocol):
@@ -137,6 +144,8 @@ class TrainJob:
         tools: ToolLister,
         journal: JournalStore,
         progress: ProgressSink | None = None,
+        runner: AgentRunner | None = None,  # makes the rollouts' and evaluations' runs; default: Run on ``channel``
+        training: TrainingPlacement = in_this_process,
         tool_runner: ToolClient | None = None,
     ) -> None:
         self.settings = settings.validate()
@@ -150,7 +159,8 @@ class TrainJob:
         self.base_cache = data_dir / "train" / "base"
         self.default_model_path, self.default_model_id = default_model_path, default_model_id
         self.channel, self.tools, self.journal = channel, tools, journal
-        self.runner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
+        self.runner = runner or PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
+        self.training = training
         self.progress = progress or NoProgress()
         self.student: AgentDefinition | None = None
         self.evaluated = settings.student or settings.agent
@@ -218,7 +228,7 @@ class TrainJob:
             tune = functools.partial(fine_tune, examples)
         (folder / "examples.jsonl").write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
         model_id = settings.model_id(number)
-        steps, loss = await self._train(number, model_in, tune, folder)
+        steps, loss = await self._train(number, model_in, self.training(tune, folder), folder)
         report = await self.evaluate(number, self.evaluated, model_id)
         result = RoundResult(
             number, model_id, len(rollouts), sum(r.passed for r in rollouts), len(selected), len(examples), steps,

@@ -81,6 +81,11 @@ class TrainSettings:
     kd_temperature: float = 2.0
     timeout_s: float = 300.0
     """Seconds a run may take before it counts as failed."""
+    ray: str = ""
+    """A Ray cluster's address (the head's HOST:PORT, ray://HOST:PORT or auto): rollouts and evaluation runs are
+    made by Ray tasks on its nodes and training runs under Ray Train's TorchTrainer there. "": all in this process."""
+    ray_workers: int = 1
+    """TorchTrainer's workers (one CPU each) with ``ray``."""
 
     def validate(self) -> TrainSettings:
         """Itself, or TrainSettingsError naming the option to change."""
@@ -94,6 +99,11 @@ class TrainSettings:
         _at_least("--keep-per-task", self.keep_per_task, 1)
         _at_least("--demonstrations", self.demonstrations, 0)
         _at_least("--concurrency", self.concurrency, 1)
+        _at_least("--ray-workers", self.ray_workers, 1)
+        if self.ray_workers > 1 and not self.ray:
+            raise TrainSettingsError(
+                f"--ray-workers {self.ray_workers} needs --ray ADDRESS (without a cluster, training runs here)"
+            )
         _at_least("--lora-rank", self.lora_rank, 1)
         _at_least("--batch-size", self.batch_size, 1)
         _at_least("--grad-accumulation", self.grad_accumulation, 1)

@@ -89,7 +89,18 @@ def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, 
 def test_services_train_exports_what_its_modules_define() -> None:
     import services.train
 
-    modules = {"demonstrations", "examples", "finetune", "grpo", "journal", "kd", "loop", "rollouts", "settings"}
+    modules = {
+        "demonstrations",
+        "examples",
+        "finetune",
+        "grpo",
+        "journal",
+        "kd",
+        "loop",
+        "ray_backend",
+        "rollouts",
+        "settings",
+    }
     public = {name for name in dir(services.train) if not name.startswith("_")} - modules
     assert set(services.train.__all__) == public
     assert all(getattr(services.train, name) is not None for name in services.train.__all__)
