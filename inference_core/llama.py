@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from inference_core.kv_cache import KVShape, SlotKVCache
+from inference_core.quantize import Projection, projection
 
 CASCADE_MIN_SHARED = 64
 """Shortest shared prefix (tokens) worth a separate attention pass; below it one pass over whole rows is cheaper."""
@@ -67,11 +68,11 @@ def _input_major(*linears: Any) -> torch.Tensor:
 @dataclass
 class _Layer:
     input_norm: torch.Tensor
-    qkv: torch.Tensor
-    out: torch.Tensor
+    qkv: Projection
+    out: Projection
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Projection
+    down: Projection
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,10 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 class LlamaRunner:
     """Runs steps (batched decode plus prompt chunks) of a HF ``LlamaForCausalLM`` over a :class:`SlotKVCache`."""
 
-    def __init__(self, model: Any, max_len: int) -> None:
-        """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic)."""
+    def __init__(self, model: Any, max_len: int, weights: str = "fp32") -> None:
+        """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic). ``weights``: the format of
+        the projections and the LM head (inference_core.quantize): fp32 computes with the model's own weights, exactly
+        as HF does; bf16 and int8 compute with smaller copies of them, faster and not token-for-token equal."""
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"LlamaRunner cannot run this model: {reason}")
@@ -128,7 +131,11 @@ class LlamaRunner:
         weight = model.get_input_embeddings().weight
         self.dtype, self.device = weight.dtype, weight.device
         self.embed = weight.detach()
+        self.weights = weights
         self.lm_head = model.get_output_embeddings().weight.detach()
+        # fp32 keeps F.linear over the model's head (HF's op); other formats take a copy, and the embedding lookup
+        # keeps the model's tensor even when the head shares it.
+        self.head: Projection | None = None if weights == "fp32" else projection(self.lm_head.t(), weights)
         self.final_norm = model.model.norm.weight.detach()
         self.layers = []
         for layer in model.model.layers:
@@ -136,11 +143,11 @@ class LlamaRunner:
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=_input_major(attn.q_proj, attn.k_proj, attn.v_proj),
-                    out=_input_major(attn.o_proj),
+                    qkv=projection(_input_major(attn.q_proj, attn.k_proj, attn.v_proj), weights),
+                    out=projection(_input_major(attn.o_proj), weights),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=_input_major(mlp.gate_proj, mlp.up_proj),
-                    down=_input_major(mlp.down_proj),
+                    gate_up=projection(_input_major(mlp.gate_proj, mlp.up_proj), weights),
+                    down=projection(_input_major(mlp.down_proj), weights),
                 )
             )
         inv_freq = 1.0 / (
@@ -204,7 +211,7 @@ class LlamaRunner:
         steps = len(ids)
         for index, layer in enumerate(self.layers):
             h = self._norm(x, layer.input_norm)
-            qk, v = torch.matmul(h, layer.qkv).split([q_size + kv_size, kv_size], dim=-1)
+            qk, v = layer.qkv(h).split([q_size + kv_size, kv_size], dim=-1)
             # Queries and keys rotate together: heads [0, num_heads) are queries, the rest keys.
             qk = self._rotate(qk.view(steps, self.num_heads + self.kv_heads, self.head_dim), cos, sin)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
@@ -218,10 +225,10 @@ class LlamaRunner:
             for chunk, (lo, hi), mask in zip(chunks, spans, masks, strict=True):
                 parts.append(self._chunk_attention(chunk, mask, q[lo:hi], k[lo:hi], v[lo:hi], keys, values))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts)
-            x = x + torch.matmul(attn.reshape(steps, q_size), layer.out)
+            x = x + layer.out(attn.reshape(steps, q_size))
             h = self._norm(x, layer.post_norm)
-            gate, up = torch.matmul(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + torch.matmul(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         rows = list(range(batch))
         for chunk, (lo, hi) in zip(chunks, spans, strict=True):
             rows += range(lo, hi) if chunk.all_logits else [hi - 1]
@@ -262,7 +269,10 @@ class LlamaRunner:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states ``[rows, hidden]``."""
-        return F.linear(self._norm(hidden, self.final_norm), self.lm_head).float()
+        normed = self._norm(hidden, self.final_norm)
+        if self.head is not None:
+            return self.head(normed).float()
+        return F.linear(normed, self.lm_head).float()
 
     def prefill(self, tokens: list[int], start: int, cache: SlotKVCache, slot: int) -> torch.Tensor:
         """Computes ``tokens`` at positions ``start..`` of ``slot`` (whose positions < start are filled); fp32 logits
