@@ -19,6 +19,7 @@ from inference_core.llama import LlamaRunner, supports
 from inference_core.model_loading import LoadedModel, load_model
 from inference_core.model_runner import TorchModelRunner
 from inference_core.prompts import encode_prompt
+from inference_core.quantize import WEIGHT_FORMATS
 from inference_core.sampling import RowSampler
 from inference_core.scheduler import SerialScheduler
 from inference_core.sequence import Sequence
@@ -41,6 +42,8 @@ class TorchEngine(Engine):
     batching: sizes of continuous batching (batch, sequence length, prefix cache); Llama-family models use it, other
     architectures fall back to running one sequence at a time through HF's forward. None takes BatchingConfig's defaults;
     ``continuous=False`` forces the one-at-a-time path.
+    weights: fp32, bf16 or int8, the format of the continuous path's projections and LM head (inference_core.quantize);
+    fp32 keeps HF's output token for token. The one-at-a-time path always runs the model's own weights.
     """
 
     def __init__(
@@ -55,9 +58,13 @@ class TorchEngine(Engine):
         grammar_cache_size: int = 64,
         batching: BatchingConfig | None = None,
         continuous: bool = True,
+        weights: str = "fp32",
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights {weights!r} is not a weight format; use one of {', '.join(WEIGHT_FORMATS)}")
+        self._weights = weights
         self._model_path = model_path
         self._model_id = model_id
         self._device = device
@@ -103,10 +110,11 @@ class TorchEngine(Engine):
         if reason is None:
             batching = self._batching
             self._context = min(loaded.context_length, batching.max_seq_len)
-            runner = LlamaRunner(loaded.model, max_len=self._context)
+            runner = LlamaRunner(loaded.model, max_len=self._context, weights=self._weights)
             scheduler = ContinuousBatchScheduler(runner, batching)
             log.info(
-                "continuous batching: %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",
+                "continuous batching: %s weights, %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",
+                self._weights,
                 batching.max_batch_size,
                 self._context,
                 batching.prefix_cache_tokens,
@@ -114,6 +122,8 @@ class TorchEngine(Engine):
             )
             return scheduler
         log.warning("serving one sequence at a time: %s", reason)
+        if self._weights != "fp32":
+            log.warning("weights %s apply to continuous batching only; this model runs its own weights", self._weights)
         self._context = loaded.context_length
         return SerialScheduler(TorchModelRunner(loaded), self._max_queue)
 

@@ -84,6 +84,12 @@ class InferenceConfig(_Section):
     model_id: str = Field("smollm2-135m-instruct", description="The id clients use to name the model.")
     device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_weights: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32",
+        description="backend torch, Llama-family models: the weights the projections and LM head compute with. fp32: "
+        "the model's own, output equal to HF token for token; bf16 or int8 (per-channel weight-only): copies with "
+        "fewer bytes to read per step, faster decode at a quality cost measured in docs/bench/torch_levers.md.",
+    )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0.")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.")

@@ -66,6 +66,13 @@ def test_invalid_environment_value_names_the_field(monkeypatch: pytest.MonkeyPat
         load_config()
 
 
+def test_torch_weights_default_to_fp32_and_take_an_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config().inference.torch_weights == "fp32"
+    # What `benchmarks/inference_bench.py --systems service-torch@torch_weights=int8` sets for the service it starts.
+    monkeypatch.setenv("MESHPILOT_INFERENCE__TORCH_WEIGHTS", "int8")
+    assert load_config().inference.torch_weights == "int8"
+
+
 def test_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -92,6 +99,7 @@ def test_missing_file_says_so(tmp_path: Path) -> None:
         ({"edge": {"request_timeout_seconds": "soon"}}, "edge.request_timeout_seconds"),
         ({"edge": {"hots": "0.0.0.0"}}, "edge.hots"),
         ({"inference": {"discover_seconds": 0}}, "inference.discover_seconds"),
+        ({"inference": {"torch_weights": "int4"}}, "inference.torch_weights: Input should be 'fp32', 'bf16' or 'int8'"),
     ],
 )
 def test_new_settings_refuse_nonsense_naming_the_field(overrides: dict, needle: str) -> None:
