@@ -93,6 +93,7 @@ def test_services_train_exports_what_its_modules_define() -> None:
         "demonstrations",
         "examples",
         "finetune",
+        "gguf_export",
         "grpo",
         "journal",
         "kd",
