@@ -25,7 +25,7 @@ from meshpilot.cli.options import (
     rpc_error_message,
     service_target,
 )
-from services.train.settings import Method, Precision, TrainSettings, TrainSettingsError
+from services.train.settings import GGUFType, Method, Precision, TrainSettings, TrainSettingsError
 
 D = TrainSettings()  # the defaults, written once in TrainSettings
 
@@ -86,6 +86,9 @@ def train(
     teacher: Annotated[Path | None, typer.Option(help="Distill from this HF model directory.")] = None,
     kd_alpha: Annotated[float, typer.Option(help="Weight of the soft (teacher) term of the loss.")] = D.kd_alpha,
     kd_temperature: Annotated[float, typer.Option(help="Temperature tau of the soft targets.")] = D.kd_temperature,
+    gguf: Annotated[
+        str, typer.Option(help="Also write each model as a GGUF for llama.cpp / Ollama: q8_0, f16, f32 or none.")
+    ] = D.gguf,
     timeout: Annotated[float, typer.Option(help="Seconds a run may take before it fails.")] = D.timeout_s,
     ray: Annotated[
         str,
@@ -134,10 +137,11 @@ def train(
         teacher=teacher,
         kd_alpha=kd_alpha,
         kd_temperature=kd_temperature,
+        gguf=cast(GGUFType, gguf),
         timeout_s=timeout,
         ray=ray,
         ray_workers=ray_workers,
-    )  # fmt: skip  (validate() refuses a method or precision outside the Literal, naming the option)
+    )  # fmt: skip  (validate() refuses a method, precision or GGUF type outside the Literal, naming the option)
     try:
         settings.validate()
         from services.train.loop import load_suites

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import grpc
 
+from inference_core.model_loading import resolve_model_path
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2_grpc
 from services.eval.report import Report, summarize, write_reports
 from services.eval.runner import AgentRunner, EvalProgress, PlannerRunner, evaluate
@@ -48,6 +49,7 @@ from services.train.examples import (
     tools_to_json,
 )
 from services.train.finetune import FineTuneResult, base_model_dir, export_model, fine_tune
+from services.train.gguf_export import export_gguf, gguf_file_name
 from services.train.grpo import grpo_tune, reward_function, verified_calls
 from services.train.rollouts import RolloutProgress, collect_rollouts, prepare_rollout_agents
 from services.train.settings import TrainSettings, TrainSettingsError
@@ -326,11 +328,24 @@ class TrainJob:
         checkpoints = folder / "checkpoints"
         result = await asyncio.to_thread(tune, base=base, checkpoints=checkpoints, settings=self.settings, on_step=step)
         await asyncio.to_thread(export_model, result, destination)
+        gguf = await asyncio.to_thread(self._export_gguf, destination)
         figures = {"steps": result.steps, "loss": result.loss, "examples": result.examples}
+        figures["gguf"] = gguf.name if gguf else None
         figures["skipped_too_long"] = result.skipped_too_long
         summary.write_text(json.dumps(figures) + "\n")
         shutil.rmtree(checkpoints, ignore_errors=True)  # the model is exported: nothing left to resume
         return result.steps, result.loss
+
+    def _export_gguf(self, model_dir: Path) -> Path | None:
+        """The exported model also as ``<model_dir>/model-<type>.gguf`` for llama.cpp and Ollama, its metadata and
+        tokenizer from the default model's GGUF (every round descends from it); None with --gguf none, or when the
+        default model is a HF directory (no GGUF to take them from). The inference service serves the folder from
+        its config.json as before."""
+        directory, source = resolve_model_path(self.default_model_path or None)
+        if self.settings.gguf == "none" or source is None:
+            return None
+        dtype = self.settings.gguf
+        return export_gguf(model_dir, directory / source, model_dir / gguf_file_name(dtype), dtype)
 
     async def evaluate(self, number: int, agent: str, model: str = "") -> Report:
         """The test split with ``agent`` (on ``model`` when given: an agent ``<agent>-on-<model>`` made through the

@@ -9,8 +9,10 @@ from typing import Literal
 
 Precision = Literal["fp32", "bf16"]
 Method = Literal["bc", "grpo"]
+GGUFType = Literal["q8_0", "f16", "f32", "none"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 METHODS: tuple[Method, ...] = ("bc", "grpo")
+GGUF_TYPES: tuple[GGUFType, ...] = ("q8_0", "f16", "f32", "none")
 
 
 class TrainSettingsError(ValueError):
@@ -79,6 +81,9 @@ class TrainSettings:
     kd_alpha: float = 0.5
     """With a teacher: loss = kd_alpha x soft (KL at kd_temperature, x tau^2) + (1 - kd_alpha) x hard (CE)."""
     kd_temperature: float = 2.0
+    gguf: GGUFType = "q8_0"
+    """Each round's model is also written as ``<model dir>/model-<type>.gguf`` (the default model's GGUF metadata and
+    tokenizer, the trained weights in this type) for llama.cpp and Ollama; none: no GGUF."""
     timeout_s: float = 300.0
     """Seconds a run may take before it counts as failed."""
     ray: str = ""
@@ -122,6 +127,8 @@ class TrainSettings:
             )
         if self.precision not in PRECISIONS:
             raise TrainSettingsError(f"--precision is {self.precision!r}; use {' or '.join(PRECISIONS)}")
+        if self.gguf not in GGUF_TYPES:
+            raise TrainSettingsError(f"--gguf is {self.gguf!r}; use {', '.join(GGUF_TYPES)}")
         if not self.learning_rate > 0:
             raise TrainSettingsError(f"--learning-rate is {self.learning_rate:g}; use a positive number such as 2e-4")
         if not self.epochs > 0 and not self.max_steps:
