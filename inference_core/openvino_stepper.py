@@ -98,6 +98,7 @@ def load_pipeline(ir_dir: str, scheduler: dict[str, Any], properties: dict[str, 
 
 
 def generation_config(generation: dict[str, Any], structured: dict[str, str] | None) -> Any:
+    """An ``openvino_genai.GenerationConfig`` from a NewRequest's plain data."""
     import openvino_genai as ov_genai
 
     config = ov_genai.GenerationConfig()
@@ -163,6 +164,7 @@ class PipelineStepper:
             self._step_failed = False
 
     def shutdown(self) -> None:
+        """Cancels every running request (the process exits next)."""
         for handle in self._handles.values():
             handle.cancel()
         self._handles.clear()
