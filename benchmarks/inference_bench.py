@@ -279,7 +279,8 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Peak RSS of a server and its children (vLLM runs its engine in a child process)."""
+    """Peak RSS of a server and its children (vLLM runs its engine in a child process, the openvino backend its
+    pipeline)."""
     total = peak_rss_mb(pid)
     children = Path(f"/proc/{pid}/task/{pid}/children")
     if children.is_file():
@@ -366,7 +367,7 @@ async def measure_service(args: argparse.Namespace, system: str, system_text: st
 
             wanted = tuple(c for c in args.levels if c in (1, 16)) if system in COMPRESSED else args.levels
             levels = await each_level(args, system, wanted, lambda calls: run_clients(calls, one))
-        return {"levels": levels, "peak_rss_mb": round(peak_rss_mb(process.pid), 1)}
+        return {"levels": levels, "peak_rss_mb": round(tree_rss_mb(process.pid), 1)}
     finally:
         process.terminate()
         process.wait(timeout=60)

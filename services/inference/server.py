@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 from pathlib import Path
@@ -159,7 +160,43 @@ def servicer_of(server: MeshServer) -> InferenceServicer:
 
 
 async def main(config: MeshConfig) -> None:
-    """Serves until SIGTERM/SIGINT: the model loads after the port is bound (health NOT_SERVING meanwhile)."""
-    server = create_server(config)
+    """Serves until SIGTERM/SIGINT: the model loads after the port is bound (health NOT_SERVING meanwhile). Exits with
+    status 1 when the engine is lost while serving, so that its supervisor starts a new process."""
+    engine = create_engine(config)
+    server = create_server(config, engine)
+    if not await serve_watched(server, engine):
+        raise SystemExit(1)
+
+
+async def serve_watched(
+    server: MeshServer, engine: Engine, *, stop_event: asyncio.Event | None = None, every_s: float = 1.0
+) -> bool:
+    """``serve`` with a watch on the default engine. An engine that stops being ready while the service runs (the
+    openvino backend's pipeline process died: every call in flight has failed with UNAVAILABLE) turns health
+    NOT_SERVING and stops the service, so that a supervisor (meshpilot up, Kubernetes) starts a new one instead of
+    keeping a process that answers UNAVAILABLE. False when that happened."""
     servicer = servicer_of(server)
-    await serve(server, startup=servicer.start_engines, shutdown=servicer.shutdown_engines)
+    stop = stop_event or asyncio.Event()
+    watching: list[asyncio.Task[None]] = []
+    lost = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(every_s)
+            if not engine.is_ready and not stop.is_set():
+                log.error("the engine is no longer ready; stopping so that a new inference process starts")
+                lost.set()
+                await server.set_serving(False)
+                stop.set()
+
+    async def startup() -> None:
+        await servicer.start_engines()
+        watching.append(asyncio.create_task(watch()))
+
+    async def shutdown() -> None:
+        for task in watching:
+            task.cancel()
+        await servicer.shutdown_engines()
+
+    await serve(server, startup=startup, shutdown=shutdown, stop_event=stop)
+    return not lost.is_set()

@@ -286,3 +286,39 @@ async def test_health_is_not_serving_until_the_engine_has_loaded_and_shutdown_cl
         stop.set()
         await serving
     assert not engine.is_ready, "shutdown closed the engine"
+
+
+async def test_an_engine_lost_while_serving_stops_the_service_so_that_a_new_one_starts(config) -> None:
+    """The openvino backend's pipeline process died: the engine is no longer ready, so the service must not stay
+    SERVING while it answers UNAVAILABLE; serve_watched stops it and says so (main exits 1 for its supervisor)."""
+    from services.inference.server import serve_watched
+
+    config.inference.server.grace_seconds = 0.2
+    engine = FakeEngine(["ok"])
+    server = create_server(config, engine=engine)
+    running = asyncio.create_task(serve_watched(server, engine, every_s=0.05))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        while (await health.Check(check, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
+            await asyncio.sleep(0.01)
+        await engine.shutdown()  # what the engine does when its pipeline process dies
+        assert await asyncio.wait_for(running, 10) is False
+
+
+async def test_a_service_stopped_by_its_signal_reports_no_lost_engine(config) -> None:
+    from services.inference.server import serve_watched
+
+    config.inference.server.grace_seconds = 0.2
+    engine = FakeEngine(["ok"])
+    server = create_server(config, engine=engine)
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve_watched(server, engine, stop_event=stop, every_s=0.05))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        while (await health.Check(check, wait_for_ready=True)).status != health_pb2.HealthCheckResponse.SERVING:
+            await asyncio.sleep(0.01)
+    stop.set()
+    assert await asyncio.wait_for(running, 10) is True
+    assert not engine.is_ready, "shutdown closed the engine"
