@@ -117,7 +117,8 @@ class LlamaRunner:
     def __init__(self, model: Any, max_len: int, weights: str = "fp32") -> None:
         """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic). ``weights``: the format of
         the projections and the LM head (inference_core.quantize): fp32 computes with the model's own weights, exactly
-        as HF does; bf16 and int8 compute with smaller copies of them, faster and not token-for-token equal."""
+        as HF does; bf16 and int8 compute steps of up to REDUCED_MAX_ROWS tokens with smaller copies of them, faster
+        and not token-for-token equal."""
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"LlamaRunner cannot run this model: {reason}")
