@@ -1,12 +1,26 @@
-"""Shared test helpers: free ports and gRPC health."""
+"""Shared test helpers: free ports, gRPC health, and the environment of the services a test starts."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# The inference backend of every service a test starts as a process, unless the test names one: torch. The shipped
+# default, auto, picks openvino on a machine where `make install-openvino` ran, and each test's fresh data directory
+# would export the model again (a minute each); tests of the openvino backend set it themselves. CI has no exporter:
+# torch either way.
+TEST_ENV = {"MESHPILOT_INFERENCE__BACKEND": "torch"}
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without its MESHPILOT_* settings, but with the tests' own (``TEST_ENV``): for
+    services started from scratch."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+    return {**env, **TEST_ENV}
 
 
 def free_port() -> int:

@@ -72,10 +72,10 @@ class InferenceConfig(_Section):
 
     server: ServerConfig = ServerConfig(port=50054)
     backend: Literal["torch", "triton", "openvino", "auto"] = Field(
-        "torch",
-        description="torch runs the model in-process; openvino runs it in-process with OpenVINO GenAI (CPU; "
-        "`make install-openvino`); auto picks openvino on CPU when it is installed, else torch; triton calls a "
-        "Triton server.",
+        "auto",
+        description="auto (the default) picks openvino on a CPU device when it is installed (`make install-openvino`: "
+        "3.9x the torch engine's output at 16 clients, docs/bench/inference.md), else torch; torch runs the model "
+        "in-process; openvino runs it with OpenVINO GenAI in a child process (CPU); triton calls a Triton server.",
     )
     model_path: str = Field(
         "",

@@ -20,7 +20,7 @@ from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
 from meshpilot.tools.v1 import tools_pb2, tools_pb2_grpc
-from tests.conftest import free_port, serving
+from tests.conftest import clean_env, free_port, serving
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -77,7 +77,7 @@ class Mesh:
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     data_dir = tmp_path_factory.mktemp("mesh")
     ports = {name: free_port() for name in SERVICES}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+    env = clean_env()
     env["MESHPILOT_DATA_DIR"] = str(data_dir)
     for name, port in ports.items():
         env[f"MESHPILOT_{name.upper()}__SERVER__PORT"] = str(port)

@@ -3,7 +3,6 @@ SERVING, kill, restart."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from tests.conftest import free_port, serving
+from tests.conftest import clean_env, free_port, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +29,7 @@ class ServiceProcesses:
     ) -> None:
         self.data_dir = data_dir
         self.ports = {name: free_port() for name in ("knowledge", "inference", "tools", "planner")}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+        self.env = clean_env()
         self.env["MESHPILOT_DATA_DIR"] = str(data_dir)
         self.env.update({f"MESHPILOT_{name.upper()}__SERVER__PORT": str(port) for name, port in self.ports.items()})
         self.env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())

@@ -5,7 +5,6 @@ validates, an OpenAI-style 400, and a clean SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import clean_env, free_port
 from tests.integration.processes import ROOT, ServiceProcesses
 
 pytestmark = pytest.mark.slow
@@ -193,7 +192,7 @@ def test_python_m_services_edge_names_the_setting_when_its_port_is_taken(tmp_pat
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+        env = clean_env()
         env.update({"MESHPILOT_DATA_DIR": str(tmp_path), "MESHPILOT_EDGE__PORT": str(taken.getsockname()[1])})
         done = subprocess.run(
             [sys.executable, "-m", "services.edge"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.memory_soak import soak
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
+from tests.conftest import TEST_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -49,7 +50,12 @@ async def wait_serving(address: str, process: subprocess.Popen, timeout: float =
 
 async def test_inference_process_serves_and_drains_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "MESHPILOT_INFERENCE__SERVER__PORT": str(port), "MESHPILOT_DATA_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        **TEST_ENV,
+        "MESHPILOT_INFERENCE__SERVER__PORT": str(port),
+        "MESHPILOT_DATA_DIR": str(tmp_path),
+    }
     env.pop("MESHPILOT_CONFIG", None)
     log_path = tmp_path / "inference.log"
     with log_path.open("wb") as log:

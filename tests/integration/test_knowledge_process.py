@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
-from tests.conftest import free_port
+from tests.conftest import clean_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -26,7 +25,7 @@ ENDLESS = "SELECT (COUNT(*) AS ?n) WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i }"
 class KnowledgeProcess:
     def __init__(self, data_dir: Path) -> None:
         self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+        env = clean_env()
         env["MESHPILOT_DATA_DIR"] = str(data_dir)
         env["MESHPILOT_KNOWLEDGE__SERVER__PORT"] = str(self.port)
         self.process = subprocess.Popen(

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from meshpilot.planner.v1 import planner_pb2, planner_pb2_grpc
-from tests.conftest import free_port, serving
+from tests.conftest import clean_env, free_port, serving
 from tests.integration import netns
 from tests.integration.processes import ROOT
 from tests.integration.test_planner_durability import NOTES_AGENT, create_agent, finished_run, note_lines, start_run
@@ -55,7 +55,7 @@ class Mesh:
         self.lab = lab
         self.hosts = {name: lab.add_host(name) for name in ("planner-a", "planner-b", "inference-1", "inference-2")}
         self.tools_port = free_port()
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+        self.env = clean_env()
         self.env.update(
             {
                 # A lab on addresses of its own: authentication (on for non-loopback binds) is tested elsewhere.

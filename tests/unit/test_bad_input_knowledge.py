@@ -5,7 +5,6 @@ multi-megabyte requests are refused before they are read, so the service's memor
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from services.common import KnowledgeConfig, MeshConfig, ServerConfig, create_ch
 from services.knowledge import OxigraphStore, create_server
 from services.knowledge.dataset import NAMESPACE, DatasetSpec
 from services.knowledge.server import MAX_REQUEST_BYTES
-from tests.conftest import free_port, serving
+from tests.conftest import clean_env, free_port, serving
 
 SUBSET = DatasetSpec(countries=frozenset({"FR", "JP"}))
 ENDLESS = "SELECT (COUNT(*) AS ?n) WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i }"
@@ -145,7 +144,7 @@ def _rss_mb(pid: int) -> float:
 @pytest.mark.integration
 def test_multi_megabyte_requests_leave_the_service_memory_flat(tmp_path: Path) -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+    env = clean_env()
     env.update(MESHPILOT_DATA_DIR=str(tmp_path), MESHPILOT_KNOWLEDGE__SERVER__PORT=str(port))
     env["MESHPILOT_KNOWLEDGE__SERVER__METRICS"] = "false"
     process = subprocess.Popen(

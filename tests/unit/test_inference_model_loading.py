@@ -95,6 +95,7 @@ async def test_bfloat16_engine_generates(tiny_dir: Path) -> None:
 
 def test_service_builds_the_configured_engine_for_each_backend(tiny_dir: Path) -> None:
     config = load_config()
+    config.inference.backend = "torch"  # the default, auto, may pick openvino where it is installed
     config.inference.model_path = str(tiny_dir)
     config.inference.max_queue = 3
     engine = create_engine(config)
