@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference_core import GenerationRequest, SamplingParams, TorchEngine
 from inference_core.triton_engine import TritonEngine
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.triton import LocalTritonServer, TritonRepoOptions, cpu_twin_server
-from tests.conftest import free_port
+from services.triton import LocalTritonServer
+from tests.conftest import clean_env, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 pb = inference_pb2
@@ -85,19 +84,13 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
-    server = cpu_twin_server(tmp_path_factory.mktemp("twin"), TritonRepoOptions(twin_threads=2, max_batch_size=8))
-    server.start()
-    try:
-        server.wait_ready(timeout=600)
-        yield server
-    finally:
-        server.stop()
+def twin(triton_twin: LocalTritonServer) -> LocalTritonServer:
+    return triton_twin
 
 
 @pytest.fixture(scope="module")
 def mesh_env(tmp_path_factory: pytest.TempPathFactory, twin: LocalTritonServer) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHPILOT_")}
+    env = clean_env()
     env["MESHPILOT_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
     for name in ("planner", "tools", "knowledge", "inference"):
         env[f"MESHPILOT_{name.upper()}__SERVER__PORT"] = str(free_port())

@@ -45,8 +45,8 @@ def _serve(workdir: Path, decoupled: bool) -> Iterator[LocalTritonServer]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTritonServer]:
-    yield from _serve(tmp_path_factory.mktemp("triton"), decoupled=True)
+def server(triton_twin: LocalTritonServer) -> LocalTritonServer:
+    return triton_twin
 
 
 @pytest.fixture(scope="module")
