@@ -279,13 +279,19 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Peak RSS of a server and its children (vLLM runs its engine in a child process, the openvino backend its
-    pipeline)."""
+    """Peak RSS of a server and its descendants (vLLM runs its engine in a child process, the openvino backend its
+    pipeline); children are listed per thread, and a child started from a worker thread is that thread's."""
     total = peak_rss_mb(pid)
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    if children.is_file():
-        for child in children.read_text().split():
-            total += tree_rss_mb(int(child))
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        total += sum(tree_rss_mb(int(child)) for child in children)
     return total
 
 
