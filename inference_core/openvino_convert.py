@@ -46,21 +46,6 @@ def structured_fields(constraint: Constraint) -> dict[str, str]:
     return {name: constraint.value}
 
 
-def generation_config(request: GenerationRequest, max_new_tokens: int, eos_token_ids: Iterable[int]) -> Any:
-    """An ``openvino_genai.GenerationConfig`` for ``request``."""
-    import openvino_genai as ov_genai
-
-    config = ov_genai.GenerationConfig()
-    for name, value in generation_fields(request, max_new_tokens, eos_token_ids).items():
-        setattr(config, name, value)
-    if request.constraint is not None:
-        structured = ov_genai.StructuredOutputConfig()
-        for name, value in structured_fields(request.constraint).items():
-            setattr(structured, name, value)
-        config.structured_output_config = structured
-    return config
-
-
 def finish_reason(status_name: str, output_finish: str, generated: int, max_new_tokens: int) -> FinishReason:
     """Why the pipeline ended a request it finished by itself (the engine ends stop strings and aborts): LENGTH
     when the limit was reached, else STOP (end of sequence, or the grammar completed)."""
