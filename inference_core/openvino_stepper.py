@@ -30,6 +30,8 @@ from inference_core.errors import EngineError
 log = logging.getLogger(__name__)
 
 WARM_UP_ID = 0
+# Loading and compiling the IR of SmolLM2-135M takes seconds; a larger model on a busy node, minutes.
+LOAD_TIMEOUT_S = 900.0
 """The warm-up request's id in the pipeline; the engine numbers its requests from 1."""
 
 
@@ -266,9 +268,16 @@ class StepperProcess:
     def pid(self) -> int:
         return self._process.pid
 
-    def wait_ready(self) -> Ready:
-        """Blocks until the pipeline is loaded; raises EngineError saying why when it is not."""
+    def wait_ready(self, timeout_s: float = LOAD_TIMEOUT_S) -> Ready:
+        """Blocks until the pipeline is loaded; raises EngineError saying why when it is not, or when it has not
+        loaded within ``timeout_s`` (the child is then killed: a load that hangs must not keep the service starting
+        forever)."""
         try:
+            if not self.connection.poll(timeout_s):
+                self.kill()
+                raise EngineError(
+                    f"the OpenVINO pipeline's process did not load the model within {timeout_s:g}s; it was stopped"
+                )
             message = self.connection.recv()
         except (EOFError, OSError):
             raise EngineError(

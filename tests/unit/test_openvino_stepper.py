@@ -202,6 +202,13 @@ def test_a_child_that_dies_while_loading_is_an_engine_error() -> None:
         stepper.wait_ready()
 
 
+def test_a_load_that_hangs_is_stopped_after_the_timeout() -> None:
+    stepper = StepperProcess(functools.partial(time.sleep, 120))
+    with pytest.raises(EngineError, match=r"did not load the model within 0\.5s; it was stopped"):
+        stepper.wait_ready(timeout_s=0.5)
+    assert not alive(stepper.pid)
+
+
 def test_the_child_dies_with_a_killed_parent(tmp_path: Path) -> None:
     """A SIGKILLed service cannot shut its pipeline down: the child notices its pipe closing and exits."""
     pid_file = tmp_path / "child.pid"
