@@ -119,8 +119,9 @@ eval-suites: install ## regenerate services/eval/suites: kg-train/kg-test (fixed
 # epoch on the verified runs, 2 rounds, each scored on 10 test tasks per category (and the untrained baseline); about
 # 35-45 minutes on 2 CPU cores. Results under <data_dir>/train/kg; a re-run resumes.
 TRAIN_ARGS ?=
-train: install ## the learning loop, small: rollouts -> LoRA -> kg-r1, kg-r2 registered and scored (needs the mesh up: make run)
-	$(VENV)/bin/meshpilot train --rounds 2 --limit 3 --attempts 4 --epochs 1 --eval-limit 10 $(TRAIN_ARGS)
+train: install ## the learning loop, small (~50 min on 2 cores): demonstrations + rollouts -> full fine-tune -> demo-r1 registered and scored on 70 test tasks (needs the mesh up: make run; docs/bench/train.md)
+	$(VENV)/bin/meshpilot train --name demo --rounds 1 --demonstrations 8 --limit 2 --attempts 2 --eval-limit 10 \
+	  --full --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format .

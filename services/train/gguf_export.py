@@ -20,8 +20,10 @@ class GGUFExportError(ValueError):
 
 
 def gguf_file_name(dtype: str) -> str:
-    """The name of the GGUF inside a model's folder: ``model-<dtype>.gguf``."""
-    return f"model-{dtype}.gguf"
+    """Where the GGUF goes inside a model's folder: ``gguf/model-<dtype>.gguf``. A folder of its own, because a
+    tokenizer read from a GGUF next to a HF directory's tokenizer files takes those files' settings and loses the
+    GGUF's chat template (transformers 5)."""
+    return f"gguf/model-{dtype}.gguf"
 
 
 def export_gguf(

@@ -199,9 +199,13 @@ async def test_a_round_writes_the_gguf_inside_the_model_folder_the_service_serve
         round_folder.mkdir(parents=True)
         assert await job._train(1, "kg-r0", tune, round_folder) == (1, 0.5)
     folder = models / "kg-r1"
-    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
-    assert ggufs == ([] if gguf_type == "none" else ["model-f16.gguf"])
+    ggufs = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.gguf"))
+    assert ggufs == ([] if gguf_type == "none" else ["gguf/model-f16.gguf"])
     assert find_models(models)["kg-r1"] == folder
     assert resolve_model_path(folder) == (folder, None)  # served as the HF directory it was, not from the GGUF
     if ggufs:
-        assert gguf.GGUFReader(folder / ggufs[0]).fields["general.name"].contents() == "kg-r1"
+        path = folder / ggufs[0]
+        assert gguf.GGUFReader(path).fields["general.name"].contents() == "kg-r1"
+        # Read on its own (as llama.cpp and our engine read a GGUF), its tokenizer keeps the chat template: beside
+        # the HF directory's tokenizer files it would not.
+        assert AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).chat_template
