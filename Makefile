@@ -115,12 +115,14 @@ eval-suites: install ## regenerate services/eval/suites: kg-train/kg-test (fixed
 	$(PY) -m zipfile -e build/bfcl/bfcl_eval-$(BFCL_VERSION)-py3-none-any.whl build/bfcl
 	$(PY) scripts/gen_eval_suites.py --bfcl-data build/bfcl/bfcl_eval/data
 
-# A small configuration of the learning loop (issue 14): 7 categories x 3 train tasks x 4 sampled attempts, LoRA for an
-# epoch on the verified runs, 2 rounds, each scored on 10 test tasks per category (and the untrained baseline); about
-# 35-45 minutes on 2 CPU cores. Results under <data_dir>/train/kg; a re-run resumes.
+# A small configuration of the learning loop (issue 14): 7 categories x 2 train tasks x 2 sampled attempts plus verified
+# demonstrations (8 per category; reverse and counting, the shapes the model confuses, 14; unanswerable 4), full
+# fine-tuning for 2 epochs, scored on 10 test tasks per category next to the untrained baseline. Results under
+# <data_dir>/train/demo; a re-run resumes.
 TRAIN_ARGS ?=
 train: install ## the learning loop, small (~50 min on 2 cores): demonstrations + rollouts -> full fine-tune -> demo-r1 registered and scored on 70 test tasks (needs the mesh up: make run; docs/bench/train.md)
-	$(VENV)/bin/meshpilot train --name demo --rounds 1 --demonstrations 8 --limit 2 --attempts 2 --eval-limit 10 \
+	$(VENV)/bin/meshpilot train --name demo --rounds 1 --demonstrations 8 \
+	  --demonstrations-for reverse=14 --demonstrations-for counting=14 --demonstrations-for unanswerable=4 --limit 2 --attempts 2 --eval-limit 10 \
 	  --full --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
 
 format: install

@@ -25,7 +25,14 @@ from meshpilot.cli.options import (
     rpc_error_message,
     service_target,
 )
-from services.train.settings import GGUFType, Method, Precision, TrainSettings, TrainSettingsError
+from services.train.settings import (
+    GGUFType,
+    Method,
+    Precision,
+    TrainSettings,
+    TrainSettingsError,
+    parse_category_counts,
+)
 
 D = TrainSettings()  # the defaults, written once in TrainSettings
 
@@ -71,6 +78,15 @@ def train(
             "against the real tools and kept when the judge passes it (0: none)."
         ),
     ] = D.demonstrations,
+    demonstrations_for: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--demonstrations-for",
+            metavar="CATEGORY=N",
+            help="N demonstrations for this category instead of --demonstrations' (repeatable): more for the shapes "
+            "the agent confuses.",
+        ),
+    ] = None,
     concurrency: Annotated[int, typer.Option(help="Runs in flight at once.")] = D.concurrency,
     method: Annotated[str, typer.Option(help="bc (behaviour cloning on verified runs) or grpo (TRL).")] = D.method,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged on export), or full.")] = D.lora,
@@ -106,6 +122,10 @@ def train(
     with the inference service and score it on the test split, ROUNDS times."""
     from services.common import ConfigError
 
+    try:
+        counts = parse_category_counts("--demonstrations-for", demonstrations_for or [])
+    except TrainSettingsError as e:
+        fail(str(e), 2)
     settings = TrainSettings(
         name=name,
         suite=suite,
@@ -122,6 +142,7 @@ def train(
         min_reward=min_reward,
         keep_per_task=keep_per_task,
         demonstrations=demonstrations,
+        demonstrations_for=counts,
         concurrency=concurrency,
         method=cast(Method, method),
         lora=lora,
@@ -144,15 +165,16 @@ def train(
     )  # fmt: skip  (validate() refuses a method, precision or GGUF type outside the Literal, naming the option)
     try:
         settings.validate()
-        from services.train.loop import load_suites
+        from services.train.loop import demonstration_tasks, load_suites
 
         load_suites(settings)
+        demonstration_tasks(settings)
     except TrainSettingsError as e:
         fail(str(e), 2)
     cfg = load_config(config)
     planner_at = service_target("planner", planner, config)
     # The demonstrations' tool calls go to the tools service itself (the planner runs no calls but its runs').
-    tools_at = service_target("tools", None, config) if settings.demonstrations else ""
+    tools_at = service_target("tools", None, config) if settings.demonstrates else ""
     if settings.ray:
         connect_ray(settings.ray)
     notices = Console(stderr=True)

@@ -12,7 +12,7 @@ import random
 import secrets
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -322,16 +322,19 @@ def _why_not(rollout: Rollout, failed_checks: list[str], calls: Sequence[ToolCal
     return ""
 
 
-def choose_tasks(tasks: Iterable[EvalTask], per_category: int, seed: int) -> list[EvalTask]:
-    """Up to ``per_category`` tasks of each category, a choice seeded by ``seed`` (the same on every run), in the
-    categories' first-seen order."""
+def choose_tasks(
+    tasks: Iterable[EvalTask], per_category: int, seed: int, counts: Mapping[str, int] | None = None
+) -> list[EvalTask]:
+    """Up to ``per_category`` tasks of each category (``counts[category]`` where given), a choice seeded by ``seed``
+    (the same on every run), in the categories' first-seen order."""
     by_category: dict[str, list[EvalTask]] = {}
     for task in tasks:
         by_category.setdefault(task.category, []).append(task)
     chosen: list[EvalTask] = []
     for category, pool in by_category.items():
+        wanted = (counts or {}).get(category, per_category)
         rng = random.Random(f"{seed}:{category}")
-        chosen += sorted(rng.sample(pool, min(per_category, len(pool))), key=lambda t: t.id)
+        chosen += sorted(rng.sample(pool, min(wanted, len(pool))), key=lambda t: t.id)
     return chosen
 
 

@@ -121,13 +121,21 @@ def load_suites(settings: TrainSettings) -> tuple[Suite, Suite]:
 
 
 def demonstration_tasks(settings: TrainSettings) -> list[EvalTask]:
-    """The train tasks whose reference solutions round 1 plays: up to ``settings.demonstrations`` per category of the
-    train split of ``settings.suite`` (all of it, not only the rollouts' sample), a choice seeded by ``settings.seed``.
-    The test split is never among them."""
-    if not settings.demonstrations:
+    """The train tasks whose reference solutions round 1 plays: up to ``settings.demonstrations`` per category
+    (``--demonstrations-for`` overrides it per category) of the train split of ``settings.suite`` (all of it, not only
+    the rollouts' sample), a choice seeded by ``settings.seed``. The test split is never among them.
+    TrainSettingsError when ``--demonstrations-for`` names a category the split does not have."""
+    if not settings.demonstrates:
         return []
     pool = load_suite(settings.suite).select(split="train", categories=settings.categories)
-    return choose_tasks(pool.tasks, settings.demonstrations, settings.seed)
+    present = {task.category for task in pool.tasks}
+    unknown = [category for category, _ in settings.demonstrations_for if category not in present]
+    if unknown:
+        raise TrainSettingsError(
+            f"--demonstrations-for {unknown[0]}: {settings.suite!r} has no such train category; "
+            f"use one of {', '.join(sorted(present))}"
+        )
+    return choose_tasks(pool.tasks, settings.demonstrations, settings.seed, dict(settings.demonstrations_for))
 
 
 class TrainJob:
@@ -152,7 +160,7 @@ class TrainJob:
     ) -> None:
         self.settings = settings.validate()
         self.train_suite, self.test_suite = load_suites(settings)
-        if settings.demonstrations and tool_runner is None:
+        if settings.demonstrates and tool_runner is None:
             raise ValueError("--demonstrations needs a tool_runner: the tools service runs the solutions' calls")
         self.tool_runner = tool_runner
         self.demonstration_tasks = demonstration_tasks(settings)

@@ -55,6 +55,9 @@ class TrainSettings:
     demonstrations: int = 0
     """Round 1 also learns from verified demonstrations: the reference solutions of up to this many train tasks per
     category (a seeded choice), played against the real tools and kept when the judge passes them; 0: none."""
+    demonstrations_for: tuple[tuple[str, int], ...] = ()
+    """(category, N) pairs overriding ``demonstrations`` for those categories: more for the shapes the agent confuses
+    (``--demonstrations-for reverse=16``), fewer for those it knows."""
     concurrency: int = 2
     """Runs in flight at once through the planner."""
     method: Method = "bc"
@@ -103,6 +106,12 @@ class TrainSettings:
         _at_least("--eval-limit", self.eval_limit, 0)
         _at_least("--keep-per-task", self.keep_per_task, 1)
         _at_least("--demonstrations", self.demonstrations, 0)
+        for category, count in self.demonstrations_for:
+            _at_least(f"--demonstrations-for {category}=", count, 0)
+        seen = [category for category, _ in self.demonstrations_for]
+        if len(set(seen)) < len(seen):
+            twice = sorted({c for c in seen if seen.count(c) > 1})
+            raise TrainSettingsError(f"--demonstrations-for names {', '.join(twice)} twice; give each category once")
         _at_least("--concurrency", self.concurrency, 1)
         _at_least("--ray-workers", self.ray_workers, 1)
         if self.ray_workers > 1 and not self.ray:
@@ -144,9 +153,30 @@ class TrainSettings:
             )
         return self
 
+    def demonstrations_of(self, category: str) -> int:
+        """How many demonstrations round 1 plays for ``category``."""
+        return dict(self.demonstrations_for).get(category, self.demonstrations)
+
+    @property
+    def demonstrates(self) -> bool:
+        """Whether round 1 plays any demonstrations."""
+        return bool(self.demonstrations or any(count for _, count in self.demonstrations_for))
+
     def model_id(self, round_number: int) -> str:
         """The id round ``round_number``'s model is registered under."""
         return f"{self.name}-r{round_number}"
+
+
+def parse_category_counts(option: str, values: list[str]) -> tuple[tuple[str, int], ...]:
+    """``["reverse=16", "counting=12"]`` as ((category, count), ...); TrainSettingsError naming ``option`` for a value
+    not of the form CATEGORY=N."""
+    pairs = []
+    for value in values:
+        match = re.fullmatch(r"([a-z][a-z0-9_]{0,39})=([0-9]{1,5})", value.strip())
+        if match is None:
+            raise TrainSettingsError(f"{option} {value[:60]!r}: write CATEGORY=N, such as reverse=16")
+        pairs.append((match[1], int(match[2])))
+    return tuple(pairs)
 
 
 def _at_least(option: str, value: int, low: int) -> None:

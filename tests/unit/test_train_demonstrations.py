@@ -40,6 +40,7 @@ from services.train.demonstrations import (
     read_demonstrations,
 )
 from services.train.loop import TrainJob, demonstration_tasks
+from services.train.settings import parse_category_counts
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
 
 # Enough for every category: Euro countries to count, unique capitals, Chinese names, time zones.
@@ -203,6 +204,46 @@ def test_the_chosen_tasks_are_a_seeded_sample_of_the_train_split_per_category() 
     assert demonstration_tasks(settings) == chosen
     assert demonstration_tasks(dataclasses.replace(settings, seed=15)) != chosen
     assert demonstration_tasks(TrainSettings()) == []
+
+
+def test_demonstrations_for_a_category_override_the_number_for_it_alone() -> None:
+    settings = TrainSettings(
+        demonstrations=2, demonstrations_for=(("counting", 5), ("reverse", 0)),
+        categories=("reverse", "counting", "one_hop"),
+    )  # fmt: skip
+    chosen = demonstration_tasks(settings)
+    assert [t.category for t in chosen] == ["one_hop"] * 2 + ["counting"] * 5
+    only = TrainSettings(demonstrations_for=(("reverse", 4),), categories=("reverse", "counting"))
+    assert only.demonstrates and [t.category for t in demonstration_tasks(only)] == ["reverse"] * 4
+
+
+def test_demonstrations_for_a_category_the_suite_lacks_is_refused_naming_the_choices() -> None:
+    settings = TrainSettings(demonstrations=2, demonstrations_for=(("revers", 4),))
+    with pytest.raises(
+        TrainSettingsError,
+        match=r"^--demonstrations-for revers: 'kg-train' has no such train category; use one of calling_code, ",
+    ):
+        demonstration_tasks(settings)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["reverse"], r"^--demonstrations-for 'reverse': write CATEGORY=N, such as reverse=16$"),
+        (["reverse=-1"], r"^--demonstrations-for 'reverse=-1': write CATEGORY=N"),
+        (["x" * 500 + "=1"], r"^--demonstrations-for 'x{60}': write CATEGORY=N"),
+    ],
+)
+def test_demonstrations_for_values_not_of_the_form_category_n_are_refused(values: list[str], message: str) -> None:
+    with pytest.raises(TrainSettingsError, match=message):
+        parse_category_counts("--demonstrations-for", values)
+
+
+def test_demonstrations_for_naming_a_category_twice_is_refused() -> None:
+    counts = parse_category_counts("--demonstrations-for", ["reverse=4", "counting=2", "reverse=8"])
+    assert counts == (("reverse", 4), ("counting", 2), ("reverse", 8))
+    with pytest.raises(TrainSettingsError, match=r"^--demonstrations-for names reverse twice; give each category once"):
+        TrainSettings(demonstrations_for=counts).validate()
 
 
 def test_a_negative_number_of_demonstrations_is_refused_naming_the_option() -> None:

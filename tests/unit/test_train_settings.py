@@ -68,6 +68,8 @@ def test_the_defaults_are_valid_and_name_each_rounds_model() -> None:
         (["--precision", "fp16"], "--precision is 'fp16'; use fp32 or bf16"),
         (["--method", "ppo"], "--method is 'ppo'; use bc or grpo"),
         (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher does not exist"),
+        (["--demonstrations-for", "reverse:16"], "--demonstrations-for 'reverse:16': write CATEGORY=N"),
+        (["--demonstrations-for", "nope=3"], "--demonstrations-for nope: 'kg-train' has no such train category"),
     ],
 )
 def test_the_command_exits_2_naming_the_option(args: list[str], message: str) -> None:

@@ -42,7 +42,7 @@ def sparql_query_tool(client: KnowledgeClient) -> Tool:
             "Run a SPARQL SELECT or ASK query on the countries knowledge graph (prefix mp: <https://meshpilot.dev/kg/>; "
             "classes mp:Country, mp:State, mp:Currency, mp:Region; predicates rdfs:label, mp:capital, mp:currency, "
             "mp:region, mp:subregion, mp:phoneCode, mp:timezone, mp:iso2). "
-            'Example: {"query": "SELECT ?capital WHERE { ?c rdfs:label \\"Japan\\"@en ; mp:capital ?capital }"}'
+            'Example: {"query": "SELECT ?capital WHERE { ?c rdfs:label \'Japan\'@en ; mp:capital ?capital }"}'
         ),
         input_schema={
             "type": "object",
