@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,25 +51,99 @@ def json_schema(parameters: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def convert_bfcl(questions: str, answers: str) -> list[EvalTask]:
-    """BFCL's question file and its possible-answer file (JSON lines) as tasks with a tool_call check each."""
-    truth = {row["id"]: row["ground_truth"] for row in map(json.loads, answers.splitlines()) if row}
-    tasks = []
-    for line in questions.splitlines():
-        if not line.strip():
+def task_number(task_id: str) -> int:
+    """The number of a BFCL task: "simple_python_12" -> 12."""
+    match = re.search(r"_([0-9]+)$", task_id)
+    if match is None:
+        raise ValueError(f"BFCL task id {task_id!r} does not end in _<number>")
+    return int(match[1])
+
+
+def split_by_function(tasks: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """The fixed split of (task id, function) pairs: every task of a function goes where the function's lowest task
+    number says, train when it is odd, test when it is even. BFCL repeats some functions across tasks; one function
+    on both sides would put a test call's schema (and often its values) into training. Alternating by number spreads
+    both halves over BFCL's topics, which come in runs (math, physics, finance ...)."""
+    first: dict[str, int] = {}
+    for task_id, function in tasks:
+        first[function] = min(first.get(function, task_number(task_id)), task_number(task_id))
+    return {task_id: "train" if first[function] % 2 else "test" for task_id, function in tasks}
+
+
+def bfcl_solution(tool: str, possible: Mapping[str, Sequence[Any]], schema: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """BFCL's possible answers as a reference solution: one call of ``tool`` with each argument's first possible
+    value (``first_values``)."""
+    return [{"tool": tool, "arguments": first_values(possible, schema)}]
+
+
+def first_values(possible: Mapping[str, Sequence[Any]], schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Each argument's first possible value; an optional argument BFCL lets be omitted ("" among its values, or no
+    values) is left out, a required one (``schema``'s) takes its first other value. A dict's values are BFCL's
+    possible values in turn (also inside a list): {"department": ["Science"]} is the argument {"department":
+    "Science"}."""
+    required = set(schema.get("required", ()))
+    properties = schema.get("properties") or {}
+    arguments: dict[str, Any] = {}
+    for name, accepted in possible.items():
+        given = [value for value in accepted if value != ""]
+        if not given or (len(given) < len(accepted) and name not in required):
             continue
-        row = json.loads(line)
+        arguments[name] = _plain(given[0], properties.get(name) or {})
+    return arguments
+
+
+def _plain(value: Any, schema: Mapping[str, Any]) -> Any:
+    """A possible value as an argument: dicts, also inside lists, hold possible values in turn."""
+    if isinstance(value, dict):
+        return first_values(value, schema)
+    if isinstance(value, list):
+        return [_plain(item, schema.get("items") or {}) for item in value]
+    return value
+
+
+def convert_bfcl(questions: str, answers: str) -> list[EvalTask]:
+    """BFCL's question file and its possible-answer file (JSON lines) as tasks with a tool_call check each, split
+    by ``split_by_function`` and with a ``meta.solution`` from the possible answers.
+
+    A function name BFCL gives several different functions (calculate_bmi has four signatures) becomes one tool
+    name per signature (calculate_bmi, calculate_bmi_2, ...): the tools are listed by name, and one name would give
+    every task the last signature."""
+    truth = {row["id"]: row["ground_truth"] for row in map(json.loads, answers.splitlines()) if row}
+    rows = [json.loads(line) for line in questions.splitlines() if line.strip()]
+    splits = split_by_function([(row["id"], tool_name(row["function"][0]["name"])) for row in rows])
+    taken: dict[str, dict[str, Any]] = {}
+    tasks = []
+    for row in rows:
         (function,) = row["function"]
         ((expected_name, expected_arguments),) = truth[row["id"]][0].items()
-        name = tool_name(function["name"])
-        tool = {"name": name, "description": function.get("description", ""), "input_schema": json_schema(
+        if tool_name(expected_name) != tool_name(function["name"]):
+            raise ValueError(f"{row['id']}: the answer calls {expected_name}, the task offers {function['name']}")
+        tool = {"name": "", "description": function.get("description", ""), "input_schema": json_schema(
             function["parameters"]
         )}  # fmt: skip
+        tool["name"] = _unique_name(tool_name(function["name"]), tool, taken)
         question = " ".join(turn["content"] for turn in row["question"][0] if turn["role"] == "user")
-        check = ToolCalled(f"{SOURCE}.{tool_name(expected_name)}", {k: tuple(v) for k, v in expected_arguments.items()})
+        check = ToolCalled(f"{SOURCE}.{tool['name']}", {k: tuple(v) for k, v in expected_arguments.items()})
         meta = {"bfcl_id": row["id"], "function": function["name"], "tool": tool}
-        tasks.append(EvalTask(row["id"], question, (check,), CATEGORY, "test", agent_name(row["id"]), meta))
+        meta["solution"] = bfcl_solution(check.tool, expected_arguments, tool["input_schema"])
+        tasks.append(EvalTask(row["id"], question, (check,), CATEGORY, splits[row["id"]], agent_name(row["id"]), meta))
     return tasks
+
+
+def _unique_name(name: str, tool: dict[str, Any], taken: dict[str, dict[str, Any]]) -> str:
+    """``name``, or ``name_2``, ``name_3`` ...: the first that is free or names this very tool; recorded in
+    ``taken``."""
+    number = 1
+    while True:
+        candidate = name if number == 1 else f"{name[:58]}_{number}"
+        if candidate not in taken or _same_tool(taken[candidate], tool):
+            taken[candidate] = tool
+            return candidate
+        number += 1
+
+
+def _same_tool(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["description"], a["input_schema"]) == (b["description"], b["input_schema"])
 
 
 def bfcl_agent_spec(task: EvalTask) -> dict[str, Any]:
@@ -80,10 +155,28 @@ def bfcl_agent_spec(task: EvalTask) -> dict[str, Any]:
     }
 
 
+def has_functions(suite: Suite) -> bool:
+    """Whether some task of ``suite`` runs with its own BFCL function (then ``prepare_bfcl`` must run first)."""
+    return any(task.agent and "tool" in task.meta for task in suite.tasks)
+
+
+def functions(suite: Suite) -> dict[str, dict[str, Any]]:
+    """The functions the MCP server of ``suite`` offers, by tool name: {"name", "description", "input_schema"}."""
+    return {task.meta["tool"]["name"]: task.meta["tool"] for task in suite.tasks if "tool" in task.meta}
+
+
+def acknowledgement(function: str, arguments: Mapping[str, Any]) -> str:
+    """What the MCP server answers a call with: the call itself, done (BFCL's simple category judges the call, not
+    what the function would return)."""
+    return json.dumps({"called": function, "arguments": dict(arguments), "status": "done"})
+
+
 async def prepare_bfcl(channel: grpc.aio.Channel, suite: Suite, suite_path: Path, *, timeout_s: float = 60.0) -> int:
     """Registers the suite's functions as the tool source ``bfcl`` (this module as an MCP stdio server, started by
-    the tools service) and creates each task's agent, both through the planner as the caller's tenant; what exists
-    already is kept. Returns how many agents were created."""
+    the tools service) and creates each task's agent, both through the planner as the caller's tenant. A source
+    registered already is kept; an agent that exists keeps its spec, except that its tools are set to the task's
+    function when they are not (a regenerated suite may have renamed it). Returns how many agents were created or
+    updated."""
     source = tools_pb2.ToolSource(name=SOURCE)
     source.mcp.command = sys.executable
     source.mcp.args.extend(["-m", "services.eval.bfcl", str(suite_path.resolve())])
@@ -95,35 +188,39 @@ async def prepare_bfcl(channel: grpc.aio.Channel, suite: Suite, suite_path: Path
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
     agents = agents_pb2_grpc.AgentServiceStub(channel)
-    created = 0
+    changed = 0
     for task in suite.tasks:
         if not task.agent or "tool" not in task.meta:
             continue
         spec = agents_pb2.AgentSpec(**bfcl_agent_spec(task))
         try:
             await agents.CreateAgent(agents_pb2.CreateAgentRequest(name=task.agent, spec=spec), timeout=timeout_s)
-            created += 1
+            changed += 1
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-    return created
+            current = (await agents.GetAgent(agents_pb2.GetAgentRequest(name=task.agent), timeout=timeout_s)).spec
+            if list(current.tools) != list(spec.tools):
+                current.ClearField("tools")
+                current.tools.extend(spec.tools)
+                request = agents_pb2.UpdateAgentRequest(name=task.agent, spec=current)
+                await agents.UpdateAgent(request, timeout=timeout_s)
+                changed += 1
+    return changed
 
 
 def serve(suite_path: str) -> None:
     """An MCP stdio server whose tools are the functions of the suite's tasks; a call is acknowledged with its
-    arguments (BFCL's simple category judges the call, not what the function would return)."""
+    arguments (``acknowledgement``)."""
     import anyio
     import mcp_types as types
     from mcp.server.lowlevel import Server
     from mcp.server.stdio import stdio_server
 
-    tools = {}
-    for task in load_suite(Path(suite_path)).tasks:
-        if "tool" in task.meta:
-            spec = task.meta["tool"]
-            tools[spec["name"]] = types.Tool(
-                name=spec["name"], description=spec["description"] or spec["name"], input_schema=spec["input_schema"]
-            )
+    tools = {
+        name: types.Tool(name=name, description=spec["description"] or name, input_schema=spec["input_schema"])
+        for name, spec in functions(load_suite(Path(suite_path))).items()
+    }
 
     async def list_tools(context: Any, params: Any) -> types.ListToolsResult:
         return types.ListToolsResult(tools=list(tools.values()))
@@ -131,7 +228,7 @@ def serve(suite_path: str) -> None:
     async def call_tool(context: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
         if params.name not in tools:
             return types.CallToolResult(content=[types.TextContent(text=f"no function {params.name}")], is_error=True)
-        text = json.dumps({"called": params.name, "arguments": params.arguments or {}, "status": "done"})
+        text = acknowledgement(params.name, params.arguments or {})
         return types.CallToolResult(content=[types.TextContent(text=text)])
 
     server = Server("bfcl", on_list_tools=list_tools, on_call_tool=call_tool)
