@@ -89,11 +89,25 @@ def _percent(value: float) -> str:
     return f"{value * 100:.0f}%"
 
 
+def by_suite(reports: Iterable[Report]) -> dict[str, list[Report]]:
+    """The reports grouped by suite, suites in the order they first come."""
+    groups: dict[str, list[Report]] = {}
+    for report in reports:
+        groups.setdefault(report.suite, []).append(report)
+    return groups
+
+
 def render_markdown(reports: list[Report]) -> str:
-    """A table per figure group: one row per category (and overall), one column per agent, side by side."""
+    """A table per suite: one row per category (and overall), one column group per agent, side by side."""
+    if not reports:
+        return "No results.\n"
+    return "\n".join(_table(suite, chosen) for suite, chosen in by_suite(reports).items())
+
+
+def _table(suite: str, reports: list[Report]) -> str:
     agents = [r.agent or "default" for r in reports]
     rows = [OVERALL, *sorted({name for r in reports for name in r.categories})]
-    lines = [f"Suite `{reports[0].suite}`" if reports else "No results.", ""]
+    lines = [f"Suite `{suite}`", ""]
     header = ["category", "tasks", *(f"{a}: completed" for a in agents), *(f"{a}: valid calls" for a in agents)]
     header += [*(f"{a}: steps" for a in agents), *(f"{a}: tokens" for a in agents)]
     header += [*(f"{a}: p50 / p95 s" for a in agents)]
@@ -112,27 +126,33 @@ def render_markdown(reports: list[Report]) -> str:
 
 
 def render_chart(reports: list[Report], path: Path) -> None:
-    """A PNG bar chart of the completion rate per category, one bar per agent."""
+    """A PNG bar chart of the completion rate per category, one bar per agent; one panel per suite."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server; the chart is only written to a file
     from matplotlib import pyplot
 
-    rows = [OVERALL, *sorted({name for r in reports for name in r.categories})]
-    width = 0.8 / max(1, len(reports))
-    figure, axes = pyplot.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
-    for index, report in enumerate(reports):
-        values = [
-            (report.overall if row == OVERALL else report.categories.get(row, Metrics.of([]))).completion_rate * 100
-            for row in rows
-        ]
-        positions = [i + (index - (len(reports) - 1) / 2) * width for i in range(len(rows))]
-        axes.bar(positions, values, width, label=report.agent or "default")
-    axes.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
-    axes.set_ylabel("tasks completed (%)")
-    axes.set_ylim(0, 100)
-    axes.set_title(f"{reports[0].suite if reports else ''}: task completion by category")
-    axes.legend()
+    groups = by_suite(reports) or {"": []}
+    widest = max(len({name for r in chosen for name in r.categories}) + 1 for chosen in groups.values())
+    figure, panels = pyplot.subplots(
+        len(groups), 1, figsize=(max(6.0, 1.1 * widest + 2), 4.5 * len(groups)), squeeze=False
+    )
+    for axes, (suite, chosen) in zip(panels[:, 0], groups.items(), strict=True):
+        rows = [OVERALL, *sorted({name for r in chosen for name in r.categories})]
+        width = 0.8 / max(1, len(chosen))
+        for index, report in enumerate(chosen):
+            values = [
+                (report.overall if row == OVERALL else report.categories.get(row, Metrics.of([]))).completion_rate * 100
+                for row in rows
+            ]
+            positions = [i + (index - (len(chosen) - 1) / 2) * width for i in range(len(rows))]
+            axes.bar(positions, values, width, label=report.agent or "default")
+        axes.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+        axes.set_ylabel("tasks completed (%)")
+        axes.set_ylim(0, 100)
+        axes.set_title(f"{suite}: task completion by category")
+        if chosen:
+            axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

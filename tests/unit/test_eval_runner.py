@@ -162,6 +162,33 @@ async def test_reports_side_by_side_as_json_markdown_and_png(tmp_path: Path) -> 
     assert render_markdown(reports) == table
 
 
+def test_reports_of_several_suites_are_a_table_each_in_the_order_the_suites_come(tmp_path: Path) -> None:
+    def result(task_id: str, category: str, passed: bool) -> ResultLine:
+        return ResultLine(task_id, category, passed, float(passed), "", 1, 1, 2, 100, 1.0, "", "run", [])
+
+    kg = [result("capital-FR", "one_hop", True), result("capital-JP", "one_hop", False)]
+    bfcl = [result("simple_python_0", "bfcl_simple", False)]
+    trained = [result("simple_python_0", "bfcl_simple", True)]
+    reports = [
+        summarize("kg-test", "baseline", kg), summarize("bfcl-simple", "baseline", bfcl),
+        summarize("kg-test", "t-r1", kg), summarize("bfcl-simple", "t-r1", trained),
+    ]  # fmt: skip
+
+    paths = write_reports(reports, tmp_path)
+
+    first, second = paths["markdown"].read_text().split("\nSuite ")
+    assert first.startswith("Suite `kg-test`") and second.startswith("`bfcl-simple`")
+    assert "| **overall** | 2 | 50% (1/2) | 50% (1/2) |" in first and "bfcl_simple" not in first
+    assert "| bfcl_simple | 1 | 0% (0/1) | 100% (1/1) |" in second and "one_hop" not in second
+    assert "baseline: completed | t-r1: completed" in second
+    assert [(r["suite"], r["agent"]) for r in json.loads(paths["json"].read_text())] == [
+        ("kg-test", "baseline"), ("bfcl-simple", "baseline"), ("kg-test", "t-r1"), ("bfcl-simple", "t-r1"),
+    ]  # fmt: skip
+    chart = paths["chart"].read_bytes()
+    assert chart[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(chart[20:24], "big") == 900  # a panel (450 px) each
+    assert render_markdown([]) == "No results.\n"
+
+
 # The CLI against an in-process fake planner
 
 
