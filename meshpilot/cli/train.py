@@ -54,8 +54,21 @@ class RichProgress:
 
 def train(
     name: Annotated[str, typer.Option(help="The job: <data_dir>/train/NAME, models NAME-r1, NAME-r2 ...")] = D.name,
-    suite: Annotated[str, typer.Option(help="Training tasks: this suite's train split.")] = D.suite,
-    eval_suite: Annotated[str, typer.Option(help="Each round is scored on this suite's test split.")] = D.eval_suite,
+    suite: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--suite",
+            help=f"Training tasks: this suite's train split (repeatable: one model for all; default {D.suite[0]}).",
+        ),
+    ] = None,
+    eval_suite: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval-suite",
+            help=f"Each round is scored on this suite's test split (repeatable: a report each; default "
+            f"{D.eval_suite[0]}).",
+        ),
+    ] = None,
     category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
     limit: Annotated[int, typer.Option(help="Training tasks per category (0: all).")] = D.limit,
     eval_limit: Annotated[int, typer.Option(help="Test tasks per category (0: all).")] = D.eval_limit,
@@ -128,8 +141,8 @@ def train(
         fail(str(e), 2)
     settings = TrainSettings(
         name=name,
-        suite=suite,
-        eval_suite=eval_suite,
+        suite=tuple(suite or D.suite),
+        eval_suite=tuple(eval_suite or D.eval_suite),
         categories=tuple(category or ()),
         limit=limit,
         eval_limit=eval_limit,
@@ -165,7 +178,7 @@ def train(
     )  # fmt: skip  (validate() refuses a method, precision or GGUF type outside the Literal, naming the option)
     try:
         settings.validate()
-        from services.train.loop import demonstration_tasks, load_suites
+        from services.train.suites import demonstration_tasks, load_suites
 
         load_suites(settings)
         demonstration_tasks(settings)

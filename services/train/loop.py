@@ -8,6 +8,7 @@ a phase whose result is there is not run again: an interrupted job resumes where
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import shutil
@@ -20,9 +21,10 @@ import grpc
 
 from inference_core.model_loading import resolve_model_path
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc, planner_pb2_grpc
+from services.eval.bfcl import has_functions, prepare_bfcl
 from services.eval.report import Report, summarize, write_reports
 from services.eval.runner import AgentRunner, EvalProgress, PlannerRunner, evaluate
-from services.eval.suite import EvalTask, Suite, SuiteError, load_suite
+from services.eval.suite import EvalTask, Suite, load_suite
 from services.eval.variants import agent_on_model
 from services.inference.models_dir import models_directory
 from services.planner.agents import AgentDefinition
@@ -35,7 +37,6 @@ from services.train.demonstrations import (
     DemonstrationError,
     Demonstrator,
     ListedTools,
-    choose_tasks,
     collect_demonstrations,
     demonstration_counts,
     kept_rollouts,
@@ -51,13 +52,23 @@ from services.train.examples import (
 from services.train.finetune import FineTuneResult, base_model_dir, export_model, fine_tune
 from services.train.gguf_export import export_gguf, gguf_file_name
 from services.train.grpo import grpo_tune, reward_function, verified_calls
-from services.train.rollouts import RolloutProgress, collect_rollouts, prepare_rollout_agents
+from services.train.rollouts import (
+    RolloutProgress,
+    collect_rollouts,
+    prepare_rollout_agents,
+    prepare_task_rollout_agents,
+)
 from services.train.settings import TrainSettings, TrainSettingsError
+from services.train.suites import demonstration_tasks, load_suites
 
 # Trains from a base model directory into a result: fine_tune or grpo_tune with their examples bound.
 Tune = Callable[..., FineTuneResult]
 # Where training runs: given a round's Tune and the round's folder, a Tune (same signature) that runs it there.
 TrainingPlacement = Callable[[Tune, Path], Tune]
+
+
+def _kept(demonstrations: dict[str, Demonstration]) -> int:
+    return sum(d.kept for d in demonstrations.values())
 
 
 def in_this_process(tune: Tune, folder: Path) -> Tune:
@@ -82,8 +93,9 @@ class NoProgress:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """One round's figures: its rollouts, those trained on, the examples and optimizer steps, and its evaluation;
-    ``demonstrations``: per category, the verified demonstrations kept of those tried (round 1, --demonstrations)."""
+    """One round's figures: its rollouts, those trained on, the examples and optimizer steps, and its evaluation
+    (``reports``: one per --eval-suite, in their order); ``demonstrations``: per category, the verified
+    demonstrations kept of those tried (round 1, --demonstrations)."""
 
     round: int
     model: str
@@ -93,49 +105,19 @@ class RoundResult:
     examples: int
     steps: int
     loss: float
-    report: Report
+    reports: tuple[Report, ...]
     demonstrations: dict[str, dict[str, int]] = field(default_factory=dict)
 
+    @property
+    def report(self) -> Report:
+        """The evaluation on the first --eval-suite."""
+        return self.reports[0]
+
     def to_json(self) -> dict[str, object]:
-        figures = {k: v for k, v in self.__dict__.items() if k != "report"}
-        return {**figures, "eval": self.report.to_json()}
-
-
-def load_suites(settings: TrainSettings) -> tuple[Suite, Suite]:
-    """The training tasks (train split of ``suite``) and the test tasks (test split of ``eval_suite``), sampled;
-    TrainSettingsError naming the option when a suite is missing or the selection is empty."""
-    chosen = []
-    for option, name, split, limit in (
-        ("--suite", settings.suite, "train", settings.limit),
-        ("--eval-suite", settings.eval_suite, "test", settings.eval_limit),
-    ):
-        try:
-            suite = load_suite(name).select(split=split, categories=settings.categories, limit=limit)
-        except SuiteError as e:
-            raise TrainSettingsError(f"{option}: {e}") from None
-        if not suite.tasks:
-            categories = f" in the categories {', '.join(settings.categories)}" if settings.categories else ""
-            raise TrainSettingsError(f"{option} {name!r} has no {split} tasks{categories}; choose another suite")
-        chosen.append(suite)
-    return chosen[0], chosen[1]
-
-
-def demonstration_tasks(settings: TrainSettings) -> list[EvalTask]:
-    """The train tasks whose reference solutions round 1 plays: up to ``settings.demonstrations`` per category
-    (``--demonstrations-for`` overrides it per category) of the train split of ``settings.suite`` (all of it, not only
-    the rollouts' sample), a choice seeded by ``settings.seed``. The test split is never among them.
-    TrainSettingsError when ``--demonstrations-for`` names a category the split does not have."""
-    if not settings.demonstrates:
-        return []
-    pool = load_suite(settings.suite).select(split="train", categories=settings.categories)
-    present = {task.category for task in pool.tasks}
-    unknown = [category for category, _ in settings.demonstrations_for if category not in present]
-    if unknown:
-        raise TrainSettingsError(
-            f"--demonstrations-for {unknown[0]}: {settings.suite!r} has no such train category; "
-            f"use one of {', '.join(sorted(present))}"
-        )
-    return choose_tasks(pool.tasks, settings.demonstrations, settings.seed, dict(settings.demonstrations_for))
+        """The figures; ``eval``: the first --eval-suite's report, ``evals``: every suite's, by name."""
+        figures = {k: v for k, v in self.__dict__.items() if k != "reports"}
+        evals = {report.suite: report.to_json() for report in self.reports}
+        return {**figures, "eval": self.report.to_json(), "evals": evals}
 
 
 class TrainJob:
@@ -159,7 +141,8 @@ class TrainJob:
         tool_runner: ToolClient | None = None,
     ) -> None:
         self.settings = settings.validate()
-        self.train_suite, self.test_suite = load_suites(settings)
+        self.train_suites, self.test_suites = load_suites(settings)
+        self.train_tasks = [task for suite in self.train_suites for task in suite.tasks]
         if settings.demonstrates and tool_runner is None:
             raise ValueError("--demonstrations needs a tool_runner: the tools service runs the solutions' calls")
         self.tool_runner = tool_runner
@@ -173,6 +156,7 @@ class TrainJob:
         self.training = training
         self.progress = progress or NoProgress()
         self.student: AgentDefinition | None = None
+        self._task_agents: dict[str, agents_pb2.Agent] = {}  # the tasks' own agents, by name (run() looks them up)
         self.evaluated = settings.student or settings.agent
 
     async def run(self, *, baseline: bool = True) -> list[RoundResult]:
@@ -181,12 +165,13 @@ class TrainJob:
         self._registered_model_dir(await self._agent_model())  # before any work: a model this job cannot train
         if self.settings.student:
             self.student = await self._student()
-        reports = [await self.evaluate(0, self.evaluated)] if baseline else []
+        await self._prepare_task_agents()
+        reports = list(await self.evaluate(0, self.evaluated)) if baseline else []
         results = []
         for number in range(1, self.settings.rounds + 1):
             result = await self.round(number)
             results.append(result)
-            reports.append(result.report)
+            reports.extend(result.reports)
         write_reports(reports, self.folder)
         (self.folder / "rounds.json").write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
         return results
@@ -199,8 +184,12 @@ class TrainJob:
             self.channel, base=settings.agent, model=model_in, job=settings.name, attempts=settings.attempts,
             temperature=settings.temperature, seed=settings.seed + 1000 * number,
         )  # fmt: skip
+        task_agents = await prepare_task_rollout_agents(
+            self.channel, self.train_tasks, model=model_in, job=settings.name, attempts=settings.attempts,
+            temperature=settings.temperature, seed=settings.seed + 1000 * number,
+        )  # fmt: skip
         tools = await self._tools(folder / "tools.json")
-        update = self.progress.start(f"round {number}: rollouts", len(self.train_suite.tasks) * settings.attempts)
+        update = self.progress.start(f"round {number}: rollouts", len(self.train_tasks) * settings.attempts)
 
         def show(state: RolloutProgress) -> None:
             update(
@@ -209,10 +198,10 @@ class TrainJob:
             )
 
         rollouts = await collect_rollouts(
-            self.train_suite.tasks, agents, self.runner, self.journal, folder / "rollouts.jsonl",
-            concurrency=settings.concurrency, timeout_s=settings.timeout_s, on_progress=show,
+            self.train_tasks, agents, self.runner, self.journal, folder / "rollouts.jsonl",
+            concurrency=settings.concurrency, timeout_s=settings.timeout_s, on_progress=show, task_agents=task_agents,
         )  # fmt: skip
-        if len(rollouts) < len(self.train_suite.tasks) * settings.attempts:
+        if len(rollouts) < len(self.train_tasks) * settings.attempts:
             raise RuntimeError("some rollouts could not be run (planner unavailable); run the command again to resume")
         selected = select_rollouts(rollouts, min_reward=settings.min_reward, keep_per_task=settings.keep_per_task)
         demonstrations = await self._demonstrations(number, folder, tools)
@@ -224,7 +213,7 @@ class TrainJob:
             examples = [
                 example for rollout in everything if rollout.snapshot for example in step_examples(rollout, tools)
             ]
-            tasks = {task.id: task for task in (*self.train_suite.tasks, *self.demonstration_tasks)}
+            tasks = {task.id: task for task in (*self.train_tasks, *self.demonstration_tasks)}
             reward = reward_function(tasks, verified_calls(everything, settings.min_reward), tools)
             tune = functools.partial(grpo_tune, examples, reward)
         else:
@@ -239,35 +228,72 @@ class TrainJob:
         (folder / "examples.jsonl").write_text("".join(e.to_json() + "\n" for e in examples), encoding="utf-8")
         model_id = settings.model_id(number)
         steps, loss = await self._train(number, model_in, self.training(tune, folder), folder)
-        report = await self.evaluate(number, self.evaluated, model_id)
+        reports = await self.evaluate(number, self.evaluated, model_id)
         result = RoundResult(
             number, model_id, len(rollouts), sum(r.passed for r in rollouts), len(selected), len(examples), steps,
-            loss, report, demonstration_counts(demonstrations),
+            loss, reports, demonstration_counts(demonstrations),
         )  # fmt: skip
         (folder / "round.json").write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
         return result
 
     async def _demonstrations(self, number: int, folder: Path, tools: list[ToolSpec]) -> list[Demonstration]:
         """Round 1's verified demonstrations (--demonstrations): each chosen task's reference solution played as the
-        rolled-out agent, with the round's tools listing, against the tools service; kept in demonstrations.jsonl
-        (a resumed round plays only those not there)."""
+        agent its rollouts run as (the task's own agent, else the rolled-out one), with the round's tools listing,
+        against the tools service; kept in demonstrations.jsonl (a resumed round plays only those not there)."""
         if number != 1 or not self.demonstration_tasks:
             return []
         assert self.tool_runner is not None  # checked when the job was made
-        definition = definition_from_proto((await self._agent("--agent", self.settings.agent or "default")).spec)
+        by_agent: dict[str, list[EvalTask]] = {}
+        for task in self.demonstration_tasks:
+            by_agent.setdefault(task.agent, []).append(task)
         update = self.progress.start(f"round {number}: demonstrations", len(self.demonstration_tasks))
-        try:
-            demonstrator = Demonstrator(
-                definition, ListedTools(tools, self.tool_runner), agent=f"train-{self.settings.name}-demo",
-                timeout_s=self.settings.timeout_s,
-            )  # fmt: skip
-        except DemonstrationError as e:
-            raise TrainSettingsError(f"--demonstrations: {e}") from None
-        async with demonstrator:
-            return await collect_demonstrations(
-                self.demonstration_tasks, demonstrator, folder / "demonstrations.jsonl",
-                on_progress=lambda done, kept: update(done, f"{kept} verified"),
-            )  # fmt: skip
+        played: dict[str, Demonstration] = {}
+        for agent, tasks in by_agent.items():
+            runs_as = (
+                self._task_agents[agent] if agent else await self._agent("--agent", self.settings.agent or "default")
+            )
+            definition = definition_from_proto(runs_as.spec)
+            label = f"train-{self.settings.name}-demo" + (f"-{agent}" if agent else "")
+            try:
+                demonstrator = Demonstrator(
+                    definition, ListedTools(tools, self.tool_runner), agent=label[:63],
+                    timeout_s=self.settings.timeout_s,
+                )  # fmt: skip
+            except DemonstrationError as e:
+                raise TrainSettingsError(f"--demonstrations: {e}") from None
+
+            def show(done: int, kept: int, before: int = len(played), verified: int = _kept(played)) -> None:
+                update(before + done, f"{verified + kept} verified")
+
+            async with demonstrator:
+                for demonstration in await collect_demonstrations(
+                    tasks, demonstrator, folder / "demonstrations.jsonl", on_progress=show
+                ):
+                    played[demonstration.task_id] = demonstration
+        return [played[task.id] for task in self.demonstration_tasks]
+
+    async def _prepare_task_agents(self) -> None:
+        """The suites' own task agents, for the tasks this job runs or demonstrates: a BFCL suite's functions
+        registered as the tool source ``bfcl`` and its tasks' agents made (``prepare_bfcl``); then every task agent
+        looked up (kept for the demonstrations). TrainSettingsError naming the option and the suite when a task's
+        agent does not exist."""
+        for option, names, split, tasks in (
+            ("--suite", self.settings.suite, "train", [*self.train_tasks, *self.demonstration_tasks]),
+            ("--eval-suite", self.settings.eval_suite, "test", [task for s in self.test_suites for task in s.tasks]),
+        ):
+            wanted = {task.id for task in tasks if task.agent}
+            for name in names:
+                suite = load_suite(name)
+                own = Suite(
+                    suite.name, tuple(t for t in suite.tasks if t.split == split and t.id in wanted), suite.path
+                )
+                if suite.path is not None and has_functions(own):
+                    await prepare_bfcl(self.channel, own, suite.path)
+                for task in own.tasks:
+                    if task.agent not in self._task_agents:
+                        self._task_agents[task.agent] = await self._agent(
+                            f"{option} {name!r}: task {task.id} runs as", task.agent
+                        )
 
     async def _agent_model(self) -> str:
         return (await self._agent("--agent", self.settings.agent or "default")).spec.model
@@ -355,22 +381,35 @@ class TrainJob:
         dtype = self.settings.gguf
         return export_gguf(model_dir, directory / source, model_dir / gguf_file_name(dtype), dtype)
 
-    async def evaluate(self, number: int, agent: str, model: str = "") -> Report:
-        """The test split with ``agent`` (on ``model`` when given: an agent ``<agent>-on-<model>`` made through the
-        planner, which checks the model against the inference service's ListModels)."""
+    async def evaluate(self, number: int, agent: str, model: str = "") -> tuple[Report, ...]:
+        """The test split of each --eval-suite with ``agent`` (on ``model`` when given: an agent ``<agent>-on-<model>``
+        made through the planner, which checks the model against the inference service's ListModels). A task with its
+        own agent runs as that agent, on ``model`` as ``<task agent>-on-<model>``. One report per suite."""
         name = await agent_on_model(self.channel, agent, model) if model else agent
         label = model or "baseline"
-        update = self.progress.start(f"round {number}: eval ({label})", len(self.test_suite.tasks))
+        reports = []
+        for suite in self.test_suites:
+            update = self.progress.start(f"round {number}: eval {suite.name} ({label})", len(suite.tasks))
 
-        def show(state: EvalProgress) -> None:
-            update(state.done, f"{state.passed} passed")
+            def show(state: EvalProgress, update: Callable[[int, str], None] = update) -> None:
+                update(state.done, f"{state.passed} passed")
 
-        results = await evaluate(
-            self.test_suite, self.runner, self.folder / f"round-{number}" / "eval.results.jsonl", agent=name,
-            concurrency=self.settings.concurrency, timeout_s=self.settings.timeout_s, on_progress=show,
-        )  # fmt: skip
-        if len(results) < len(self.test_suite.tasks):
-            raise RuntimeError("some test tasks could not be run (planner unavailable); run the command again")
-        report = summarize(self.test_suite.name, label, results.values())
-        write_reports([report], self.folder / f"round-{number}", "eval")
-        return report
+            results = await evaluate(
+                await self._on_model(suite, model) if model else suite, self.runner,
+                self.folder / f"round-{number}" / "eval.results.jsonl", agent=name,
+                concurrency=self.settings.concurrency, timeout_s=self.settings.timeout_s, on_progress=show,
+            )  # fmt: skip
+            if len(results) < len(suite.tasks):
+                raise RuntimeError("some test tasks could not be run (planner unavailable); run the command again")
+            reports.append(summarize(suite.name, label, results.values()))
+        write_reports(reports, self.folder / f"round-{number}", "eval")
+        return tuple(reports)
+
+    async def _on_model(self, suite: Suite, model: str) -> Suite:
+        """``suite`` with each task that runs as its own agent run as ``<that agent>-on-<model>`` instead."""
+        variants = {
+            agent: await agent_on_model(self.channel, agent, model)
+            for agent in dict.fromkeys(task.agent for task in suite.tasks if task.agent)
+        }
+        tasks = (dataclasses.replace(task, agent=variants[task.agent]) if task.agent else task for task in suite.tasks)
+        return Suite(suite.name, tuple(tasks), suite.path)

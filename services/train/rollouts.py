@@ -5,7 +5,8 @@ planner's journal). Appended to a file as they end, so an interrupted collection
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,32 @@ from services.train.examples import Rollout
 AGENT_TIMEOUT_S = 30.0
 
 
-def rollout_agent_name(job: str, attempt: int) -> str:
-    """The agent attempt ``attempt`` of job ``job`` runs as (agent names start with a letter)."""
-    return f"train-{job}-a{attempt}"[:63]
+def rollout_agent_name(job: str, attempt: int, task_agent: str = "") -> str:
+    """The agent attempt ``attempt`` of job ``job`` runs as (agent names start with a letter): ``train-<job>-a<k>``
+    for the job's agent, ``train-<job>-<task agent>-a<k>`` for a task's own agent (its name hashed when that would
+    be over 63 characters, so that two task agents never share a copy)."""
+    if not task_agent:
+        return f"train-{job}-a{attempt}"[:63]
+    name = f"train-{job}-{task_agent}-a{attempt}"
+    if len(name) <= 63:
+        return name
+    return f"train-{job}-{hashlib.sha256(task_agent.encode()).hexdigest()[:10]}-a{attempt}"[:63]
 
 
 async def prepare_rollout_agents(
-    channel: grpc.aio.Channel, *, base: str, model: str, job: str, attempts: int, temperature: float, seed: int
+    channel: grpc.aio.Channel,
+    *,
+    base: str,
+    model: str,
+    job: str,
+    attempts: int,
+    temperature: float,
+    seed: int,
+    task_agent: str = "",
 ) -> list[str]:
     """One agent per attempt: ``base``'s latest spec on ``model`` ("" keeps the base's), sampling at ``temperature``
-    with seed ``seed + attempt``; made or brought up to date. Returns their names, by attempt."""
+    with seed ``seed + attempt``; made or brought up to date. ``task_agent``: the task's own agent these are copies
+    of (then ``base`` is that agent), which names them. Returns their names, by attempt."""
     stub = agents_pb2_grpc.AgentServiceStub(channel)
     spec = (await stub.GetAgent(agents_pb2.GetAgentRequest(name=base or "default"), timeout=AGENT_TIMEOUT_S)).spec
     names = []
@@ -43,10 +60,31 @@ async def prepare_rollout_agents(
             sampled.model = model
         sampled.sampling.temperature = temperature
         sampled.sampling.seed = seed + attempt
-        name = rollout_agent_name(job, attempt)
+        name = rollout_agent_name(job, attempt, task_agent)
         await upsert_agent(stub, name, sampled)
         names.append(name)
     return names
+
+
+async def prepare_task_rollout_agents(
+    channel: grpc.aio.Channel,
+    tasks: Sequence[EvalTask],
+    *,
+    model: str,
+    job: str,
+    attempts: int,
+    temperature: float,
+    seed: int,
+) -> dict[str, list[str]]:
+    """For every task that runs with its own agent (``task.agent``: a BFCL task's has its function), that agent's
+    sampled copies, one per attempt, as ``prepare_rollout_agents`` makes them; by task agent."""
+    copies: dict[str, list[str]] = {}
+    for agent in dict.fromkeys(task.agent for task in tasks if task.agent):
+        copies[agent] = await prepare_rollout_agents(
+            channel, base=agent, model=model, job=job, attempts=attempts, temperature=temperature, seed=seed,
+            task_agent=agent,
+        )  # fmt: skip
+    return copies
 
 
 async def upsert_agent(stub: agents_pb2_grpc.AgentServiceStub, name: str, spec: agents_pb2.AgentSpec) -> None:
@@ -110,10 +148,21 @@ async def collect_rollouts(
     concurrency: int,
     timeout_s: float,
     on_progress: Callable[[RolloutProgress], None] | None = None,
+    task_agents: Mapping[str, Sequence[str]] | None = None,
 ) -> list[Rollout]:
-    """Runs attempt k of every task with ``agents[k]``, at most ``concurrency`` at once, skipping the attempts already
-    in ``path`` and appending each new one as it ends; returns every rollout of ``tasks`` (task, then attempt order).
-    Runs the planner could not make (RunUnavailable) are not recorded: the next call retries them."""
+    """Runs attempt k of every task with ``agents[k]`` (a task with its own agent: with ``task_agents[task.agent][k]``,
+    a sampled copy of that agent), at most ``concurrency`` at once, skipping the attempts already in ``path`` and
+    appending each new one as it ends; returns every rollout of ``tasks`` (task, then attempt order). Runs the
+    planner could not make (RunUnavailable) are not recorded: the next call retries them. ValueError, before any
+    run, for a task whose own agent has no copies in ``task_agents``."""
+    copies = task_agents or {}
+    missing = sorted({task.agent for task in tasks if task.agent and len(copies.get(task.agent, ())) < len(agents)})
+    if missing:
+        raise ValueError(f"no sampled copies of the task agents {', '.join(missing[:3])}; prepare them first")
+
+    def agent_of(task: EvalTask, attempt: int) -> str:
+        return copies[task.agent][attempt] if task.agent else agents[attempt]
+
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_rollouts(path)
     wanted = [(task, attempt) for task in tasks for attempt in range(len(agents))]
@@ -128,7 +177,7 @@ async def collect_rollouts(
         async def one(task: EvalTask, attempt: int) -> None:
             async with gate:
                 try:
-                    trajectory = await runner.run(task.task, agent=agents[attempt], timeout_s=timeout_s)
+                    trajectory = await runner.run(task.task, agent=agent_of(task, attempt), timeout_s=timeout_s)
                 except RunUnavailable:
                     progress.unavailable += 1
                     trajectory = None

@@ -25,12 +25,14 @@ class TrainSettings:
 
     name: str = "kg"
     """The job's name: its folder ``<data_dir>/train/<name>`` and its models ``<name>-r1``, ``<name>-r2`` ..."""
-    suite: str = "kg-train"
-    """Where tasks come from: its ``train`` split only."""
-    eval_suite: str = "kg-test"
-    """What each round is scored on: its ``test`` split only (never trained on)."""
+    suite: tuple[str, ...] = ("kg-train",)
+    """Where tasks come from: the ``train`` split of each of these suites (``--suite`` repeated), one model for all.
+    A single name is taken as a tuple of one."""
+    eval_suite: tuple[str, ...] = ("kg-test",)
+    """What each round is scored on: the ``test`` split of each of these suites (never trained on), reported per
+    suite. A single name is taken as a tuple of one."""
     categories: tuple[str, ...] = ()
-    """Only these categories of both suites (empty: all)."""
+    """Only these categories of every suite (empty: all)."""
     limit: int = 10
     """Training tasks per category (a fixed sample, file order); 0: all."""
     eval_limit: int = 5
@@ -95,8 +97,19 @@ class TrainSettings:
     ray_workers: int = 1
     """TorchTrainer's workers (one CPU each) with ``ray``."""
 
+    def __post_init__(self) -> None:
+        for option in ("suite", "eval_suite"):
+            if isinstance(getattr(self, option), str):  # one suite, as callers before --suite repeated wrote it
+                object.__setattr__(self, option, (getattr(self, option),))
+
     def validate(self) -> TrainSettings:
         """Itself, or TrainSettingsError naming the option to change."""
+        for option, names in (("--suite", self.suite), ("--eval-suite", self.eval_suite)):
+            if not names:
+                raise TrainSettingsError(f"{option}: name at least one suite")
+            twice = sorted({name for name in names if names.count(name) > 1})
+            if twice:
+                raise TrainSettingsError(f"{option} names {', '.join(twice)} twice; give each suite once")
         # With "-r<round>" appended this is a model id (inference_core.model_loading.MODEL_ID) and a file name.
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,40}", self.name):
             raise TrainSettingsError(f"--name {self.name[:60]!r}: use 1-41 lowercase letters, digits and '-'")

@@ -17,15 +17,18 @@ import pytest
 
 from inference_core.testing import write_tiny_llama
 from meshpilot.knowledge.v1 import knowledge_pb2_grpc
+from meshpilot.planner.v1 import agents_pb2
 from services.common import KnowledgeConfig, MeshConfig, ServerConfig, ToolsConfig, create_channel, load_config
 from services.common.config import PlannerConfig
 from services.eval import Contains, EvalTask, Unanswerable, load_suite
+from services.eval.bfcl import bfcl_agent_spec
 from services.eval.generate import CATEGORIES, generate_kg_tasks
 from services.knowledge import DatasetSpec, OxigraphStore
 from services.knowledge import create_server as create_knowledge_server
 from services.knowledge.dataset import default_data_dir, read_countries
-from services.planner.agents import default_agent
+from services.planner.agents import check_definition, default_agent
 from services.planner.clients import ToolsServiceClient
+from services.planner.convert import definition_from_proto
 from services.planner.types import Generation
 from services.tools.server import create_server as create_tools_server
 from services.train import TrainSettings, TrainSettingsError, step_examples
@@ -39,9 +42,11 @@ from services.train.demonstrations import (
     demonstration_counts,
     read_demonstrations,
 )
-from services.train.loop import TrainJob, demonstration_tasks
+from services.train.loop import TrainJob
 from services.train.settings import parse_category_counts
+from services.train.suites import demonstration_tasks
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
+from tests.unit.test_eval_bfcl import FunctionTools
 
 # Enough for every category: Euro countries to count, unique capitals, Chinese names, time zones.
 COUNTRIES = frozenset({"BE", "BT", "DE", "DZ", "FR", "JP"})
@@ -224,6 +229,53 @@ def test_demonstrations_for_a_category_the_suite_lacks_is_refused_naming_the_cho
         match=r"^--demonstrations-for revers: 'kg-train' has no such train category; use one of calling_code, ",
     ):
         demonstration_tasks(settings)
+
+
+def test_demonstrations_come_from_every_train_suite_per_category() -> None:
+    settings = TrainSettings(
+        suite=("kg-train", "bfcl-simple"), demonstrations=2, demonstrations_for=(("bfcl_simple", 3),),
+        categories=("one_hop", "bfcl_simple"),
+    )  # fmt: skip
+    chosen = demonstration_tasks(settings)
+    assert [(t.category, t.split) for t in chosen] == [("one_hop", "train")] * 2 + [("bfcl_simple", "train")] * 3
+    assert all(t.agent and t.meta["solution"] for t in chosen[2:])
+    unknown = dataclasses.replace(settings, demonstrations_for=(("revers", 1),))
+    with pytest.raises(
+        TrainSettingsError,
+        match=r"^--demonstrations-for revers: neither 'kg-train' nor 'bfcl-simple' has such train category; use one "
+        r"of bfcl_simple, one_hop$",
+    ):
+        demonstration_tasks(unknown)
+
+
+BFCL_TRAIN = [task for task in load_suite("bfcl-simple").tasks if task.split == "train"]
+
+
+async def test_every_bfcl_train_solution_is_played_as_its_tasks_agent_and_verified_but_two() -> None:
+    """Every train task's reference solution through the planner's executor as its own agent (the definition the
+    planner stores for bfcl_agent_spec), the guided policy and the round's listing of every BFCL function: each call
+    is one the constrained decoder can write under its step's schema, and all but two are verified by the judge."""
+    tools = FunctionTools(tuple(BFCL_TRAIN))
+    listing = await tools.list_tools()
+    played, refused_calls = {}, []
+    for task in BFCL_TRAIN:
+        spec = definition_from_proto(agents_pb2.AgentSpec(**bfcl_agent_spec(task)))
+        RecordingPlayer.requests = []
+        async with Demonstrator(check_definition(task.agent, spec, listing, []), tools, player=RecordingPlayer) as d:
+            played[task.id] = await d.demonstrate(task)
+        refused_calls += [task.id] if "step 1" in played[task.id].reason else []
+        rollout = played[task.id].rollout
+        assert rollout is not None and json.loads(rollout.outputs[1]) == task.meta["solution"][0], task.id
+        assert decodable(RecordingPlayer.requests[0]["schema"], rollout.outputs[1]), task.id
+    dropped = {task_id: d.reason for task_id, d in played.items() if not d.kept}
+    assert refused_calls == []  # no solution is refused at its call: every one is decodable and fits its schema
+    # The two whose call has a dict argument: ToolCalled compares it with BFCL's nested possible values as they are,
+    # so no answer the step offers passes the task's checks (tests/unit/test_eval_bfcl.py).
+    assert set(dropped) == {"simple_python_89", "simple_python_337"}
+    assert all("no answer the step offers passes the task's checks" in reason for reason in dropped.values())
+    assert sum(d.kept for d in played.values()) == 192 == len(BFCL_TRAIN) - 2
+    rollout = played[BFCL_TRAIN[0].id].rollout
+    assert rollout is not None and (rollout.tool_calls, rollout.steps, rollout.valid_call_rate) == (1, 2, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -11,15 +11,20 @@ from pathlib import Path
 import pytest
 
 from inference_core.testing import write_tiny_llama
-from meshpilot.planner.v1 import agents_pb2
+from meshpilot.planner.v1 import agents_pb2, planner_pb2_grpc
 from services.common import load_config
-from services.eval import Contains, EvalTask, RunUnavailable
+from services.eval import Contains, EvalTask, PlannerRunner, RunUnavailable
+from services.eval.bfcl import convert_bfcl
 from services.planner.pg_store import PostgresRunStore
 from services.planner.store import RunStore
 from services.train import TrainSettings, TrainSettingsError, react_action
 from services.train.journal import open_journal
-from services.train.loop import TrainJob, load_suites
+from services.train.loop import TrainJob
+from services.train.rollouts import collect_rollouts, rollout_agent_name
+from services.train.suites import load_suites
 from tests.unit.planner_fakes import FakeTools, Planner, ScriptedLLM, answer, call
+from tests.unit.test_eval_bfcl import INTEGER, FunctionTools, question, tool_sources
+from tests.unit.test_eval_bfcl import answer as bfcl_answer
 
 FRANCE = EvalTask("capital-FR", "What is the capital of France?", (Contains(("Paris",)),), "one_hop", "train")
 JAPAN = EvalTask("capital-JP", "What is the capital of Japan?", (Contains(("Tokyo",)),), "one_hop", "test")
@@ -109,9 +114,58 @@ def test_suites_that_give_no_tasks_are_refused_naming_the_option(change: dict, m
 
 
 def test_the_suites_are_the_train_and_test_splits_sampled() -> None:
-    train, test = load_suites(TrainSettings(categories=("one_hop", "reverse"), limit=2, eval_limit=1))
+    (train,), (test,) = load_suites(TrainSettings(categories=("one_hop", "reverse"), limit=2, eval_limit=1))
     assert [(t.category, t.split) for t in train.tasks] == [("one_hop", "train")] * 2 + [("reverse", "train")] * 2
     assert [(t.category, t.split) for t in test.tasks] == [("one_hop", "test"), ("reverse", "test")]
+
+
+def test_kg_and_bfcl_are_trained_on_together_and_each_scored_on_its_own_test_split() -> None:
+    settings = TrainSettings(
+        suite=("kg-train", "bfcl-simple"), eval_suite=("kg-test", "bfcl-simple"), limit=2, eval_limit=1,
+        categories=("one_hop", "bfcl_simple"),
+    )  # fmt: skip
+    train, test = load_suites(settings)
+    assert [(s.name, [t.category for t in s.tasks]) for s in train] == [
+        ("kg-train", ["one_hop", "one_hop"]), ("bfcl-simple", ["bfcl_simple", "bfcl_simple"]),
+    ]  # fmt: skip
+    assert [(s.name, len(s.tasks)) for s in test] == [("kg-test", 1), ("bfcl-simple", 1)]
+    assert {t.split for s in train for t in s.tasks} == {"train"} and {t.split for s in test for t in s.tasks} == {
+        "test"
+    }
+    bfcl_train, bfcl_test = train[1].tasks, test[1].tasks
+    assert [t.id for t in bfcl_train] == ["simple_python_1", "simple_python_3"] and bfcl_test[0].id == "simple_python_0"
+    assert all(t.agent == f"bfcl-simple-python-{t.id.rsplit('_', 1)[1]}" for t in (*bfcl_train, *bfcl_test))
+
+
+def write_suite(path: Path, *tasks: EvalTask) -> str:
+    path.write_text("".join(json.dumps(task.to_json()) + "\n" for task in tasks))
+    return str(path)
+
+
+def test_a_suite_without_the_split_an_option_needs_is_refused_naming_the_option_and_the_suite(tmp_path: Path) -> None:
+    only_test = write_suite(tmp_path / "only-test.jsonl", JAPAN)
+    only_train = write_suite(tmp_path / "only-train.jsonl", FRANCE)
+    with pytest.raises(TrainSettingsError, match=rf"^--suite '{only_test}' has no train tasks; choose another suite"):
+        load_suites(TrainSettings(suite=("kg-train", only_test)))
+    with pytest.raises(TrainSettingsError, match=rf"^--eval-suite '{only_train}' has no test tasks; choose another"):
+        load_suites(TrainSettings(eval_suite=("kg-test", only_train)))
+
+
+def test_suites_of_one_option_that_share_a_task_id_are_refused(tmp_path: Path) -> None:
+    again = write_suite(tmp_path / "again.jsonl", FRANCE, JAPAN)
+    mine = write_suite(tmp_path / "mine.jsonl", FRANCE, JAPAN)
+    with pytest.raises(TrainSettingsError, match=rf"^--suite '{mine}': task 'capital-FR' is also in '{again}'; give"):
+        load_suites(TrainSettings(suite=(again, mine)))
+    with pytest.raises(TrainSettingsError, match=rf"^--eval-suite '{mine}': task 'capital-JP' is also in '{again}'"):
+        load_suites(TrainSettings(suite=(again,), eval_suite=(again, mine)))
+    assert [len(s.tasks) for s in load_suites(TrainSettings(suite=(again,), eval_suite=(mine,)))[0]] == [1]
+
+
+def test_a_student_with_tasks_that_run_as_their_own_agents_is_refused() -> None:
+    settings = TrainSettings(suite=("kg-train", "bfcl-simple"), student="free")
+    with pytest.raises(TrainSettingsError, match=r"^--student 'free': the tasks of 'bfcl-simple' run as their own"):
+        load_suites(settings)
+    assert load_suites(dataclasses.replace(settings, suite=("kg-train",), eval_suite=("kg-test", "bfcl-simple")))
 
 
 async def test_a_react_student_learns_from_the_guided_rollouts_and_is_what_is_scored(config, settings, tiny) -> None:
@@ -197,3 +251,115 @@ async def test_a_grpo_round_samples_from_every_rollouts_prompts(config, settings
     llm.assert_consumed()
     assert (result.rollouts, result.examples, result.steps) == (2, 4, 1)  # both runs' prompts, good and bad
     assert (config.data_dir / "models" / "t-r1" / "config.json").is_file()
+
+
+class RecordingRunner(PlannerRunner):
+    """The planner's Run, recording which agent each task ran as."""
+
+    def __init__(self, planner: Planner) -> None:
+        super().__init__(planner_pb2_grpc.PlannerServiceStub(planner.channel))
+        self.ran: list[tuple[str, str]] = []
+
+    async def run(self, task: str, *, agent: str, timeout_s: float):
+        self.ran.append((task, agent))
+        return await super().run(task, agent=agent, timeout_s=timeout_s)
+
+
+async def test_bfcl_tasks_roll_out_demonstrate_and_score_as_their_own_agents_beside_kg_tasks(tmp_path, tiny) -> None:
+    """One round on a kg suite and a BFCL suite: a BFCL task's rollouts run as sampled copies of its own agent, its
+    demonstration plays as that agent, the trained model is scored as ``<task agent>-on-<model>``, and each suite
+    gets its report."""
+    factorial = question(1, "math.factorial", {"number": INTEGER}, ["number"], "Calculate the factorial of 5.")
+    area = question(2, "area", {"base": INTEGER}, ["base"], "Find the area of a square of side 4.")
+    answers = [bfcl_answer(1, "math.factorial", {"number": [5]}), bfcl_answer(2, "area", {"base": [4]})]
+    train, test = convert_bfcl(f"{factorial}\n{area}", "\n".join(answers))
+    assert (train.split, test.split) == ("train", "test")
+    kg = dataclasses.replace(FRANCE, meta={"solution": [{"tool": "country_facts", "arguments": {"country": "France"}}]})
+    suites = (write_suite(tmp_path / "kg.jsonl", kg, JAPAN), write_suite(tmp_path / "bfcl.jsonl", train, test))
+    settings = TrainSettings(
+        name="t", suite=suites, eval_suite=suites, attempts=1, demonstrations=1, max_steps=1, save_steps=1,
+        concurrency=1, grad_accumulation=1, max_length=4096,
+    )  # fmt: skip
+    no_answer = answer("I could not find the answer.")
+    outputs = [
+        call("country_facts", country="Japan"), answer("The capital of Japan is Tokyo."),  # baseline, kg
+        call("bfcl.area", base=5), no_answer,  # baseline, BFCL: a wrong value
+        call("country_facts", country="France"), answer("The capital of France is Paris."),  # rollout: passes
+        call("bfcl.math_factorial", number=6), no_answer,  # rollout as a copy of the task's agent: fails
+        call("country_facts", country="Japan"), answer("The capital of Japan is Tokyo."),  # t-r1, kg
+        call("bfcl.area", base=4), no_answer,  # t-r1 as bfcl-simple-python-2-on-t-r1: passes
+    ]  # fmt: skip
+    llm, tools = ScriptedLLM(outputs, models=("tiny", "t-r1")), FunctionTools((train, test))
+    async with tool_sources() as (sources, port):
+        config = load_config(
+            data_dir=str(tmp_path / "data"), tools={"server": {"port": port}},
+            planner={"server": {"port": 0}, "default_agent_tools": ["country_facts", "calculator"]},
+        )  # fmt: skip
+        async with Planner(config, llm, tools) as planner:
+            runner = RecordingRunner(planner)
+            loop = TrainJob(
+                settings, data_dir=config.data_dir, default_model_path=str(tiny), default_model_id="tiny",
+                channel=planner.channel, tools=tools, journal=planner.servicer.store, runner=runner, tool_runner=tools,
+            )  # fmt: skip
+            (result,) = await loop.run()
+            copy = await planner.agents.GetAgent(agents_pb2.GetAgentRequest(name="train-t-bfcl-simple-python-1-a0"))
+    llm.assert_consumed()
+    assert [agent for _, agent in runner.ran] == [
+        "", "bfcl-simple-python-2",  # the baseline: the task's own agent
+        "train-t-a0", "train-t-bfcl-simple-python-1-a0",  # rollouts: sampled copies of each
+        "default-on-t-r1", "bfcl-simple-python-2-on-t-r1",  # the trained model
+    ]  # fmt: skip
+    assert list(copy.spec.tools) == ["bfcl.math_factorial"] and copy.spec.sampling.seed == 14 + 1000
+    assert [r["model"] for r in llm.requests][-4:] == ["t-r1"] * 4
+    assert [source.name for source in sources.registered] == ["bfcl"]
+
+    assert (result.rollouts, result.rollouts_passed, result.selected) == (2, 1, 1)
+    assert result.demonstrations == {"one_hop": {"kept": 1, "tried": 1}, "bfcl_simple": {"kept": 1, "tried": 1}}
+    folder = config.data_dir / "train" / "t"
+    examples = [json.loads(line) for line in (folder / "round-1" / "examples.jsonl").read_text().splitlines()]
+    assert len(examples) == result.examples == 6  # the passing rollout and two demonstrations, two steps each
+    bfcl_call = examples[4]  # the BFCL demonstration's call, prompted as its agent was at the rollout's first step
+    assert json.loads(bfcl_call["completion"]) == {"tool": "bfcl.math_factorial", "arguments": {"number": 5}}
+    assert bfcl_call["messages"] == llm.requests[6]["messages"]
+    assert "You call the one function" in bfcl_call["messages"][0]["content"]
+
+    assert [(r.suite, r.agent, r.overall.completed) for r in result.reports] == [("kg", "t-r1", 1), ("bfcl", "t-r1", 1)]
+    assert set(json.loads((folder / "rounds.json").read_text())[0]["evals"]) == {"kg", "bfcl"}
+    report = json.loads((folder / "report.json").read_text())
+    assert [(r["suite"], r["agent"], r["overall"]["completed"]) for r in report] == [
+        ("kg", "baseline", 1), ("bfcl", "baseline", 0), ("kg", "t-r1", 1), ("bfcl", "t-r1", 1),
+    ]  # fmt: skip
+    assert "Suite `bfcl`" in (folder / "round-1" / "eval.md").read_text()
+
+
+async def test_a_task_whose_own_agent_does_not_exist_is_refused_before_any_run(config, tmp_path, tiny) -> None:
+    ghost = dataclasses.replace(FRANCE, agent="ghost")
+    suite = write_suite(tmp_path / "ghost.jsonl", ghost, JAPAN)
+    llm, tools = ScriptedLLM([]), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        settings = TrainSettings(name="t", suite=suite, eval_suite=suite, attempts=1)
+        with pytest.raises(TrainSettingsError, match=rf"^--suite '{suite}': task capital-FR runs as 'ghost': no such"):
+            await job(settings, config, planner, tools, tiny).run()
+    assert llm.requests == []
+
+
+async def test_rollouts_of_a_task_agent_without_sampled_copies_are_refused_before_any_run(tmp_path: Path) -> None:
+    own = dataclasses.replace(FRANCE, agent="bfcl-simple-python-1")
+    path, journal, copies = (
+        tmp_path / "rollouts.jsonl",
+        RunStore(tmp_path / "journal.db"),
+        {"bfcl-simple-python-2": ["c"]},
+    )
+    with pytest.raises(ValueError, match=r"^no sampled copies of the task agents bfcl-simple-python-1; prepare them"):
+        await collect_rollouts(
+            [own], ["a0"], Unavailable(), journal, path, concurrency=1, timeout_s=1, task_agents=copies
+        )
+    assert not path.exists()
+
+
+def test_a_task_agents_copies_are_named_after_it_and_never_shared() -> None:
+    assert rollout_agent_name("kg", 3) == "train-kg-a3"
+    assert rollout_agent_name("kg", 3, "bfcl-simple-python-12") == "train-kg-bfcl-simple-python-12-a3"
+    job_name = "j" * 41
+    long = {rollout_agent_name(job_name, 0, f"bfcl-simple-python-{n}") for n in (12, 123)}
+    assert len(long) == 2 and all(len(name) <= 63 and name.endswith("-a0") for name in long)

@@ -39,6 +39,8 @@ from services.train import TrainSettings, TrainSettingsError
         ({"epochs": 0.0}, r"^--epochs is 0; use a positive number, or set --max-steps"),
         ({"kd_alpha": -0.1}, r"^--kd-alpha is -0.1"),
         ({"kd_temperature": 0.0}, r"^--kd-temperature is 0"),
+        ({"suite": ()}, r"^--suite: name at least one suite"),
+        ({"eval_suite": ("kg-test", "bfcl-simple", "kg-test")}, r"^--eval-suite names kg-test twice; give each suite"),
     ],
 )
 def test_bad_settings_name_the_option(change: dict, message: str) -> None:
@@ -58,6 +60,8 @@ def test_a_teacher_that_is_not_a_model_directory_is_refused(tmp_path: Path) -> N
 def test_the_defaults_are_valid_and_name_each_rounds_model() -> None:
     settings = TrainSettings().validate()
     assert [settings.model_id(n) for n in (1, 2)] == ["kg-r1", "kg-r2"]
+    assert (settings.suite, settings.eval_suite) == (("kg-train",), ("kg-test",))
+    assert TrainSettings(suite="mine.jsonl", eval_suite="theirs.jsonl").suite == ("mine.jsonl",)  # one name: one suite
 
 
 @pytest.mark.parametrize(
@@ -65,6 +69,9 @@ def test_the_defaults_are_valid_and_name_each_rounds_model() -> None:
     [
         (["--rounds", "0"], "--rounds is 0; use 1 or more"),
         (["--suite", "no-such-suite"], "--suite: no suite 'no-such-suite'"),
+        (["--suite", "kg-train", "--suite", "kg-test"], "--suite 'kg-test' has no train tasks; choose another suite"),
+        (["--eval-suite", "kg-test", "--eval-suite", "kg-train"], "--eval-suite 'kg-train' has no test tasks"),
+        (["--suite", "kg-train", "--suite", "kg-train"], "--suite names kg-train twice"),
         (["--precision", "fp16"], "--precision is 'fp16'; use fp32 or bf16"),
         (["--method", "ppo"], "--method is 'ppo'; use bc or grpo"),
         (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher does not exist"),
@@ -103,6 +110,7 @@ def test_services_train_exports_what_its_modules_define() -> None:
         "ray_backend",
         "rollouts",
         "settings",
+        "suites",
     }
     public = {name for name in dir(services.train) if not name.startswith("_")} - modules
     assert set(services.train.__all__) == public
