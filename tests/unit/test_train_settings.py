@@ -85,12 +85,26 @@ def test_the_command_exits_2_naming_the_option(args: list[str], message: str) ->
     assert f"error: {message}" in done.output
 
 
-def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, monkeypatch) -> None:
+KG_AND_BFCL = [
+    "--suite",
+    "kg-train",
+    "--suite",
+    "bfcl-simple",
+    "--eval-suite",
+    "kg-test",
+    "--eval-suite",
+    "bfcl-simple",
+]
+
+
+@pytest.mark.parametrize("suites", [[], KG_AND_BFCL], ids=["kg", "kg and bfcl"])
+def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, monkeypatch, suites) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens there once closed
     monkeypatch.setenv("MESHPILOT_DATA_DIR", str(tmp_path))
-    done = CliRunner().invoke(app, ["train", "--limit", "1", "--planner", f"127.0.0.1:{port}", "--no-baseline"])
+    args = ["train", *suites, "--limit", "1", "--planner", f"127.0.0.1:{port}", "--no-baseline"]
+    done = CliRunner().invoke(app, args)
     assert done.exit_code == 1, done.output
     assert "UNAVAILABLE" in done.output and "is the mesh up?" in done.output
 
