@@ -72,6 +72,14 @@ def train(
     category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
     limit: Annotated[int, typer.Option(help="Training tasks per category (0: all).")] = D.limit,
     eval_limit: Annotated[int, typer.Option(help="Test tasks per category (0: all).")] = D.eval_limit,
+    eval_limit_for: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval-limit-for",
+            metavar="CATEGORY=N",
+            help="N test tasks of this category instead of --eval-limit's (repeatable; 0: all).",
+        ),
+    ] = None,
     agent: Annotated[str, typer.Option(help="The agent rolled out and trained; default: the built-in.")] = D.agent,
     student: Annotated[
         str, typer.Option(help="A react agent the (guided) rollouts teach, in its own format; it is what is scored.")
@@ -137,6 +145,7 @@ def train(
 
     try:
         counts = parse_category_counts("--demonstrations-for", demonstrations_for or [])
+        eval_counts = parse_category_counts("--eval-limit-for", eval_limit_for or [])
     except TrainSettingsError as e:
         fail(str(e), 2)
     settings = TrainSettings(
@@ -146,6 +155,7 @@ def train(
         categories=tuple(category or ()),
         limit=limit,
         eval_limit=eval_limit,
+        eval_limit_for=eval_counts,
         agent=agent,
         student=student,
         rounds=rounds,

@@ -81,16 +81,26 @@ class Suite:
     tasks: tuple[EvalTask, ...]
     path: Path | None = None
 
-    def select(self, *, split: str = "", categories: Iterable[str] = (), limit: int = 0) -> Suite:
-        """The tasks of ``split`` and ``categories`` (all when empty), at most ``limit`` per category (0: all), in
-        file order; a fixed sample, so that a re-run of a bounded evaluation resumes the same tasks."""
+    def select(
+        self,
+        *,
+        split: str = "",
+        categories: Iterable[str] = (),
+        limit: int = 0,
+        limits: Mapping[str, int] | None = None,
+    ) -> Suite:
+        """The tasks of ``split`` and ``categories`` (all when empty), at most ``limit`` per category (0: all;
+        ``limits[category]`` instead where given), in file order; a fixed sample, so that a re-run of a bounded
+        evaluation resumes the same tasks."""
         wanted = set(categories)
+        limits = limits or {}
         taken: dict[str, int] = {}
         chosen = []
         for task in self.tasks:
             if (split and task.split != split) or (wanted and task.category not in wanted):
                 continue
-            if limit and taken.get(task.category, 0) >= limit:
+            cap = limits.get(task.category, limit)
+            if cap and taken.get(task.category, 0) >= cap:
                 continue
             taken[task.category] = taken.get(task.category, 0) + 1
             chosen.append(task)

@@ -37,6 +37,9 @@ class TrainSettings:
     """Training tasks per category (a fixed sample, file order); 0: all."""
     eval_limit: int = 5
     """Test tasks per category; 0: all."""
+    eval_limit_for: tuple[tuple[str, int], ...] = ()
+    """(category, N) pairs overriding ``eval_limit`` for those categories (``--eval-limit-for bfcl_simple=60``: a
+    one-category suite scored on more tasks than each kg category)."""
     agent: str = ""
     """The agent rolled out ("": the built-in default); its policy must be guided or react."""
     student: str = ""
@@ -119,12 +122,15 @@ class TrainSettings:
         _at_least("--eval-limit", self.eval_limit, 0)
         _at_least("--keep-per-task", self.keep_per_task, 1)
         _at_least("--demonstrations", self.demonstrations, 0)
-        for category, count in self.demonstrations_for:
-            _at_least(f"--demonstrations-for {category}=", count, 0)
-        seen = [category for category, _ in self.demonstrations_for]
-        if len(set(seen)) < len(seen):
-            twice = sorted({c for c in seen if seen.count(c) > 1})
-            raise TrainSettingsError(f"--demonstrations-for names {', '.join(twice)} twice; give each category once")
+        for option, pairs in (
+            ("--demonstrations-for", self.demonstrations_for), ("--eval-limit-for", self.eval_limit_for)
+        ):  # fmt: skip
+            for category, count in pairs:
+                _at_least(f"{option} {category}=", count, 0)
+            seen = [category for category, _ in pairs]
+            if len(set(seen)) < len(seen):
+                twice = sorted({c for c in seen if seen.count(c) > 1})
+                raise TrainSettingsError(f"{option} names {', '.join(twice)} twice; give each category once")
         _at_least("--concurrency", self.concurrency, 1)
         _at_least("--ray-workers", self.ray_workers, 1)
         if self.ray_workers > 1 and not self.ray:

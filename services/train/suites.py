@@ -15,15 +15,15 @@ def load_suites(settings: TrainSettings) -> tuple[list[Suite], list[Suite]]:
     gives no tasks of its split, or has a task id another suite of the option has (rollouts, demonstrations and
     results are kept by task id); and for --student with tasks that run as their own agents."""
     chosen: dict[str, list[Suite]] = {}
-    for option, names, split, limit in (
-        ("--suite", settings.suite, "train", settings.limit),
-        ("--eval-suite", settings.eval_suite, "test", settings.eval_limit),
+    for option, names, split, limit, limits in (
+        ("--suite", settings.suite, "train", settings.limit, {}),
+        ("--eval-suite", settings.eval_suite, "test", settings.eval_limit, dict(settings.eval_limit_for)),
     ):
         suites: list[Suite] = []
         seen: dict[str, str] = {}
         for name in names:
             try:
-                suite = load_suite(name).select(split=split, categories=settings.categories, limit=limit)
+                suite = load_suite(name).select(split=split, categories=settings.categories, limit=limit, limits=limits)
             except SuiteError as e:
                 raise TrainSettingsError(f"{option}: {e}") from None
             if not suite.tasks:
@@ -38,6 +38,13 @@ def load_suites(settings: TrainSettings) -> tuple[list[Suite], list[Suite]]:
                 seen[task.id] = name
             suites.append(suite)
         chosen[option] = suites
+    scored = {task.category for suite in chosen["--eval-suite"] for task in suite.tasks}
+    unknown = [category for category, _ in settings.eval_limit_for if category not in scored]
+    if unknown:
+        raise TrainSettingsError(
+            f"--eval-limit-for {unknown[0]}: no --eval-suite has such a test category; use one of "
+            f"{', '.join(sorted(scored))}"
+        )
     own = next((suite for suite in chosen["--suite"] if any(task.agent for task in suite.tasks)), None)
     if settings.student and own is not None:
         raise TrainSettingsError(

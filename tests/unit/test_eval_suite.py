@@ -90,6 +90,8 @@ def test_select_takes_a_fixed_sample_per_category(tmp_path: Path) -> None:
     assert [t.id for t in suite.select(limit=2).tasks] == ["a-0", "a-1", "b-0", "b-1"]
     assert [t.id for t in suite.select(categories=["b"], limit=1).tasks] == ["b-0"]
     assert suite.select(limit=2).path == path
+    assert [t.id for t in suite.select(limit=1, limits={"b": 3}).tasks] == ["a-0", "b-0", "b-1", "b-2"]
+    assert len(suite.select(limit=1, limits={"a": 0}).tasks) == 6  # 0: all of that category
 
 
 def test_the_shipped_suites_load_and_keep_their_splits_apart() -> None:

@@ -106,6 +106,10 @@ async def test_an_agent_on_a_model_this_job_cannot_train_is_refused_naming_the_o
         ({"eval_suite": "no-such-suite"}, r"^--eval-suite: no suite"),
         ({"categories": ("poetry",)}, r"^--suite 'kg-train' has no train tasks in the categories poetry"),
         ({"suite": "kg-test"}, r"^--suite 'kg-test' has no train tasks"),
+        (
+            {"eval_limit_for": (("bfcl_simple", 5),)},
+            r"^--eval-limit-for bfcl_simple: no --eval-suite has such a test category; use one of calling_code, ",
+        ),
     ],
 )
 def test_suites_that_give_no_tasks_are_refused_naming_the_option(change: dict, message: str) -> None:
@@ -117,6 +121,17 @@ def test_the_suites_are_the_train_and_test_splits_sampled() -> None:
     (train,), (test,) = load_suites(TrainSettings(categories=("one_hop", "reverse"), limit=2, eval_limit=1))
     assert [(t.category, t.split) for t in train.tasks] == [("one_hop", "train")] * 2 + [("reverse", "train")] * 2
     assert [(t.category, t.split) for t in test.tasks] == [("one_hop", "test"), ("reverse", "test")]
+
+
+def test_a_category_scored_on_its_own_number_of_test_tasks() -> None:
+    settings = TrainSettings(
+        eval_suite=("kg-test", "bfcl-simple"), categories=("one_hop", "bfcl_simple"), eval_limit=1,
+        eval_limit_for=(("bfcl_simple", 7),),
+    )  # fmt: skip
+    _, (kg, bfcl) = load_suites(settings)
+    assert len(kg.tasks) == 1 and len(bfcl.tasks) == 7 and {t.split for t in bfcl.tasks} == {"test"}
+    with pytest.raises(TrainSettingsError, match=r"^--eval-limit-for names bfcl_simple twice"):
+        dataclasses.replace(settings, eval_limit_for=(("bfcl_simple", 7), ("bfcl_simple", 8))).validate()
 
 
 def test_kg_and_bfcl_are_trained_on_together_and_each_scored_on_its_own_test_split() -> None:
