@@ -115,14 +115,16 @@ eval-suites: install ## regenerate services/eval/suites: kg-train/kg-test (fixed
 	$(PY) -m zipfile -e build/bfcl/bfcl_eval-$(BFCL_VERSION)-py3-none-any.whl build/bfcl
 	$(PY) scripts/gen_eval_suites.py --bfcl-data build/bfcl/bfcl_eval/data
 
-# A small configuration of the learning loop (issue 14): 7 categories x 2 train tasks x 2 sampled attempts plus verified
-# demonstrations (8 per category; reverse and counting, the shapes the model confuses, 14; unanswerable 4), full
-# fine-tuning for 2 epochs, scored on 10 test tasks per category next to the untrained baseline. Results under
-# <data_dir>/train/demo; a re-run resumes.
+# A small configuration of the learning loop (issue 14), one model for kg and BFCL: 7 kg categories and BFCL x 2 train
+# tasks x 2 sampled attempts, plus verified demonstrations (8 per kg category; reverse and counting, the shapes the
+# model confuses, 12; unanswerable 4; BFCL 32), full fine-tuning for 2 epochs, scored on 10 kg-test tasks per category
+# and 40 BFCL test tasks next to the untrained baseline. Results under <data_dir>/train/demo; a re-run resumes.
 TRAIN_ARGS ?=
-train: install ## the learning loop, small (~50 min on 2 cores): demonstrations + rollouts -> full fine-tune -> demo-r1 registered and scored on 70 test tasks (needs the mesh up: make run; docs/bench/train.md)
-	$(VENV)/bin/meshpilot train --name demo --rounds 1 --demonstrations 8 \
-	  --demonstrations-for reverse=14 --demonstrations-for counting=14 --demonstrations-for unanswerable=4 --limit 2 --attempts 2 --eval-limit 10 \
+train: install ## the learning loop, small (~1 h on 2 cores): demonstrations + rollouts -> full fine-tune -> demo-r1 registered and scored on kg-test and BFCL (needs the mesh up: make run; docs/bench/train.md)
+	$(VENV)/bin/meshpilot train --name demo --rounds 1 --suite kg-train --suite bfcl-simple \
+	  --eval-suite kg-test --eval-suite bfcl-simple --limit 2 --attempts 2 --eval-limit 10 --eval-limit-for bfcl_simple=40 \
+	  --demonstrations 8 --demonstrations-for reverse=12 --demonstrations-for counting=12 \
+	  --demonstrations-for unanswerable=4 --demonstrations-for bfcl_simple=32 \
 	  --full --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
 
 format: install
