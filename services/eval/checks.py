@@ -191,8 +191,24 @@ def _same_value(given: Any, expected: Any) -> bool:
     if isinstance(expected, list) and isinstance(given, list):
         return len(given) == len(expected) and all(_same_value(g, e) for g, e in zip(given, expected, strict=True))
     if isinstance(expected, dict) and isinstance(given, dict):
-        return given.keys() == expected.keys() and all(_same_value(given[k], expected[k]) for k in expected)
+        if given.keys() == expected.keys() and all(_same_value(given[k], expected[k]) for k in expected):
+            return True
+        return _accepted_fields(given, expected)
     return bool(given == expected)
+
+
+def _accepted_fields(given: dict[str, Any], expected: dict[str, Any]) -> bool:
+    """BFCL's form of a dict argument's possible answers: each field lists its accepted values ("" among them: the
+    field may be left out), and no other field is given."""
+    if not all(isinstance(accepted, list) for accepted in expected.values()) or not given.keys() <= expected.keys():
+        return False
+    for name, accepted in expected.items():
+        if name not in given:
+            if "" not in accepted and accepted:
+                return False
+        elif not any(_same_value(given[name], value) for value in accepted if value != ""):
+            return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -135,10 +135,8 @@ def test_the_shipped_split_keeps_every_function_on_one_side_and_every_task_has_a
         assert listed[task.meta["tool"]["name"]] == task.meta["tool"]
         if not check.evaluate(Trajectory("", (ToolCallRecord(step["tool"], step["arguments"]),))).passed:
             failing.append(task.id)
-    # ToolCalled compares a dict argument with BFCL's nested possible values as they are ({"department": ["Science"]}
-    # against {"department": "Science"}): no call with a dict argument, or a list of dicts, passes it. 2 train tasks,
-    # 3 test tasks.
-    assert failing == [f"simple_python_{n}" for n in (89, 94, 96, 260, 337)]
+    # Dict arguments (and lists of dicts: simple_python_89, 94, 96, 260, 337) are checked field by field in BFCL's form.
+    assert failing == []
     assert has_functions(SHIPPED) and not has_functions(load_suite("kg-test"))
 
 

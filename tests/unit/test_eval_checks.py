@@ -96,6 +96,21 @@ def test_tool_call_compares_lists_and_objects_as_json_values() -> None:
     assert not check.evaluate(said("", ToolCallRecord("f", {"xs": [1, 2, 3], "opts": {"a": "x"}, "flag": 1}))).passed
 
 
+def test_a_dict_argument_in_bfcls_form_lists_each_fields_accepted_values() -> None:
+    # BFCL simple_python_94: update_info's possible answers are per field; "" lets a field be left out.
+    check = ToolCalled("f", {"info": ({"name": ["John Doe"], "email": ["johndoe@email.com", ""]},)})
+
+    def passes(info: dict) -> bool:
+        return check.evaluate(said("", ToolCallRecord("f", {"info": info}))).passed
+
+    assert passes({"name": "John Doe", "email": "johndoe@email.com"})
+    assert passes({"name": "john doe"})  # the optional field left out, the string normalized
+    assert not passes({"email": "johndoe@email.com"})  # the required field missing
+    assert not passes({"name": "Jane Doe", "email": "johndoe@email.com"})
+    assert not passes({"name": "John Doe", "phone": "1"})  # a field BFCL does not list
+    assert passes({"name": ["John Doe"], "email": ["johndoe@email.com", ""]})  # the literal value still matches
+
+
 @pytest.mark.parametrize(
     ("answer", "passed"),
     [
