@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 BUF := .tools/node_modules/.bin/buf
 PYTEST_ARGS ?=
-# Workers of make test (pytest-xdist): 2 for the 2-core machines CI runs on; each module stays on one worker.
+# Workers of make test (pytest-xdist): 2 for the 2-core machines CI runs on; each module stays on one worker
+# (--dist loadfile), so its module fixtures (a mesh, a model) start once.
 TEST_WORKERS ?= 2
 FUZZ_BUDGET ?= 200
 FUZZ_ARGS ?=
@@ -39,7 +40,7 @@ run: install ## start the four services (Ctrl-C stops them)
 	$(VENV)/bin/meshpilot up
 
 test: install $(BUF) ## all three tiers: unit, integration (real processes), end-to-end
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install ## unit tests only
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

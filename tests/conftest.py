@@ -39,18 +39,6 @@ def serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-# Modules that share a package fixture (tests/integration/conftest.py: one tritonserver) run on the same worker.
-_SHARED = {"test_triton_backend": "triton", "test_triton_cpu_twin": "triton"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test` runs ``-n 2 --dist loadgroup``) a module's tests stay on one worker, so its
-    module fixtures (a mesh, a model) start once, and modules sharing a package fixture stay together."""
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(_SHARED.get(module, f"{item.path.parent.name}/{module}")))
-
-
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

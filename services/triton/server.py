@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import shutil
 import signal
@@ -259,14 +260,28 @@ def cpu_twin_server(
     except TritonServerError:
         if not install:
             raise
-        env = {**os.environ, "TRITON_VENV": str(venv)}
-        done = subprocess.run(["bash", str(INSTALL_SCRIPT), "--install-only"], env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise TritonServerError(f"{INSTALL_SCRIPT} --install-only failed:\n{done.stderr[-2000:]}") from None
+        _install_once(Path(venv))
     workdir = Path(workdir)
     options = replace(options or TritonRepoOptions(), cpu_twin=True)
     repo = write_model_repository(workdir / "repository", options)
     return LocalTritonServer(repo.path, venv, workdir, ports=ports or TritonPorts.free())
+
+
+def _install_once(venv: Path) -> None:
+    """Creates ``venv`` with scripts/triton_cpu.sh, one process at a time (two test workers may ask at once: the
+    second waits on the lock, then finds the venv made)."""
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            TritonInstall.find(venv)
+            return
+        except TritonServerError:
+            pass
+        env = {**os.environ, "TRITON_VENV": str(venv)}
+        done = subprocess.run(["bash", str(INSTALL_SCRIPT), "--install-only"], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise TritonServerError(f"{INSTALL_SCRIPT} --install-only failed:\n{done.stderr[-2000:]}") from None
 
 
 def _die_with_parent() -> None:

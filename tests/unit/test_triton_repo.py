@@ -311,3 +311,51 @@ def test_serve_cpu_without_the_triton_venv_says_how_to_create_it(tmp_path: Path)
     )
     assert done.exit_code == 2
     assert f"no tritonserver in {tmp_path / 'no-venv'}; run `make triton-cpu`" in done.stderr
+
+
+def _fake_install_script(tmp_path: Path, *, fails: bool = False) -> Path:
+    """A stand-in for scripts/triton_cpu.sh: counts its runs, takes a while, and lays out what TritonInstall.find
+    looks for in $TRITON_VENV (or fails saying so)."""
+    script = tmp_path / "install.sh"
+    server = '"$TRITON_VENV/lib/python3.11/site-packages/pytriton/tritonserver"'
+    script.write_text(
+        f'echo run >> "{tmp_path}/runs"\nsleep 0.5\n'
+        + ('echo "pip: no matching distribution" >&2\nexit 3\n' if fails else "")
+        + f"mkdir -p {server}/bin {server}/backends/python {server}/python_backend_stubs/3.11 "
+        '"$TRITON_VENV/lib/python3.11/site-packages/nvidia_pytriton.libs"\n'
+        f"touch {server}/bin/tritonserver {server}/python_backend_stubs/3.11/triton_python_backend_stub\n"
+    )
+    return script
+
+
+def test_two_workers_asking_for_the_missing_triton_venv_at_once_install_it_once(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    from services.triton import server as triton_server
+
+    monkeypatch.setattr(triton_server, "INSTALL_SCRIPT", _fake_install_script(tmp_path))
+    venv = tmp_path / "venv-triton"
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            triton_server.cpu_twin_server(tmp_path / f"work-{threading.get_ident()}", venv=venv)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=make) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert (tmp_path / "runs").read_text().splitlines() == ["run"]
+    assert triton_server.TritonInstall.find(venv).binary.name == "tritonserver"
+
+
+def test_a_failed_triton_venv_install_says_what_the_script_said(tmp_path: Path, monkeypatch) -> None:
+    from services.triton import server as triton_server
+
+    monkeypatch.setattr(triton_server, "INSTALL_SCRIPT", _fake_install_script(tmp_path, fails=True))
+    with pytest.raises(triton_server.TritonServerError, match=r"--install-only failed:\npip: no matching distribution"):
+        triton_server.cpu_twin_server(tmp_path / "work", venv=tmp_path / "venv-triton")
