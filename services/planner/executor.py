@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
@@ -410,6 +410,13 @@ class RunExecutor:
             call.result, call.error = outcome.result, outcome.error
             await self._commit([ToolReturned(snapshot.step, call.call_id, call.tool, outcome, started_at)])
 
+    def waits_for_approval(self) -> bool:
+        """Whether the run's current step has calls waiting for a decision and none ready to run: the state a park
+        leaves, until a decision."""
+        steps = self.snapshot.steps
+        calls = steps[-1].calls if steps else []
+        return _waiting(calls)
+
     async def decide(self, call_id: str, approved: bool, arguments: dict[str, Any] | None, comment: str) -> None:
         """Applies a human's decision on a call that waits for approval: approved calls run (with ``arguments`` if
         given) when the run is driven again; a rejected call's outcome is the rejection, which the model reads.
@@ -436,10 +443,7 @@ class RunExecutor:
                 call.error = f"a human rejected this call: {reason}"
                 events.append(ApprovalDecided(snapshot.step, call_id, call.tool, False, call.arguments, reason))
                 events.append(ToolReturned(snapshot.step, call_id, call.tool, ToolOutcome(error=call.error)))
-            calls = snapshot.steps[-1].calls
-            waiting = any(c.status is CallStatus.AWAITING_APPROVAL for c in calls) and not any(
-                c.status in (CallStatus.PENDING, CallStatus.APPROVED) for c in calls
-            )
+            waiting = _waiting(snapshot.steps[-1].calls)
             await self.journal.commit(events, RunState.WAITING_FOR_APPROVAL if waiting else RunState.RUNNING)
 
     async def _retrying(self, call: Callable[[float], Awaitable[T]]) -> T:
@@ -474,4 +478,11 @@ def _status_text(status: CallStatus) -> str:
 def _out_of_time(timeout_s: float) -> Failed:
     return Failed(
         "DEADLINE_EXCEEDED", f"time budget ran out: the run passed its timeout of {timeout_s:g}s; raise budget.timeout"
+    )
+
+
+def _waiting(calls: Sequence[CallRecord]) -> bool:
+    """Calls wait for a decision and none is ready to run."""
+    return any(c.status is CallStatus.AWAITING_APPROVAL for c in calls) and not any(
+        c.status in (CallStatus.PENDING, CallStatus.APPROVED) for c in calls
     )

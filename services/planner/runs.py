@@ -141,6 +141,11 @@ class RunManager:
                 parked = not finished.cancelled() and finished.exception() is None
                 if not (parked and finished.result() is RunState.WAITING_FOR_APPROVAL):
                     self._executors.pop(run_id, None)
+                elif not executor.waits_for_approval():
+                    # A decision came after the park was journaled but before this task ended: decide() saw the
+                    # run still driven and left it to this task, which no longer looks. Drive it on.
+                    self._drive(executor)
+                    return
             if not finished.cancelled() and (error := finished.exception()) is not None:
                 if isinstance(error, LeaseLostError):
                     self._executors.pop(run_id, None)

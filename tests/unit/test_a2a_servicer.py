@@ -204,6 +204,45 @@ async def test_an_approval_wait_is_input_required_and_an_approving_message_compl
     assert decision.parts[0].text == "approved calculator (call-1): fine"
 
 
+async def test_a_decision_that_comes_while_the_parked_run_winds_down_still_drives_it_on(config, monkeypatch) -> None:
+    # The race a loaded machine opened: the park is journaled (the client sees input-required and approves) before
+    # the task that parked has ended, so decide() finds the run still driven and starts nothing; that task must not
+    # leave the decision unread.
+    from services.planner.executor import RunExecutor
+
+    drive, decide = RunExecutor.drive, RunExecutor.decide
+    decided = asyncio.Event()
+
+    async def slow_to_end(self: RunExecutor):
+        state = await drive(self)
+        if not decided.is_set():
+            await decided.wait()  # the decision arrives while this task still runs
+        return state
+
+    async def deciding(self: RunExecutor, *args: Any) -> None:
+        await decide(self, *args)
+        decided.set()
+
+    monkeypatch.setattr(RunExecutor, "drive", slow_to_end)
+    monkeypatch.setattr(RunExecutor, "decide", deciding)
+    llm = ScriptedLLM([react("calculator", expression="17 * 23"), react_answer("391")])
+    async with Planner(config, llm, FakeTools(), signer=SIGNER) as planner:
+        await create_careful_agent(planner)
+        sent = a2a(planner).SendMessage(send(text_message("17 * 23?", agent="careful"), return_immediately=True))
+        waiting = (await sent).task
+        for _ in range(200):  # until the park is journaled (the task that parked is still running: it waits above)
+            waiting = await a2a(planner).GetTask(a2a_pb2.GetTaskRequest(id=waiting.id))
+            if waiting.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED
+        approve = a2a(planner).SendMessage(send(text_message("approve: fine", task_id=waiting.id)))
+        done = (await asyncio.wait_for(approve, 20)).task
+
+    assert done.status.state == a2a_pb2.TASK_STATE_COMPLETED
+    assert done.artifacts[0].parts[0].text == "391"
+
+
 async def test_a_rejecting_data_part_becomes_the_observation(config) -> None:
     llm = ScriptedLLM([react("calculator", expression="2+2"), react_answer("I may not.")])
     tools = FakeTools()
