@@ -24,9 +24,16 @@ def clean_env() -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, for a service to bind soon. Under pytest-xdist each worker takes only ports of its own residue
+    (port mod workers), so two workers' meshes never race for one."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port % workers == worker % workers:
+            return port
 
 
 def serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:

@@ -32,6 +32,8 @@ class ServiceProcesses:
         self.env = clean_env()
         self.env["MESHPILOT_DATA_DIR"] = str(data_dir)
         self.env.update({f"MESHPILOT_{name.upper()}__SERVER__PORT": str(port) for name, port in self.ports.items()})
+        # /metrics defaults to the gRPC port + 1000, which nothing checked was free.
+        self.env.update({f"MESHPILOT_{name.upper()}__SERVER__METRICS_PORT": str(free_port()) for name in self.ports})
         self.env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())
         self.env.update(env or {})
         self.names = names

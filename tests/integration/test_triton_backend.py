@@ -94,6 +94,8 @@ def mesh_env(tmp_path_factory: pytest.TempPathFactory, twin: LocalTritonServer) 
     env["MESHPILOT_DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
     for name in ("planner", "tools", "knowledge", "inference"):
         env[f"MESHPILOT_{name.upper()}__SERVER__PORT"] = str(free_port())
+        env[f"MESHPILOT_{name.upper()}__SERVER__METRICS_PORT"] = str(free_port())
+    env["MESHPILOT_TOOLS__MCP_ENDPOINT__PORT"] = str(free_port())
     env["MESHPILOT_INFERENCE__BACKEND"] = "triton"
     env["MESHPILOT_INFERENCE__TRITON_URL"] = twin.grpc_url
     env["MESHPILOT_INFERENCE__TRITON_MODEL"] = "ensemble"
