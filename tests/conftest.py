@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import grpc
@@ -23,17 +24,32 @@ def clean_env() -> dict[str, str]:
     return {**env, **TEST_ENV}
 
 
+# Ports for services the tests start: below the kernel's ephemeral range (32768-60999 here), so no outgoing
+# connection takes one between free_port() and the service's bind, split evenly among the xdist workers.
+_PORTS = range(12000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free now, for a service to bind soon. Under pytest-xdist each worker takes only ports of its own residue
-    (port mod workers), so two workers' meshes never race for one."""
+    """A port free now, for a service to bind soon, never handed out before in this process. Under pytest-xdist each
+    worker draws from its own slice of ``_PORTS``, so two workers' meshes never race for one. (Not bind(0): the kernel
+    hands bind(0) ports of one parity only, odd on Linux 6.18, so no rule on the port number can split those.)"""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    while True:
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+    span = len(_PORTS) // workers
+    mine = range(_PORTS.start + worker * span, _PORTS.start + (worker + 1) * span)
+    for _ in range(1000):
+        port = random.choice(mine)
+        if port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port % workers == worker % workers:
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {mine.start}-{mine.stop - 1} after 1000 tries")
 
 
 def serving(target: str, credentials: grpc.ChannelCredentials | None = None) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,18 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.memory_soak import soak
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from tests.conftest import TEST_ENV
+from tests.conftest import TEST_ENV, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 REPO = Path(__file__).resolve().parents[2]
 COMMAND = "import asyncio, services.inference as s; from services.common import load_config; asyncio.run(s.main(load_config()))"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def wait_serving(address: str, process: subprocess.Popen, timeout: float = 180.0) -> None:

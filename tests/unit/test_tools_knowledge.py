@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import pytest
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.common import InvalidArgumentError
 from services.tools import KnowledgeClient, ToolErrorKind, ToolRegistry, builtin_tools
+from tests.conftest import free_port
 
 NS = "https://meshpilot.dev/kg/"
 RDF_TYPE = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type"
@@ -425,9 +425,7 @@ async def test_knowledge_errors_become_observations(
 
 
 async def test_knowledge_service_down_is_unavailable_observation() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     client = KnowledgeClient(f"127.0.0.1:{port}")
     await client.open()
     registry = ToolRegistry()

@@ -5,7 +5,6 @@ and a Ray task's failure reaches the loop as the local runner's would."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,12 +18,7 @@ from meshpilot.cli import app
 from services.eval.checks import Trajectory
 from services.eval.runner import PlannerAccess, RunUnavailable
 from services.train import TrainSettings, TrainSettingsError
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens there once closed
+from tests.conftest import free_port
 
 
 @pytest.mark.parametrize(
@@ -52,7 +46,7 @@ def test_the_command_exits_2_on_zero_ray_workers() -> None:
 @pytest.mark.parametrize("command", [["train", "--limit", "1", "--no-baseline"], ["eval", "kg-test", "--limit", "1"]])
 def test_a_cluster_that_is_not_there_is_named(command: list[str], tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("MESHPILOT_DATA_DIR", str(tmp_path))
-    address = f"127.0.0.1:{closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     done = CliRunner().invoke(app, [*command, "--ray", address])
     assert done.exit_code == 1, done.output
     assert f"error: --ray {address}: no Ray cluster answers there" in done.output
@@ -68,7 +62,7 @@ def test_an_address_without_a_port_is_refused(tmp_path: Path, monkeypatch) -> No
 
 def test_without_ray_nothing_imports_it(tmp_path: Path) -> None:
     """A train and an eval command without --ray, as far as the unreachable planner lets them go."""
-    port = closed_port()
+    port = free_port()
     script = textwrap.dedent(f"""
         import sys
         from typer.testing import CliRunner

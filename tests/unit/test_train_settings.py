@@ -4,7 +4,6 @@ the command exits 2 for those and 1 when the mesh cannot be reached."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from typer.testing import CliRunner
 
 from meshpilot.cli import app
 from services.train import TrainSettings, TrainSettingsError
+from tests.conftest import free_port
 
 
 @pytest.mark.parametrize(
@@ -99,9 +99,7 @@ KG_AND_BFCL = [
 
 @pytest.mark.parametrize("suites", [[], KG_AND_BFCL], ids=["kg", "kg and bfcl"])
 def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, monkeypatch, suites) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # nothing listens there once closed
+    port = free_port()  # nothing listens there
     monkeypatch.setenv("MESHPILOT_DATA_DIR", str(tmp_path))
     args = ["train", *suites, "--limit", "1", "--planner", f"127.0.0.1:{port}", "--no-baseline"]
     done = CliRunner().invoke(app, args)
