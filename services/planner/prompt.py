@@ -15,6 +15,7 @@ from services.planner.types import AgentExample, ToolSpec, Turn
 MAX_ANSWER_CHARS = 160
 NO_ANSWER = "I could not find the answer."
 MAX_DESCRIPTION_CHARS = 120
+MAX_ARGUMENT_DESCRIPTION_CHARS = 100
 # The question again after each observation: a 135M model otherwise forgets what was asked and states the facts it
 # likes best (the capital, the currency); with it, it picks the fact the question names (measured: 12 -> 22 of 23).
 OBSERVATION = "Observation: {observation}\nThe question was: {task}"
@@ -154,8 +155,18 @@ def tool_lines(tools: Sequence[ToolSpec]) -> str:
 
 def _tool_line(tool: ToolSpec) -> str:
     properties = tool.input_schema.get("properties") or {}
+    required = set(tool.input_schema.get("required") or ())
     args = ", ".join(f'"{name}": {spec.get("type", "value")}' for name, spec in properties.items())
-    return f"- {tool.name} {{{args}}}: {_short_description(tool.description)}"
+    lines = [f"- {tool.name} {{{args}}}: {_short_description(tool.description)}"]
+    for name, spec in properties.items():
+        if isinstance(spec, dict) and isinstance(spec.get("description"), str) and spec["description"].strip():
+            kind = spec.get("type", "value") if name in required else f'{spec.get("type", "value")}, optional'
+            lines.append(f'  "{name}" ({kind}): {_clip(spec["description"].strip(), MAX_ARGUMENT_DESCRIPTION_CHARS)}')
+    return "\n".join(lines)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _render_example(example: Example, tools: dict[str, ToolSpec]) -> str | None:
