@@ -160,7 +160,7 @@ def _tool_line(tool: ToolSpec) -> str:
     lines = [f"- {tool.name} {{{args}}}: {_short_description(tool.description)}"]
     for name, spec in properties.items():
         if isinstance(spec, dict) and isinstance(spec.get("description"), str) and spec["description"].strip():
-            kind = spec.get("type", "value") if name in required else f'{spec.get("type", "value")}, optional'
+            kind = spec.get("type", "value") if name in required else f"{spec.get('type', 'value')}, optional"
             lines.append(f'  "{name}" ({kind}): {_clip(spec["description"].strip(), MAX_ARGUMENT_DESCRIPTION_CHARS)}')
     return "\n".join(lines)
 

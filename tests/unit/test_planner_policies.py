@@ -144,7 +144,7 @@ def test_each_described_argument_gets_a_line_saying_whether_it_is_optional() -> 
 
     assert lines[0] == '- area {"radius": number, "units": string, "note": string}: Area of a circle'
     assert lines[1] == '  "radius" (number): The radius.'
-    assert lines[2].startswith('  "units" (string, optional): Units of the radius (defaults to \'meters\'). xx')
+    assert lines[2].startswith("  \"units\" (string, optional): Units of the radius (defaults to 'meters'). xx")
     assert lines[2].endswith("...") and len(lines[2]) < 140  # long descriptions are cut
     assert len(lines) == 3  # no line for an argument without a description
 
