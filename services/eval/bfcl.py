@@ -174,19 +174,25 @@ def acknowledgement(function: str, arguments: Mapping[str, Any]) -> str:
 async def prepare_bfcl(channel: grpc.aio.Channel, suite: Suite, suite_path: Path, *, timeout_s: float = 60.0) -> int:
     """Registers the suite's functions as the tool source ``bfcl`` (this module as an MCP stdio server, started by
     the tools service) and creates each task's agent, both through the planner as the caller's tenant. A source
-    registered already is kept; an agent that exists keeps its spec, except that its tools are set to the task's
+    registered already for this suite file is kept (for another file, it is registered again); an agent that exists keeps its spec, except that its tools are set to the task's
     function when they are not (a regenerated suite may have renamed it). Returns how many agents were created or
     updated."""
     source = tools_pb2.ToolSource(name=SOURCE)
     source.mcp.command = sys.executable
     source.mcp.args.extend(["-m", "services.eval.bfcl", str(suite_path.resolve())])
+    sources = tool_sources_pb2_grpc.ToolSourceServiceStub(channel)
+    register = tools_pb2.RegisterToolSourceRequest(source=source)
     try:
-        await tool_sources_pb2_grpc.ToolSourceServiceStub(channel).RegisterToolSource(
-            tools_pb2.RegisterToolSourceRequest(source=source), timeout=timeout_s
-        )
+        await sources.RegisterToolSource(register, timeout=timeout_s)
     except grpc.aio.AioRpcError as e:
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
+        # Registered for another suite file (a subset, a newer BFCL), it would lack this suite's functions: the
+        # source is registered again for this file.
+        listed = (await sources.ListToolSources(tools_pb2.ListToolSourcesRequest(), timeout=timeout_s)).sources
+        if any(s.name == SOURCE and list(s.mcp.args) != list(source.mcp.args) for s in listed):
+            await sources.UnregisterToolSource(tools_pb2.UnregisterToolSourceRequest(name=SOURCE), timeout=timeout_s)
+            await sources.RegisterToolSource(register, timeout=timeout_s)
     agents = agents_pb2_grpc.AgentServiceStub(channel)
     changed = 0
     for task in suite.tasks:

@@ -153,6 +153,13 @@ class RecordingToolSources(tools_pb2_grpc.ToolsServiceServicer):
         self.registered.append(request.source)
         return request.source
 
+    async def ListToolSources(self, request, context):
+        return tools_pb2.ListToolSourcesResponse(sources=self.registered)
+
+    async def UnregisterToolSource(self, request, context):
+        self.registered = [source for source in self.registered if source.name != request.name]
+        return tools_pb2.UnregisterToolSourceResponse()
+
 
 @asynccontextmanager
 async def tool_sources() -> AsyncIterator[tuple[RecordingToolSources, int]]:
@@ -201,3 +208,22 @@ async def test_the_functions_are_registered_once_and_an_agent_whose_function_was
     assert agents[0].spec.instructions == "Call it." and agents[0].version == 2  # its own spec, the tool fixed
     (source,) = sources.registered
     assert (source.name, list(source.mcp.args)) == (SOURCE, ["-m", "services.eval.bfcl", str(Path(SHIPPED.path))])
+
+
+async def test_a_source_registered_for_another_suite_file_is_registered_again_for_this_one(tmp_path) -> None:
+    # Evaluating a subset of the suite first registered the source for the subset's file: the next suite's agents
+    # named functions the source did not offer (INVALID_ARGUMENT: unknown tool).
+    tasks = tuple(SHIPPED.tasks[:2])
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(json.dumps(task.to_json()) + "\n" for task in tasks[:1]))
+    async with tool_sources() as (sources, port):
+        config = load_config(
+            data_dir=str(tmp_path / "data"), planner={"server": {"port": 0}}, tools={"server": {"port": port}}
+        )
+        async with Planner(config, ScriptedLLM([]), FunctionTools(tasks)) as planner:
+            await prepare_bfcl(planner.channel, Suite("subset", tasks[:1], subset), subset)
+            assert SHIPPED.path is not None
+            await prepare_bfcl(planner.channel, Suite("bfcl-simple", tasks, SHIPPED.path), SHIPPED.path)
+            await prepare_bfcl(planner.channel, Suite("bfcl-simple", tasks, SHIPPED.path), SHIPPED.path)
+    (source,) = sources.registered
+    assert list(source.mcp.args) == ["-m", "services.eval.bfcl", str(Path(SHIPPED.path))]
