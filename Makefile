@@ -127,8 +127,9 @@ train: install ## the learning loop, small (~1 h on 2 cores): demonstrations + r
 	$(VENV)/bin/meshpilot train --name demo --rounds 1 --suite kg-train --suite bfcl-simple \
 	  --eval-suite kg-test --eval-suite bfcl-simple --limit 2 --attempts 2 --eval-limit 10 --eval-limit-for bfcl_simple=40 \
 	  --demonstrations 8 --demonstrations-for reverse=12 --demonstrations-for counting=12 \
-	  --demonstrations-for unanswerable=4 --demonstrations-for bfcl_simple=32 \
-	  --full --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
+	  --demonstrations-for two_hop=12 --demonstrations-for chinese=12 \
+	  --demonstrations-for unanswerable=4 --demonstrations-for bfcl_simple=48 \
+	  --full --precision bf16 --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format .
