@@ -218,7 +218,7 @@ async def test_constrained_rows_validate_inside_a_mixed_batch() -> None:
 
 
 async def test_kv_budget_is_never_exceeded_and_memory_is_preallocated() -> None:
-    engine = await start(max_batch_size=3, max_seq_len=256, prefix_cache_tokens=128)
+    engine = await start(max_batch_size=3, max_seq_len=128, prefix_cache_tokens=64)
     try:
         scheduler = engine._scheduler
         before = (scheduler.slots.keys.data_ptr(), scheduler.kv_bytes)
@@ -236,17 +236,17 @@ async def test_kv_budget_is_never_exceeded_and_memory_is_preallocated() -> None:
             GenerationRequest(
                 request_id=f"k{i}",
                 prompt=f"{q} Explain at length.",
-                max_tokens=300,
-                constraint=Constraint("regex", "[0-9]{4000}"),
+                max_tokens=200,
+                constraint=Constraint("regex", "[0-9]{200}"),
             )
-            for i, q in enumerate(QUESTIONS)
+            for i, q in enumerate(QUESTIONS[:4])  # one more than the slots
         ]
         results = await asyncio.gather(*(run(engine, r) for r in requests))
         sampler.cancel()
         assert all(last.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) for _, _, last in results)
-        assert all(len(ids) + last.usage.prompt_tokens <= 256 for ids, _, last in results)
+        assert all(len(ids) + last.usage.prompt_tokens <= 128 for ids, _, last in results)
         assert max(s.running for s in seen) == 3
-        assert all(s.kv_tokens_used <= s.kv_tokens_capacity == 3 * 256 for s in seen)
+        assert all(s.kv_tokens_used <= s.kv_tokens_capacity == 3 * 128 for s in seen)
         assert all(s.prefix_cache_blocks_used <= s.prefix_cache_blocks_capacity for s in seen)
         assert (scheduler.slots.keys.data_ptr(), scheduler.kv_bytes) == before
     finally:
