@@ -203,6 +203,9 @@ def train(
     notices = Console(stderr=True)
     try:
         results = asyncio.run(_run(settings, cfg, planner_at, tools_at, notices, baseline=baseline))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the job; a training step under way was finished and checkpointed first
+        fail(f"stopped; what job {settings.name!r} finished is kept: run the same command to resume", 130)
     except TrainSettingsError as e:
         fail(str(e), 2)
     except (ConfigError, RuntimeError, ValueError) as e:

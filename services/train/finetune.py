@@ -126,17 +126,27 @@ class FineTuneResult:
     loss: float
 
 
+class TrainingStopped(Exception):
+    """Training stopped because ``on_step`` asked it to (Ctrl-C): a checkpoint of the last step was written, and the
+    same call resumes from it."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"training stopped at step {step}; its checkpoint is kept: run the same command to resume")
+        self.step = step
+
+
 def fine_tune(
     examples: Sequence[StepExample],
     *,
     base: Path,
     checkpoints: Path,
     settings: TrainSettings,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], bool | None] | None = None,
 ) -> FineTuneResult:
     """Trains the model in ``base`` (a HF directory) on ``examples``; checkpoints go to ``checkpoints`` every
     ``settings.save_steps`` optimizer steps, and a call that finds one there resumes from the last (optimizer,
-    scheduler, RNG and data position included). ``on_step(done, total)`` after each optimizer step."""
+    scheduler, RNG and data position included). ``on_step(done, total)`` after each optimizer step; when it returns
+    True, that step is checkpointed and TrainingStopped raised."""
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -182,11 +192,6 @@ def fine_tune(
         dataloader_num_workers=0,
     )
 
-    class Progress(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if on_step is not None:
-                on_step(state.global_step, state.max_steps)
-
     trainer_class = Trainer if teacher is None else _distillation_trainer(teacher, settings)
     trainer = trainer_class(
         model=model,
@@ -195,15 +200,34 @@ def fine_tune(
         data_collator=collate(
             int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         ),
-        callbacks=[Progress()],
+        callbacks=[progress := stepping(on_step, TrainerCallback)],
     )
     trainer.remove_callback(PrinterCallback)  # it prints each step's logs on stdout, which `--json` keeps for its JSON
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     output = trainer.train(resume_from_checkpoint=last)
+    if progress.stopped_at is not None:
+        raise TrainingStopped(progress.stopped_at)
     trained = model.merge_and_unload() if settings.lora else model
     return FineTuneResult(
         trained, tokenizer, len(kept), len(tokenized) - len(kept), int(output.global_step), float(output.training_loss)
     )
+
+
+def stepping(on_step: Callable[[int, int], bool | None] | None, base: type) -> Any:
+    """A TrainerCallback (``base``: transformers' class, imported by the caller) that calls ``on_step(done, total)``
+    after each optimizer step and, when it returns True, has the trainer checkpoint that step and stop; then
+    ``stopped_at`` is the step."""
+
+    class Progress(base):  # type: ignore[misc, valid-type]
+        stopped_at: int | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if on_step is not None and on_step(state.global_step, state.max_steps):
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+    return Progress()
 
 
 def _teacher(settings: TrainSettings, student: Any) -> Any:

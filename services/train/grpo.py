@@ -15,7 +15,14 @@ from services.eval.checks import Trajectory
 from services.eval.suite import EvalTask, judge
 from services.planner.types import ToolSpec
 from services.train.examples import Rollout, StepExample
-from services.train.finetune import LORA_TARGETS, FineTuneError, FineTuneResult, load_pretrained
+from services.train.finetune import (
+    LORA_TARGETS,
+    FineTuneError,
+    FineTuneResult,
+    TrainingStopped,
+    load_pretrained,
+    stepping,
+)
 from services.train.settings import TrainSettings
 
 # An action is a short JSON object; a longer sample is rambling, and generating it is what costs time on a CPU.
@@ -96,7 +103,7 @@ def grpo_tune(
     base: Path,
     checkpoints: Path,
     settings: TrainSettings,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], bool | None] | None = None,
 ) -> FineTuneResult:
     """GRPO from the model in ``base`` over ``prompts`` (their messages; completions are sampled, ``settings.attempts``
     per prompt at ``settings.temperature``), with checkpoints and resume as ``fine_tune``; LoRA merged on return."""
@@ -129,18 +136,16 @@ def grpo_tune(
             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM",
         )  # fmt: skip
 
-    class Progress(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if on_step is not None:
-                on_step(state.global_step, state.max_steps)
-
+    progress = stepping(on_step, TrainerCallback)
     trainer = GRPOTrainer(
         model=model, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer, peft_config=peft_config, callbacks=[Progress()],
+        processing_class=tokenizer, peft_config=peft_config, callbacks=[progress],
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     output = trainer.train(resume_from_checkpoint=last)
+    if progress.stopped_at is not None:
+        raise TrainingStopped(progress.stopped_at)
     tuned: Any = trainer.model
     trained = tuned.merge_and_unload() if settings.lora else tuned
     return FineTuneResult(trained, tokenizer, len(rows), 0, int(output.global_step), float(output.training_loss))

@@ -8,10 +8,12 @@ a phase whose result is there is not run again: an interrupted job resumes where
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,7 @@ from services.train.examples import (
     tools_from_json,
     tools_to_json,
 )
-from services.train.finetune import FineTuneResult, base_model_dir, export_model, fine_tune
+from services.train.finetune import FineTuneResult, TrainingStopped, base_model_dir, export_model, fine_tune
 from services.train.gguf_export import export_gguf, gguf_file_name
 from services.train.grpo import grpo_tune, reward_function, verified_calls
 from services.train.rollouts import (
@@ -353,14 +355,27 @@ class TrainJob:
             return int(figures["steps"]), float(figures["loss"])
         base = await asyncio.to_thread(self._model_dir, model_in)
         bars: list[Callable[[int, str], None]] = []
+        stop = threading.Event()
 
-        def step(done: int, total: int) -> None:
+        def step(done: int, total: int) -> bool:
             if not bars:  # the total is known once the trainer has planned its steps
                 bars.append(self.progress.start(f"round {number}: training", total))
             bars[0](done, "optimizer steps")
+            return stop.is_set()
 
         checkpoints = folder / "checkpoints"
-        result = await asyncio.to_thread(tune, base=base, checkpoints=checkpoints, settings=self.settings, on_step=step)
+        training = asyncio.ensure_future(
+            asyncio.to_thread(tune, base=base, checkpoints=checkpoints, settings=self.settings, on_step=step)
+        )
+        try:
+            result = await asyncio.shield(training)
+        except asyncio.CancelledError:
+            # Ctrl-C: the trainer thread cannot be cancelled, and the process would wait for it to finish all its
+            # steps. Asked to stop, it checkpoints its current step and returns; the next run resumes there.
+            stop.set()
+            with contextlib.suppress(TrainingStopped):
+                await training
+            raise
         await asyncio.to_thread(export_model, result, destination)
         gguf = await asyncio.to_thread(self._export_gguf, destination)
         figures = {"steps": result.steps, "loss": result.loss, "examples": result.examples}

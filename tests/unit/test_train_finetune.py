@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from inference_core.testing import write_tiny_llama
 from services.train import IGNORE_INDEX, StepExample, TrainSettings
-from services.train.finetune import FineTuneError, collate, export_model, fine_tune, tokenize_example
+from services.train.finetune import (
+    FineTuneError,
+    TrainingStopped,
+    collate,
+    export_model,
+    fine_tune,
+    tokenize_example,
+)
 
 EXAMPLES = [
     StepExample(
@@ -83,6 +90,25 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_to_the_same_weights
         weights(resumed.model),
     )
     assert any(not torch.equal(before[name], after[name]) for name in after)  # it learned something
+    for name in after:
+        torch.testing.assert_close(again[name], after[name], rtol=1e-4, atol=1e-6)
+
+
+def test_asked_to_stop_it_checkpoints_that_step_and_a_rerun_goes_on_from_there(tiny: Path, tmp_path: Path) -> None:
+    # Ctrl-C during `meshpilot train` asks the trainer to stop (on_step returns True): the step it was on is kept,
+    # not only the last save_steps checkpoint.
+    whole = fine_tune(EXAMPLES, base=tiny, checkpoints=tmp_path / "whole", settings=TINY)
+
+    with pytest.raises(TrainingStopped) as stopped:
+        fine_tune(EXAMPLES, base=tiny, checkpoints=tmp_path / "cut", settings=TINY, on_step=lambda done, _: done == 3)
+    assert stopped.value.step == 3 and "run the same command to resume" in str(stopped.value)
+    assert "checkpoint-3" in {p.name for p in (tmp_path / "cut").iterdir()}
+    seen: list[int] = []
+    resumed = fine_tune(
+        EXAMPLES, base=tiny, checkpoints=tmp_path / "cut", settings=TINY, on_step=lambda done, _: seen.append(done)
+    )
+    assert seen == [4]
+    after, again = weights(whole.model), weights(resumed.model)
     for name in after:
         torch.testing.assert_close(again[name], after[name], rtol=1e-4, atol=1e-6)
 

@@ -4,8 +4,11 @@ resumes everything and runs nothing; the job's bad inputs are refused naming the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from services.eval.bfcl import convert_bfcl
 from services.planner.pg_store import PostgresRunStore
 from services.planner.store import RunStore
 from services.train import TrainSettings, TrainSettingsError, react_action
+from services.train.finetune import TrainingStopped
 from services.train.journal import open_journal
 from services.train.loop import TrainJob
 from services.train.rollouts import collect_rollouts, rollout_agent_name
@@ -86,6 +90,38 @@ async def test_a_round_trains_registers_and_scores_a_model_and_a_rerun_resumes_i
 
         (again,) = await job(settings, config, planner, tools, tiny).run()  # every phase's result is there
         assert again == result and len(llm.requests) == 8
+
+
+async def test_cancelled_while_training_the_trainer_is_asked_to_stop_and_the_job_ends(config, settings, tiny) -> None:
+    # Ctrl-C cancels the job; the trainer runs in a thread that cancellation does not reach, and the process used to
+    # wait for all its steps (an hour in `make train`). Now it is asked to stop at its next step.
+    stepping, asked = threading.Event(), []
+
+    def in_a_thread(tune, folder):
+        def train(*, base, checkpoints, settings, on_step):
+            for done in range(1, 400):  # bounded: without the fix nothing stops this thread
+                stepping.set()
+                if on_step(done, 400):
+                    asked.append(done)
+                    raise TrainingStopped(done)
+                time.sleep(0.05)
+            raise AssertionError("never asked to stop")
+
+        return train
+
+    france = [call("country_facts", country="France"), answer("The capital of France is Paris.")]
+    llm, tools = ScriptedLLM([*france, *france], models=("tiny",)), FakeTools()
+    async with Planner(config, llm, tools) as planner:
+        trainer = TrainJob(
+            settings, data_dir=config.data_dir, default_model_path=str(tiny), default_model_id="tiny",
+            channel=planner.channel, tools=tools, journal=planner.servicer.store, training=in_a_thread,
+        )  # fmt: skip
+        running = asyncio.ensure_future(trainer.run(baseline=False))
+        assert await asyncio.to_thread(stepping.wait, 120)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(running, 60)
+    assert len(asked) == 1  # asked once, and the job waited for the trainer to stop before it ended
 
 
 async def test_an_agent_on_a_model_this_job_cannot_train_is_refused_naming_the_option(config, settings, tiny) -> None:

@@ -107,6 +107,19 @@ def test_the_command_exits_1_when_the_planner_cannot_be_reached(tmp_path: Path, 
     assert "UNAVAILABLE" in done.output and "is the mesh up?" in done.output
 
 
+def test_ctrl_c_exits_130_saying_the_same_command_resumes(tmp_path: Path, monkeypatch) -> None:
+    import meshpilot.cli.train as command
+
+    async def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what asyncio.run raises once Ctrl-C has cancelled the job
+
+    monkeypatch.setattr(command, "_run", interrupted)
+    monkeypatch.setenv("MESHPILOT_DATA_DIR", str(tmp_path))
+    done = CliRunner().invoke(app, ["train", "--name", "j1", "--limit", "1", "--planner", "127.0.0.1:1"])
+    assert done.exit_code == 130, done.output
+    assert "stopped; what job 'j1' finished is kept: run the same command to resume" in done.output
+
+
 def test_services_train_exports_what_its_modules_define() -> None:
     import services.train
 
