@@ -174,9 +174,9 @@ def acknowledgement(function: str, arguments: Mapping[str, Any]) -> str:
 async def prepare_bfcl(channel: grpc.aio.Channel, suite: Suite, suite_path: Path, *, timeout_s: float = 60.0) -> int:
     """Registers the suite's functions as the tool source ``bfcl`` (this module as an MCP stdio server, started by
     the tools service) and creates each task's agent, both through the planner as the caller's tenant. A source
-    registered already for this suite file is kept (for another file, it is registered again); an agent that exists keeps its spec, except that its tools are set to the task's
-    function when they are not (a regenerated suite may have renamed it). Returns how many agents were created or
-    updated."""
+    registered already for this suite file is kept (for another file, it is registered again); an agent that exists
+    keeps its spec, except that its tools are set to the task's function when they are not (a regenerated suite may
+    have renamed it). Returns how many agents were created or updated."""
     source = tools_pb2.ToolSource(name=SOURCE)
     source.mcp.command = sys.executable
     source.mcp.args.extend(["-m", "services.eval.bfcl", str(suite_path.resolve())])

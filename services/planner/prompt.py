@@ -145,7 +145,7 @@ def fenced_observation(value: Any, nonce: str) -> str:
 
 def _short_description(description: str) -> str:
     first = re.sub(r"\s*\([^)]*\)", "", description.strip()).split(". ")[0].rstrip(".")
-    return first if len(first) <= MAX_DESCRIPTION_CHARS else first[: MAX_DESCRIPTION_CHARS - 3] + "..."
+    return _clip(first, MAX_DESCRIPTION_CHARS)
 
 
 def tool_lines(tools: Sequence[ToolSpec]) -> str:
