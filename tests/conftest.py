@@ -25,8 +25,10 @@ def clean_env() -> dict[str, str]:
 
 
 # Ports for services the tests start: below the kernel's ephemeral range (32768-60999 here), so no outgoing
-# connection takes one between free_port() and the service's bind, split evenly among the xdist workers.
-_PORTS = range(12000, 32000)
+# connection takes one between free_port() and the service's bind, and above Ray's worker ports (10002-19999 by
+# default: a Ray node refuses to start when one of its components was given a port in that range, and its workers bind
+# them later); split evenly among the xdist workers.
+_PORTS = range(20000, 32000)
 _handed_out: set[int] = set()
 
 
