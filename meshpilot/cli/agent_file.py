@@ -80,6 +80,9 @@ class AgentFile(_Strict):
     sampling: SamplingFile = SamplingFile()
     history_turns: int | None = Field(None, ge=0, description="Earlier turns shown to the model; unset: default.")
     examples: list[ExampleFile] = Field(default_factory=list, description="Worked examples of the agent's tools.")
+    builtin_examples: bool | None = Field(
+        None, description="Whether the planner's built-in worked examples follow the agent's; unset: yes."
+    )
 
     def to_spec(self) -> agents_pb2.AgentSpec:
         """The AgentSpec this file defines (the name travels next to it in the request)."""
@@ -101,6 +104,8 @@ class AgentFile(_Strict):
             spec.budget.timeout.CopyFrom(_duration(self.budget.timeout_seconds))
         if self.history_turns is not None:
             spec.history_turns = self.history_turns
+        if self.builtin_examples is not None:
+            spec.builtin_examples = self.builtin_examples
         for example in self.examples:
             item = spec.examples.add(task=example.task, tool=example.tool, answer=example.answer)
             item.arguments.update(example.arguments)
@@ -152,6 +157,7 @@ class AgentFile(_Strict):
                 )
                 for example in spec.examples
             ],
+            builtin_examples=spec.builtin_examples if spec.HasField("builtin_examples") else None,
         )
 
     def to_yaml(self) -> str:

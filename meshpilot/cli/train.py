@@ -127,6 +127,13 @@ def train(
         str, typer.Option(help="Also write each model as a GGUF for llama.cpp / Ollama: q8_0, f16, f32 or none.")
     ] = D.gguf,
     timeout: Annotated[float, typer.Option(help="Seconds a run may take before it fails.")] = D.timeout_s,
+    lean_prompt: Annotated[
+        bool,
+        typer.Option(
+            help="Train the model for prompts without the planner's built-in worked examples (shorter: faster to "
+            "train and to serve); its evaluations run without them."
+        ),
+    ] = D.lean_prompt,
     ray: Annotated[
         str,
         typer.Option(
@@ -183,6 +190,7 @@ def train(
         kd_temperature=kd_temperature,
         gguf=cast(GGUFType, gguf),
         timeout_s=timeout,
+        lean_prompt=lean_prompt,
         ray=ray,
         ray_workers=ray_workers,
     )  # fmt: skip  (validate() refuses a method, precision or GGUF type outside the Literal, naming the option)

@@ -17,14 +17,24 @@ def variant_name(agent: str, model: str) -> str:
     return f"{agent or DEFAULT_AGENT}-on-{slug}"[:63].rstrip("-")
 
 
-async def agent_on_model(channel: grpc.aio.Channel, agent: str, model: str, *, timeout_s: float = 30.0) -> str:
+async def agent_on_model(
+    channel: grpc.aio.Channel,
+    agent: str,
+    model: str,
+    *,
+    builtin_examples: bool | None = None,
+    timeout_s: float = 30.0,
+) -> str:
     """Makes (or brings up to date) the caller's agent ``variant_name(agent, model)``: ``agent``'s latest spec with
-    ``model``; returns its name. The planner checks the model against the inference service's ListModels."""
+    ``model`` (and the planner's built-in examples as ``builtin_examples`` says; None: as ``agent``); returns its
+    name. The planner checks the model against the inference service's ListModels."""
     stub = agents_pb2_grpc.AgentServiceStub(channel)
     base = await stub.GetAgent(agents_pb2.GetAgentRequest(name=agent or DEFAULT_AGENT), timeout=timeout_s)
     spec = agents_pb2.AgentSpec()
     spec.CopyFrom(base.spec)
     spec.model = model
+    if builtin_examples is not None:
+        spec.builtin_examples = builtin_examples
     name = variant_name(agent, model)
     try:
         await stub.CreateAgent(agents_pb2.CreateAgentRequest(name=name, spec=spec), timeout=timeout_s)

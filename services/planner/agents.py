@@ -61,6 +61,7 @@ class AgentDefinition:
     step_max_tokens: int = 0
     history_turns: int | None = None
     examples: tuple[AgentExample, ...] = ()
+    builtin_examples: bool = True  # the planner's own worked examples follow the agent's in the prompt
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

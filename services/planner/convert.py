@@ -279,6 +279,7 @@ def definition_from_proto(spec: agents_pb2.AgentSpec) -> AgentDefinition:
             )
             for example in spec.examples
         ),
+        builtin_examples=spec.builtin_examples if spec.HasField("builtin_examples") else True,
     )
 
 
@@ -306,6 +307,8 @@ def agent_to_proto(agent: Agent) -> agents_pb2.Agent:
         spec.sampling.seed = d.sampling.seed
     if d.history_turns is not None:
         spec.history_turns = d.history_turns
+    if not d.builtin_examples:
+        spec.builtin_examples = False
     for example in d.examples:
         item = spec.examples.add(task=example.task, tool=example.tool, answer=example.answer)
         item.arguments.update(example.arguments)

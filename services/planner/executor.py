@@ -188,6 +188,7 @@ class RunExecutor:
                 self.definition.instructions,
                 [self._marked(t) for t in tools if self.definition.allows(t.name)],
                 self.definition.examples,
+                self.definition.builtin_examples,
             )
             while True:
                 phase = self.snapshot.phase

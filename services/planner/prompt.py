@@ -199,13 +199,18 @@ def render_agent_example(example: AgentExample) -> str:
 
 
 def system_prompt(
-    tools: Sequence[ToolSpec], instructions: str = DEFAULT_INSTRUCTIONS, agent_examples: Sequence[AgentExample] = ()
+    tools: Sequence[ToolSpec],
+    instructions: str = DEFAULT_INSTRUCTIONS,
+    agent_examples: Sequence[AgentExample] = (),
+    *,
+    builtin_examples: bool = True,
 ) -> str:
     """The system prompt: the agent's instructions, the action format, the tools, then the agent's own examples and
-    the built-in ones whose tools exist."""
+    (``builtin_examples``) the built-in ones whose tools exist."""
     by_name = {tool.name: tool for tool in tools}
     examples = [render_agent_example(example) for example in agent_examples]
-    examples += [text for example in EXAMPLES if (text := _render_example(example, by_name))]
+    if builtin_examples:
+        examples += [text for example in EXAMPLES if (text := _render_example(example, by_name))]
     return SYSTEM_PROMPT.format(
         instructions=instructions.strip(),
         untrusted=UNTRUSTED_DATA,
@@ -221,9 +226,12 @@ def build_messages(
     steps: Sequence[Step],
     instructions: str = DEFAULT_INSTRUCTIONS,
     agent_examples: Sequence[AgentExample] = (),
+    *,
+    builtin_examples: bool = True,
 ) -> list[dict[str, str]]:
     """The chat for the next step: system prompt, earlier turns, the task, then each action and its observation."""
-    messages = [{"role": "system", "content": system_prompt(tools, instructions, agent_examples)}]
+    system = system_prompt(tools, instructions, agent_examples, builtin_examples=builtin_examples)
+    messages = [{"role": "system", "content": system}]
     for turn in history:
         messages.append({"role": "user", "content": turn.task})
         messages.append({"role": "assistant", "content": dumps({"final_answer": turn.answer})})

@@ -100,15 +100,21 @@ class StepExample:
         return cls(**json.loads(line))
 
 
-def step_examples(rollout: Rollout, tools: Sequence[ToolSpec]) -> list[StepExample]:
+def step_examples(
+    rollout: Rollout, tools: Sequence[ToolSpec], *, builtin_examples: bool | None = None
+) -> list[StepExample]:
     """Every model call of ``rollout`` as an example: the prompt rebuilt by the agent's policy from the run's snapshot
     as it stood before that step (``tools``: the tools service's listing the run saw), and the step's output.
 
     The policy's ``request`` is what the executor called, over the same transcript, the same fence nonce and the same
-    tools the agent may call, so the messages are the ones the model read. ExampleError for a policy whose prompt
-    also depends on state the snapshot no longer holds (plan_execute)."""
+    tools the agent may call, so the messages are the ones the model read; ``builtin_examples`` False rebuilds them
+    without the planner's built-in worked examples instead (what a model trained for a lean prompt will read; None:
+    as the run's agent had them). ExampleError for a policy whose prompt also depends on state the snapshot no
+    longer holds (plan_execute)."""
     snapshot = RunSnapshot.from_json(rollout.snapshot)
     definition = AgentDefinition.from_dict(snapshot.agent.spec)
+    if builtin_examples is not None:
+        definition = dataclasses.replace(definition, builtin_examples=builtin_examples)
     return _examples(rollout, snapshot, definition, tools, dict(rollout.outputs))
 
 
@@ -156,7 +162,10 @@ def _examples(
         )
     policy = POLICIES[definition.policy](definition.policy_options)
     context = Context(
-        definition.instructions, [tool for tool in tools if definition.allows(tool.name)], definition.examples
+        definition.instructions,
+        [tool for tool in tools if definition.allows(tool.name)],
+        definition.examples,
+        definition.builtin_examples,
     )
     examples = []
     for step, completion in sorted(completions.items()):

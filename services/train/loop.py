@@ -167,6 +167,8 @@ class TrainJob:
         self._registered_model_dir(await self._agent_model())  # before any work: a model this job cannot train
         if self.settings.student:
             self.student = await self._student()
+            if self._lean is not None:
+                self.student = dataclasses.replace(self.student, builtin_examples=self._lean)
         await self._prepare_task_agents()
         reports = list(await self.evaluate(0, self.evaluated)) if baseline else []
         results = []
@@ -182,13 +184,15 @@ class TrainJob:
         settings = self.settings
         folder = self.folder / f"round-{number}"
         model_in = settings.model_id(number - 1) if number > 1 else await self._agent_model()
+        # With --lean-prompt, a model this job trained reads prompts without the built-in examples.
+        lean = self._lean if number > 1 else None
         agents = await prepare_rollout_agents(
             self.channel, base=settings.agent, model=model_in, job=settings.name, attempts=settings.attempts,
-            temperature=settings.temperature, seed=settings.seed + 1000 * number,
+            temperature=settings.temperature, seed=settings.seed + 1000 * number, builtin_examples=lean,
         )  # fmt: skip
         task_agents = await prepare_task_rollout_agents(
             self.channel, self.train_tasks, model=model_in, job=settings.name, attempts=settings.attempts,
-            temperature=settings.temperature, seed=settings.seed + 1000 * number,
+            temperature=settings.temperature, seed=settings.seed + 1000 * number, builtin_examples=lean,
         )  # fmt: skip
         tools = await self._tools(folder / "tools.json")
         update = self.progress.start(f"round {number}: rollouts", len(self.train_tasks) * settings.attempts)
@@ -213,7 +217,10 @@ class TrainJob:
         if settings.method == "grpo":  # every rollout's prompts: GRPO learns from its own samples, good and bad
             everything = [*rollouts, *demonstrated]
             examples = [
-                example for rollout in everything if rollout.snapshot for example in step_examples(rollout, tools)
+                example
+                for rollout in everything
+                if rollout.snapshot
+                for example in step_examples(rollout, tools, builtin_examples=self._lean)
             ]
             tasks = {task.id: task for task in (*self.train_tasks, *self.demonstration_tasks)}
             reward = reward_function(tasks, verified_calls(everything, settings.min_reward), tools)
@@ -223,7 +230,9 @@ class TrainJob:
                 example
                 for rollout in learned
                 for example in (
-                    student_examples(rollout, tools, self.student) if self.student else step_examples(rollout, tools)
+                    student_examples(rollout, tools, self.student)
+                    if self.student
+                    else step_examples(rollout, tools, builtin_examples=self._lean)
                 )
             ]
             tune = functools.partial(fine_tune, examples)
@@ -296,6 +305,11 @@ class TrainJob:
                         self._task_agents[task.agent] = await self._agent(
                             f"{option} {name!r}: task {task.id} runs as", task.agent
                         )
+
+    @property
+    def _lean(self) -> bool | None:
+        """What the trained models' agents say of the built-in examples: off with --lean-prompt, else as the agent."""
+        return False if self.settings.lean_prompt else None
 
     async def _agent_model(self) -> str:
         return (await self._agent("--agent", self.settings.agent or "default")).spec.model
@@ -400,7 +414,7 @@ class TrainJob:
         """The test split of each --eval-suite with ``agent`` (on ``model`` when given: an agent ``<agent>-on-<model>``
         made through the planner, which checks the model against the inference service's ListModels). A task with its
         own agent runs as that agent, on ``model`` as ``<task agent>-on-<model>``. One report per suite."""
-        name = await agent_on_model(self.channel, agent, model) if model else agent
+        name = await agent_on_model(self.channel, agent, model, builtin_examples=self._lean) if model else agent
         label = model or "baseline"
         reports = []
         for suite in self.test_suites:
@@ -423,7 +437,7 @@ class TrainJob:
     async def _on_model(self, suite: Suite, model: str) -> Suite:
         """``suite`` with each task that runs as its own agent run as ``<that agent>-on-<model>`` instead."""
         variants = {
-            agent: await agent_on_model(self.channel, agent, model)
+            agent: await agent_on_model(self.channel, agent, model, builtin_examples=self._lean)
             for agent in dict.fromkeys(task.agent for task in suite.tasks if task.agent)
         }
         tasks = (dataclasses.replace(task, agent=variants[task.agent]) if task.agent else task for task in suite.tasks)

@@ -46,10 +46,12 @@ async def prepare_rollout_agents(
     temperature: float,
     seed: int,
     task_agent: str = "",
+    builtin_examples: bool | None = None,
 ) -> list[str]:
     """One agent per attempt: ``base``'s latest spec on ``model`` ("" keeps the base's), sampling at ``temperature``
-    with seed ``seed + attempt``; made or brought up to date. ``task_agent``: the task's own agent these are copies
-    of (then ``base`` is that agent), which names them. Returns their names, by attempt."""
+    with seed ``seed + attempt``, with the planner's built-in examples as ``builtin_examples`` says (None: as the
+    base); made or brought up to date. ``task_agent``: the task's own agent these are copies of (then ``base`` is
+    that agent), which names them. Returns their names, by attempt."""
     stub = agents_pb2_grpc.AgentServiceStub(channel)
     spec = (await stub.GetAgent(agents_pb2.GetAgentRequest(name=base or "default"), timeout=AGENT_TIMEOUT_S)).spec
     names = []
@@ -60,6 +62,8 @@ async def prepare_rollout_agents(
             sampled.model = model
         sampled.sampling.temperature = temperature
         sampled.sampling.seed = seed + attempt
+        if builtin_examples is not None:
+            sampled.builtin_examples = builtin_examples
         name = rollout_agent_name(job, attempt, task_agent)
         await upsert_agent(stub, name, sampled)
         names.append(name)
@@ -75,6 +79,7 @@ async def prepare_task_rollout_agents(
     attempts: int,
     temperature: float,
     seed: int,
+    builtin_examples: bool | None = None,
 ) -> dict[str, list[str]]:
     """For every task that runs with its own agent (``task.agent``: a BFCL task's has its function), that agent's
     sampled copies, one per attempt, as ``prepare_rollout_agents`` makes them; by task agent."""
@@ -82,7 +87,7 @@ async def prepare_task_rollout_agents(
     for agent in dict.fromkeys(task.agent for task in tasks if task.agent):
         copies[agent] = await prepare_rollout_agents(
             channel, base=agent, model=model, job=job, attempts=attempts, temperature=temperature, seed=seed,
-            task_agent=agent,
+            task_agent=agent, builtin_examples=builtin_examples,
         )  # fmt: skip
     return copies
 

@@ -94,6 +94,10 @@ class TrainSettings:
     tokenizer, the trained weights in this type) for llama.cpp and Ollama; none: no GGUF."""
     timeout_s: float = 300.0
     """Seconds a run may take before it counts as failed."""
+    lean_prompt: bool = False
+    """The trained models read prompts without the planner's built-in worked examples (a third of the system
+    prompt's tokens): their training examples are rebuilt without them, and their evaluations and later rounds'
+    rollouts run as agents with ``builtin_examples`` off. The untrained baseline and round 1's rollouts keep them."""
     ray: str = ""
     """A Ray cluster's address (the head's HOST:PORT, ray://HOST:PORT or auto): rollouts and evaluation runs are
     made by Ray tasks on its nodes and training runs under Ray Train's TorchTrainer there. "": all in this process."""

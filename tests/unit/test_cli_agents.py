@@ -108,7 +108,7 @@ def test_a_malformed_example_names_its_field(text: str, field: str) -> None:
 def test_unset_optional_fields_stay_unset_for_the_planner_to_default() -> None:
     spec = parse_agent_file("name: a\ninstructions: be brief\n").to_spec()
 
-    assert not spec.HasField("history_turns")
+    assert not spec.HasField("history_turns") and not spec.HasField("builtin_examples")
     assert not spec.sampling.HasField("seed")
     assert spec.policy.name == "" and not spec.budget.HasField("timeout")
     assert list(spec.tools) == []
@@ -224,3 +224,12 @@ def test_parse_errors_list_every_bad_field() -> None:
 
     assert "field 'budget.max_steps'" in str(caught.value)
     assert "field 'sampling.temprature'" in str(caught.value)
+
+
+def test_builtin_examples_off_maps_to_the_spec_and_back() -> None:
+    file = parse_agent_file("name: a\ninstructions: x\nbuiltin_examples: false\n")
+    spec = file.to_spec()
+
+    assert spec.HasField("builtin_examples") and not spec.builtin_examples
+    again = AgentFile.from_agent(agents_pb2.Agent(name="a", spec=spec))
+    assert again.builtin_examples is False and "builtin_examples: false" in again.to_yaml()

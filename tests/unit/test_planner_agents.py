@@ -361,3 +361,18 @@ async def test_an_agents_examples_are_kept_and_shown_to_the_model_before_the_bui
     # The agent's own examples come before the built-in one of the same tool.
     assert system.index("Where is Chile?") < system.index("Which currency is used in Sweden?")
     assert events[-1].final_answer.answer == "Paris."
+
+
+async def test_an_agent_without_the_builtin_examples_shows_only_its_own_and_keeps_the_setting(config) -> None:
+    own = example("Where is Chile?", arguments={"country": "Chile"})
+    definition = spec(tools=["country_facts"], examples=[own], builtin_examples=False)
+    async with planner(config, [answer("Paris."), answer("Paris.")]) as p:
+        created = await create(p, definition=definition)
+        await run(p, "tutor")
+        await create(p, "with-them", definition=spec(tools=["country_facts"], examples=[own]))
+        await run(p, "with-them")
+
+    assert created.spec.HasField("builtin_examples") and not created.spec.builtin_examples
+    lean, full = (request["messages"][0]["content"] for request in p.llm.requests)
+    assert "Where is Chile?" in lean and "Which currency is used in Sweden?" not in lean
+    assert "Where is Chile?" in full and "Which currency is used in Sweden?" in full

@@ -92,6 +92,35 @@ async def test_a_round_trains_registers_and_scores_a_model_and_a_rerun_resumes_i
         assert again == result and len(llm.requests) == 8
 
 
+async def test_with_a_lean_prompt_the_trained_models_read_and_learn_prompts_without_the_builtin_examples(
+    config, settings, tiny
+) -> None:
+    builtin = "What is the capital of Peru?"  # the first of the planner's built-in worked examples
+    tokyo = [call("country_facts", country="Japan"), answer("The capital of Japan is Tokyo.")]
+    paris = [call("country_facts", country="France"), answer("The capital of France is Paris.")]
+    outputs = [*tokyo, *paris, *paris, *tokyo, *paris, *paris, *tokyo]  # baseline, then per round: rollouts, eval
+    llm, tools = ScriptedLLM(outputs, models=("tiny", "t-r1", "t-r2")), FakeTools()
+    lean = dataclasses.replace(settings, lean_prompt=True, rounds=2, max_steps=1)
+    async with Planner(config, llm, tools) as planner:
+        first, second = await job(lean, config, planner, tools, tiny).run()
+        llm.assert_consumed()
+    system = [request["messages"][0]["content"] for request in llm.requests]
+    models = [request["model"] for request in llm.requests]
+    assert models == ["", "", "", "", "", "", "t-r1", "t-r1", "t-r1", "t-r1", "t-r1", "t-r1", "t-r2", "t-r2"]
+    # The untrained model (baseline, round 1's rollouts) reads the examples; the trained ones never do.
+    assert [builtin in text for text in system] == [True] * 6 + [False] * 8
+    assert len(system[6]) < len(system[0]) / 2
+    folder = config.data_dir / "train" / "t"
+    for number, rollout_prompts in ((1, (2, 3)), (2, (8, 9))):
+        examples = (folder / f"round-{number}" / "examples.jsonl").read_text().splitlines()
+        messages = [json.loads(line)["messages"] for line in examples]
+        assert len(messages) == 2
+        # What round 1 learned from is what its model is then asked: the same lean system prompt.
+        assert all(m[0]["content"] == system[6] for m in messages)
+        assert [m[1:] for m in messages] == [llm.requests[i]["messages"][1:] for i in rollout_prompts]
+    assert (first.report.agent, second.report.agent) == ("t-r1", "t-r2")
+
+
 async def test_cancelled_while_training_the_trainer_is_asked_to_stop_and_the_job_ends(config, settings, tiny) -> None:
     # Ctrl-C cancels the job; the trainer runs in a thread that cancellation does not reach, and the process used to
     # wait for all its steps (an hour in `make train`). Now it is asked to stop at its next step.

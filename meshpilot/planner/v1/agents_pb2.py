@@ -28,7 +28,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!meshpilot/planner/v1/agents.proto\x12\x14meshpilot.planner.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"h\n\nPolicySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x17max_parallel_tool_calls\x18\x02 \x01(\x05\x12\x16\n\x0emax_plan_steps\x18\x03 \x01(\x05\x12\x13\n\x0bmax_replans\x18\x04 \x01(\x05\"h\n\rAgentSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0fstep_max_tokens\x18\x04 \x01(\x05\x42\x07\n\x05_seed\"`\n\x0b\x41gentBudget\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xda\x02\n\tAgentSpec\x12\x14\n\x0cinstructions\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05tools\x18\x03 \x03(\t\x12\x19\n\x11\x61pproval_required\x18\x04 \x03(\t\x12\x30\n\x06policy\x18\x05 \x01(\x0b\x32 .meshpilot.planner.v1.PolicySpec\x12\x31\n\x06\x62udget\x18\x06 \x01(\x0b\x32!.meshpilot.planner.v1.AgentBudget\x12\x35\n\x08sampling\x18\x07 \x01(\x0b\x32#.meshpilot.planner.v1.AgentSampling\x12\x1a\n\rhistory_turns\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x34\n\x08\x65xamples\x18\t \x03(\x0b\x32\".meshpilot.planner.v1.AgentExampleB\x10\n\x0e_history_turns\"\x93\x01\n\x0c\x41gentExample\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x0bobservation\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06\x61nswer\x18\x05 \x01(\t\"\x97\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12-\n\x04spec\x18\x03 \x01(\x0b\x32\x1f.meshpilot.planner.v1.AgentSpec\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x62uiltin\x18\x05 \x01(\x08\"Q\n\x12\x43reateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04spec\x18\x02 \x01(\x0b\x32\x1f.meshpilot.planner.v1.AgentSpec\"0\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x13\n\x11ListAgentsRequest\"A\n\x12ListAgentsResponse\x12+\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1b.meshpilot.planner.v1.Agent\"Q\n\x12UpdateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04spec\x18\x02 \x01(\x0b\x32\x1f.meshpilot.planner.v1.AgentSpec\"\"\n\x12\x44\x65leteAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xbc\x03\n\x0c\x41gentService\x12T\n\x0b\x43reateAgent\x12(.meshpilot.planner.v1.CreateAgentRequest\x1a\x1b.meshpilot.planner.v1.Agent\x12N\n\x08GetAgent\x12%.meshpilot.planner.v1.GetAgentRequest\x1a\x1b.meshpilot.planner.v1.Agent\x12_\n\nListAgents\x12\'.meshpilot.planner.v1.ListAgentsRequest\x1a(.meshpilot.planner.v1.ListAgentsResponse\x12T\n\x0bUpdateAgent\x12(.meshpilot.planner.v1.UpdateAgentRequest\x1a\x1b.meshpilot.planner.v1.Agent\x12O\n\x0b\x44\x65leteAgent\x12(.meshpilot.planner.v1.DeleteAgentRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!meshpilot/planner/v1/agents.proto\x12\x14meshpilot.planner.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"h\n\nPolicySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x17max_parallel_tool_calls\x18\x02 \x01(\x05\x12\x16\n\x0emax_plan_steps\x18\x03 \x01(\x05\x12\x13\n\x0bmax_replans\x18\x04 \x01(\x05\"h\n\rAgentSampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x17\n\x0fstep_max_tokens\x18\x04 \x01(\x05\x42\x07\n\x05_seed\"`\n\x0b\x41gentBudget\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x8e\x03\n\tAgentSpec\x12\x14\n\x0cinstructions\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05tools\x18\x03 \x03(\t\x12\x19\n\x11\x61pproval_required\x18\x04 \x03(\t\x12\x30\n\x06policy\x18\x05 \x01(\x0b\x32 .meshpilot.planner.v1.PolicySpec\x12\x31\n\x06\x62udget\x18\x06 \x01(\x0b\x32!.meshpilot.planner.v1.AgentBudget\x12\x35\n\x08sampling\x18\x07 \x01(\x0b\x32#.meshpilot.planner.v1.AgentSampling\x12\x1a\n\rhistory_turns\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x34\n\x08\x65xamples\x18\t \x03(\x0b\x32\".meshpilot.planner.v1.AgentExample\x12\x1d\n\x10\x62uiltin_examples\x18\n \x01(\x08H\x01\x88\x01\x01\x42\x10\n\x0e_history_turnsB\x13\n\x11_builtin_examples\"\x93\x01\n\x0c\x41gentExample\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12*\n\targuments\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x0bobservation\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06\x61nswer\x18\x05 \x01(\t\"\x97\x01\n\x05\x41gent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12-\n\x04spec\x18\x03 \x01(\x0b\x32\x1f.meshpilot.planner.v1.AgentSpec\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x62uiltin\x18\x05 \x01(\x08\"Q\n\x12\x43reateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04spec\x18\x02 \x01(\x0b\x32\x1f.meshpilot.planner.v1.AgentSpec\"0\n\x0fGetAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x13\n\x11ListAgentsRequest\"A\n\x12ListAgentsResponse\x12+\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1b.meshpilot.planner.v1.Agent\"Q\n\x12UpdateAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04spec\x18\x02 \x01(\x0b\x32\x1f.meshpilot.planner.v1.AgentSpec\"\"\n\x12\x44\x65leteAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t2\xbc\x03\n\x0c\x41gentService\x12T\n\x0b\x43reateAgent\x12(.meshpilot.planner.v1.CreateAgentRequest\x1a\x1b.meshpilot.planner.v1.Agent\x12N\n\x08GetAgent\x12%.meshpilot.planner.v1.GetAgentRequest\x1a\x1b.meshpilot.planner.v1.Agent\x12_\n\nListAgents\x12\'.meshpilot.planner.v1.ListAgentsRequest\x1a(.meshpilot.planner.v1.ListAgentsResponse\x12T\n\x0bUpdateAgent\x12(.meshpilot.planner.v1.UpdateAgentRequest\x1a\x1b.meshpilot.planner.v1.Agent\x12O\n\x0b\x44\x65leteAgent\x12(.meshpilot.planner.v1.DeleteAgentRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTBUDGET']._serialized_start=395
   _globals['_AGENTBUDGET']._serialized_end=491
   _globals['_AGENTSPEC']._serialized_start=494
-  _globals['_AGENTSPEC']._serialized_end=840
-  _globals['_AGENTEXAMPLE']._serialized_start=843
-  _globals['_AGENTEXAMPLE']._serialized_end=990
-  _globals['_AGENT']._serialized_start=993
-  _globals['_AGENT']._serialized_end=1144
-  _globals['_CREATEAGENTREQUEST']._serialized_start=1146
-  _globals['_CREATEAGENTREQUEST']._serialized_end=1227
-  _globals['_GETAGENTREQUEST']._serialized_start=1229
-  _globals['_GETAGENTREQUEST']._serialized_end=1277
-  _globals['_LISTAGENTSREQUEST']._serialized_start=1279
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1298
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1300
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1365
-  _globals['_UPDATEAGENTREQUEST']._serialized_start=1367
-  _globals['_UPDATEAGENTREQUEST']._serialized_end=1448
-  _globals['_DELETEAGENTREQUEST']._serialized_start=1450
-  _globals['_DELETEAGENTREQUEST']._serialized_end=1484
-  _globals['_AGENTSERVICE']._serialized_start=1487
-  _globals['_AGENTSERVICE']._serialized_end=1931
+  _globals['_AGENTSPEC']._serialized_end=892
+  _globals['_AGENTEXAMPLE']._serialized_start=895
+  _globals['_AGENTEXAMPLE']._serialized_end=1042
+  _globals['_AGENT']._serialized_start=1045
+  _globals['_AGENT']._serialized_end=1196
+  _globals['_CREATEAGENTREQUEST']._serialized_start=1198
+  _globals['_CREATEAGENTREQUEST']._serialized_end=1279
+  _globals['_GETAGENTREQUEST']._serialized_start=1281
+  _globals['_GETAGENTREQUEST']._serialized_end=1329
+  _globals['_LISTAGENTSREQUEST']._serialized_start=1331
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1350
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1352
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1417
+  _globals['_UPDATEAGENTREQUEST']._serialized_start=1419
+  _globals['_UPDATEAGENTREQUEST']._serialized_end=1500
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1502
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1536
+  _globals['_AGENTSERVICE']._serialized_start=1539
+  _globals['_AGENTSERVICE']._serialized_end=1983
 # @@protoc_insertion_point(module_scope)

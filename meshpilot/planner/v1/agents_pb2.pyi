@@ -47,7 +47,7 @@ class AgentBudget(_message.Message):
     def __init__(self, max_steps: _Optional[int] = ..., max_tokens: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class AgentSpec(_message.Message):
-    __slots__ = ("instructions", "model", "tools", "approval_required", "policy", "budget", "sampling", "history_turns", "examples")
+    __slots__ = ("instructions", "model", "tools", "approval_required", "policy", "budget", "sampling", "history_turns", "examples", "builtin_examples")
     INSTRUCTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class AgentSpec(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     HISTORY_TURNS_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     instructions: str
     model: str
     tools: _containers.RepeatedScalarFieldContainer[str]
@@ -66,7 +67,8 @@ class AgentSpec(_message.Message):
     sampling: AgentSampling
     history_turns: int
     examples: _containers.RepeatedCompositeFieldContainer[AgentExample]
-    def __init__(self, instructions: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., approval_required: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[AgentBudget, _Mapping]] = ..., sampling: _Optional[_Union[AgentSampling, _Mapping]] = ..., history_turns: _Optional[int] = ..., examples: _Optional[_Iterable[_Union[AgentExample, _Mapping]]] = ...) -> None: ...
+    builtin_examples: bool
+    def __init__(self, instructions: _Optional[str] = ..., model: _Optional[str] = ..., tools: _Optional[_Iterable[str]] = ..., approval_required: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[PolicySpec, _Mapping]] = ..., budget: _Optional[_Union[AgentBudget, _Mapping]] = ..., sampling: _Optional[_Union[AgentSampling, _Mapping]] = ..., history_turns: _Optional[int] = ..., examples: _Optional[_Iterable[_Union[AgentExample, _Mapping]]] = ..., builtin_examples: _Optional[bool] = ...) -> None: ...
 
 class AgentExample(_message.Message):
     __slots__ = ("task", "tool", "arguments", "observation", "answer")

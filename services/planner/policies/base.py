@@ -75,12 +75,13 @@ Decision = CallTools | Answer | Note | NewPlan
 
 @dataclass
 class Context:
-    """What a policy sees besides the state: the agent's instructions, the tools it may call this run and the
-    agent's worked examples."""
+    """What a policy sees besides the state: the agent's instructions, the tools it may call this run, the
+    agent's worked examples and whether the planner's built-in ones follow them."""
 
     instructions: str
     tools: Sequence[ToolSpec] = field(default_factory=list)
     examples: Sequence[AgentExample] = ()
+    builtin_examples: bool = True
 
 
 class Policy(ABC):

@@ -65,8 +65,9 @@ class GuidedPolicy(Policy):
         nonce = data_nonce(state)
         steps = [Step(record.action, _observation(record, nonce)) for record in state.steps]
         messages = build_messages(
-            context.tools, state.history, state.task, steps, context.instructions, context.examples
-        )
+            context.tools, state.history, state.task, steps, context.instructions, context.examples,
+            builtin_examples=context.builtin_examples,
+        )  # fmt: skip
         return ModelRequest(messages, action_schema(self._options(state, context.tools)))
 
     def _options(self, state: RunSnapshot, tools: list[ToolSpec] | Any) -> list[dict[str, Any]]:
