@@ -112,7 +112,9 @@ def train(
     method: Annotated[str, typer.Option(help="bc (behaviour cloning on verified runs) or grpo (TRL).")] = D.method,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters (merged on export), or full.")] = D.lora,
     lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = D.lora_rank,
-    precision: Annotated[str, typer.Option(help="fp32, or bf16 mixed precision.")] = D.precision,
+    precision: Annotated[
+        str, typer.Option(help="fp32, bf16 mixed precision, or auto: bf16 where the hardware has it natively.")
+    ] = D.precision,
     learning_rate: Annotated[float, typer.Option(help="Learning rate.")] = D.learning_rate,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = D.batch_size,
     grad_accumulation: Annotated[int, typer.Option(help="Forward passes per optimizer step.")] = D.grad_accumulation,
@@ -209,6 +211,7 @@ def train(
     if settings.ray:
         connect_ray(settings.ray)
     notices = Console(stderr=True)
+    _say_precision(settings, notices)
     try:
         results = asyncio.run(_run(settings, cfg, planner_at, tools_at, notices, baseline=baseline))
     except KeyboardInterrupt:
@@ -291,3 +294,21 @@ def _on_cluster(settings: Any, planner_at: str) -> dict[str, Any]:
 
     access = PlannerAccess(planner_at, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls)
     return {"runner": RayRunner(access), "training": functools.partial(on_ray_train, workers=settings.ray_workers)}
+
+
+def _say_precision(settings: Any, notices: Console) -> None:
+    """What --precision auto chose here, or a warning for bf16 on hardware that emulates it (many times slower)."""
+    if settings.precision == "fp32" or settings.ray:  # under --ray the trainer runs on the cluster's nodes
+        return
+    from services.train.finetune import native_bf16
+
+    native = native_bf16()
+    if settings.precision == "auto":
+        chosen = "bf16 mixed precision" if native else "fp32 (no native bf16 here: no AMX or AVX512-BF16)"
+        notices.print(f"--precision auto: training in {chosen}", highlight=False)
+    elif not native:
+        notices.print(
+            "warning: --precision bf16 on hardware without native bf16 (no AMX or AVX512-BF16): torch emulates it, "
+            "many times slower than fp32; use --precision auto or fp32",
+            highlight=False,
+        )

@@ -22,6 +22,23 @@ from services.train.settings import TrainSettings
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this machine computes bf16 matmuls natively: a CUDA GPU that supports bf16, else a CPU with AMX or
+    AVX512-BF16 (read from ``cpuinfo``'s flags; False where there is no such file)."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = cpuinfo.read_text(errors="replace").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def uses_bf16(settings: TrainSettings) -> bool:
+    """Whether training runs in bf16 mixed precision: --precision bf16, or auto on hardware with native bf16."""
+    return settings.precision == "bf16" or (settings.precision == "auto" and native_bf16())
+
+
 class FineTuneError(ValueError):
     """Training cannot start; the message says what to change."""
 
@@ -182,7 +199,7 @@ def fine_tune(
         save_steps=settings.save_steps,
         save_total_limit=2,
         logging_steps=1,
-        bf16=settings.precision == "bf16",
+        bf16=uses_bf16(settings),
         use_cpu=not torch.cuda.is_available(),
         seed=settings.seed,
         data_seed=settings.seed,

@@ -22,6 +22,7 @@ from services.train.finetune import (
     TrainingStopped,
     load_pretrained,
     stepping,
+    uses_bf16,
 )
 from services.train.settings import TrainSettings
 
@@ -124,7 +125,7 @@ def grpo_tune(
         gradient_accumulation_steps=settings.grad_accumulation, max_completion_length=MAX_ACTION_TOKENS,
         temperature=settings.temperature or 1.0, learning_rate=settings.learning_rate,
         num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1, save_strategy="steps",
-        save_steps=settings.save_steps, save_total_limit=2, logging_steps=1, bf16=settings.precision == "bf16",
+        save_steps=settings.save_steps, save_total_limit=2, logging_steps=1, bf16=uses_bf16(settings),
         use_cpu=True, seed=settings.seed, report_to=[], disable_tqdm=True,
     )  # fmt: skip
     peft_config = None

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "auto"]
 Method = Literal["bc", "grpo"]
 GGUFType = Literal["q8_0", "f16", "f32", "none"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "auto")
 METHODS: tuple[Method, ...] = ("bc", "grpo")
 GGUF_TYPES: tuple[GGUFType, ...] = ("q8_0", "f16", "f32", "none")
 
@@ -72,7 +72,9 @@ class TrainSettings:
     """LoRA adapters (peft) on the attention projections, merged into the exported model; False: full fine-tuning."""
     lora_rank: int = 8
     precision: Precision = "fp32"
-    """Training precision: fp32, or bf16 mixed precision (autocast; on CPU where torch supports it)."""
+    """Training precision: fp32, bf16 mixed precision (autocast), or auto: bf16 where the hardware computes it
+    natively (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else fp32. On a CPU without them torch emulates
+    bf16 matmuls (measured on an AVX2-only EPYC: a 1536x576x1536 matmul 19 ms in fp32, 2.1 s in bf16)."""
     learning_rate: float = 2e-4
     batch_size: int = 1
     grad_accumulation: int = 4
@@ -158,7 +160,7 @@ class TrainSettings:
                 "--method grpo trains the rolled-out agent from its own samples; leave --student out"
             )
         if self.precision not in PRECISIONS:
-            raise TrainSettingsError(f"--precision is {self.precision!r}; use {' or '.join(PRECISIONS)}")
+            raise TrainSettingsError(f"--precision is {self.precision!r}; use {', '.join(PRECISIONS)}")
         if self.gguf not in GGUF_TYPES:
             raise TrainSettingsError(f"--gguf is {self.gguf!r}; use {', '.join(GGUF_TYPES)}")
         if not self.learning_rate > 0:

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from meshpilot.cli import app
@@ -32,7 +33,7 @@ from tests.conftest import free_port
         ({"name": "Bad Name"}, r"^--name 'Bad Name': use 1-41 lowercase letters"),
         ({"temperature": 3.0}, r"^--temperature is 3; use 0 to 2"),
         ({"min_reward": 1.5}, r"^--min-reward is 1.5; use 0 to 1"),
-        ({"precision": "fp8"}, r"^--precision is 'fp8'; use fp32 or bf16"),
+        ({"precision": "fp8"}, r"^--precision is 'fp8'; use fp32, bf16, auto"),
         ({"method": "ppo"}, r"^--method is 'ppo'; use bc or grpo"),
         ({"method": "grpo", "student": "free"}, r"^--method grpo trains the rolled-out agent .*leave --student out"),
         ({"learning_rate": 0.0}, r"^--learning-rate is 0"),
@@ -72,7 +73,7 @@ def test_the_defaults_are_valid_and_name_each_rounds_model() -> None:
         (["--suite", "kg-train", "--suite", "kg-test"], "--suite 'kg-test' has no train tasks; choose another suite"),
         (["--eval-suite", "kg-test", "--eval-suite", "kg-train"], "--eval-suite 'kg-train' has no test tasks"),
         (["--suite", "kg-train", "--suite", "kg-train"], "--suite names kg-train twice"),
-        (["--precision", "fp16"], "--precision is 'fp16'; use fp32 or bf16"),
+        (["--precision", "fp16"], "--precision is 'fp16'; use fp32, bf16, auto"),
         (["--method", "ppo"], "--method is 'ppo'; use bc or grpo"),
         (["--teacher", "/nonexistent/teacher"], "--teacher /nonexistent/teacher does not exist"),
         (["--demonstrations-for", "reverse:16"], "--demonstrations-for 'reverse:16': write CATEGORY=N"),
@@ -118,6 +119,49 @@ def test_ctrl_c_exits_130_saying_the_same_command_resumes(tmp_path: Path, monkey
     done = CliRunner().invoke(app, ["train", "--name", "j1", "--limit", "1", "--planner", "127.0.0.1:1"])
     assert done.exit_code == 130, done.output
     assert "stopped; what job 'j1' finished is kept: run the same command to resume" in done.output
+
+
+@pytest.mark.parametrize(
+    ("precision", "native", "bf16", "notice"),
+    [
+        ("auto", True, True, "--precision auto: training in bf16 mixed precision"),
+        ("auto", False, False, "--precision auto: training in fp32 (no native bf16 here"),
+        ("bf16", False, True, "warning: --precision bf16 on hardware without native bf16"),
+        ("bf16", True, True, None),
+        ("fp32", True, False, None),
+    ],
+)
+def test_precision_auto_takes_bf16_only_where_the_hardware_has_it(
+    tmp_path: Path, monkeypatch, precision: str, native: bool, bf16: bool, notice: str | None
+) -> None:
+    import meshpilot.cli.train as command
+    from services.train import finetune
+
+    monkeypatch.setattr(finetune, "native_bf16", lambda: native)
+    assert finetune.uses_bf16(TrainSettings(precision=precision)) is bf16  # type: ignore[arg-type]
+
+    async def unreachable(*args, **kwargs):
+        raise RuntimeError("no mesh in this test")
+
+    monkeypatch.setattr(command, "_run", unreachable)
+    monkeypatch.setenv("MESHPILOT_DATA_DIR", str(tmp_path))
+    done = CliRunner().invoke(app, ["train", "--limit", "1", "--precision", precision, "--planner", "127.0.0.1:1"])
+    assert done.exit_code == 1 and "no mesh in this test" in done.output
+    if notice is None:
+        assert "bf16" not in done.output and "fp32" not in done.output
+    else:
+        assert notice in done.output
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, monkeypatch) -> None:
+    from services.train.finetune import native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx2 avx512f", False), ("avx512f avx512_bf16", True), ("amx_tile amx_bf16", True)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert native_bf16(cpuinfo) is native, flags
+    assert native_bf16(tmp_path / "missing") is False
 
 
 def test_services_train_exports_what_its_modules_define() -> None:
