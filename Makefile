@@ -129,7 +129,7 @@ train: install ## the learning loop, small (~1 h on 2 cores): demonstrations + r
 	  --demonstrations 8 --demonstrations-for reverse=12 --demonstrations-for counting=12 \
 	  --demonstrations-for two_hop=12 --demonstrations-for chinese=12 \
 	  --demonstrations-for unanswerable=4 --demonstrations-for bfcl_simple=48 \
-	  --full --precision auto --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
+	  --full --precision auto --lean-prompt --learning-rate 1e-4 --epochs 2 $(TRAIN_ARGS)
 
 format: install
 	$(VENV)/bin/ruff format .
