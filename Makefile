@@ -120,7 +120,8 @@ eval-suites: install ## regenerate services/eval/suites: kg-train/kg-test (fixed
 
 # A small configuration of the learning loop (issue 14), one model for kg and BFCL: 7 kg categories and BFCL x 2 train
 # tasks x 2 sampled attempts, plus verified demonstrations (8 per kg category; reverse and counting, the shapes the
-# model confuses, 12; unanswerable 4; BFCL 32), full fine-tuning for 2 epochs, scored on 10 kg-test tasks per category
+# model confuses, 12; unanswerable 4; BFCL 48), full fine-tuning for 2 epochs on prompts without the built-in
+# examples (--lean-prompt; fp32 unless the CPU has native bf16), scored on 10 kg-test tasks per category
 # and 40 BFCL test tasks next to the untrained baseline. Results under <data_dir>/train/demo; a re-run resumes.
 TRAIN_ARGS ?=
 train: install ## the learning loop, small (~1 h on 2 cores): demonstrations + rollouts -> full fine-tune -> demo-r1 registered and scored on kg-test and BFCL (needs the mesh up: make run; docs/bench/train.md)
