@@ -166,9 +166,7 @@ class TrainJob:
         (``report.json``, ``report.md``, ``report.png``): the baseline agent first when ``baseline``."""
         self._registered_model_dir(await self._agent_model())  # before any work: a model this job cannot train
         if self.settings.student:
-            self.student = await self._student()
-            if self._lean is not None:
-                self.student = dataclasses.replace(self.student, builtin_examples=self._lean)
+            self.student = await self._student()  # react: its prompt never had the built-in examples
         await self._prepare_task_agents()
         reports = list(await self.evaluate(0, self.evaluated)) if baseline else []
         results = []

@@ -123,6 +123,7 @@ def test_unset_optional_fields_stay_unset_for_the_planner_to_default() -> None:
         (GEO.replace("top_p: 1.0", "top_p: 1.5"), "sampling.top_p"),
         (GEO.replace("name: geo-react", "name: Geo React"), "name"),
         (GEO.replace("history_turns: 4", "histroy_turns: 4"), "histroy_turns"),
+        (GEO + "builtin_examples: sometimes\n", "builtin_examples"),
         ("name: a\n", "instructions"),
     ],
 )
