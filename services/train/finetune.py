@@ -164,7 +164,7 @@ def fine_tune(
     ``settings.save_steps`` optimizer steps, and a call that finds one there resumes from the last (optimizer,
     scheduler, RNG and data position included). ``on_step(done, total)`` after each optimizer step; when it returns
     True, that step is checkpointed and TrainingStopped raised."""
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     set_seed(settings.seed)  # LoRA's initial weights too: a round run again starts from the same ones
@@ -209,7 +209,7 @@ def fine_tune(
         dataloader_num_workers=0,
     )
 
-    trainer_class = Trainer if teacher is None else _distillation_trainer(teacher, settings)
+    trainer_class = _completion_trainer() if teacher is None else _distillation_trainer(teacher, settings)
     trainer = trainer_class(
         model=model,
         args=arguments,
@@ -245,6 +245,47 @@ def stepping(on_step: Callable[[int, int], bool | None] | None, base: type) -> A
                 self.stopped_at = state.global_step
 
     return Progress()
+
+
+def completion_loss(
+    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """The causal LM loss on the completion's tokens, with the LM head applied only where a label is learned: position
+    i predicts token i + 1, so logits are computed for the positions whose next label is not IGNORE_INDEX (what
+    ``logits_to_keep`` takes as a boolean mask). The prompt is most of each example's tokens, and the head (vocabulary
+    x hidden, 49152 x 576 for SmolLM2-135M) is a fifth of the model's multiplies per token; the full logits of a
+    600-token example are also 118 MB of fp32 to softmax. Summed over the learned tokens and divided by
+    ``num_items_in_batch`` (the learned tokens of the whole accumulated batch) when given, as transformers' own causal
+    LM loss does; else their mean."""
+    labels = inputs["labels"]
+    learned = torch.zeros_like(labels, dtype=torch.bool)
+    learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=learned).logits
+    targets = labels[:, 1:][learned[:, :-1]]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else max(int(targets.numel()), 1))
+
+
+def _completion_trainer() -> Any:
+    """A Trainer whose loss is ``completion_loss``."""
+    from transformers import Trainer
+
+    class CompletionTrainer(Trainer):
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, torch.Tensor],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            if return_outputs:  # evaluation with outputs: transformers' own path
+                return super().compute_loss(model, inputs, True, num_items_in_batch)
+            # Divided by the accumulated batch's token count when the Trainer gives it: then it must not divide by
+            # the accumulation steps again.
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            return completion_loss(model, inputs, num_items_in_batch)
+
+    return CompletionTrainer
 
 
 def _teacher(settings: TrainSettings, student: Any) -> Any:

@@ -16,6 +16,7 @@ from services.train.finetune import (
     FineTuneError,
     TrainingStopped,
     collate,
+    completion_loss,
     export_model,
     fine_tune,
     tokenize_example,
@@ -92,6 +93,55 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_to_the_same_weights
     assert any(not torch.equal(before[name], after[name]) for name in after)  # it learned something
     for name in after:
         torch.testing.assert_close(again[name], after[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_completion_loss_is_transformers_causal_lm_loss_with_the_head_applied_only_where_learned(
+    tiny: Path, tokenizer
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    pad = int(tokenizer.eos_token_id)
+    batch = collate(pad)([vars(tokenize_example(example, tokenizer)) for example in EXAMPLES[:3]])
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths: padding is not learned either
+
+    for items in (None, 97):
+        ours = completion_loss(model, batch, items)
+        kwargs = {} if items is None else {"num_items_in_batch": items}
+        theirs = model(**batch, **kwargs).loss
+        torch.testing.assert_close(ours, theirs)
+        (grad_ours,) = torch.autograd.grad(ours, model.model.layers[0].mlp.up_proj.weight)
+        (grad_theirs,) = torch.autograd.grad(theirs, model.model.layers[0].mlp.up_proj.weight)
+        torch.testing.assert_close(grad_ours, grad_theirs)
+
+    counted: list[int] = []
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _module, args, _out: counted.append(args[0].shape[-2]))
+    try:
+        completion_loss(model, batch)
+    finally:
+        hook.remove()
+    learned = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert counted == [learned]  # the head saw one row per learned token, not the whole padded batch
+
+
+def test_training_with_the_completion_loss_matches_transformers_own_trainer(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Same seed, batch 2 x accumulation 2: the gradient-accumulation scaling must be transformers' own.
+    from transformers import Trainer
+
+    from services.train import finetune
+
+    full = dataclasses.replace(TINY, lora=False, max_steps=2)
+    ours = fine_tune(EXAMPLES, base=tiny, checkpoints=tmp_path / "ours", settings=full)
+    monkeypatch.setattr(finetune, "_completion_trainer", lambda: Trainer)
+    theirs = fine_tune(EXAMPLES, base=tiny, checkpoints=tmp_path / "theirs", settings=full)
+    assert ours.loss == pytest.approx(theirs.loss, rel=1e-4)
+    mine, stock = weights(ours.model), weights(theirs.model)
+    changed = 0
+    for name in stock:
+        torch.testing.assert_close(mine[name], stock[name], rtol=1e-4, atol=1e-6)
+        changed += not torch.equal(stock[name], weights(AutoModelForCausalLM.from_pretrained(tiny))[name])
+    assert changed  # the steps did train
 
 
 def test_asked_to_stop_it_checkpoints_that_step_and_a_rerun_goes_on_from_there(tiny: Path, tmp_path: Path) -> None:
