@@ -38,6 +38,7 @@ from services.eval.runner import (
 from services.eval.suite import Suite, SuiteError, load_suite, shipped_suites
 from services.eval.variants import agent_on_model, variant_name
 
+SPLITS = ("", "train", "test")
 _LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -62,6 +63,9 @@ def eval_suite(
         ),
     ] = None,
     category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
+    split: Annotated[
+        str, typer.Option(help="Only the tasks of this split: train or test (the held-out tasks); default: all.")
+    ] = "",
     limit: Annotated[
         int, typer.Option(min=0, help="At most this many tasks per category (a fixed sample); 0: all.")
     ] = 0,
@@ -81,12 +85,16 @@ def eval_suite(
     config: ConfigOption = None,
 ) -> None:
     """Evaluate agents on SUITE: task completion, valid tool calls, steps, tokens and latency, per category."""
+    if split not in SPLITS:
+        fail(f"--split {split[:40]!r}: use one of {', '.join(s for s in SPLITS if s)}", 2)
     try:
-        chosen = load_suite(suite).select(categories=category or (), limit=limit)
+        chosen = load_suite(suite).select(split=split, categories=category or (), limit=limit)
     except SuiteError as e:
         fail(str(e), 2)
     if not chosen.tasks:
-        fail(f"suite {chosen.name!r} has no tasks in the categories {', '.join(category or [])}", 2)
+        where = [f"the categories {', '.join(category)}"] if category else []
+        where += [f"the {split} split"] if split else []
+        fail(f"suite {chosen.name!r} has no tasks in {' and '.join(where)}", 2)
     bases = list(dict.fromkeys(agent or [""]))
     models = list(dict.fromkeys(model or []))
     agents = [variant_name(a, m) for a in bases for m in models] if models else bases

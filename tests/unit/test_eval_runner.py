@@ -3,6 +3,8 @@ the reports (JSON, markdown, PNG), and `meshpilot eval` / `meshpilot runs rate` 
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import json
 from pathlib import Path
@@ -250,6 +252,24 @@ def test_eval_with_no_task_in_the_category_exits_2(mesh, tmp_path: Path) -> None
     done = CliRunner().invoke(app, ["eval", str(suite_file(tmp_path)), "--category", "nope", "--planner", mesh.target])
     assert done.exit_code == 2
     assert "has no tasks in the categories nope" in done.output
+
+
+def test_eval_of_one_split_runs_only_its_tasks_and_a_bad_split_exits_2(mesh, tmp_path: Path) -> None:
+    path = tmp_path / "split.jsonl"
+    tasks = (dataclasses.replace(FRANCE, split="train"), JAPAN, COUNT)
+    path.write_text("\n".join(json.dumps(task.to_json()) for task in tasks) + "\n")
+
+    done = CliRunner().invoke(app, ["eval", str(path), "--split", "test", "--out", str(tmp_path / "out"),
+                                    "--planner", mesh.target])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert sorted(r.task for r in mesh.planner.calls("Run")) == sorted([JAPAN.task, COUNT.task])
+
+    bad = CliRunner().invoke(app, ["eval", str(path), "--split", "tests", "--planner", mesh.target])
+    assert bad.exit_code == 2 and "--split 'tests': use one of train, test" in bad.output
+    empty = CliRunner().invoke(app, ["eval", str(path), "--split", "train", "--category", "counting",
+                                     "--planner", mesh.target])  # fmt: skip
+    assert empty.exit_code == 2 and "has no tasks in the categories counting and the train split" in empty.output
+    assert len(mesh.planner.calls("Run")) == 2  # neither bad call ran anything
 
 
 def test_eval_without_a_planner_exits_1_and_says_to_run_again(tmp_path: Path) -> None:
