@@ -260,7 +260,9 @@ def completion_loss(
     labels = inputs["labels"]
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=learned).logits
+    logits = model(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=learned
+    ).logits
     targets = labels[:, 1:][learned[:, :-1]]
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="sum")
     return loss / (num_items_in_batch if num_items_in_batch is not None else max(int(targets.numel()), 1))

@@ -3,9 +3,8 @@ the reports (JSON, markdown, PNG), and `meshpilot eval` / `meshpilot runs rate` 
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
