@@ -35,10 +35,9 @@ from services.eval.runner import (
     PlannerRunner,
     evaluate,
 )
-from services.eval.suite import Suite, SuiteError, load_suite, shipped_suites
+from services.eval.suite import SPLITS, Suite, SuiteError, load_suite, shipped_suites
 from services.eval.variants import agent_on_model, variant_name
 
-SPLITS = ("", "train", "test")
 _LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -85,8 +84,8 @@ def eval_suite(
     config: ConfigOption = None,
 ) -> None:
     """Evaluate agents on SUITE: task completion, valid tool calls, steps, tokens and latency, per category."""
-    if split not in SPLITS:
-        fail(f"--split {split[:40]!r}: use one of {', '.join(s for s in SPLITS if s)}", 2)
+    if split and split not in SPLITS:
+        fail(f"--split {split[:40]!r}: use one of {', '.join(SPLITS)}", 2)
     try:
         chosen = load_suite(suite).select(split=split, categories=category or (), limit=limit)
     except SuiteError as e:
@@ -94,7 +93,7 @@ def eval_suite(
     if not chosen.tasks:
         where = [f"the categories {', '.join(category)}"] if category else []
         where += [f"the {split} split"] if split else []
-        fail(f"suite {chosen.name!r} has no tasks in {' and '.join(where)}", 2)
+        fail(f"suite {chosen.name!r} has no tasks" + (f" in {' and '.join(where)}" if where else ""), 2)
     bases = list(dict.fromkeys(agent or [""]))
     models = list(dict.fromkeys(model or []))
     agents = [variant_name(a, m) for a in bases for m in models] if models else bases
