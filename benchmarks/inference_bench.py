@@ -491,10 +491,18 @@ async def measure_llama_server(args: argparse.Namespace, system_text: str) -> di
 
 # ---------------------------------------------------------------- in-process peers
 def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
-    """The pipeline as its users drive it: add_request per call, step() in a loop, read() what each step produced."""
+    """The pipeline as its users drive it: add_request per call, step() in a loop, read() what each step produced.
+    ``openvino-genai@prompt_lookup=K``: the same with its prompt lookup drafting K tokens (max_ngram_size 3)."""
     import openvino_genai as ov_genai
 
+    from inference_core.openvino_convert import PROMPT_LOOKUP_NGRAM
     from inference_core.openvino_export import ensure_ir
+
+    settings = dict(item.partition("=")[::2] for item in filter(None, args.system.partition("@")[2].split("+")))
+    unknown = set(settings) - {"prompt_lookup"}
+    if unknown:
+        raise SystemExit(f"openvino-genai takes only the setting prompt_lookup=K, not {sorted(unknown)}")
+    prompt_lookup = int(settings.get("prompt_lookup", 0))
 
     ir_dir = ensure_ir(None, OPENVINO_CACHE, "fp32")
     scheduler = ov_genai.SchedulerConfig()
@@ -503,7 +511,8 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
     scheduler.max_num_seqs = max(args.levels)
     scheduler.max_num_batched_tokens = 256
     scheduler.dynamic_split_fuse = True
-    pipeline = ov_genai.ContinuousBatchingPipeline(str(ir_dir), scheduler, "CPU", {})
+    properties = {"prompt_lookup": True} if prompt_lookup else {}
+    pipeline = ov_genai.ContinuousBatchingPipeline(str(ir_dir), scheduler, "CPU", properties)
     tokenizer = pipeline.get_tokenizer()
     structured = ov_genai.StructuredOutputConfig()
     structured.json_schema = json.dumps(ACTION_SCHEMA)
@@ -523,6 +532,9 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
             call = by_client[client].pop(0)
             config = ov_genai.GenerationConfig()
             config.max_new_tokens = args.max_tokens
+            if prompt_lookup:
+                config.num_assistant_tokens = prompt_lookup
+                config.max_ngram_size = PROMPT_LOOKUP_NGRAM
             if call.constrained:
                 config.structured_output_config = structured
             prompt = tokenizer.apply_chat_template(chat(call, system_text), add_generation_prompt=True)
@@ -554,7 +566,7 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
     async def level(calls: list[Call]) -> tuple[list[Result], float]:
         return run_level(calls)
 
-    levels = asyncio.run(each_level(args, "openvino-genai", args.levels, level))
+    levels = asyncio.run(each_level(args, args.system, args.levels, level))
     return {"levels": levels, "peak_rss_mb": round(peak_rss_mb(os.getpid()), 1)}
 
 
@@ -672,7 +684,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "openvino-genai": measure_openvino_genai,
         "llama-cpp-python": measure_llama_cpp_python,
         "hf-generate": measure_hf_generate,
-    }[args.system]
+    }[args.system.partition("@")[0]]
     return measure(args, system_text)
 
 
@@ -832,7 +844,8 @@ def main() -> None:
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma-separated, of {', '.join(SYSTEMS)}; a service may carry settings of its inference section, "
-        "e.g. service-torch@max_batch_size=16+prefill_chunk_tokens=512",
+        "e.g. service-torch@max_batch_size=16+prefill_chunk_tokens=512, and openvino-genai its prompt lookup, "
+        "openvino-genai@prompt_lookup=3",
     )
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients, comma-separated")
     parser.add_argument("--calls-per-client", type=int, default=2)
@@ -853,7 +866,11 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     args.systems = [s for s in args.systems.split(",") if s]
-    unknown = {s for s in args.systems if s.partition("@")[0] not in SYSTEMS or ("@" in s and "service-" not in s)}
+    unknown = {
+        s
+        for s in args.systems
+        if s.partition("@")[0] not in SYSTEMS or ("@" in s and not s.startswith(("service-", "openvino-genai@")))
+    }
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; use some of {', '.join(SYSTEMS)}")
 

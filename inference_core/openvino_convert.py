@@ -13,9 +13,16 @@ STRUCTURED_FIELDS = {"json_schema": "json_schema", "regex": "regex", "ebnf": "gr
 """Our constraint kind -> the StructuredOutputConfig field that carries it (EBNF goes in as xgrammar's GBNF)."""
 
 
-def generation_fields(request: GenerationRequest, max_new_tokens: int, eos_token_ids: Iterable[int]) -> dict[str, Any]:
+PROMPT_LOOKUP_NGRAM = 3
+"""The longest n-gram of a sequence's last tokens that prompt lookup looks for earlier in it (the torch engine's too)."""
+
+
+def generation_fields(
+    request: GenerationRequest, max_new_tokens: int, eos_token_ids: Iterable[int], prompt_lookup_tokens: int = 0
+) -> dict[str, Any]:
     """The GenerationConfig attributes of ``request`` (validated already). Stop strings are not passed: the engine
-    matches them on the streamed text, as the torch engine does, and stops the request itself."""
+    matches them on the streamed text, as the torch engine does, and stops the request itself.
+    prompt_lookup_tokens: the draft length of a pipeline built with prompt lookup (it refuses requests without one)."""
     sampling = request.sampling
     fields: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -23,6 +30,9 @@ def generation_fields(request: GenerationRequest, max_new_tokens: int, eos_token
         "num_return_sequences": 1,
         "repetition_penalty": sampling.repetition_penalty,
     }
+    if prompt_lookup_tokens > 0:
+        fields["num_assistant_tokens"] = prompt_lookup_tokens
+        fields["max_ngram_size"] = PROMPT_LOOKUP_NGRAM
     if sampling.is_greedy:
         fields["do_sample"] = False
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
@@ -23,7 +22,7 @@ from inference_core.engine import Engine
 from inference_core.errors import EngineClosedError, EngineError, InvalidRequestError
 from inference_core.openvino_export import WeightFormat, ensure_ir
 from inference_core.openvino_loop import OpenVINOStepLoop, PipelineConfig, PrefixIndex
-from inference_core.openvino_stepper import StepperProcess, load_pipeline
+from inference_core.openvino_stepper import PipelineLoader, StepperProcess
 from inference_core.prompts import encode_prompt
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
@@ -52,6 +51,10 @@ class OpenVINOConfig:
     inference_precision: OpenVINO's INFERENCE_PRECISION_HINT on CPU; empty keeps its default (bf16 where the CPU has
         AVX512-BF16 or AMX, else f32).
     threads: INFERENCE_NUM_THREADS; None keeps OpenVINO's default (every core).
+    prompt_lookup_tokens: draft tokens per request and step from OpenVINO's prompt lookup (speculative decoding
+        without a draft model; greedy output is unchanged); 0 is off. The pipeline drafts this many tokens for every
+        running request on every step, matched or not, so it pays only with few requests at once: measured in
+        docs/bench/inference.md, faster for one client, much slower for 16.
     """
 
     cache_dir: Path = Path(".meshpilot/openvino")
@@ -63,6 +66,7 @@ class OpenVINOConfig:
     prefix_caching: bool = True
     inference_precision: str = ""
     threads: int | None = None
+    prompt_lookup_tokens: int = 0
     max_queue: int = 64
     fair_share: bool = True
     max_queue_per_tenant: int = 16
@@ -78,6 +82,8 @@ class OpenVINOConfig:
             )
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.prompt_lookup_tokens < 0:
+            raise ValueError(f"prompt_lookup_tokens must be >= 0 (0 is off), got {self.prompt_lookup_tokens}")
         if self.inference_precision not in PRECISIONS:
             raise ValueError(
                 f"inference_precision {self.inference_precision!r} is unknown; use one of f32, bf16, f16 or empty"
@@ -190,7 +196,7 @@ class OpenVINOEngine(Engine):
             properties["INFERENCE_PRECISION_HINT"] = config.inference_precision
         if config.threads is not None:
             properties["INFERENCE_NUM_THREADS"] = config.threads
-        stepper = StepperProcess(functools.partial(load_pipeline, str(ir_dir), scheduler, properties))
+        stepper = StepperProcess(PipelineLoader(str(ir_dir), scheduler, properties, config.prompt_lookup_tokens))
         try:
             return self._read_model(ir_dir, stepper, started)
         except BaseException:
@@ -319,4 +325,5 @@ class OpenVINOEngine(Engine):
             tenant=request.tenant,
         )
         structured = structured_fields(request.constraint) if request.constraint is not None else None
-        return seq, (generation_fields(request, max_new_tokens, model.eos_token_ids), structured)
+        fields = generation_fields(request, max_new_tokens, model.eos_token_ids, self._config.prompt_lookup_tokens)
+        return seq, (fields, structured)

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from inference_core.errors import EngineError
+from inference_core.openvino_convert import PROMPT_LOOKUP_NGRAM
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +83,42 @@ class LoadFailed:
     message: str
 
 
-def load_pipeline(ir_dir: str, scheduler: dict[str, Any], properties: dict[str, Any]) -> Any:
-    """The ContinuousBatchingPipeline over the IR in ``ir_dir`` on CPU (runs in the child)."""
-    try:
-        import openvino_genai as ov_genai
-    except ImportError as e:
-        raise EngineError(
-            f"inference.backend 'openvino' needs openvino-genai ({e}); run `make install-openvino`"
-        ) from e
-    config = ov_genai.SchedulerConfig()
-    for name, value in scheduler.items():
-        setattr(config, name, value)
-    try:
-        return ov_genai.ContinuousBatchingPipeline(ir_dir, config, "CPU", properties)
-    except RuntimeError as e:
-        raise EngineError(f"OpenVINO could not load {ir_dir}: {str(e)[:500]}") from e
+@dataclass(frozen=True)
+class PipelineLoader:
+    """Loads the ContinuousBatchingPipeline over the IR in ``ir_dir`` on CPU (called in the child; pickled there).
+
+    prompt_lookup_tokens > 0 builds the pipeline with OpenVINO's prompt lookup, which refuses every request whose
+    GenerationConfig lacks a draft length: the warm-up request gets one too (``warm_up_generation``)."""
+
+    ir_dir: str
+    scheduler: dict[str, Any]
+    properties: dict[str, Any]
+    prompt_lookup_tokens: int = 0
+
+    @property
+    def warm_up_generation(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"max_new_tokens": 2}
+        if self.prompt_lookup_tokens:
+            fields |= {"num_assistant_tokens": self.prompt_lookup_tokens, "max_ngram_size": PROMPT_LOOKUP_NGRAM}
+        return fields
+
+    def __call__(self) -> Any:
+        try:
+            import openvino_genai as ov_genai
+        except ImportError as e:
+            raise EngineError(
+                f"inference.backend 'openvino' needs openvino-genai ({e}); run `make install-openvino`"
+            ) from e
+        config = ov_genai.SchedulerConfig()
+        for name, value in self.scheduler.items():
+            setattr(config, name, value)
+        properties = dict(self.properties)
+        if self.prompt_lookup_tokens:
+            properties["prompt_lookup"] = True
+        try:
+            return ov_genai.ContinuousBatchingPipeline(self.ir_dir, config, "CPU", properties)
+        except RuntimeError as e:
+            raise EngineError(f"OpenVINO could not load {self.ir_dir}: {str(e)[:500]}") from e
 
 
 def generation_config(generation: dict[str, Any], structured: dict[str, str] | None) -> Any:
@@ -124,8 +146,9 @@ def prompt_tensor(ids: list[int]) -> Any:
 class PipelineStepper:
     """The child's side: applies Orders to the pipeline, steps it, and reports what the step produced."""
 
-    def __init__(self, pipeline: Any) -> None:
+    def __init__(self, pipeline: Any, warm_up_generation: dict[str, Any] | None = None) -> None:
         self._pipeline = pipeline
+        self._warm_up_generation = warm_up_generation or {"max_new_tokens": 2}
         self._handles: dict[int, Any] = {}
         self._sent: dict[int, int] = {}  # generated tokens reported so far, per request
         self._errors: dict[int, str] = {}
@@ -134,7 +157,7 @@ class PipelineStepper:
     def warm_up(self) -> Ready:
         """One tiny request, so one-time costs are paid before serving."""
         handle = self._pipeline.add_request(
-            WARM_UP_ID, prompt_tensor([1, 2, 3, 4]), generation_config({"max_new_tokens": 2}, None)
+            WARM_UP_ID, prompt_tensor([1, 2, 3, 4]), generation_config(self._warm_up_generation, None)
         )
         while self._pipeline.has_non_finished_requests():
             self._pipeline.step()
@@ -216,9 +239,11 @@ class PipelineStepper:
 
 def serve(connection: Connection, load: Callable[[], Any]) -> None:
     """The child's loop: load, report Ready or LoadFailed, then apply orders and step while there is work, blocking on
-    the pipe when idle; returns on shutdown or when the parent's end is gone."""
+    the pipe when idle; returns on shutdown or when the parent's end is gone. A PipelineLoader also says what the
+    warm-up request needs; any other callable returning a pipeline gets the plain one."""
     try:
-        stepper = PipelineStepper(load())
+        warm_up = load.warm_up_generation if isinstance(load, PipelineLoader) else None
+        stepper = PipelineStepper(load(), warm_up)
         ready: Ready | LoadFailed = stepper.warm_up()
     except EngineError as e:
         ready = LoadFailed(str(e))

@@ -138,6 +138,13 @@ class InferenceConfig(_Section):
         "",
         description="backend openvino: compute precision on CPU; empty keeps OpenVINO's choice (bf16 where the CPU has it).",
     )
+    openvino_prompt_lookup_tokens: int = Field(
+        0,
+        ge=0,
+        description="backend openvino: draft tokens per request and step from OpenVINO's prompt lookup (greedy output "
+        "unchanged); 0 is off. It drafts for every running request on every step, so it speeds up one client and "
+        "slows a crowd (docs/bench/inference.md).",
+    )
     openvino_exporter: str = Field(
         "",
         description="backend openvino: optimum-cli used for the one-time export; empty finds the one "

@@ -118,6 +118,7 @@ def _openvino_engine(config: MeshConfig) -> Engine:
         prefix_caching=section.prefix_cache_tokens > 0,
         inference_precision=section.openvino_precision,
         threads=section.threads,
+        prompt_lookup_tokens=section.openvino_prompt_lookup_tokens,
         max_queue=section.max_queue,
         fair_share=section.fair_share,
         max_queue_per_tenant=section.max_queue_per_tenant,

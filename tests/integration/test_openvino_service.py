@@ -312,6 +312,46 @@ async def test_greedy_tokens_are_the_in_process_pipelines(openvino_engine) -> No
         assert "".join(chunk.text for chunk in chunks) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+async def test_prompt_lookup_keeps_the_greedy_tokens_and_the_constraint() -> None:
+    """A pipeline built with prompt lookup (drafts checked by the model) writes what the plain one writes, including
+    under a JSON schema, and its warm-up request passes the pipeline's demand for a draft length."""
+    if reason := openvino_missing():
+        pytest.skip(reason)
+    from inference_core.openvino_engine import OpenVINOConfig, OpenVINOEngine
+    from inference_core.prompts import encode_prompt
+
+    engine = OpenVINOEngine(config=OpenVINOConfig(cache_dir=OPENVINO_CACHE, max_num_seqs=4, prompt_lookup_tokens=3))
+    await engine.start()
+    try:
+        requests = [
+            GenerationRequest(
+                messages=[{"role": "user", "content": prompt}], max_tokens=40, sampling=SamplingParams(temperature=0.0)
+            )
+            for prompt in PARITY_PROMPTS
+        ]
+        streams = await asyncio.gather(*(engine_chunks(engine, request) for request in requests))
+        tokenizer = engine._model.tokenizer
+        prompts = [encode_prompt(tokenizer, engine.info.id, None, request.messages) for request in requests]
+        expected = await asyncio.to_thread(in_process_greedy, prompts, 40)
+        for chunks, ids in zip(streams, expected, strict=True):
+            assert [t for chunk in chunks for t in chunk.token_ids] == ids
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+        constrained = GenerationRequest(
+            messages=[{"role": "user", "content": "Name the capital of France as JSON with a key city."}],
+            max_tokens=40,
+            sampling=SamplingParams(temperature=0.0),
+            constraint=Constraint(kind="json_schema", value=json.dumps(schema)),
+        )
+        chunks = await engine_chunks(engine, constrained)
+        jsonschema.validate(json.loads("".join(chunk.text for chunk in chunks)), schema)
+    finally:
+        await engine.shutdown()
+
+
+async def engine_chunks(engine: Engine, request: GenerationRequest) -> list[Any]:
+    return [chunk async for chunk in engine.generate(request)]
+
+
 async def test_a_dead_pipeline_process_fails_what_is_in_flight_and_the_engine_is_not_ready(openvino_engine) -> None:
     engine = openvino_engine
     # 4000 digits and no end-of-sequence allowed: the request runs until the process dies.

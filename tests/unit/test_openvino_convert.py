@@ -41,6 +41,13 @@ def test_unseeded_requests_draw_distinct_nonzero_seeds() -> None:
     assert len(seeds) > 1
 
 
+def test_prompt_lookup_gives_every_request_a_draft_length() -> None:
+    request = GenerationRequest(prompt="hi", sampling=SamplingParams(temperature=0.0))
+    assert "num_assistant_tokens" not in generation_fields(request, 5, [2])
+    fields = generation_fields(request, 5, [2], prompt_lookup_tokens=3)
+    assert (fields["num_assistant_tokens"], fields["max_ngram_size"]) == (3, 3)
+
+
 def test_top_k_zero_is_left_to_the_pipeline() -> None:
     fields = generation_fields(GenerationRequest(prompt="hi", sampling=SamplingParams(top_k=0)), 5, [2])
     assert "top_k" not in fields
@@ -98,6 +105,7 @@ def test_prefix_index_forgets_least_recently_used_blocks() -> None:
         ({"max_num_seqs": 16, "max_num_batched_tokens": 8}, "must be at least max_num_seqs"),
         ({"kv_cache_gb": 0}, "kv_cache_gb must be > 0"),
         ({"inference_precision": "int8"}, "inference_precision 'int8' is unknown"),
+        ({"prompt_lookup_tokens": -1}, "prompt_lookup_tokens must be >= 0"),
     ],
 )
 def test_config_errors_say_what_to_change(overrides: dict, message: str) -> None:

@@ -24,7 +24,15 @@ import pytest
 pytest.importorskip("openvino_genai", reason="openvino-genai is not installed (`make install` adds the openvino extra)")
 
 from inference_core.errors import EngineError
-from inference_core.openvino_stepper import NewRequest, Orders, PipelineStepper, Ready, StepperProcess, StepReport
+from inference_core.openvino_stepper import (
+    NewRequest,
+    Orders,
+    PipelineLoader,
+    PipelineStepper,
+    Ready,
+    StepperProcess,
+    StepReport,
+)
 
 VOCAB = 97
 EOS = 0
@@ -76,9 +84,16 @@ class FakeHandle:
 class FakePipeline:
     """Decodes next_token(history) for every running request each step, until a stop token or max_new_tokens."""
 
-    def __init__(self, fail_on_step: int | None = None, refuse_add: bool = False, fail_load: str = "") -> None:
+    def __init__(
+        self,
+        fail_on_step: int | None = None,
+        refuse_add: bool = False,
+        fail_load: str = "",
+        prompt_lookup: bool = False,
+    ) -> None:
         if fail_load:
             raise EngineError(fail_load)
+        self.prompt_lookup = prompt_lookup  # as the real one built with prompt lookup: requests must carry a draft
         self.handles: list[FakeHandle] = []
         self.steps = 0
         self.fail_on_step = fail_on_step
@@ -88,6 +103,8 @@ class FakePipeline:
     def add_request(self, request_id: int, ids: Any, config: Any) -> FakeHandle:
         if self.refuse_add and request_id > 0:  # 0 is the warm-up
             raise RuntimeError("bad grammar")
+        if self.prompt_lookup and not getattr(config, "num_assistant_tokens", 0):
+            raise RuntimeError("`max_ngram_size` && `num_assistant_tokens` should be specified")
         handle = FakeHandle([int(t) for t in ids.data[0]], config)
         self.handles.append(handle)
         return handle
@@ -149,6 +166,16 @@ def test_each_step_reports_new_tokens_and_the_pipelines_own_finish() -> None:
     assert reports[1].finished == {2: ("FINISHED", "LENGTH")}
     assert reports[2].finished == {1: ("FINISHED", "LENGTH")}
     assert all(r.stepped and r.cache_usage == 10.0 for r in reports)
+
+
+def test_a_prompt_lookup_pipelines_warm_up_carries_a_draft_length() -> None:
+    loader = PipelineLoader("ir", {}, {}, prompt_lookup_tokens=3)
+    assert loader.warm_up_generation == {"max_new_tokens": 2, "num_assistant_tokens": 3, "max_ngram_size": 3}
+    assert PipelineLoader("ir", {}, {}).warm_up_generation == {"max_new_tokens": 2}
+    with pytest.raises(RuntimeError, match="num_assistant_tokens"):
+        PipelineStepper(FakePipeline(prompt_lookup=True)).warm_up()
+    stepper = PipelineStepper(FakePipeline(prompt_lookup=True), loader.warm_up_generation)
+    assert stepper.warm_up() == Ready(frozenset({EOS}))
 
 
 def test_a_cancel_frees_the_request_before_the_next_step() -> None:
