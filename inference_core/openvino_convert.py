@@ -30,9 +30,7 @@ def generation_fields(
         "num_return_sequences": 1,
         "repetition_penalty": sampling.repetition_penalty,
     }
-    if prompt_lookup_tokens > 0:
-        fields["num_assistant_tokens"] = prompt_lookup_tokens
-        fields["max_ngram_size"] = PROMPT_LOOKUP_NGRAM
+    fields |= prompt_lookup_fields(prompt_lookup_tokens)
     if sampling.is_greedy:
         fields["do_sample"] = False
     else:
@@ -44,6 +42,13 @@ def generation_fields(
         # rng_seed 0 would mean "the pipeline's default seed", the same for every unseeded request.
         fields["rng_seed"] = sampling.seed if sampling.seed is not None else secrets.randbits(31) + 1
     return fields
+
+
+def prompt_lookup_fields(prompt_lookup_tokens: int) -> dict[str, int]:
+    """What every request to a pipeline built with prompt lookup must carry (none when it is off)."""
+    if prompt_lookup_tokens <= 0:
+        return {}
+    return {"num_assistant_tokens": prompt_lookup_tokens, "max_ngram_size": PROMPT_LOOKUP_NGRAM}
 
 
 def structured_fields(constraint: Constraint) -> dict[str, str]:

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from inference_core.errors import EngineError
-from inference_core.openvino_convert import PROMPT_LOOKUP_NGRAM
+from inference_core.openvino_convert import prompt_lookup_fields
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,7 @@ class PipelineLoader:
 
     @property
     def warm_up_generation(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"max_new_tokens": 2}
-        if self.prompt_lookup_tokens:
-            fields |= {"num_assistant_tokens": self.prompt_lookup_tokens, "max_ngram_size": PROMPT_LOOKUP_NGRAM}
-        return fields
+        return {"max_new_tokens": 2, **prompt_lookup_fields(self.prompt_lookup_tokens)}
 
     def __call__(self) -> Any:
         try:
