@@ -272,9 +272,11 @@ class ContinuousBatchScheduler(AdmissionQueue):
 
     def _append(self, row: _Row, logits: torch.Tensor) -> None:
         token = row.seq.select_token(logits)
+        # Counted before the token is handed on: its chunk may end the request, and a client that then reads the
+        # metrics must find it counted.
+        self._generated += 1
         row.seq.append_token(token)
         row.last_token = token
-        self._generated += 1
 
     def _admit(self) -> None:
         """Admits waiting sequences, in the order the waiting queue's policy gives, while the prompts admitted so far
