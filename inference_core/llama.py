@@ -86,10 +86,6 @@ class Chunk:
     all_logits: bool = False
 
 
-HEAD_AS_W_XT_ROWS = (2, 11)
-"""Row counts for which the fp32 LM head is computed as W @ x^T rather than x @ W^T (see LlamaRunner.logits)."""
-
-
 def _attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,11 +273,6 @@ class LlamaRunner:
         normed = self._norm(hidden, self.final_norm)
         if self.head is not None:
             return self.head(normed).float()
-        if self.device.type == "cpu" and HEAD_AS_W_XT_ROWS[0] <= normed.shape[0] <= HEAD_AS_W_XT_ROWS[1]:
-            # The same product, other operand order: MKL's x @ W^T for 2-11 rows took 18-29 ms on the 49152 x 576
-            # head of SmolLM2 (2 AVX2 cores), W @ x^T 5-9 ms; from 12 rows on both run the same kernel (docs/bench/
-            # inference.md, 2026-12-01). Rows here: the batch, plus speculative drafts.
-            return torch.matmul(self.lm_head, normed.t()).t().contiguous().float()
         return F.linear(normed, self.lm_head).float()
 
     def prefill(self, tokens: list[int], start: int, cache: SlotKVCache, slot: int) -> torch.Tensor:

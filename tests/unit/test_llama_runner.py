@@ -139,16 +139,3 @@ def test_a_mixed_step_with_shared_prefix_attention_matches_separate_passes(hf, r
     assert mixed.argmax(-1).tolist() == [*(ref[1] for _, ref in references[:3]), references[3][1][0]]
     # Both caches now hold the same keys for every row (the mixed step wrote the decode rows and the chunk).
     torch.testing.assert_close(caches[0].keys[:, :4, :, :200], caches[1].keys[:, :4, :, :200], atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5, 11, 12, 16])
-def test_the_lm_head_gives_hfs_logits_whatever_the_row_count(hf, rows: int) -> None:
-    """2-11 rows take the W @ x^T path (much faster there with MKL on CPU); the logits stay HF's within float error."""
-    _, model = hf
-    runner = LlamaRunner(model, max_len=64)
-    hidden = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows))
-    with torch.inference_mode():
-        expected = model.lm_head(model.model.norm(hidden))
-        got = runner.logits(hidden)
-    assert got.shape == (rows, model.config.vocab_size) and got.is_contiguous()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
