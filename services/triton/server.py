@@ -271,7 +271,8 @@ def _install_once(venv: Path) -> None:
     """Creates ``venv`` with scripts/triton_cpu.sh, one process at a time (two test workers may ask at once: the
     second waits on the lock, then finds the venv made)."""
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+    # .venv-triton -> .venv-triton.lock (ignored by git), not ..venv-triton.lock
+    with open(venv.parent / f".{venv.name.lstrip('.')}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             TritonInstall.find(venv)
