@@ -443,15 +443,28 @@ async def openai_level(base_url: str, model: str, args: argparse.Namespace, syst
         await client.close()
 
 
+def peer_settings(system: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The ``name@key=value+key=value`` settings of a peer; SystemExit naming what is allowed for any other key."""
+    settings = dict(item.partition("=")[::2] for item in filter(None, system.partition("@")[2].split("+")))
+    unknown = set(settings) - set(allowed)
+    if unknown:
+        raise SystemExit(
+            f"{system.partition('@')[0]} takes only the settings {', '.join(allowed)}, not {[key[:40] for key in sorted(unknown)][:5]}"
+        )
+    return settings
+
+
+VLLM_DTYPES = ("bfloat16", "float32", "float16")
+
+
 def vllm_dtype(system: str) -> str:
     """``vllm@dtype=X`` as given; else bfloat16 (vLLM's recommended dtype on CPU) where the CPU computes bf16 natively
     (AMX or AVX512-BF16), float32 where it would emulate it: on an AVX2-only CPU vLLM in bf16 ran at a sixth of the
     speed, which would make it a weak peer."""
-    settings = dict(item.partition("=")[::2] for item in filter(None, system.partition("@")[2].split("+")))
-    unknown = set(settings) - {"dtype"}
-    if unknown:
-        raise SystemExit(f"vllm takes only the setting dtype=bfloat16|float32|float16, not {sorted(unknown)}")
+    settings = peer_settings(system, ("dtype",))
     if "dtype" in settings:
+        if settings["dtype"] not in VLLM_DTYPES:
+            raise SystemExit(f"vllm@dtype={settings['dtype'][:40]!r}: use one of {', '.join(VLLM_DTYPES)}")
         return settings["dtype"]
     from services.train.finetune import native_bf16
 
@@ -516,6 +529,14 @@ async def measure_llama_server(args: argparse.Namespace, system_text: str) -> di
 
 
 # ---------------------------------------------------------------- in-process peers
+def openvino_genai_prompt_lookup(system: str) -> int:
+    """K of ``openvino-genai@prompt_lookup=K`` (0: off)."""
+    value = peer_settings(system, ("prompt_lookup",)).get("prompt_lookup", "0")
+    if not value.isdigit():
+        raise SystemExit(f"openvino-genai@prompt_lookup={value[:40]!r}: use a whole number of draft tokens, 0 for off")
+    return int(value)
+
+
 def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
     """The pipeline as its users drive it: add_request per call, step() in a loop, read() what each step produced.
     ``openvino-genai@prompt_lookup=K``: the same with its prompt lookup drafting K tokens (max_ngram_size 3)."""
@@ -524,11 +545,7 @@ def measure_openvino_genai(args: argparse.Namespace, system_text: str) -> dict:
     from inference_core.openvino_convert import PROMPT_LOOKUP_NGRAM
     from inference_core.openvino_export import ensure_ir
 
-    settings = dict(item.partition("=")[::2] for item in filter(None, args.system.partition("@")[2].split("+")))
-    unknown = set(settings) - {"prompt_lookup"}
-    if unknown:
-        raise SystemExit(f"openvino-genai takes only the setting prompt_lookup=K, not {sorted(unknown)}")
-    prompt_lookup = int(settings.get("prompt_lookup", 0))
+    prompt_lookup = openvino_genai_prompt_lookup(args.system)
 
     ir_dir = ensure_ir(None, OPENVINO_CACHE, "fp32")
     scheduler = ov_genai.SchedulerConfig()
