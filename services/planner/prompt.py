@@ -242,22 +242,66 @@ def build_messages(
     return messages
 
 
-def tool_call_options(tools: Sequence[ToolSpec], max_string_chars: int | None = None) -> list[dict[str, Any]]:
+def tool_call_options(
+    tools: Sequence[ToolSpec], max_string_chars: int | None = None, *, asked_in: str | None = None
+) -> list[dict[str, Any]]:
     """One action option per tool: its name as a constant and its own argument schema.
 
     ``max_string_chars`` caps the top-level string arguments that set no maxLength of their own: a small model that
     starts repeating itself inside a string (a SPARQL query of "-i-n-g-i-n-g...") then closes it and the action is
     still complete JSON, instead of running to the token limit and being refused.
+    ``asked_in``: the task; when given, each tool offers only the optional arguments it asks for (``asked_arguments``).
     """
     return [
         {
             "type": "object",
-            "properties": {"tool": {"const": tool.name}, "arguments": _capped(tool.input_schema, max_string_chars)},
+            "properties": {
+                "tool": {"const": tool.name},
+                "arguments": _capped(
+                    tool.input_schema if asked_in is None else asked_arguments(tool.input_schema, asked_in),
+                    max_string_chars,
+                ),
+            },
             "required": ["tool", "arguments"],
             "additionalProperties": False,
         }
         for tool in tools
     ]
+
+
+def asked_arguments(schema: dict[str, Any], task: str) -> dict[str, Any]:
+    """``schema`` without the optional top-level arguments that ``task`` does not ask for. An optional argument is
+    asked for when the task holds every word of its name (``unit``, ``return_type``, ``include_precipitation``; a
+    word of two letters or less does not count) or one of its enum's strings. A schema that requires nothing keeps
+    every argument (a call would otherwise carry none: current_time's timezone).
+
+    A small model fills optional arguments the task never mentions with plausible values (``"unit": "cm"`` for a
+    radius in inches, ``"method": "trapezoid"``) and the call no longer does what was asked; measured on BFCL simple
+    (services/planner/README.md)."""
+    properties = schema.get("properties")
+    required = schema.get("required") or []
+    if not isinstance(properties, dict) or not required:
+        return schema
+    text = task.lower()
+    kept = {
+        name: spec
+        for name, spec in properties.items()
+        if name in required or _names_words_in(name, text) or _names_enum_value_in(spec, text)
+    }
+    return schema if len(kept) == len(properties) else {**schema, "properties": kept}
+
+
+_NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
+
+
+def _names_words_in(name: str, text: str) -> bool:
+    words = [w.lower() for w in _NAME_WORD.findall(name) if len(w) > 2]
+    return bool(words) and all(w in text or w.rstrip("s") in text for w in words)
+
+
+def _names_enum_value_in(spec: Any, text: str) -> bool:
+    values = spec.get("enum", ()) if isinstance(spec, dict) else ()
+    return any(isinstance(v, str) and v and v.lower() in text for v in values)
 
 
 def _capped(schema: dict[str, Any], max_string_chars: int | None) -> dict[str, Any]:

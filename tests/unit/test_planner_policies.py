@@ -292,6 +292,46 @@ def test_guided_caps_string_arguments_that_set_no_length_of_their_own() -> None:
     assert arguments["country_facts"]["properties"]["country"]["maxLength"] == MAX_ARGUMENT_CHARS
 
 
+CIRCUMFERENCE = ToolSpec(
+    "calculate_circumference",
+    "Circumference of a circle.",
+    {
+        "type": "object",
+        "properties": {
+            "radius": {"type": "integer"},
+            "unit": {"type": "string"},
+            "method": {"type": "string", "enum": ["exact", "approximate"]},
+            "returnAsFraction": {"type": "boolean"},
+        },
+        "required": ["radius"],
+    },
+)
+
+
+def offered_arguments(task: str, tool: ToolSpec = CIRCUMFERENCE) -> list[str]:
+    schema = GuidedPolicy().request(snapshot(task), context([tool])).json_schema
+    (option,) = schema["anyOf"]
+    return list(option["properties"]["arguments"]["properties"])
+
+
+@pytest.mark.parametrize(
+    ("task", "offered"),
+    [
+        ("What is the circumference of a circle with radius 4?", ["radius"]),
+        ("Circumference of a circle of radius 4, in the unit inches.", ["radius", "unit"]),
+        ("Circumference, radius 4 units, approximate please", ["radius", "unit", "method"]),
+        ("Circumference for radius 4; return it as a fraction", ["radius", "returnAsFraction"]),
+    ],
+)
+def test_guided_offers_only_the_optional_arguments_the_task_asks_for(task: str, offered: list[str]) -> None:
+    assert offered_arguments(task) == offered
+
+
+def test_a_tool_that_requires_nothing_keeps_its_optional_arguments() -> None:
+    clock = ToolSpec("current_time", "The time.", {"type": "object", "properties": {"timezone": {"type": "string"}}})
+    assert offered_arguments("What time is it in Tokyo?", clock) == ["timezone"]
+
+
 def test_guided_json_that_is_no_action_becomes_a_note() -> None:
     decision = GuidedPolicy().on_output(snapshot(), context(), json.dumps({"tool": "calculator"}))
 

@@ -53,7 +53,8 @@ class GuidedPolicy(Policy):
     - a second look is a lookup: tools that need a human's approval are offered only as the first action, before any
       tool output was read, so nothing a tool returns can lead to such a call (without this, a run whose lookup found
       nothing had only append_note left to call);
-    - string arguments are capped at MAX_ARGUMENT_CHARS.
+    - string arguments are capped at MAX_ARGUMENT_CHARS;
+    - a tool offers only the optional arguments the task asks for (``prompt.asked_arguments``).
 
     Memory: ``facts`` (answering facts so far), ``spent`` (tools not offered again), ``lookups`` (calls made),
     ``data_nonce`` (the fence of tool output).
@@ -82,7 +83,7 @@ class GuidedPolicy(Policy):
         offered = [t for t in tools if t.name not in spent]
         if state.memory.get("lookups", 0):
             offered = [t for t in offered if not t.requires_approval]
-        return tool_call_options(offered, MAX_ARGUMENT_CHARS) or grounded_answer_options([])
+        return tool_call_options(offered, MAX_ARGUMENT_CHARS, asked_in=state.task) or grounded_answer_options([])
 
     def on_output(self, state: RunSnapshot, context: Context, text: str) -> Decision:
         try:
