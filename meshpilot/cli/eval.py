@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +37,7 @@ from services.eval.runner import (
     evaluate,
 )
 from services.eval.suite import SPLITS, Suite, SuiteError, load_suite, shipped_suites
-from services.eval.variants import agent_on_model, variant_name
+from services.eval.variants import agent_on_model, suite_on_model, variant_name
 
 _LABEL = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -59,6 +60,14 @@ def eval_suite(
         typer.Option(
             "--model",
             help="Run each agent on this model instead (repeat to compare models; an agent <agent>-on-<model> is kept).",
+        ),
+    ] = None,
+    builtin_examples: Annotated[
+        bool | None,
+        typer.Option(
+            "--builtin-examples/--no-builtin-examples",
+            help="With --model: the planner's built-in worked examples in the prompt, or not (a model trained with "
+            "--lean-prompt reads none); default: as each agent says.",
         ),
     ] = None,
     category: Annotated[list[str] | None, typer.Option("--category", help="Only this category (repeatable).")] = None,
@@ -96,7 +105,12 @@ def eval_suite(
         fail(f"suite {chosen.name!r} has no tasks" + (f" in {' and '.join(where)}" if where else ""), 2)
     bases = list(dict.fromkeys(agent or [""]))
     models = list(dict.fromkeys(model or []))
+    if builtin_examples is not None and not models:
+        fail(
+            "--builtin-examples/--no-builtin-examples goes with --model (it sets the prompt of the agents it makes)", 2
+        )
     agents = [variant_name(a, m) for a in bases for m in models] if models else bases
+    models_of = {variant_name(a, m): m for a in bases for m in models}
     folder = out or load_config(config).data_dir / "eval" / chosen.name
     target = planner_target(planner, config)
     results_paths = {name: folder / f"{_label(name)}.results.jsonl" for name in agents}
@@ -110,14 +124,28 @@ def eval_suite(
     async def run(channel: grpc.aio.Channel) -> list[Report]:
         for base in bases:
             for name in models:
-                await agent_on_model(channel, base, name)
+                await agent_on_model(channel, base, name, builtin_examples=builtin_examples)
+
+        async def on_model(suite: Suite, agent: str) -> Suite:
+            if agent not in models_of:
+                return suite
+            return await suite_on_model(channel, suite, models_of[agent], builtin_examples=builtin_examples)
+
         runner: AgentRunner = PlannerRunner(planner_pb2_grpc.PlannerServiceStub(channel))
         if ray:
             from services.eval.ray_runner import RayRunner
 
             runner = RayRunner(PlannerAccess(target, api_key=CREDENTIALS.api_key, tls=CREDENTIALS.tls))
         return await _evaluate_all(
-            channel, runner, chosen, agents, results_paths, notices, concurrency=concurrency, timeout_s=timeout
+            channel,
+            runner,
+            chosen,
+            agents,
+            results_paths,
+            notices,
+            concurrency=concurrency,
+            timeout_s=timeout,
+            on_model=on_model,
         )
 
     reports = call_service(target, run)
@@ -142,7 +170,10 @@ async def _evaluate_all(
     *,
     concurrency: int,
     timeout_s: float,
+    on_model: Callable[[Suite, str], Awaitable[Suite]],
 ) -> list[Report]:
+    """Each agent over ``suite``; ``on_model(suite, agent)`` is the suite as that agent runs it (the tasks that run as
+    their own agent run as its variant on the agent's model)."""
     if suite.path is not None and any("tool" in task.meta for task in suite.tasks):
         console.print("registering the suite's functions (tool source bfcl) and their agents…", highlight=False)
         await prepare_bfcl(channel, suite, suite.path)
@@ -157,7 +188,7 @@ async def _evaluate_all(
                 progress.update(bar, completed=state.done, passed=note)
 
             results = await evaluate(
-                suite, runner, results_paths[agent], agent=agent, concurrency=concurrency, timeout_s=timeout_s,
+                await on_model(suite, agent), runner, results_paths[agent], agent=agent, concurrency=concurrency, timeout_s=timeout_s,
                 on_progress=show,
             )  # fmt: skip
             reports.append(summarize(suite.name, agent or "default", results.values()))

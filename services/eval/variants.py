@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import grpc
 
 from meshpilot.planner.v1 import agents_pb2, agents_pb2_grpc
+from services.eval.suite import Suite
 
 DEFAULT_AGENT = "default"
 
@@ -45,3 +47,16 @@ async def agent_on_model(
         if current.spec != spec:
             await stub.UpdateAgent(agents_pb2.UpdateAgentRequest(name=name, spec=spec), timeout=timeout_s)
     return name
+
+
+async def suite_on_model(
+    channel: grpc.aio.Channel, suite: Suite, model: str, *, builtin_examples: bool | None = None
+) -> Suite:
+    """``suite`` with each task that runs as its own agent (a BFCL task's) run as ``<that agent>-on-<model>`` instead,
+    made by ``agent_on_model``."""
+    variants = {
+        agent: await agent_on_model(channel, agent, model, builtin_examples=builtin_examples)
+        for agent in dict.fromkeys(task.agent for task in suite.tasks if task.agent)
+    }
+    tasks = (dataclasses.replace(task, agent=variants[task.agent]) if task.agent else task for task in suite.tasks)
+    return Suite(suite.name, tuple(tasks), suite.path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import json
 import shutil
@@ -27,7 +26,7 @@ from services.eval.bfcl import has_functions, prepare_bfcl
 from services.eval.report import Report, summarize, write_reports
 from services.eval.runner import AgentRunner, EvalProgress, PlannerRunner, evaluate
 from services.eval.suite import EvalTask, Suite, load_suite
-from services.eval.variants import agent_on_model
+from services.eval.variants import agent_on_model, suite_on_model
 from services.inference.models_dir import models_directory
 from services.planner.agents import AgentDefinition
 from services.planner.convert import definition_from_proto
@@ -422,7 +421,7 @@ class TrainJob:
                 update(state.done, f"{state.passed} passed")
 
             results = await evaluate(
-                await self._on_model(suite, model) if model else suite, self.runner,
+                await suite_on_model(self.channel, suite, model, builtin_examples=self._lean) if model else suite, self.runner,
                 self.folder / f"round-{number}" / "eval.results.jsonl", agent=name,
                 concurrency=self.settings.concurrency, timeout_s=self.settings.timeout_s, on_progress=show,
             )  # fmt: skip
@@ -431,12 +430,3 @@ class TrainJob:
             reports.append(summarize(suite.name, label, results.values()))
         write_reports(reports, self.folder / f"round-{number}", "eval")
         return tuple(reports)
-
-    async def _on_model(self, suite: Suite, model: str) -> Suite:
-        """``suite`` with each task that runs as its own agent run as ``<that agent>-on-<model>`` instead."""
-        variants = {
-            agent: await agent_on_model(self.channel, agent, model, builtin_examples=self._lean)
-            for agent in dict.fromkeys(task.agent for task in suite.tasks if task.agent)
-        }
-        tasks = (dataclasses.replace(task, agent=variants[task.agent]) if task.agent else task for task in suite.tasks)
-        return Suite(suite.name, tuple(tasks), suite.path)

@@ -322,6 +322,40 @@ def test_eval_with_models_runs_each_agent_on_each_model_through_a_kept_variant(m
     assert sorted({r.agent for r in mesh.planner.calls("Run")}) == ["geo-on-smollm2-135m", "geo-on-tiny-2"]
 
 
+def test_eval_on_a_model_runs_tasks_with_their_own_agent_as_its_variant_with_the_prompt_asked(
+    mesh, tmp_path: Path
+) -> None:
+    from meshpilot.planner.v1 import agents_pb2
+
+    mesh.agents._store("default", agents_pb2.AgentSpec(instructions="Answer."))
+    mesh.agents._store("fn-1", agents_pb2.AgentSpec(instructions="Call the function.", tools=["calculator"]))
+    path = tmp_path / "own.jsonl"
+    tasks = (dataclasses.replace(FRANCE, agent="fn-1"), JAPAN)
+    path.write_text("\n".join(json.dumps(task.to_json()) for task in tasks) + "\n")
+    args = ["eval", str(path), "--model", "Tuned 1", "--no-builtin-examples", "--out", str(tmp_path / "out")]
+
+    done = CliRunner().invoke(app, [*args, "--planner", mesh.target])
+
+    assert done.exit_code == 0, done.output
+    assert sorted((r.task, r.agent) for r in mesh.planner.calls("Run")) == sorted(
+        [(FRANCE.task, "fn-1-on-tuned-1"), (JAPAN.task, "default-on-tuned-1")]
+    )
+    made = {name: mesh.agents.versions[name][-1].spec for name in ("fn-1-on-tuned-1", "default-on-tuned-1")}
+    assert {name: (s.model, list(s.tools), s.builtin_examples) for name, s in made.items()} == {
+        "fn-1-on-tuned-1": ("Tuned 1", ["calculator"], False),
+        "default-on-tuned-1": ("Tuned 1", [], False),
+    }
+
+
+def test_eval_builtin_examples_without_a_model_exits_2_and_runs_nothing(mesh, tmp_path: Path) -> None:
+    done = CliRunner().invoke(
+        app, ["eval", str(suite_file(tmp_path)), "--no-builtin-examples", "--planner", mesh.target]
+    )
+    assert done.exit_code == 2
+    assert "--builtin-examples/--no-builtin-examples goes with --model" in done.output
+    assert mesh.planner.calls("Run") == []
+
+
 def test_eval_with_a_model_for_an_unknown_agent_exits_1_with_the_code(mesh, tmp_path: Path) -> None:
     done = CliRunner().invoke(
         app, ["eval", str(suite_file(tmp_path)), "--agent", "nope", "--model", "m", "--planner", mesh.target]
