@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import unicodedata
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -78,6 +80,9 @@ TRIPLES: list[tuple[str, str, str, str]] = [
     (WESTERN_EUROPE, "label", "Western Europe", "@en"),
     (WESTERN_EUROPE, "region", EUROPE, ""),
 ]
+
+
+_CAPITAL_QUERY = re.compile(r"mp:capital \?capital FILTER\(LCASE\(STR\(\?capital\)\) = (\".*\")\)")
 
 
 def _normalise(text: str) -> str:
@@ -177,6 +182,15 @@ class FakeKnowledge(knowledge_pb2_grpc.KnowledgeServiceServicer):
     ) -> knowledge_pb2.QueryResponse:
         self.requests.append(("Query", request))
         await self._maybe_fail(context)
+        if self.query_handler is None and (asked := _CAPITAL_QUERY.search(request.sparql)):
+            # country_facts' fallback for a name that is no country's: the countries with that capital.
+            capital = json.loads(asked[1])
+            rows = [
+                knowledge_pb2.Row(bindings={"c": _term(s, "")})
+                for s, p, o, _ in TRIPLES
+                if p == "capital" and o.lower() == capital
+            ]
+            return knowledge_pb2.QueryResponse(variables=["c"], rows=rows)
         assert self.query_handler is not None, "the test did not expect a Query"
         return await self.query_handler(request, context)
 
@@ -267,6 +281,29 @@ async def test_country_facts_everyday_names(registry: ToolRegistry, knowledge: F
 async def test_country_facts_prefers_the_country_of_a_shared_name(registry: ToolRegistry) -> None:
     result = await result_of(registry, "country_facts", {"name": "Georgia"})
     assert result == {"country": "Georgia", "capital": "Tbilisi"}
+
+
+async def test_country_facts_of_a_capital_is_its_country(registry: ToolRegistry, knowledge: FakeKnowledge) -> None:
+    assert await result_of(registry, "country_facts", {"name": "tbilisi"}) == {
+        "country": "Georgia",
+        "capital": "Tbilisi",
+    }
+    assert [(r.label, r.type) for r in knowledge.asked("LookupEntities")] == [("tbilisi", "Country")]
+    assert [r.iri for r in knowledge.asked("GetEntity")] == [GEORGIA_COUNTRY]
+
+
+async def test_country_facts_of_a_capital_two_countries_share_is_no_country(
+    registry: ToolRegistry, knowledge: FakeKnowledge
+) -> None:
+    async def two(request: knowledge_pb2.QueryRequest, context: grpc.aio.ServicerContext) -> Any:
+        rows = [knowledge_pb2.Row(bindings={"c": _term(iri, "")}) for iri in (FRANCE, GERMANY)]
+        return knowledge_pb2.QueryResponse(variables=["c"], rows=rows)
+
+    knowledge.query_handler = two
+    assert await error_of(registry, "country_facts", {"name": "Atlantis"}) == (
+        "no country named 'Atlantis' in the knowledge graph"
+    )
+    assert knowledge.asked("GetEntity") == []
 
 
 async def test_country_facts_unknown_name(registry: ToolRegistry) -> None:

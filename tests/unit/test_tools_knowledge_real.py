@@ -92,6 +92,22 @@ async def test_country_facts_shared_name_prefers_the_country(registry: ToolRegis
     assert result["capital"] == "Tbilisi"
 
 
+@pytest.mark.parametrize(
+    ("capital", "country"), [("Tbilisi", "Georgia"), (" nassau ", "The Bahamas"), ("TOKYO", "Japan")]
+)
+async def test_country_facts_of_a_capital_is_its_country(registry: ToolRegistry, capital: str, country: str) -> None:
+    result = await result_of(registry, "country_facts", {"name": capital})
+    assert result["country"] == country and result["capital"].casefold() == capital.strip().casefold()
+
+
+@pytest.mark.parametrize("name", ['Par"is', "Paris\\", "Paris' } ASK { ?s ?p ?o"])
+async def test_country_facts_of_a_name_with_quotes_is_no_country_and_no_query_error(
+    registry: ToolRegistry, name: str
+) -> None:
+    message = await error_of(registry, "country_facts", {"name": name})
+    assert message.startswith("no country named ")
+
+
 async def test_country_facts_unknown(registry: ToolRegistry) -> None:
     message = await error_of(registry, "country_facts", {"name": "Atlantis"})
     assert message.startswith("no country named 'Atlantis' in the knowledge graph")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from meshpilot.knowledge.v1 import knowledge_pb2
 from services.tools.builtin.knowledge import KnowledgeClient, capped, resolve_entity, term_value
-from services.tools.registry import Tool
+from services.tools.registry import Tool, ToolFailure
 
 # A country answer stays a few lines long: the United States alone has 29 zones.
 _MAX_TIMEZONES = 5
@@ -49,11 +50,30 @@ def _phone_code(value: str) -> str:
     return value if value.startswith("+") else f"+{value}"
 
 
+async def _country_with_capital(client: KnowledgeClient, name: str) -> str | None:
+    """The IRI of the one country whose capital is ``name`` (any case), or None: no country, or several."""
+    # A JSON string is a valid SPARQL string literal: quotes, backslashes and control characters come escaped.
+    literal = json.dumps(" ".join(name.split()).lower(), ensure_ascii=False)
+    query = f"SELECT ?c WHERE {{ ?c mp:capital ?capital FILTER(LCASE(STR(?capital)) = {literal}) }}"
+    response = await client.query(query, limit=2)
+    iris = [row.bindings["c"].value for row in response.rows if "c" in row.bindings]
+    return iris[0] if len(iris) == 1 else None
+
+
 async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
-    """The facts of the country ``name`` (in any language the graph labels it), compactly; ToolFailure if none."""
+    """The facts of the country ``name`` (in any language the graph labels it), compactly. A name that is no
+    country's but one country's capital gives that country ("Bridgetown": Barbados), so a question asked the other
+    way round ("Which country has Bridgetown as its capital?") is one lookup too. ToolFailure if neither."""
     name = ALIASES.get(" ".join(name.split()).casefold(), name)
-    match, _ = await resolve_entity(client, name, "Country")
-    entity = await client.get_entity(match.iri)
+    try:
+        match, _ = await resolve_entity(client, name, "Country")
+        iri = match.iri
+    except ToolFailure as failure:
+        by_capital = await _country_with_capital(client, name)
+        if by_capital is None:
+            raise failure from None
+        iri = by_capital
+    entity = await client.get_entity(iri)
     facts: dict[str, Any] = {"country": entity.label}
     timezones: list[str] = []
     currencies: list[str] = []
