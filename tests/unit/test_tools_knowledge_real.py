@@ -98,6 +98,8 @@ async def test_country_facts_shared_name_prefers_the_country(registry: ToolRegis
 async def test_country_facts_of_a_capital_is_its_country(registry: ToolRegistry, capital: str, country: str) -> None:
     result = await result_of(registry, "country_facts", {"name": capital})
     assert result["country"] == country and result["capital"].casefold() == capital.strip().casefold()
+    assert {"currency", "region", "phone_code"} <= set(result)
+    assert not {"population", "native_name", "iso_code"} & set(result), "the country's own facts are not the city's"
 
 
 @pytest.mark.parametrize("name", ['Par"is', "Paris\\", "Paris' } ASK { ?s ?p ?o"])
