@@ -60,30 +60,25 @@ async def _country_with_capital(client: KnowledgeClient, name: str) -> str | Non
     return iris[0] if len(iris) == 1 else None
 
 
+# Facts of a country that are not facts of its capital.
+_COUNTRY_ONLY = frozenset({"population", "native_name", "iso_code"})
+
+
 async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
     """The facts of the country ``name`` (in any language the graph labels it), compactly. A name that is no
     country's but one country's capital gives that country ("Bridgetown": Barbados), so a question asked the other
     way round ("Which country has Bridgetown as its capital?") is one lookup too. ToolFailure if neither."""
     name = ALIASES.get(" ".join(name.split()).casefold(), name)
-    by_capital = None
     try:
         match, _ = await resolve_entity(client, name, "Country")
-        iri = match.iri
     except ToolFailure as failure:
-        by_capital = await _country_with_capital(client, name)
-        if by_capital is None:
+        iri = await _country_with_capital(client, name)
+        if iri is None:
             raise failure from None
-        iri = by_capital
-    facts = await _facts(client, iri)
-    if by_capital is not None:
         # A reader (or the guided policy, which names a fact by what was asked) takes these as the city's facts:
         # keep only what is true of the capital too, so "the population of Paris" is not France's.
-        facts = {key: value for key, value in facts.items() if key not in _COUNTRY_ONLY}
-    return facts
-
-
-# Facts of a country that are not facts of its capital.
-_COUNTRY_ONLY = frozenset({"population", "native_name", "iso_code"})
+        return {key: value for key, value in (await _facts(client, iri)).items() if key not in _COUNTRY_ONLY}
+    return await _facts(client, match.iri)
 
 
 async def _facts(client: KnowledgeClient, iri: str) -> dict[str, Any]:
