@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from services.planner import POLICIES
-from services.planner.grounding import Fact, collect_facts
+from services.planner.grounding import Fact, collect_facts, subject_of
 from services.planner.guardrails import fence_close, fence_open
 from services.planner.policies import (
     Answer,
@@ -376,10 +376,72 @@ def test_without_tools_the_guided_model_may_answer_freely() -> None:
         ("day_of_week", "What day is it in Paris?", True),
         ("utc_offset", "Write a haiku about the sea.", False),
         ("id", "What is the id?", False),  # key parts shorter than 3 letters never match
+        # A "how many" question takes a count of what it names, and a count answers nothing else.
+        ("timezones_count", "How many time zones does Latvia have?", True),
+        ("timezones_count", "拉脱维亚有几个时区？", True),
+        ("countries_count", "How many countries use the Euro?", True),
+        ("countries_count", "What is the number of countries in Polynesia?", True),
+        ("countries_count", "How many time zones does Latvia have?", False),
+        ("timezones_count", "Which time zone is Latvia in?", False),
+        ("timezones", "How many time zones does Latvia have?", False),  # "x" is no number
+        ("result", "How many days are in 3 weeks?", False),
     ],
 )
 def test_fact_answers_when_the_question_names_its_key(key: str, question: str, answers: bool) -> None:
     assert Fact(key, "x", "subject").answers(question) is answers
+
+
+@pytest.mark.parametrize(("value", "answers"), [("21", True), ("1,234", True), ("-2.5", True), ("nan", False)])
+def test_a_number_answers_a_how_many_question(value: str, answers: bool) -> None:
+    assert Fact("result", value, "3 * 7").answers("How many days are in 3 weeks?") is answers
+    assert Fact("timezones", value, "").answers("How many time zones does Latvia have?") is answers
+
+
+def test_a_count_is_stated_as_a_number_of_things() -> None:
+    assert Fact("timezones_count", "3", "Portugal").sentence() == "The number of timezones of Portugal is 3."
+    assert Fact("countries_count", "7", "").sentence() == "Number of countries: 7"
+
+
+def test_the_rest_of_a_cut_list_is_no_fact() -> None:
+    facts = collect_facts({"countries": ["France", "... 12 more"], "note": "... and more"}, "Europe")
+    assert [fact.value for fact in facts] == ["France", "... and more"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "subject"),
+    [
+        (["France"], "France"),
+        ([True, " Japan "], "Japan"),
+        ([17], "17"),
+        (["SELECT (COUNT(?c) AS ?n) WHERE { ?c mp:region ?r }"], ""),  # code is no subject
+        (["a\nb"], ""),
+        (["x" * 81], ""),
+        ([], ""),
+    ],
+)
+def test_the_subject_of_a_call_is_a_name_it_was_asked_about(arguments: list[object], subject: str) -> None:
+    assert subject_of(arguments) == subject
+
+
+def test_a_how_many_question_is_answered_with_the_count_beside_a_list() -> None:
+    policy, state, ctx = GuidedPolicy(), snapshot("How many time zones does Portugal have?"), context()
+    result = {"country": "Portugal", "timezones": ["Atlantic/Azores", "Atlantic/Madeira", "Europe/Lisbon"]}
+    result["timezones_count"] = 3
+    step(policy, state, ctx, call("country_facts", name="Portugal"), [ToolOutcome(result=result)])
+
+    assert offered_answers(policy.request(state, ctx).json_schema) == [
+        "The number of timezones of Portugal is 3.",
+        NO_ANSWER,
+    ]
+
+
+def test_a_count_from_a_query_is_stated_without_the_query() -> None:
+    policy, state, ctx = GuidedPolicy(), snapshot("How many countries are in Polynesia?"), context()
+    query = "SELECT (COUNT(?c) AS ?countries) WHERE { ?c mp:subregion/rdfs:label 'Polynesia'@en }"
+    outcome = ToolOutcome(result={"rows": [{"countries": 10}], "truncated": False})
+    step(policy, state, ctx, call("sparql_query", query=query), [outcome])
+
+    assert offered_answers(policy.request(state, ctx).json_schema) == ["Countries: 10", NO_ANSWER]
 
 
 def test_facts_are_named_by_their_nearest_key_and_stated_as_sentences() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import unicodedata
@@ -15,8 +16,10 @@ import pytest
 from meshpilot.knowledge.v1 import knowledge_pb2, knowledge_pb2_grpc
 from services.common import InvalidArgumentError
 from services.tools import KnowledgeClient, ToolErrorKind, ToolRegistry, builtin_tools
+from services.tools.builtin.knowledge import capped
 from tests.conftest import free_port
 
+ENTITY_FACTS = importlib.import_module("services.tools.builtin.entity_facts")
 NS = "https://meshpilot.dev/kg/"
 RDF_TYPE = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type"
 RDFS_LABEL = "http://www.w3.org/2000/01/rdf-schema#label"
@@ -251,6 +254,7 @@ async def test_country_facts_is_compact(registry: ToolRegistry, knowledge: FakeK
         "subregion": "Western Europe",
         "phone_code": "+33",
         "timezones": ["Europe/Paris"],
+        "timezones_count": 1,
         "native_name": "France",
         "iso_code": "FR",
         "internet_domain": ".fr",
@@ -270,6 +274,7 @@ async def test_country_facts_caps_long_lists(registry: ToolRegistry) -> None:
     result = await result_of(registry, "country_facts", {"name": "United States"})
     assert result["currency"] == "United States dollar (USD, $)"
     assert result["timezones"] == [f"America/Zone{i:02d}" for i in range(5)] + ["... 25 more"]
+    assert result["timezones_count"] == 30  # the true count, not the items shown
 
 
 @pytest.mark.parametrize("name", ["America", " united  states of AMERICA "])
@@ -338,7 +343,8 @@ async def test_entity_facts_of_a_currency_lists_who_uses_it(registry: ToolRegist
         "type": "Currency",
         "code": "EUR",
         "symbol": "€",
-        "currency_of": ["France", "Germany"],
+        "countries": ["France", "Germany"],
+        "countries_count": 2,
     }
     assert knowledge.asked("GetEntity")[0].include_incoming
 
@@ -349,8 +355,32 @@ async def test_entity_facts_of_a_region(registry: ToolRegistry) -> None:
         "entity": "Western Europe",
         "type": "Subregion",
         "region": "Europe",
-        "subregion_of": ["France", "Germany"],
+        "countries": ["France", "Germany"],
+        "countries_count": 2,
     }
+
+
+async def test_entity_facts_names_each_kind_pointing_at_it(registry: ToolRegistry) -> None:
+    result = await result_of(registry, "entity_facts", {"name": "Europe"})
+    assert result["countries"] == ["France", "Germany"] and result["countries_count"] == 2
+    assert result["subregions"] == ["Western Europe"] and result["subregions_count"] == 1
+
+
+async def test_entity_facts_counts_what_it_cuts(registry: ToolRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ENTITY_FACTS, "capped", lambda values: capped(values, 1))
+    result = await result_of(registry, "entity_facts", {"name": "Europe"})
+    assert result["countries"] == ["France", "... 1 more"]
+    assert result["countries_count"] == 2  # all of them, not the items shown
+
+
+async def test_entity_facts_gives_no_count_of_a_list_it_did_not_read_whole(
+    registry: ToolRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ENTITY_FACTS, "_FACT_LIMIT", 3)  # Europe: type, label and one of its three incoming facts
+    result = await result_of(registry, "entity_facts", {"name": "Europe"})
+    assert result["truncated"] is True
+    assert result["countries"] == ["France"]
+    assert "countries_count" not in result  # a count of the facts read would be short
 
 
 async def test_entity_facts_shows_other_entities_of_the_same_name(registry: ToolRegistry) -> None:

@@ -67,6 +67,7 @@ async def test_country_facts_france(registry: ToolRegistry) -> None:
         "subregion": "Western Europe",
         "phone_code": "+33",
         "timezones": ["Europe/Paris"],
+        "timezones_count": 1,
         "native_name": "France",
         "iso_code": "FR",
         "internet_domain": ".fr",
@@ -99,7 +100,17 @@ async def test_country_facts_of_a_capital_is_its_country(registry: ToolRegistry,
     result = await result_of(registry, "country_facts", {"name": capital})
     assert result["country"] == country and result["capital"].casefold() == capital.strip().casefold()
     assert {"currency", "region", "phone_code"} <= set(result)
-    assert not {"population", "native_name", "iso_code"} & set(result), "the country's own facts are not the city's"
+    assert not {"population", "native_name", "iso_code", "timezones_count"} & set(result), (
+        "the country's own facts are not the city's"
+    )
+
+
+async def test_country_facts_counts_every_time_zone(registry: ToolRegistry) -> None:
+    result = await result_of(registry, "country_facts", {"name": "United States"})
+    query = "SELECT (COUNT(?zone) AS ?n) WHERE { country:US mp:timezone ?zone }"
+    [row] = (await result_of(registry, "sparql_query", {"query": query}))["rows"]
+    assert result["timezones_count"] == row["n"] > len(result["timezones"]) - 1  # the list is cut, the count is not
+    assert result["timezones"][-1] == f"... {row['n'] - 5} more"
 
 
 @pytest.mark.parametrize("name", ['Par"is', "Paris\\", "Paris' } ASK { ?s ?p ?o"])
@@ -120,7 +131,8 @@ async def test_entity_facts_currency(registry: ToolRegistry) -> None:
     assert result["entity"] == "Euro"
     assert result["type"] == "Currency"
     assert result["code"] == "EUR"
-    assert set(result["currency_of"]) == {"France", "Germany"}
+    assert set(result["countries"]) == {"France", "Germany"}
+    assert result["countries_count"] == 2
 
 
 async def test_sparql_query(registry: ToolRegistry) -> None:

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict
 from typing import Any
 
-from services.planner.grounding import Fact, collect_facts
+from services.planner.grounding import Fact, collect_facts, subject_of
 from services.planner.policies.base import (
     Answer,
     CallTools,
@@ -108,7 +108,7 @@ class GuidedPolicy(Policy):
             found: list[Fact] = []
             if call.error is None:
                 asked = [v for v in call.arguments.values() if isinstance(v, str | int | float)]
-                subject = str(asked[0]) if asked else ""
+                subject = subject_of(asked)
                 found = [f for f in collect_facts(call.result, subject, exclude=asked) if f.answers(state.task)]
             if found:
                 memory.setdefault("facts", []).extend(asdict(f) for f in found)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from meshpilot.knowledge.v1 import knowledge_pb2
-from services.tools.builtin.knowledge import KnowledgeClient, capped, resolve_entity, term_value
+from services.tools.builtin.knowledge import COUNT_SUFFIX, KnowledgeClient, capped, resolve_entity, term_value
 from services.tools.registry import Tool, ToolFailure
 
 # A country answer stays a few lines long: the United States alone has 29 zones.
@@ -35,6 +35,8 @@ _SINGLE = {
     "tld": "internet_domain",
     "population": "population",
 }
+_FIRST = ("country", "capital", "currency", "region", "subregion", "phone_code", "timezones")
+_ORDER = (*_FIRST, "timezones" + COUNT_SUFFIX, *_SINGLE.values())
 
 
 async def _currency_text(client: KnowledgeClient, fact: knowledge_pb2.Fact) -> str:
@@ -60,8 +62,8 @@ async def _country_with_capital(client: KnowledgeClient, name: str) -> str | Non
     return iris[0] if len(iris) == 1 else None
 
 
-# Facts of a country that are not facts of its capital.
-_COUNTRY_ONLY = frozenset({"population", "native_name", "iso_code"})
+# Facts of a country that are not facts of its capital (a city lies in one time zone, not in its country's three).
+_COUNTRY_ONLY = frozenset({"population", "native_name", "iso_code", "timezones" + COUNT_SUFFIX})
 
 
 async def country_facts(client: KnowledgeClient, name: str) -> dict[str, Any]:
@@ -102,8 +104,8 @@ async def _facts(client: KnowledgeClient, iri: str) -> dict[str, Any]:
         facts["currency"] = currencies[0] if len(currencies) == 1 else currencies
     if timezones:
         facts["timezones"] = capped(timezones, _MAX_TIMEZONES)
-    order = ["country", "capital", "currency", "region", "subregion", "phone_code", "timezones", *_SINGLE.values()]
-    return {key: facts[key] for key in dict.fromkeys(order) if key in facts}
+        facts["timezones" + COUNT_SUFFIX] = len(timezones)
+    return {key: facts[key] for key in dict.fromkeys(_ORDER) if key in facts}
 
 
 def country_facts_tool(client: KnowledgeClient) -> Tool:

@@ -124,6 +124,11 @@ def term_value(term: knowledge_pb2.Term, label: str = "") -> Any:
     return term.value
 
 
+# Beside a list, its true length (the list itself may be capped): what a "how many" question is answered with. The
+# planner's guided policy knows the suffix (services/planner/grounding.py).
+COUNT_SUFFIX = "_count"
+
+
 def capped(values: list[Any], limit: int = MAX_LIST_ITEMS) -> list[Any]:
     """``values`` cut to ``limit`` items, with a last item saying how many were left out."""
     return values if len(values) <= limit else [*values[:limit], f"... {len(values) - limit} more"]
