@@ -61,7 +61,9 @@ class Sequence:
         self._first_token: float | None = None
         self.sampler.observe(prompt_ids)
         # Drafts are checked by exact comparison with the chosen token, which only greedy selection makes lossless.
-        self._proposer = NgramProposer(prompt_ids) if sampler.params.is_greedy else None
+        # The index is built on the first draft: the openvino backend never asks for one.
+        self._drafts = sampler.params.is_greedy
+        self._proposer: NgramProposer | None = None
 
     def mark_started(self) -> None:
         """Records when the sequence first got a slot (a preempted sequence that gets one again keeps the first)."""
@@ -77,8 +79,10 @@ class Sequence:
     def draft(self, k: int) -> list[int]:
         """Up to ``k`` guessed next tokens after the one about to be chosen (greedy sequences only), never more than
         the sequence may still generate."""
-        if self._proposer is None or self.finished:
+        if not self._drafts or self.finished:
             return []
+        if self._proposer is None:
+            self._proposer = NgramProposer([*self.prompt_ids, *self.output_ids])
         room = self.max_new_tokens - len(self.output_ids) - 1
         return self._proposer.propose(min(k, room))
 

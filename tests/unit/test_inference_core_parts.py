@@ -11,6 +11,7 @@ from inference_core import Constraint, FinishReason, InvalidRequestError, Sampli
 from inference_core.detokenizer import IncrementalDetokenizer
 from inference_core.sampling import RowSampler
 from inference_core.sequence import Sequence
+from inference_core.speculation import NgramProposer
 from inference_core.stop_strings import StopStringMatcher
 from inference_core.structured import GrammarCache, RowConstraint
 from inference_core.testing import write_tiny_llama
@@ -224,6 +225,17 @@ def run_tokens(seq: Sequence, ids: list[int]) -> None:
         seq.append_token(token)
         if seq.finished:
             return
+
+
+def test_a_sequence_drafts_from_its_prompt_and_every_token_so_far_however_late_it_is_first_asked(tokenizer) -> None:
+    seq, _ = make_sequence(tokenizer)
+    a, b, c, d = tokenizer(" one two three four")["input_ids"][:4]
+    run_tokens(seq, [a, b, c, d, a, b])  # no draft asked yet: the index is built on the first ask
+    assert seq.draft(3) == [c, d, a] == NgramProposer([*seq.prompt_ids, a, b, c, d, a, b]).propose(3)
+    run_tokens(seq, [d])  # later tokens reach the index: neither (a, b, d) nor (b, d) occurred before
+    assert seq.draft(3) == [] == NgramProposer([*seq.prompt_ids, a, b, c, d, a, b, d]).propose(3)
+    run_tokens(seq, [a])  # (d, a) did: it was followed by b
+    assert seq.draft(2) == [b, d]
 
 
 def test_sequence_ends_at_eos_with_usage_and_all_token_ids(tokenizer) -> None:
