@@ -423,6 +423,38 @@ def test_the_subject_of_a_call_is_a_name_it_was_asked_about(arguments: list[obje
     assert subject_of(arguments) == subject
 
 
+@pytest.mark.parametrize(
+    ("question", "name", "result", "offered"),
+    [
+        # The answer is the name asked about: offered, since no other fact answers.
+        (
+            "What is the capital of Luxembourg?",
+            "Luxembourg",
+            {"country": "Luxembourg", "capital": "Luxembourg", "currency": "Euro"},
+            ["The capital of Luxembourg is Luxembourg."],
+        ),
+        # The name asked about repeated ("the capital of Bridgetown is Bridgetown") is no answer beside a real one.
+        (
+            "Which country has Bridgetown as its capital?",
+            "Bridgetown",
+            {"country": "Barbados", "capital": "Bridgetown"},
+            ["The country of Bridgetown is Barbados."],
+        ),
+        ("Who is the president of France?", "France", {"country": "France", "capital": "Paris"}, None),
+    ],
+)
+def test_a_fact_repeating_the_name_asked_about_answers_only_when_nothing_else_does(
+    question: str, name: str, result: dict[str, Any], offered: list[str] | None
+) -> None:
+    policy, state, ctx = GuidedPolicy(), snapshot(question), context()
+    step(policy, state, ctx, call("country_facts", name=name), [ToolOutcome(result=result)])
+
+    if offered is None:  # nothing answers: the tool is spent and the next step offers another lookup
+        assert state.memory.get("facts") is None and state.memory["spent"] == ["country_facts"]
+    else:
+        assert offered_answers(policy.request(state, ctx).json_schema) == [*offered, NO_ANSWER]
+
+
 def test_a_how_many_question_is_answered_with_the_count_beside_a_list() -> None:
     policy, state, ctx = GuidedPolicy(), snapshot("How many time zones does Portugal have?"), context()
     result = {"country": "Portugal", "timezones": ["Atlantic/Azores", "Atlantic/Madeira", "Europe/Lisbon"]}

@@ -110,6 +110,9 @@ class GuidedPolicy(Policy):
                 asked = [v for v in call.arguments.values() if isinstance(v, str | int | float)]
                 subject = subject_of(asked)
                 found = [f for f in collect_facts(call.result, subject, exclude=asked) if f.answers(state.task)]
+                if not found:
+                    # Only a fact repeating the name asked about answers: the capital of Luxembourg is Luxembourg.
+                    found = [f for f in collect_facts(call.result, subject) if f.answers(state.task)]
             if found:
                 memory.setdefault("facts", []).extend(asdict(f) for f in found)
             else:
