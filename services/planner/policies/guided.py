@@ -46,7 +46,9 @@ class GuidedPolicy(Policy):
 
     - the first action must be a tool call;
     - once a tool returned facts that answer the question (``Fact.answers``: the question names the fact's key), the
-      only action left is a final answer stating one of them as a sentence, or "I could not find the answer.";
+      only action left is a final answer stating one of them as a sentence, or "I could not find the answer."; a fact
+      repeating what the call was asked about ("capital": "Bridgetown" for "Bridgetown") counts only when no other
+      fact answers (the capital of Luxembourg is Luxembourg);
     - a tool that failed, returned nothing that answers the question, or was named in an action that was not complete
       JSON is not offered again (under greedy decoding the model would repeat the call); after MAX_LOOKUPS such
       attempts the answer is "I could not find the answer.";
