@@ -25,7 +25,14 @@ from services.planner.policies import (
 )
 from services.planner.policies.base import NONCE_KEY
 from services.planner.policies.guided import MAX_ARGUMENT_CHARS, MAX_LOOKUPS
-from services.planner.prompt import NO_ANSWER, grounded_answer_options, system_prompt
+from services.planner.prompt import (
+    MAX_SPAN_WORDS,
+    NO_ANSWER,
+    grounded_answer_options,
+    quoted_arguments,
+    request_spans,
+    system_prompt,
+)
 from services.planner.state import AgentRef, CallRecord, CallStatus, RunSnapshot, StepRecord
 from services.planner.types import Budget, ToolOutcome, ToolSpec, Turn
 from tests.unit.planner_fakes import CALCULATOR, COUNTRY_FACTS, FACTS, answer, call
@@ -724,3 +731,62 @@ def test_a_policy_continues_from_a_snapshot_that_went_through_json(name: str) ->
     assert restored == state  # memory included (react keeps none: its state is the transcript)
     fresh = POLICIES[name]()
     assert fresh.request(restored, ctx) == policy.request(state, ctx)
+
+
+# Arguments quoted from the request
+
+
+NAMED = ToolSpec(
+    "country_facts",
+    "Facts about a country.",
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 12, "x-from-request": True}},
+        "required": ["name"],
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "spans", "not_spans"),
+    [
+        ("How many time zones does Latvia have?", ["Latvia", "time zones", "How"], ["Latgabria", "have?", "Latvia have?"]),
+        ("What is the calling code of Virgin Islands (US)?", ["Virgin Islands (US)", "(US)"], ["Islands (US", "(US)?"]),
+        ("Who is the president of Macau S.A.R.?", ["Macau S.A.R.", "Macau S.A.R"], ["S.A.R.?"]),
+        ("不丹的首都是哪里？", ["不丹", "首都"], ["不丹的首都是哪里？"]),
+        ("圣马丁岛（荷兰部分）的首都是哪里？", ["圣马丁岛（荷兰部分）", "荷兰部分"], ["圣马丁岛（"]),
+        ("  ", [], []),
+    ],
+)
+def test_request_spans_are_runs_of_words_or_cjk_characters_without_the_punctuation_around_them(
+    text: str, spans: list[str], not_spans: list[str]
+) -> None:
+    found = request_spans(text)
+    assert set(spans) <= set(found) and not set(not_spans) & set(found)
+    assert all(len(span.split()) <= MAX_SPAN_WORDS for span in found)
+    assert len(found) == len(set(found))
+
+
+def test_a_quoted_argument_is_narrowed_to_the_spans_that_fit_its_length() -> None:
+    narrowed = quoted_arguments(NAMED.input_schema, ["Is Latvia in the European Union?"])
+    enum = narrowed["properties"]["name"]["enum"]
+    assert "Latvia" in enum and "European" in enum and "European Union" not in enum  # 14 characters > maxLength 12
+    assert narrowed["properties"]["name"] == {"type": "string", "enum": enum}  # the marker and bounds are gone
+    assert NAMED.input_schema["properties"]["name"]["x-from-request"] is True  # the tool's own schema is untouched
+
+
+def test_a_schema_without_the_marker_or_texts_without_spans_is_left_as_it_is() -> None:
+    assert quoted_arguments(COUNTRY_FACTS.input_schema, ["How big is France?"]) is COUNTRY_FACTS.input_schema
+    assert quoted_arguments(NAMED.input_schema, [" ?! "]) is NAMED.input_schema
+
+
+def test_guided_calls_name_only_what_the_conversation_named() -> None:
+    policy, ctx = GuidedPolicy(), context([NAMED])
+    state = snapshot("And its currency?", history=[Turn("What is the capital of France?", "It is Paris.")])
+
+    [option] = policy.request(state, ctx).json_schema["anyOf"]
+    enum = option["properties"]["arguments"]["properties"]["name"]["enum"]
+    assert {"France", "Paris", "currency"} <= set(enum) and "Latvia" not in enum
+    assert policy.on_output(state, ctx, call("country_facts", name="France")) == CallTools(
+        [("country_facts", {"name": "France"})]
+    )

@@ -56,7 +56,9 @@ class GuidedPolicy(Policy):
       tool output was read, so nothing a tool returns can lead to such a call (without this, a run whose lookup found
       nothing had only append_note left to call);
     - string arguments are capped at MAX_ARGUMENT_CHARS;
-    - a tool offers only the optional arguments the task asks for (``prompt.asked_arguments``).
+    - a tool offers only the optional arguments the task asks for (``prompt.asked_arguments``);
+    - an argument the tool marks ``x-from-request`` (a country's name) is a span of the conversation's words
+      (``prompt.quoted_arguments``).
 
     Memory: ``facts`` (answering facts so far), ``spent`` (tools not offered again), ``lookups`` (calls made),
     ``data_nonce`` (the fence of tool output).
@@ -85,7 +87,9 @@ class GuidedPolicy(Policy):
         offered = [t for t in tools if t.name not in spent]
         if state.memory.get("lookups", 0):
             offered = [t for t in offered if not t.requires_approval]
-        return tool_call_options(offered, MAX_ARGUMENT_CHARS, asked_in=state.task) or grounded_answer_options([])
+        earlier = [text for turn in state.history for text in (turn.task, turn.answer)]
+        options = tool_call_options(offered, MAX_ARGUMENT_CHARS, asked_in=state.task, earlier=earlier)
+        return options or grounded_answer_options([])
 
     def on_output(self, state: RunSnapshot, context: Context, text: str) -> Decision:
         try:

@@ -127,6 +127,8 @@ def country_facts_tool(client: KnowledgeClient) -> Tool:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": 100,
+                    # The guided policy narrows it to the spans of the question (services/planner/prompt.py).
+                    "x-from-request": True,
                     "description": "The country's name, e.g. 'Japan' (other languages and ISO codes work too).",
                 }
             },

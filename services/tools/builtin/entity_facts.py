@@ -93,6 +93,8 @@ def entity_facts_tool(client: KnowledgeClient) -> Tool:
                     "type": "string",
                     "minLength": 1,
                     "maxLength": 100,
+                    # The guided policy narrows it to the spans of the question (services/planner/prompt.py).
+                    "x-from-request": True,
                     "description": "The entity's name, e.g. 'Bavaria', 'Euro' or 'Western Europe'.",
                 }
             },
