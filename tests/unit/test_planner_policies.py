@@ -750,7 +750,11 @@ NAMED = ToolSpec(
 @pytest.mark.parametrize(
     ("text", "spans", "not_spans"),
     [
-        ("How many time zones does Latvia have?", ["Latvia", "time zones", "How"], ["Latgabria", "have?", "Latvia have?"]),
+        (
+            "How many time zones does Latvia have?",
+            ["Latvia", "time zones", "How"],
+            ["Latgabria", "have?", "Latvia have?"],
+        ),
         ("What is the calling code of Virgin Islands (US)?", ["Virgin Islands (US)", "(US)"], ["Islands (US", "(US)?"]),
         ("Who is the president of Macau S.A.R.?", ["Macau S.A.R.", "Macau S.A.R"], ["S.A.R.?"]),
         ("不丹的首都是哪里？", ["不丹", "首都"], ["不丹的首都是哪里？"]),
