@@ -303,6 +303,7 @@ FROM_REQUEST = "x-from-request"
 """A tool's schema keyword for a string argument whose value is quoted from the request, such as a country's name:
 ``{"type": "string", "x-from-request": true}``. JSON Schema validators ignore keywords they do not know."""
 MAX_SPAN_WORDS = 6
+MAX_SPANS = 400
 MAX_CJK_SPAN_CHARS = 24
 # Trimmed from both ends of a span: sentence punctuation and quotes, ASCII and CJK. Brackets only when unmatched in the
 # span ("Virgin Islands (US)" keeps its own), and a full stop only as a variant (the sentence's, or "S.A.R.").
@@ -314,23 +315,26 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 def quoted_arguments(schema: dict[str, Any], texts: Sequence[str]) -> dict[str, Any]:
     """``schema`` with each top-level string argument marked ``x-from-request`` narrowed to the spans of ``texts``
     (``request_spans``; the task, and the conversation before it for "And its currency?"): the call names what the
-    question names. A 135M model asked "How many time zones does Latvia
-    have?" wrote ``{"name": "Latgabria"}`` (5 of 16 such kg-test questions, each a different invented name); with
-    this it can only write "Latvia" or another run of the question's words. Texts with no span leave the schema."""
+    question names. A 135M model asked "How many time zones does Latvia have?" wrote ``{"name": "Latgabria"}`` (5
+    of 16 such kg-test questions, each a different invented name); with this it can only write "Latvia" or another
+    run of the question's words. At most MAX_SPANS spans, the fewest words first (a long conversation would make
+    the grammar large). Texts with no span leave the schema."""
     properties = schema.get("properties")
     if not isinstance(properties, dict) or not any(_from_request(spec) for spec in properties.values()):
         return schema
     spans = list(dict.fromkeys(span for text in texts for span in request_spans(text)))
     if not spans:
         return schema
+    spans.sort(key=lambda span: len(span.split()))  # stable: the task's spans before the conversation's
     narrowed = {}
     for name, spec in properties.items():
         if _from_request(spec):
-            limit = spec.get("maxLength")
-            fitting = [span for span in spans if len(span) >= spec.get("minLength", 0)]
-            fitting = [span for span in fitting if not isinstance(limit, int) or len(span) <= limit]
-            spec = {key: value for key, value in spec.items() if key not in ("minLength", "maxLength", FROM_REQUEST)}
-            spec = {**spec, "enum": fitting} if fitting else spec
+            shortest, longest = spec.get("minLength", 0), spec.get("maxLength")
+            fitting = [span for span in spans if len(span) >= shortest and (longest is None or len(span) <= longest)]
+            spec = {key: value for key, value in spec.items() if key != FROM_REQUEST}
+            if fitting:
+                bounds = ("minLength", "maxLength")
+                spec = {**{k: v for k, v in spec.items() if k not in bounds}, "enum": fitting[:MAX_SPANS]}
         narrowed[name] = spec
     return {**schema, "properties": narrowed}
 

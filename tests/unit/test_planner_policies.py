@@ -27,6 +27,7 @@ from services.planner.policies.base import NONCE_KEY
 from services.planner.policies.guided import MAX_ARGUMENT_CHARS, MAX_LOOKUPS
 from services.planner.prompt import (
     MAX_SPAN_WORDS,
+    MAX_SPANS,
     NO_ANSWER,
     grounded_answer_options,
     quoted_arguments,
@@ -777,6 +778,18 @@ def test_a_quoted_argument_is_narrowed_to_the_spans_that_fit_its_length() -> Non
     assert "Latvia" in enum and "European" in enum and "European Union" not in enum  # 14 characters > maxLength 12
     assert narrowed["properties"]["name"] == {"type": "string", "enum": enum}  # the marker and bounds are gone
     assert NAMED.input_schema["properties"]["name"]["x-from-request"] is True  # the tool's own schema is untouched
+
+
+def test_a_long_conversation_offers_at_most_max_spans_the_shortest_first() -> None:
+    earlier = [" ".join(f"word{i}" for i in range(2000))]
+    enum = quoted_arguments(NAMED.input_schema, ["Where is Peru?", *earlier])["properties"]["name"]["enum"]
+    assert len(enum) == MAX_SPANS
+    assert enum[:3] == ["Where", "is", "Peru"] and all(" " not in span for span in enum)
+
+
+def test_an_argument_no_span_fits_keeps_its_bounds() -> None:
+    narrowed = quoted_arguments(NAMED.input_schema, ["Internationalisation"])  # 20 characters > maxLength 12
+    assert narrowed["properties"]["name"] == {"type": "string", "minLength": 1, "maxLength": 12}
 
 
 def test_a_schema_without_the_marker_or_texts_without_spans_is_left_as_it_is() -> None:
