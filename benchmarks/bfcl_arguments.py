@@ -17,8 +17,8 @@ from pathlib import Path
 from inference_core import Constraint, GenerationRequest, SamplingParams
 from inference_core.torch_engine import TorchEngine
 from services.eval.bfcl import SOURCE, bfcl_agent_spec
-from services.eval.checks import ToolCalled
-from services.eval.suite import load_suite
+from services.eval.checks import ToolCallRecord, Trajectory
+from services.eval.suite import judge, load_suite
 from services.planner.policies.guided import MAX_ARGUMENT_CHARS
 from services.planner.prompt import action_schema, build_messages, tool_call_options
 from services.planner.types import ToolSpec
@@ -54,9 +54,8 @@ async def run(args: argparse.Namespace) -> dict:
                     action = json.loads(text)
                 except ValueError:
                     continue
-                (check,) = task.checks
-                assert isinstance(check, ToolCalled)
-                passed += action.get("tool") == check.tool and check._mismatch(action.get("arguments", {})) == ""
+                call = ToolCallRecord(str(action.get("tool", "")), action.get("arguments") or {})
+                passed += judge(task, Trajectory(answer="", tool_calls=(call,))).passed
             seconds = round(time.perf_counter() - started, 1)
             results["modes"][mode] = {"passed": passed, "seconds": seconds}
             print(f"{mode}: {passed}/{len(tasks)} ({seconds} s)", flush=True)
