@@ -792,6 +792,19 @@ def test_an_argument_no_span_fits_keeps_its_bounds() -> None:
     assert narrowed["properties"]["name"] == {"type": "string", "minLength": 1, "maxLength": 12}
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"type": "string", "x-from-request": "yes"},  # only true marks an argument
+        {"type": "integer", "x-from-request": True},  # only a string can be quoted
+        {"x-from-request": True},
+    ],
+)
+def test_a_marker_that_is_not_true_on_a_string_is_ignored(spec: dict[str, Any]) -> None:
+    schema = {"type": "object", "properties": {"name": spec}, "required": ["name"]}
+    assert quoted_arguments(schema, ["How big is France?"]) is schema
+
+
 def test_a_schema_without_the_marker_or_texts_without_spans_is_left_as_it_is() -> None:
     assert quoted_arguments(COUNTRY_FACTS.input_schema, ["How big is France?"]) is COUNTRY_FACTS.input_schema
     assert quoted_arguments(NAMED.input_schema, [" ?! "]) is NAMED.input_schema
