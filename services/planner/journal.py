@@ -62,7 +62,8 @@ class RunJournal:
     async def commit(
         self, events: Sequence[AgentEvent] = (), state: RunState = RunState.RUNNING, answer: str = ""
     ) -> None:
-        """Numbers ``events`` after the last journaled one, stores them with the snapshot and ``state``, publishes them."""
+        """Numbers ``events`` after the last journaled one, stores them with the snapshot and ``state``, publishes them
+        (or, with no events, pokes the watchers)."""
         pending = asyncio.ensure_future(self._commit(events, state, answer))
         try:
             await asyncio.shield(pending)
@@ -93,4 +94,7 @@ class RunJournal:
             raise
         if self._commit_seconds is not None:
             self._commit_seconds.observe(time.perf_counter() - started)
-        self.bus.publish(snapshot.run_id, protos)
+        if protos:
+            self.bus.publish(snapshot.run_id, protos)
+        else:  # the state alone changed (a park): watchers waiting for it look again
+            self.bus.poke(snapshot.run_id)

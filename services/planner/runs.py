@@ -221,10 +221,15 @@ class RunManager:
         return await self.store.get_run(run_id, tenant=tenant)
 
     async def watch(
-        self, run_id: str, after_sequence: int = 0, *, tenant: str = DEFAULT_TENANT
+        self, run_id: str, after_sequence: int = 0, *, tenant: str = DEFAULT_TENANT, until_parked: bool = False
     ) -> AsyncIterator[planner_pb2.RunEvent]:
         """The tenant's run's events after ``after_sequence`` from the journal, then live ones, each once, until its
-        last event. NotFoundError for an unknown run; OutOfRangeError for a sequence beyond the run's last event."""
+        last event, or (``until_parked``) until it waits for approval with every event given. NotFoundError for an
+        unknown run; OutOfRangeError for a sequence beyond the run's last event.
+
+        A run parks in a commit of its own, without events, after the one that journaled approval_requested (the
+        step's other calls run first), so a watcher that read the state between the two saw it running; the park's
+        commit pokes the watchers, and each idle poll looks too."""
         if after_sequence < 0:
             raise InvalidArgumentError(f"after_sequence is {after_sequence}; use 0 or the last sequence you received")
         # Subscribe before reading the journal: an event committed after the read arrives on the queue.
@@ -262,6 +267,10 @@ class RunManager:
                     yield event
                     last = event.sequence
                     if event.WhichOneof("event") in _TERMINAL:
+                        return
+                if until_parked and item is None:
+                    record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
+                    if record.state is RunState.WAITING_FOR_APPROVAL and record.last_sequence == last:
                         return
         finally:
             self.bus.unsubscribe(run_id, queue)

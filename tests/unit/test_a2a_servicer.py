@@ -243,6 +243,34 @@ async def test_a_decision_that_comes_while_the_parked_run_winds_down_still_drive
     assert done.artifacts[0].parts[0].text == "391"
 
 
+async def test_a_blocking_send_returns_when_the_park_is_journaled_after_its_approval_request(
+    config, monkeypatch
+) -> None:
+    # The hang a loaded machine found: approval_requested is journaled while the run is still RUNNING, and the park
+    # is a commit of its own, without events; a SendMessage that read the state between the two saw a running task
+    # and then waited for an event that never comes. The park's commit must wake it (the idle poll is off here).
+    from services.planner import runs
+    from services.planner.journal import RunJournal
+    from services.planner.store import RunState
+
+    commit = RunJournal._commit
+
+    async def late_park(self: RunJournal, events, state, answer):
+        if not events and state is RunState.WAITING_FOR_APPROVAL:
+            await asyncio.sleep(0.5)  # the follower has read the RUNNING state by now
+        await commit(self, events, state, answer)
+
+    monkeypatch.setattr(RunJournal, "_commit", late_park)
+    monkeypatch.setattr(runs, "JOURNAL_POLL_SECONDS", 3600.0)
+    llm = ScriptedLLM([react("calculator", expression="6 * 7")])
+    async with Planner(config, llm, FakeTools(), signer=SIGNER) as planner:
+        await create_careful_agent(planner)
+        sent = a2a(planner).SendMessage(send(text_message("6 * 7?", agent="careful")))
+        waiting = (await asyncio.wait_for(sent, 20)).task
+
+    assert waiting.status.state == a2a_pb2.TASK_STATE_INPUT_REQUIRED
+
+
 async def test_a_rejecting_data_part_becomes_the_observation(config) -> None:
     llm = ScriptedLLM([react("calculator", expression="2+2"), react_answer("I may not.")])
     tools = FakeTools()

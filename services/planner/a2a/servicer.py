@@ -283,7 +283,7 @@ class A2AServicer(a2a_pb2_grpc.A2AServiceServicer):
         waiting for approval."""
         if after < 0:
             return
-        async for event in self.runs.watch(run_id, after, tenant=tenant):
+        async for event in self.runs.watch(run_id, after, tenant=tenant, until_parked=until_input):
             yield event
             if until_input and event_kind(event) in _MAY_PARK:
                 record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
