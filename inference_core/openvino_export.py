@@ -137,22 +137,10 @@ def _hf_directory(model_path: str | os.PathLike[str] | None, cache_dir: Path) ->
 
 def save_gguf_as_hf(gguf_path: Path, out_dir: Path) -> None:
     """Loads a GGUF with transformers and saves it as a plain fp32 HF checkpoint with its tokenizer (also what vLLM
-    reads). The GGUF's quantization_config is dropped: the weights are de-quantized already."""
-    from transformers import AutoModelForCausalLM
+    reads; ``model_loading.save_plain_checkpoint``)."""
+    from inference_core.model_loading import load_model, save_plain_checkpoint
 
-    from inference_core.model_loading import load_model
-
-    loaded = load_model(gguf_path, dtype="float32")
-    config = loaded.model.config
-    with contextlib.suppress(AttributeError):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(loaded.model.state_dict())
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    plain.save_pretrained(partial)
-    loaded.tokenizer.save_pretrained(partial)
-    partial.rename(out_dir)
+    save_plain_checkpoint(load_model(gguf_path, dtype="float32"), out_dir)
 
 
 @contextlib.contextmanager

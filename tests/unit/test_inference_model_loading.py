@@ -113,3 +113,66 @@ def test_model_loading_never_imports_services() -> None:
         p.name for p in source.glob("*.py") if "from services" in p.read_text() or "import services" in p.read_text()
     ]
     assert offenders == []
+
+
+@pytest.mark.slow
+def test_a_gguf_is_kept_de_quantized_and_its_copy_loads_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(model_loading.GGUF_CACHE_ENV, str(tmp_path))
+    first = load_model(None)
+    gguf = model_loading.default_model_path()
+    kept = model_loading.cached_checkpoint(gguf, tmp_path, "float32")
+    assert (kept / "config.json").is_file() and not list(tmp_path.glob("*.partial-*"))
+    second = load_model(None)
+
+    assert Path(second.tokenizer.name_or_path) == kept  # read from the copy, not the GGUF
+    assert second.source == first.source == str(gguf)
+    assert (second.eos_token_ids, second.context_length, second.vocab_size) == (
+        first.eos_token_ids,
+        first.context_length,
+        first.vocab_size,
+    )
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "不丹的首都是哪里? Bhutan's capital."}]
+    prompts = [m.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for m in (first, second)]
+    assert prompts[0] == prompts[1]
+    ids = [m.tokenizer(prompts[0], return_tensors="pt")["input_ids"] for m in (first, second)]
+    assert torch.equal(ids[0], ids[1])
+    with torch.inference_mode():
+        assert torch.equal(first.model(ids[0]).logits, second.model(ids[0]).logits)
+
+
+def test_a_replaced_gguf_gets_a_copy_of_its_own(tmp_path: Path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"one")
+    before = model_loading.cached_checkpoint(gguf, tmp_path / "cache", "float32")
+    gguf.write_bytes(b"three")
+    assert model_loading.cached_checkpoint(gguf, tmp_path / "cache", "float32") != before
+    assert model_loading.cached_checkpoint(gguf, tmp_path / "cache", "bfloat16").name.endswith("-bfloat16")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("off", None), ("", None), ("/srv/cache", Path("/srv/cache"))])
+def test_the_gguf_cache_is_where_the_variable_says_or_off(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: Path | None
+) -> None:
+    monkeypatch.setenv(model_loading.GGUF_CACHE_ENV, value)
+    assert model_loading.gguf_cache_dir() == expected
+
+
+def test_without_the_variable_the_cache_is_under_the_users_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(model_loading.GGUF_CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/var/cache/u")
+    assert model_loading.gguf_cache_dir() == Path("/var/cache/u/meshpilot/gguf")
+
+
+@pytest.mark.slow
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv(model_loading.GGUF_CACHE_ENV, str(blocked / "cache"))
+    loaded = load_model(None)
+
+    assert loaded.vocab_size > 0 and loaded.source.endswith(DEFAULT_MODEL_FILE)
+    assert "could not keep the de-quantized copy" in caplog.text
