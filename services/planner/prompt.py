@@ -280,7 +280,10 @@ def tool_call_options(
 def asked_arguments(schema: dict[str, Any], task: str) -> dict[str, Any]:
     """``schema`` without the optional top-level arguments that ``task`` does not ask for. An optional argument is
     asked for when the task holds every word of its name (``unit``, ``return_type``, ``include_precipitation``; a
-    word of two letters or less does not count) or one of its enum's strings. A schema that requires nothing keeps
+    word of two letters or less does not count), each as the start of one of its words ("units", "including"), or
+    one of the argument's choices as a word of its own: a string of its enum or of its items' enum ("vegan" for
+    ``dietary_preference: ["Vegan", ...]``), or a string its description quotes ("Can be 'list' or 'dictionary'",
+    "e.g. 'IMAX', '2D'"), which is how most tools list choices without an enum. A schema that requires nothing keeps
     every argument (a call would otherwise carry none: current_time's timezone).
 
     A small model fills optional arguments the task never mentions with plausible values (``"unit": "cm"`` for a
@@ -294,7 +297,7 @@ def asked_arguments(schema: dict[str, Any], task: str) -> dict[str, Any]:
     kept = {
         name: spec
         for name, spec in properties.items()
-        if name in required or _names_words_in(name, text) or _names_enum_value_in(spec, text)
+        if name in required or _names_words_in(name, text) or _names_choice_in(spec, text)
     }
     return schema if len(kept) == len(properties) else {**schema, "properties": kept}
 
@@ -383,12 +386,36 @@ _NAME_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|[0-9]+")
 
 def _names_words_in(name: str, text: str) -> bool:
     words = [w.lower() for w in _NAME_WORD.findall(name) if len(w) > 2]
-    return bool(words) and all(w in text or w.rstrip("s") in text for w in words)
+    return bool(words) and all(_starts_a_word(text, _stems(w)) for w in words)
 
 
-def _names_enum_value_in(spec: Any, text: str) -> bool:
-    values = spec.get("enum", ()) if isinstance(spec, dict) else ()
-    return any(isinstance(v, str) and v and v.lower() in text for v in values)
+def _stems(word: str) -> set[str]:
+    """``word`` and the forms whose endings vary ("units" for unit, "including" for include, "details" for detail)."""
+    return {word, word.rstrip("s"), word[:-1] if word.endswith("e") else word}
+
+
+def _starts_a_word(text: str, prefixes: set[str]) -> bool:
+    return any(re.search(r"(?<![\w-])" + re.escape(prefix), text) for prefix in prefixes if prefix)
+
+
+# A choice a description quotes: 'dictionary', 'IMAX', 'City, State' (up to 30 characters, not starting with a space;
+# one with no letter or digit, such as '_' or '-', is punctuation, not a choice).
+_QUOTED_CHOICE = re.compile(r"'([^'\s][^']{0,29})'")
+
+
+def _names_choice_in(spec: Any, text: str) -> bool:
+    if not isinstance(spec, dict):
+        return False
+    items = spec.get("items")
+    choices = [*spec.get("enum", ()), *(items.get("enum", ()) if isinstance(items, dict) else ())]
+    if isinstance(spec.get("description"), str):
+        choices += _QUOTED_CHOICE.findall(spec["description"])
+    return any(
+        isinstance(choice, str)
+        and any(c.isalnum() for c in choice)
+        and re.search(rf"(?<!\w){re.escape(choice.lower())}(?!\w)", text)
+        for choice in choices
+    )
 
 
 def _capped(schema: dict[str, Any], max_string_chars: int | None) -> dict[str, Any]:

@@ -335,6 +335,40 @@ def test_guided_offers_only_the_optional_arguments_the_task_asks_for(task: str, 
     assert offered_arguments(task) == offered
 
 
+RESTAURANTS = ToolSpec(
+    "find_restaurant",
+    "Find a restaurant.",
+    {
+        "type": "object",
+        "properties": {
+            "location": {"type": "string"},
+            "diet": {"type": "array", "items": {"type": "string", "enum": ["Vegan", "Gluten-free"]}},
+            "format": {"type": "string", "description": "Listing format: 'brief' or 'full menu'. Default 'brief'."},
+            "notebook": {"type": "string", "description": "Letters, digits, '_' or '-'."},
+            "include_hours": {"type": "boolean"},
+        },
+        "required": ["location"],
+    },
+)
+
+
+@pytest.mark.parametrize(
+    ("task", "offered"),
+    [
+        ("A restaurant in Oslo", ["location"]),
+        ("A vegan restaurant in Oslo", ["location", "diet"]),  # a choice of its items' enum
+        ("A gluten-free restaurant in Oslo", ["location", "diet"]),
+        ("A restaurant in Oslo, with the full menu", ["location", "format"]),  # a choice its description quotes
+        ("A restaurant in Oslo, including opening hours", ["location", "include_hours"]),  # words' starts
+        ("A restaurant in Oslo - anything", ["location"]),  # '-' is punctuation, not a choice
+        ("A restaurant in Oslo, not in the veganic district", ["location"]),  # a choice is a whole word
+        ("An unincluded restaurant in Oslo hours", ["location"]),  # a name's word starts a word of the task
+    ],
+)
+def test_an_optional_argument_is_asked_for_by_its_choices_or_the_starts_of_words(task: str, offered: list[str]) -> None:
+    assert offered_arguments(task, RESTAURANTS) == offered
+
+
 def test_a_tool_that_requires_nothing_keeps_its_optional_arguments() -> None:
     clock = ToolSpec("current_time", "The time.", {"type": "object", "properties": {"timezone": {"type": "string"}}})
     assert offered_arguments("What time is it in Tokyo?", clock) == ["timezone"]
