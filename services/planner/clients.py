@@ -19,6 +19,9 @@ from services.planner.types import GREEDY, Generation, Sampling, ToolOutcome, To
 
 # The deadline of listings made without one (the checks of an agent definition).
 LOOKUP_TIMEOUT_S = 10.0
+# ListModels starts an engine for each model registered since its last look (meshpilot train's), before it answers:
+# seconds each on 2 cores, and more than LOOKUP_TIMEOUT_S while they are busy (a training job's CreateAgent hit it).
+MODEL_LIST_TIMEOUT_S = 120.0
 
 
 class InferenceLLMClient:
@@ -81,11 +84,12 @@ class InferenceLLMClient:
         return Generation("".join(parts), usage_from_proto(last.usage), timings_from_proto(last.timings))
 
     async def list_models(self, *, timeout: float | None = None) -> list[str]:
-        """The models of the first healthy replica (replicas serve the same ones)."""
+        """The models of the first healthy replica (replicas serve the same ones); it may load new ones first, so it
+        waits up to MODEL_LIST_TIMEOUT_S."""
         request = inference_pb2.ListModelsRequest()
         try:
             response = await self.replicas.unary(
-                "", lambda channel: self._stub(channel).ListModels(request, timeout=timeout or LOOKUP_TIMEOUT_S)
+                "", lambda channel: self._stub(channel).ListModels(request, timeout=timeout or MODEL_LIST_TIMEOUT_S)
             )
         except grpc.aio.AioRpcError as e:
             raise rpc_error_to_mesh_error(e, "inference") from e

@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from meshpilot.common.v1 import common_pb2
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
-from services.common import InvalidArgumentError, ResourceExhaustedError, create_channel, routing
+from services.common import InvalidArgumentError, MeshError, ResourceExhaustedError, create_channel, routing
 from services.common.config import ConfigError, load_config
 from services.common.routing import ReplicaSet, routed_by
 from services.planner import InferenceLLMClient
@@ -28,6 +28,7 @@ class Replica(inference_pb2_grpc.InferenceServiceServicer):
         self.calls = 0
         self.fail: grpc.StatusCode | None = None
         self.partial = False
+        self.loading_s = 0.0  # how long ListModels takes (it loads newly registered models first)
 
     async def Generate(self, request, context):
         self.calls += 1
@@ -39,6 +40,7 @@ class Replica(inference_pb2_grpc.InferenceServiceServicer):
         yield inference_pb2.GenerateResponse(usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=3))
 
     async def ListModels(self, request, context):
+        await asyncio.sleep(self.loading_s)
         return inference_pb2.ListModelsResponse(models=[inference_pb2.Model(id="m")])
 
 
@@ -193,6 +195,19 @@ async def test_agents_keep_their_replica_and_list_models_answers(mesh) -> None:
             await client.generate(messages, {}, 8, model="m")
         assert sorted(r.fake.calls - before[t] for t, r in served.items()) == [0, 0, 3]
     assert await client.list_models() == ["m"]
+
+
+async def test_list_models_waits_for_models_loading_longer_than_a_lookup(mesh, monkeypatch) -> None:
+    from services.planner import clients
+
+    routes, served = mesh
+    for replica in served.values():
+        replica.fake.loading_s = 0.5
+    monkeypatch.setattr(clients, "LOOKUP_TIMEOUT_S", 0.1)
+    assert await InferenceLLMClient(routes).list_models() == ["m"]
+    monkeypatch.setattr(clients, "MODEL_LIST_TIMEOUT_S", 0.1)
+    with pytest.raises(MeshError, match=r"DEADLINE_EXCEEDED|Deadline"):
+        await InferenceLLMClient(routes).list_models()
 
 
 @pytest.mark.parametrize("bad", ["nohost", "host:99999", "http://x", "host:0", ""])
