@@ -133,8 +133,13 @@ def test_a_gguf_is_kept_de_quantized_and_its_copy_loads_the_same_model(
         first.context_length,
         first.vocab_size,
     )
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "不丹的首都是哪里? Bhutan's capital."}]
-    prompts = [m.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for m in (first, second)]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "不丹的首都是哪里? Bhutan's capital."},
+    ]
+    prompts = [
+        m.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for m in (first, second)
+    ]
     assert prompts[0] == prompts[1]
     ids = [m.tokenizer(prompts[0], return_tensors="pt")["input_ids"] for m in (first, second)]
     assert torch.equal(ids[0], ids[1])
