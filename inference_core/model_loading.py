@@ -113,6 +113,18 @@ def cached_checkpoint(gguf_path: Path, cache_dir: Path, dtype: str) -> Path:
     return cache_dir / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{dtype}"
 
 
+def drop_older_copies(kept: Path) -> None:
+    """Removes the other copies of a file of the same name in the same dtype (``cached_checkpoint``): a replaced GGUF
+    (or another one of that name) leaves one copy, not one per version."""
+    name = re.fullmatch(r"(?P<stem>.+)-\d+-\d+-(?P<dtype>[a-z0-9]+)", kept.name)
+    if name is None:
+        return
+    same = re.compile(rf"{re.escape(name['stem'])}-\d+-\d+-{re.escape(name['dtype'])}")
+    for other in kept.parent.iterdir():
+        if other != kept and same.fullmatch(other.name):
+            shutil.rmtree(other, ignore_errors=True)
+
+
 def save_plain_checkpoint(loaded: LoadedModel, out_dir: Path) -> None:
     """Saves a model loaded from a GGUF as a plain HF checkpoint (weights in its dtype, tokenizer, generation config)
     that transformers, vLLM and optimum read; the GGUF's quantization_config is dropped, since the weights are
@@ -201,6 +213,7 @@ def load_model(
     if gguf_file and kept is not None:
         try:
             save_plain_checkpoint(loaded, kept)
+            drop_older_copies(kept)
         except OSError as e:  # a full or read-only disk costs the next start its speed, not this one its model
             log.warning("could not keep the de-quantized copy of %s in %s: %s", source, kept, e)
     return loaded

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from inference_core.errors import EngineError
-from inference_core.model_loading import resolve_model_path
+from inference_core.model_loading import cached_checkpoint, gguf_cache_dir, load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,18 @@ def _run_exporter(command: list[str]) -> None:
 
 def _hf_directory(model_path: str | os.PathLike[str] | None, cache_dir: Path) -> Path:
     """A HF directory the exporter can read: the configured one, or the GGUF de-quantized into a plain
-    LlamaForCausalLM checkpoint (optimum-intel does not read GGUF) under ``cache_dir``."""
+    LlamaForCausalLM checkpoint (optimum-intel does not read GGUF): load_model's copy, or one under ``cache_dir``
+    when load_model keeps none."""
     directory, gguf = resolve_model_path(model_path)
     if gguf is None:
         return directory
+    kept_in = gguf_cache_dir()
+    if kept_in is not None:  # load_model's own de-quantized copy, made by loading the GGUF once if it is missing
+        kept = cached_checkpoint(directory / gguf, kept_in, "float32")
+        if not (kept / "config.json").is_file():
+            load_model(directory / gguf, dtype="float32")
+        if (kept / "config.json").is_file():
+            return kept
     fp32_ir = ir_directory(model_path, cache_dir, "fp32")
     hf_dir = fp32_ir.with_name(fp32_ir.name.replace("-fp32-", "-hf-"))
     if (hf_dir / "config.json").is_file():
@@ -138,7 +146,7 @@ def _hf_directory(model_path: str | os.PathLike[str] | None, cache_dir: Path) ->
 def save_gguf_as_hf(gguf_path: Path, out_dir: Path) -> None:
     """Loads a GGUF with transformers and saves it as a plain fp32 HF checkpoint with its tokenizer (also what vLLM
     reads; ``model_loading.save_plain_checkpoint``)."""
-    from inference_core.model_loading import load_model, save_plain_checkpoint
+    from inference_core.model_loading import save_plain_checkpoint
 
     save_plain_checkpoint(load_model(gguf_path, dtype="float32"), out_dir)
 

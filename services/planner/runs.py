@@ -27,6 +27,8 @@ from services.planner.types import Budget, Failed
 log = logging.getLogger(__name__)
 
 _TERMINAL = ("final_answer", "error")
+# After these events a run may have parked (WAITING_FOR_APPROVAL with nothing more to journal).
+_MAY_PARK = ("approval_requested", "approval_decision")
 # A watcher reads the journal at least this often while it waits (what bounds a lost cross-replica notification).
 JOURNAL_POLL_SECONDS = 5.0
 
@@ -228,8 +230,8 @@ class RunManager:
         unknown run; OutOfRangeError for a sequence beyond the run's last event.
 
         A run parks in a commit of its own, without events, after the one that journaled approval_requested (the
-        step's other calls run first), so a watcher that read the state between the two saw it running; the park's
-        commit pokes the watchers, and each idle poll looks too."""
+        step's other calls run first), so the state is looked at after each event that may park the run, and again
+        when the park's commit pokes the watchers or an idle poll comes round."""
         if after_sequence < 0:
             raise InvalidArgumentError(f"after_sequence is {after_sequence}; use 0 or the last sequence you received")
         # Subscribe before reading the journal: an event committed after the read arrives on the queue.
@@ -247,6 +249,8 @@ class RunManager:
                 yield event
                 last = sequence
                 if event.WhichOneof("event") in _TERMINAL:
+                    return
+                if until_parked and event.WhichOneof("event") in _MAY_PARK and await self._parked(run_id, last, tenant):
                     return
             if record.state.ended:
                 return
@@ -268,12 +272,21 @@ class RunManager:
                     last = event.sequence
                     if event.WhichOneof("event") in _TERMINAL:
                         return
-                if until_parked and item is None:
-                    record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
-                    if record.state is RunState.WAITING_FOR_APPROVAL and record.last_sequence == last:
+                    if (
+                        until_parked
+                        and event.WhichOneof("event") in _MAY_PARK
+                        and await self._parked(run_id, last, tenant)
+                    ):
                         return
+                if until_parked and item is None and await self._parked(run_id, last, tenant):
+                    return
         finally:
             self.bus.unsubscribe(run_id, queue)
+
+    async def _parked(self, run_id: str, last: int, tenant: str) -> bool:
+        """Whether the run waits for approval and ``last`` is its last event."""
+        record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
+        return record.state is RunState.WAITING_FOR_APPROVAL and record.last_sequence == last
 
     def maintain(self, interval: float) -> None:
         """Every ``interval`` seconds: renews the leases of the runs this replica drives (stopping, without a word in

@@ -156,6 +156,14 @@ def test_a_replaced_gguf_gets_a_copy_of_its_own(tmp_path: Path) -> None:
     assert model_loading.cached_checkpoint(gguf, tmp_path / "cache", "bfloat16").name.endswith("-bfloat16")
 
 
+def test_a_new_copy_drops_the_older_copies_of_the_same_file_name_and_dtype_only(tmp_path: Path) -> None:
+    names = ["m-3-100-float32", "m-5-200-float32", "m-3-100-bfloat16", "m-f32-3-100-float32", "m-x-float32"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    model_loading.drop_older_copies(tmp_path / "m-5-200-float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
 @pytest.mark.parametrize(("value", "expected"), [("off", None), ("", None), ("/srv/cache", Path("/srv/cache"))])
 def test_the_gguf_cache_is_where_the_variable_says_or_off(
     monkeypatch: pytest.MonkeyPatch, value: str, expected: Path | None

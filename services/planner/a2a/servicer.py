@@ -27,7 +27,6 @@ from services.planner.a2a.convert import (
     RUN_STATES,
     TASK_STATES,
     decision_of,
-    event_kind,
     message_text,
     run_to_task,
     stream_responses,
@@ -43,8 +42,6 @@ MAX_PAGE_SIZE = 100
 # ListTasks pages through this many of the newest matching tasks (its totalSize counts at most these).
 MAX_LISTED_TASKS = 1000
 _PUSH_NOT_SUPPORTED = "this agent sends no push notifications; follow a task with SubscribeToTask instead"
-# After these events a run may have parked (WAITING_FOR_APPROVAL with nothing more to journal).
-_MAY_PARK = ("approval_requested", "approval_decision")
 _ACCEPTED_OUTPUTS = (*OUTPUT_MODES, "text", "*/*")
 
 
@@ -285,10 +282,6 @@ class A2AServicer(a2a_pb2_grpc.A2AServiceServicer):
             return
         async for event in self.runs.watch(run_id, after, tenant=tenant, until_parked=until_input):
             yield event
-            if until_input and event_kind(event) in _MAY_PARK:
-                record = await self.store.get_run(run_id, with_events=False, tenant=tenant)
-                if record.state is RunState.WAITING_FOR_APPROVAL and record.last_sequence == event.sequence:
-                    return
 
 
 def _tenant(requested: str) -> str:
