@@ -189,3 +189,25 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_model(
 
     assert loaded.vocab_size > 0 and loaded.source.endswith(DEFAULT_MODEL_FILE)
     assert "could not keep the de-quantized copy" in caplog.text
+
+
+def test_the_openvino_exporter_reads_load_models_copy_and_makes_none_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference_core import openvino_export
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setenv(model_loading.GGUF_CACHE_ENV, str(tmp_path / "cache"))
+    kept = model_loading.cached_checkpoint(gguf, tmp_path / "cache", "float32")
+    loads = []
+
+    def load(path, dtype):  # what load_model leaves behind: its copy
+        loads.append(path)
+        kept.mkdir(parents=True)
+        (kept / "config.json").write_text("{}")
+
+    monkeypatch.setattr(openvino_export, "load_model", load)
+    assert openvino_export._hf_directory(gguf, tmp_path / "ir") == kept
+    assert openvino_export._hf_directory(gguf, tmp_path / "ir") == kept
+    assert loads == [gguf] and not (tmp_path / "ir").exists()
