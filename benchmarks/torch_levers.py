@@ -4,7 +4,8 @@
 
 Prints, per variant, the fastest LlamaRunner decode step at 1, 8 and 16 rows with a short (~32 positions) and a long
 (~700 positions, 640 of them a prefix shared by the rows) context, a 256-token prefill chunk, and how far each
-variant's greedy output agrees with fp32's on a few chat prompts. About 1-2 minutes on 2 cores. Results and what
+variant's greedy output agrees with fp32's on a few chat prompts. Each weight format runs on the plain matmul and,
+where torch has oneDNN, on packed weights (``inference.torch_prepack``). About 2-4 minutes on 2 cores. Results and what
 they mean: docs/bench/torch_levers.md.
 """
 
@@ -23,7 +24,7 @@ import torch
 from inference_core.kv_cache import SlotKVCache
 from inference_core.llama import Chunk, LlamaRunner
 from inference_core.model_loading import LoadedModel, load_model
-from inference_core.quantize import WEIGHT_FORMATS
+from inference_core.quantize import WEIGHT_FORMATS, packing_available
 
 ROWS = (1, 8, 16)
 CONTEXTS = {"short": (32, 0), "long": (700, 640)}  # (positions per row, prefix shared by the rows)
@@ -92,10 +93,19 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def variants(fp32: LoadedModel, max_len: int) -> list[Variant]:
-    out = [Variant(f"weights={w}", LlamaRunner(fp32.model, max_len, weights=w)) for w in WEIGHT_FORMATS]
+    """Each weight format on the plain matmul (the first, fp32, is HF's arithmetic: the agreement reference), then on
+    oneDNN-packed weights (``torch_prepack``, the default where ``packing_available``)."""
+    packings = [False] + ([True] if packing_available() else [])
+    out = [
+        Variant(f"weights={w}{',packed' if packed else ''}", LlamaRunner(fp32.model, max_len, weights=w, packed=packed))
+        for packed in packings
+        for w in WEIGHT_FORMATS
+    ]
     # The existing `dtype: bfloat16` setting: the whole model (activations, norms, attention, KV) in bf16.
     bf16_model = load_model(dtype="bfloat16")
-    out.append(Variant("dtype=bfloat16", LlamaRunner(bf16_model.model, max_len)))
+    for packed in packings:
+        runner = LlamaRunner(bf16_model.model, max_len, packed=packed)
+        out.append(Variant(f"dtype=bfloat16{',packed' if packed else ''}", runner))
     return out
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from inference_core.kv_cache import KVShape, SlotKVCache
-from inference_core.quantize import Projection, projection
+from inference_core.quantize import Projection, packing_available, projection
 
 CASCADE_MIN_SHARED = 64
 """Shortest shared prefix (tokens) worth a separate attention pass; below it one pass over whole rows is cheaper."""
@@ -114,11 +114,12 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 class LlamaRunner:
     """Runs steps (batched decode plus prompt chunks) of a HF ``LlamaForCausalLM`` over a :class:`SlotKVCache`."""
 
-    def __init__(self, model: Any, max_len: int, weights: str = "fp32") -> None:
+    def __init__(self, model: Any, max_len: int, weights: str = "fp32", packed: bool | None = None) -> None:
         """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic). ``weights``: the format of
         the projections and the LM head (inference_core.quantize): fp32 computes with the model's own weights, exactly
         as HF does; bf16 and int8 compute steps of up to REDUCED_MAX_ROWS tokens with smaller copies of them, faster
-        and not token-for-token equal."""
+        and not token-for-token equal. ``packed``: compute them on oneDNN-packed copies of the weights (None: where
+        ``packing_available``); the model's own weights are then used only by the model itself."""
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"LlamaRunner cannot run this model: {reason}")
@@ -133,10 +134,13 @@ class LlamaRunner:
         self.dtype, self.device = weight.dtype, weight.device
         self.embed = weight.detach()
         self.weights = weights
+        self.packed = packing_available(self.device, self.dtype) if packed is None else packed
         self.lm_head = model.get_output_embeddings().weight.detach()
-        # fp32 keeps F.linear over the model's head (HF's op); other formats take a copy, and the embedding lookup
-        # keeps the model's tensor even when the head shares it.
-        self.head: Projection | None = None if weights == "fp32" else projection(self.lm_head.t(), weights)
+        # Unpacked fp32 keeps F.linear over the model's head (HF's op); otherwise the head is a copy, and the
+        # embedding lookup keeps the model's tensor even when the head shares it.
+        self.head: Projection | None = None
+        if weights != "fp32" or self.packed:
+            self.head = projection(self.lm_head.t(), weights, packed=self.packed)
         self.final_norm = model.model.norm.weight.detach()
         self.layers = []
         for layer in model.model.layers:
@@ -144,11 +148,11 @@ class LlamaRunner:
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=projection(_input_major(attn.q_proj, attn.k_proj, attn.v_proj), weights),
-                    out=projection(_input_major(attn.o_proj), weights),
+                    qkv=projection(_input_major(attn.q_proj, attn.k_proj, attn.v_proj), weights, packed=self.packed),
+                    out=projection(_input_major(attn.o_proj), weights, packed=self.packed),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=projection(_input_major(mlp.gate_proj, mlp.up_proj), weights),
-                    down=projection(_input_major(mlp.down_proj), weights),
+                    gate_up=projection(_input_major(mlp.gate_proj, mlp.up_proj), weights, packed=self.packed),
+                    down=projection(_input_major(mlp.down_proj), weights, packed=self.packed),
                 )
             )
         inv_freq = 1.0 / (

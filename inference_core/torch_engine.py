@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from inference_core.llama import LlamaRunner, supports
 from inference_core.model_loading import LoadedModel, load_model
 from inference_core.model_runner import TorchModelRunner
 from inference_core.prompts import encode_prompt
-from inference_core.quantize import WEIGHT_FORMATS
+from inference_core.quantize import WEIGHT_FORMATS, packing_available
 from inference_core.sampling import RowSampler
 from inference_core.scheduler import SerialScheduler
 from inference_core.sequence import Sequence
@@ -44,6 +45,8 @@ class TorchEngine(Engine):
     ``continuous=False`` forces the one-at-a-time path.
     weights: fp32, bf16 or int8, the format of the continuous path's projections and LM head (inference_core.quantize);
     fp32 keeps HF's output token for token. The one-at-a-time path always runs the model's own weights.
+    prepack: on a CPU with oneDNN, the continuous path computes on weights packed once for oneDNN's matmul
+    (inference_core.quantize.PackedProjection) and the model's own weights are released; False keeps torch.matmul.
     """
 
     def __init__(
@@ -59,12 +62,15 @@ class TorchEngine(Engine):
         batching: BatchingConfig | None = None,
         continuous: bool = True,
         weights: str = "fp32",
+        prepack: bool = True,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights {weights!r} is not a weight format; use one of {', '.join(WEIGHT_FORMATS)}")
         self._weights = weights
+        self._prepack = prepack
+        self._packed = False
         self._model_path = model_path
         self._model_id = model_id
         self._device = device
@@ -92,8 +98,12 @@ class TorchEngine(Engine):
         self._grammars = await asyncio.to_thread(
             GrammarCache, loaded.tokenizer, loaded.vocab_size, loaded.eos_token_ids, self._grammar_cache_size
         )
-        self._loaded = loaded
         scheduler = self._make_scheduler(loaded)
+        if self._packed:
+            # The runner computes with packed copies: the model's own projection weights (~0.4 GB for the 135M model)
+            # are no longer needed; only the tokenizer and the ids are.
+            loaded = dataclasses.replace(loaded, model=None)
+        self._loaded = loaded
         self._info = ModelInfo(
             id=self._model_id,
             backend="torch",
@@ -110,11 +120,13 @@ class TorchEngine(Engine):
         if reason is None:
             batching = self._batching
             self._context = min(loaded.context_length, batching.max_seq_len)
-            runner = LlamaRunner(loaded.model, max_len=self._context, weights=self._weights)
+            packed = self._packed = self._prepack and packing_available(loaded.device, loaded.dtype)
+            runner = LlamaRunner(loaded.model, max_len=self._context, weights=self._weights, packed=packed)
             scheduler = ContinuousBatchScheduler(runner, batching)
             log.info(
-                "continuous batching: %s weights, %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",
+                "continuous batching: %s weights%s, %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",
                 self._weights,
+                " (oneDNN-packed)" if packed else "",
                 batching.max_batch_size,
                 self._context,
                 batching.prefix_cache_tokens,

@@ -90,6 +90,12 @@ class InferenceConfig(_Section):
         "the model's own, output equal to HF token for token; bf16 or int8 (per-channel weight-only): copies with "
         "fewer bytes to read per step, faster decode at a quality cost measured in docs/bench/torch_levers.md.",
     )
+    torch_prepack: bool = Field(
+        True,
+        description="backend torch on CPU: compute the projections and LM head on weights packed once for oneDNN's "
+        "matmul (same dtype, same results up to the order of additions; 2x the decode step at 16 rows, "
+        "docs/bench/torch_levers.md); false uses torch.matmul on the model's own weights.",
+    )
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None leaves torch's default.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request leaves it 0.")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this are refused with RESOURCE_EXHAUSTED.")

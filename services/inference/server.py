@@ -44,6 +44,7 @@ def create_engine(config: MeshConfig) -> Engine:
         max_queue=section.max_queue,
         continuous=section.continuous_batching,
         weights=section.torch_weights,
+        prepack=section.torch_prepack,
         batching=BatchingConfig(
             max_batch_size=section.max_batch_size,
             max_seq_len=section.max_seq_len,

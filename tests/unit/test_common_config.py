@@ -73,6 +73,13 @@ def test_torch_weights_default_to_fp32_and_take_an_environment_override(monkeypa
     assert load_config().inference.torch_weights == "int8"
 
 
+def test_torch_prepack_defaults_on_and_takes_an_environment_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_config().inference.torch_prepack is True
+    # `benchmarks/inference_bench.py --systems service-torch@torch_prepack=false`: the unpacked matmul, side by side.
+    monkeypatch.setenv("MESHPILOT_INFERENCE__TORCH_PREPACK", "false")
+    assert load_config().inference.torch_prepack is False
+
+
 def test_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

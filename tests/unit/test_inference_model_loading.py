@@ -85,7 +85,7 @@ async def test_bfloat16_engine_generates(tiny_dir: Path) -> None:
     await engine.start()
     try:
         assert engine.info.dtype == "bfloat16"
-        assert engine._loaded.model.dtype == torch.bfloat16
+        assert engine._loaded.dtype == torch.bfloat16
         request = GenerationRequest(prompt="hi", max_tokens=4, sampling=SamplingParams(temperature=0.7, seed=1))
         chunks = [c async for c in engine.generate(request)]
         assert chunks[-1].usage.completion_tokens >= 1

@@ -13,6 +13,7 @@ import pytest_asyncio
 import torch
 
 from inference_core import Constraint, FinishReason, GenerationRequest, SamplingParams, TorchEngine
+from inference_core.model_loading import default_model_path, load_model
 from meshpilot.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common import load_config
 from services.inference import create_server, servicer_of
@@ -43,8 +44,13 @@ def full_decode(engine: TorchEngine, ids: list[int]) -> str:
     return engine._loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def hf_greedy(engine: TorchEngine, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    model = engine._loaded.model
+@pytest.fixture(scope="module")
+def hf_model():
+    """The same model loaded apart for HF's own ``generate``: the engine keeps only its packed copies of the weights."""
+    return load_model(default_model_path(), dtype="float32", device="cpu").model
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt_ids]),
@@ -63,10 +69,10 @@ def hf_greedy(engine: TorchEngine, prompt_ids: list[int], max_new_tokens: int) -
         {"prompt": "def fibonacci(n):\n    "},
     ],
 )
-async def test_greedy_equals_hf_generate_token_for_token(engine: TorchEngine, request_kwargs) -> None:
+async def test_greedy_equals_hf_generate_token_for_token(engine: TorchEngine, hf_model, request_kwargs) -> None:
     text, ids, last = await generate(engine, max_tokens=40, sampling=GREEDY, **request_kwargs)
     prompt = engine._encode(request_kwargs.get("prompt"), request_kwargs.get("messages"))
-    assert ids == hf_greedy(engine, prompt, 40)
+    assert ids == hf_greedy(hf_model, prompt, 40)
     assert text == full_decode(engine, ids)
     assert last.finish_reason is (FinishReason.STOP if ids[-1] in engine._loaded.eos_token_ids else FinishReason.LENGTH)
 

@@ -1,5 +1,6 @@
-"""The torch runner's weight formats (inference_core.quantize): kernels against the fp32 matmul, the default model's
-greedy output with int8 and bf16 weights against fp32's, and the setting's validation."""
+"""The torch runner's weight formats (inference_core.quantize): kernels against the fp32 matmul, oneDNN-packed weights
+against the plain matmul, the default model's greedy output with int8, bf16 and packed weights against fp32's, and the
+settings' validation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import get_args
 import pytest
 import torch
 
-from inference_core import TorchEngine
+from inference_core import GenerationRequest, SamplingParams, TorchEngine
 from inference_core.kv_cache import SlotKVCache
 from inference_core.llama import LlamaRunner
 from inference_core.quantize import (
@@ -17,10 +18,15 @@ from inference_core.quantize import (
     WEIGHT_FORMATS,
     DenseProjection,
     Int8Projection,
+    PackedProjection,
     SmallStepProjection,
+    packing_available,
     projection,
 )
-from services.common.config import InferenceConfig
+from services.common.config import InferenceConfig, MeshConfig
+from services.inference.server import create_engine
+
+needs_onednn = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 
 SHAPES = [(576, 960), (1536, 576), (576, 49152)]  # SmolLM2-135M's fused QKV, down projection and LM head
 
@@ -77,6 +83,43 @@ def test_steps_larger_than_a_decode_batch_use_the_exact_weights(weights: str) ->
     assert not torch.equal(reduced(small), torch.matmul(small, weight))
 
 
+@needs_onednn
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 256])
+def test_packed_fp32_weights_compute_the_fp32_matmul(shape: tuple[int, int], rows: int) -> None:
+    weight = _weight(*shape)
+    # A transposed view, as attention's output reaches the out projection: packing must not care about strides.
+    x = torch.randn(shape[0], rows, generator=torch.Generator().manual_seed(rows)).t()
+    packed = projection(weight, "fp32", packed=True)
+    assert isinstance(packed, PackedProjection)
+    got, exact = packed(x), x.double() @ weight.double()
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    # fp32 arithmetic in another order of additions: as close to the exact product as the plain matmul is.
+    plain_error = ((x @ weight).double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= max(4 * plain_error, 1e-6 * exact.abs().max())
+
+
+@needs_onednn
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_packed_reduced_formats_keep_their_error_and_compute_large_steps_exactly(weights: str) -> None:
+    weight = _weight(576, 960)
+    reduced = projection(weight, weights, packed=True)
+    assert isinstance(reduced, SmallStepProjection) and isinstance(reduced.exact, PackedProjection)
+    if weights == "bf16" and packing_available(dtype=torch.bfloat16):
+        assert isinstance(reduced.reduced, PackedProjection) and reduced.reduced.dtype == torch.bfloat16
+    small, large = torch.randn(REDUCED_MAX_ROWS, 576), torch.randn(REDUCED_MAX_ROWS + 1, 576)
+    assert torch.equal(reduced(large), reduced.exact(large))
+    exact = small @ weight
+    assert (reduced(small) - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_packing_is_refused_where_onednn_cannot_compute_it() -> None:
+    assert not packing_available("meta")
+    assert not packing_available("cpu", torch.float16)
+    with pytest.raises(ValueError, match="set torch_prepack false"):
+        projection(_weight(8, 8).half(), "fp32", packed=True)
+
+
 def test_an_unknown_format_is_refused_naming_the_choices() -> None:
     with pytest.raises(ValueError, match="use one of fp32, bf16, int8"):
         projection(_weight(4, 4), "int4")
@@ -126,8 +169,43 @@ def test_int8_weights_give_fp32s_first_greedy_tokens_on_simple_prompts(model) ->
         ]
         for p in PROMPTS
     ]
-    exact = LlamaRunner(hf, max_len=256)
+    exact = LlamaRunner(hf, max_len=256, packed=False)
     reduced = LlamaRunner(hf, max_len=256, weights="int8")
     assert exact.head is None and reduced.head is not None
     for ids in prompts:
         assert _greedy(reduced, ids) == _greedy(exact, ids), tokenizer.decode(ids)
+
+
+@needs_onednn
+@pytest.mark.slow
+def test_packed_fp32_weights_give_the_plain_runners_greedy_tokens_and_logits(model) -> None:
+    tokenizer, hf = model
+    plain = LlamaRunner(hf, max_len=256, packed=False)
+    packed = LlamaRunner(hf, max_len=256)
+    assert packed.packed and isinstance(packed.head, PackedProjection) and plain.head is None
+    for prompt in PROMPTS:
+        messages = [{"role": "user", "content": prompt}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert _greedy(packed, ids) == _greedy(plain, ids), prompt
+        caches = [SlotKVCache(runner.kv_shape(), num_slots=1, max_len=len(ids)) for runner in (plain, packed)]
+        a, b = (runner.prefill(ids, 0, cache, 0) for runner, cache in zip((plain, packed), caches, strict=True))
+        assert (a - b).abs().max() < 1e-3 * a.abs().max()
+
+
+@needs_onednn
+@pytest.mark.slow
+@pytest.mark.parametrize("prepack", [True, False])
+async def test_the_engine_releases_the_models_own_weights_only_when_it_computes_on_packed_ones(prepack: bool) -> None:
+    config = MeshConfig.model_validate({"inference": {"backend": "torch", "torch_prepack": prepack}})
+    engine = create_engine(config)
+    assert isinstance(engine, TorchEngine)
+    await engine.start()
+    try:
+        # The model object (and with it the projection weights it holds) is dropped once the runner packed copies.
+        assert (engine._loaded.model is None) is prepack
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        request = GenerationRequest(messages=messages, max_tokens=12, sampling=SamplingParams(temperature=0))
+        text = "".join([chunk.text async for chunk in engine.generate(request)])
+        assert "Paris" in text
+    finally:
+        await engine.shutdown()
