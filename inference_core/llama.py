@@ -114,12 +114,23 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 class LlamaRunner:
     """Runs steps (batched decode plus prompt chunks) of a HF ``LlamaForCausalLM`` over a :class:`SlotKVCache`."""
 
-    def __init__(self, model: Any, max_len: int, weights: str = "fp32", packed: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_len: int,
+        weights: str = "fp32",
+        packed: bool | None = None,
+        release_weights: bool = False,
+    ) -> None:
         """``model``: a HF LlamaForCausalLM (typed Any: HF's attribute access is dynamic). ``weights``: the format of
         the projections and the LM head (inference_core.quantize): fp32 computes with the model's own weights, exactly
         as HF does; bf16 and int8 compute steps of up to REDUCED_MAX_ROWS tokens with smaller copies of them, faster
         and not token-for-token equal. ``packed``: compute them on oneDNN-packed copies of the weights (None: where
-        ``packing_available``); the model's own weights are then used only by the model itself."""
+        ``packing_available``); the model's own weights are then used only by the model itself, and
+        ``release_weights`` empties its projections' weights as they are packed (the model cannot run by itself
+        afterwards; the embedding, norms and a tied LM head are kept, the runner reads them)."""
+        if release_weights and packed is False:
+            raise ValueError("release_weights needs packed weights: unpacked, the runner computes with the model's own")
         reason = supports(model)
         if reason is not None:
             raise ValueError(f"LlamaRunner cannot run this model: {reason}")
@@ -145,14 +156,17 @@ class LlamaRunner:
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            groups = [(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj)]
+            groups.append((mlp.down_proj,))
+            qkv, out, gate_up, down = (self._projection(group, release_weights) for group in groups)
             self.layers.append(
                 _Layer(
                     input_norm=layer.input_layernorm.weight.detach(),
-                    qkv=projection(_input_major(attn.q_proj, attn.k_proj, attn.v_proj), weights, packed=self.packed),
-                    out=projection(_input_major(attn.o_proj), weights, packed=self.packed),
+                    qkv=qkv,
+                    out=out,
                     post_norm=layer.post_attention_layernorm.weight.detach(),
-                    gate_up=projection(_input_major(mlp.gate_proj, mlp.up_proj), weights, packed=self.packed),
-                    down=projection(_input_major(mlp.down_proj), weights, packed=self.packed),
+                    gate_up=gate_up,
+                    down=down,
                 )
             )
         inv_freq = 1.0 / (
@@ -166,6 +180,20 @@ class LlamaRunner:
         table = torch.cat((freqs, freqs), dim=-1)
         self.cos, self.sin = table.cos().to(self.dtype), table.sin().to(self.dtype)
         self.max_len = max_len
+
+    def _projection(self, linears: tuple[Any, ...], release: bool) -> Projection:
+        """One projection computing ``linears`` (nn.Linear, same input) at once. Unpacked, their weights are fused
+        into one ``[in, out]`` tensor that the modules view (``_input_major``); packed, the packed copy is made from
+        the weights stacked as they are (``[out, in]``, oneDNN's input layout: no transposed copy), and with
+        ``release`` the modules' own weights are emptied right after, so that loading never holds two copies."""
+        if not self.packed:
+            return projection(_input_major(*linears), self.weights)
+        stacked = torch.cat([linear.weight.detach() for linear in linears])
+        packed = projection(stacked.t(), self.weights, packed=True)
+        if release:
+            for linear in linears:
+                linear.weight.data = torch.empty(0, dtype=self.dtype, device=self.device)
+        return packed
 
     def kv_shape(self) -> KVShape:
         return KVShape(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)

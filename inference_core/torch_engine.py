@@ -121,7 +121,9 @@ class TorchEngine(Engine):
             batching = self._batching
             self._context = min(loaded.context_length, batching.max_seq_len)
             packed = self._packed = self._prepack and packing_available(loaded.device, loaded.dtype)
-            runner = LlamaRunner(loaded.model, max_len=self._context, weights=self._weights, packed=packed)
+            runner = LlamaRunner(
+                loaded.model, max_len=self._context, weights=self._weights, packed=packed, release_weights=packed
+            )
             scheduler = ContinuousBatchScheduler(runner, batching)
             log.info(
                 "continuous batching: %s weights%s, %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",

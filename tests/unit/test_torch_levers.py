@@ -209,3 +209,29 @@ async def test_the_engine_releases_the_models_own_weights_only_when_it_computes_
         assert "Paris" in text
     finally:
         await engine.shutdown()
+
+
+@needs_onednn
+def test_releasing_the_models_weights_keeps_the_runners_output_and_empties_only_the_projections(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from inference_core.testing import write_tiny_llama
+
+    directory = write_tiny_llama(tmp_path / "tiny")
+    keeper = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    donor = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    kept = LlamaRunner(keeper, max_len=64, packed=True)
+    released = LlamaRunner(donor, max_len=64, packed=True, release_weights=True)
+    ids = [1, 42, 7, 99, 3]
+    assert _greedy(released, ids) == _greedy(kept, ids)
+    layer = donor.model.layers[0]
+    projections = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj]
+    assert all(linear.weight.numel() == 0 for linear in projections)
+    # What the runner reads from the model itself stays: the embedding (also the tied head's source) and the norms.
+    assert donor.get_input_embeddings().weight.numel() > 0 and layer.input_layernorm.weight.numel() > 0
+    assert keeper.model.layers[0].mlp.down_proj.weight.numel() > 0
+
+
+def test_releasing_weights_that_are_not_packed_is_refused() -> None:
+    with pytest.raises(ValueError, match="release_weights needs packed weights"):
+        LlamaRunner(object(), max_len=8, packed=False, release_weights=True)
