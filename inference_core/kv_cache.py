@@ -5,15 +5,32 @@ sequences live in *slots* of a preallocated tensor ``[layers, slots, kv_heads, m
 (rows 0..B-1) so a decode step slices a view instead of gathering. Prompt prefixes worth keeping (agents resend the same
 system prompt and tool schemas) are copied block by block into a separate preallocated pool; a later prompt that starts
 with the same tokens copies those blocks into its slot instead of recomputing them. Both tensors are allocated once, so
-memory stays flat whatever the load: the budget is ``slots * max_len + prefix_blocks * block_size`` tokens.
+memory never grows past the budget, ``slots * max_len + prefix_blocks * block_size`` tokens, whatever the load.
+
+On CPU the budget is reserved, not written (``reserved_zeros``): pages become resident when a step first writes them,
+so a process holds the memory of the slots its load has used (slots are kept compact: 4 clients touch slots 0-3) and
+an idle one almost none, where ``torch.zeros`` wrote every byte at start.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy
 import torch
+
+
+def reserved_zeros(size: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A zero tensor of ``size``. On CPU its memory comes from ``calloc`` (numpy's zeros), which for a block this large
+    maps fresh pages that the kernel zero-fills on first touch: nothing is written and nothing becomes resident until
+    it is used, and the zeros are guaranteed (calloc's contract), not assumed. Elsewhere, ``torch.zeros``."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(size, dtype=dtype, device=device)
+    element = torch.empty((), dtype=dtype).element_size()
+    buffer = numpy.zeros(math.prod(size) * element, dtype=numpy.uint8)
+    return torch.from_numpy(buffer).view(dtype).view(size)
 
 
 def common_prefix_length(token_lists: list[list[int]]) -> int:
@@ -49,8 +66,8 @@ class SlotKVCache:
         self.num_slots = num_slots
         self.max_len = max_len
         size = (shape.num_layers, num_slots, shape.kv_heads, max_len, shape.head_dim)
-        self.keys = torch.zeros(size, dtype=shape.dtype, device=shape.device)
-        self.values = torch.zeros(size, dtype=shape.dtype, device=shape.device)
+        self.keys = reserved_zeros(size, shape.dtype, shape.device)
+        self.values = reserved_zeros(size, shape.dtype, shape.device)
 
     @property
     def nbytes(self) -> int:
@@ -82,8 +99,8 @@ class PrefixCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         size = (shape.num_layers, num_blocks, shape.kv_heads, block_size, shape.head_dim)
-        self.keys = torch.zeros(size, dtype=shape.dtype, device=shape.device)
-        self.values = torch.zeros(size, dtype=shape.dtype, device=shape.device)
+        self.keys = reserved_zeros(size, shape.dtype, shape.device)
+        self.values = reserved_zeros(size, shape.dtype, shape.device)
         self._blocks: OrderedDict[tuple, _Block] = OrderedDict()
         self._free = list(range(num_blocks - 1, -1, -1))
         self.queried_tokens = 0

@@ -2,7 +2,7 @@
 
 import torch
 
-from inference_core.kv_cache import KVShape, PrefixCache, SlotKVCache, common_prefix_length
+from inference_core.kv_cache import KVShape, PrefixCache, SlotKVCache, common_prefix_length, reserved_zeros
 
 SHAPE = KVShape(num_layers=2, kv_heads=1, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
 
@@ -79,3 +79,28 @@ def test_common_prefix_length_of_token_lists() -> None:
     assert common_prefix_length([[1], [2]]) == 0
     assert common_prefix_length([[3, 4]]) == 2
     assert common_prefix_length([]) == 0
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_a_cpu_cache_is_zero_and_becomes_resident_only_where_it_is_written() -> None:
+    shape = KVShape(num_layers=8, kv_heads=4, head_dim=64, dtype=torch.float32, device=torch.device("cpu"))
+    before = _resident_mb()
+    cache = SlotKVCache(shape, num_slots=16, max_len=4096)  # 2 x 512 MiB reserved
+    reserved = cache.nbytes / 2**20
+    assert reserved == 1024 and _resident_mb() - before < 0.1 * reserved
+    assert cache.keys.is_contiguous() and cache.keys.shape == (8, 16, 4, 4096, 64)
+    assert not cache.keys[:, 3].any() and not cache.values[:, 15].any()  # reading maps no memory either
+    cache.keys[:, 0] = 1.0  # one slot of one tensor: 1/32 of the reservation
+    assert _resident_mb() - before < 0.2 * reserved
+    assert cache.keys[:, 0].eq(1.0).all() and not cache.keys[:, 1].any()
+
+
+def test_reserved_zeros_keep_the_dtype_and_shape_asked_for() -> None:
+    half = reserved_zeros((3, 5, 7), torch.bfloat16, "cpu")
+    assert half.dtype == torch.bfloat16 and half.shape == (3, 5, 7) and not half.any()
+    half += 1
+    assert half.sum().item() == 105
