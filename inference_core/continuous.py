@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 class BatchingConfig:
     """Sizes of the continuous batcher; together they fix its KV memory (see inference_core.kv_cache)."""
 
-    max_batch_size: int = 8
+    max_batch_size: int = 16
     """Sequences decoded together (KV slots)."""
     max_seq_len: int = 4096
     """Prompt plus output tokens of one sequence (positions per slot)."""

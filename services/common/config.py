@@ -102,7 +102,11 @@ class InferenceConfig(_Section):
     continuous_batching: bool = Field(
         True, description="Batch every running request in each step (Llama-family models); false runs one at a time."
     )
-    max_batch_size: int = Field(8, ge=1, description="Requests decoded together (KV cache slots).")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="Requests decoded together (KV cache slots; on CPU their memory becomes resident as they are used).",
+    )
     max_seq_len: int = Field(4096, ge=16, description="Prompt + output tokens of one request (positions per slot).")
     prefix_cache_tokens: int = Field(
         16_384, ge=0, description="Prompt-prefix KV kept for reuse, in tokens; 0 disables."
@@ -135,7 +139,7 @@ class InferenceConfig(_Section):
         32,
         ge=1,
         description="backend openvino: requests decoded together (max_batch_size is torch's, whose KV slots are "
-        "allocated up front; OpenVINO pages its KV cache, so a place costs nothing until used). More wait in the queue.",
+        "reserved up front; OpenVINO pages its KV cache, so a place costs nothing until used). More wait in the queue.",
     )
     openvino_kv_cache_gb: float = Field(
         1.0, gt=0, description="backend openvino: KV cache size in GB (whole GB; the prefix cache lives in it)."
