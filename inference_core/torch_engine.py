@@ -126,7 +126,7 @@ class TorchEngine(Engine):
             )
             scheduler = ContinuousBatchScheduler(runner, batching)
             log.info(
-                "continuous batching: %s weights%s, %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB",
+                "continuous batching: %s weights%s, %d slots x %d tokens, prefix cache %d tokens, KV %.0f MiB reserved",
                 self._weights,
                 " (oneDNN-packed)" if packed else "",
                 batching.max_batch_size,
