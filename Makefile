@@ -147,7 +147,7 @@ soak-planner: install ## one planner SIGKILLed 20 times over a load of runs with
 
 SOAK_BACKEND ?= torch
 SOAK_SECONDS ?=
-soak-memory: install ## 16 clients without pause on the inference service for SOAK_SECONDS (1200, the first 480 while its reserved KV pages in): is its RSS flat? (docs/bench/memory_soak_<backend>.md)
+soak-memory: install ## 16 clients without pause on the inference service for SOAK_SECONDS (600, warm-up 120; openvino 1200 and 480, its KV cache pages in first): is its RSS flat? (docs/bench/memory_soak_<backend>.md)
 	$(PY) -m benchmarks.memory_soak --backend $(SOAK_BACKEND) $(if $(SOAK_SECONDS),--seconds $(SOAK_SECONDS))
 
 multi-host: install ## planner and inference hosts in network namespaces: 24 runs, one planner host cut off, 5% loss on one inference host (root, nftables; docs/bench/multi_host.md)

@@ -6,11 +6,12 @@ unique question, half JSON-constrained, greedy, 64 tokens at most; the questions
 resident memory of the service and its child processes is read from /proc every few seconds.
 
 The first WARMUP seconds are left out of the verdict: caches (prefix cache, grammar cache, allocator pools) fill
-then. Both backends need longer than that (480 s by default, then 720 s measured): each reserves its KV memory at start
-(the torch engine's slots and prefix cache, inference_core/kv_cache.py; the openvino pipeline's
-inference.openvino_kv_cache_gb), but a page of it counts in RSS only once first written, and the prefix cache and
-OpenVINO's block allocator hand out unused blocks before they reuse freed ones, so RSS climbs by up to the reservation
-over the first minutes of load (measured: ~450-500 s at 16 clients on 2 cores) and then stays put. After it, memory is flat when the last quarter's median RSS is within TOLERANCE (default 3% and at least 32 MB)
+then. Both backends reserve KV memory at start (the torch engine's slots, inference_core/kv_cache.py; the openvino
+pipeline's inference.openvino_kv_cache_gb), but a page of it counts in RSS only once first written. The torch engine's
+slots page in within the first calls (120 s warm-up by default, then 480 s measured). OpenVINO's block allocator hands
+out unused blocks before it reuses freed ones, so its RSS climbs by up to the reservation over the first minutes of
+load (measured: ~500 s at 16 clients on 2 cores) and then stays put (480 s warm-up by default, then 720 s measured).
+After it, memory is flat when the last quarter's median RSS is within TOLERANCE (default 3% and at least 32 MB)
 of the first quarter's, and the least-squares slope is reported in MB per minute. Writes
 docs/bench/memory_soak.{json,md}; `soak()` is also what tests/integration/test_inference_process.py runs for a few
 seconds against its service.
@@ -175,7 +176,7 @@ def markdown(report: dict[str, object]) -> str:
         f"{report['warmup_s']} s are the warm-up. RSS is the service process and its children."
         + (
             " The reserved KV memory counts in RSS as its pages are first written: RSS climbs by up to the reservation"
-            " (torch: slots and prefix cache; openvino: `openvino_kv_cache_gb`) during the first minutes of load, hence"
+            " (torch: its slots; openvino: `openvino_kv_cache_gb`) during the first minutes of load, hence"
             " the long warm-up."
         ),
         "",
@@ -206,8 +207,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    args.warmup = args.warmup if args.warmup is not None else 480.0
-    args.seconds = args.seconds if args.seconds is not None else 1200.0
+    openvino = args.backend == "openvino"
+    args.warmup = args.warmup if args.warmup is not None else (480.0 if openvino else 120.0)
+    args.seconds = args.seconds if args.seconds is not None else (1200.0 if openvino else 600.0)
     if args.seconds <= args.warmup:
         parser.error(f"--seconds {args.seconds} must be longer than --warmup {args.warmup}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
