@@ -72,7 +72,6 @@ class PackedProjection:
     def __init__(self, weight: torch.Tensor) -> None:
         """``weight``: ``[in, out]``; the packed copy is made from it, which is not kept."""
         self.dtype = weight.dtype
-        self.in_features, self.out_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), PACK_ROWS_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,7 @@ def test_missing_file_says_so(tmp_path: Path) -> None:
         ({"edge": {"hots": "0.0.0.0"}}, "edge.hots"),
         ({"inference": {"discover_seconds": 0}}, "inference.discover_seconds"),
         ({"inference": {"torch_weights": "int4"}}, "inference.torch_weights: Input should be 'fp32', 'bf16' or 'int8'"),
+        ({"inference": {"torch_prepack": "maybe"}}, "inference.torch_prepack: Input should be a valid boolean"),
         ({"inference": {"openvino_prompt_lookup_tokens": -1}}, "inference.openvino_prompt_lookup_tokens"),
         ({"inference": {"openvino_prompt_lookup_tokens": "many"}}, "inference.openvino_prompt_lookup_tokens"),
     ],
